@@ -1,0 +1,468 @@
+//! Map keys and values shared by the egress eBPF programs and the agent.
+//!
+//! Every type is `#[repr(C)]` with explicit padding so that the kernel, the
+//! eBPF side and userspace agree on the layout, and so that `bpftool map dump`
+//! prints named fields. Addresses are network-order byte arrays (bpftool shows
+//! them as `[10,244,1,2]`); ports and identifiers are host-order integers.
+//!
+//! IPv4 types carry a `V4` suffix. IPv6 twins follow the same shapes with
+//! 16-byte addresses, in maps of their own.
+#![no_std]
+
+pub mod maps;
+
+/// IP protocol numbers the datapath translates.
+pub mod proto {
+    pub const ICMP: u8 = 1;
+    pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+}
+
+/// A connection as seen on the wire in one direction.
+///
+/// For ICMP echo the identifier stands in for a port: a request from a pod is
+/// keyed `src_port = id, dst_port = 0`, and its reply `src_port = 0,
+/// dst_port = id`, so the reply key is always the request key reversed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKeyV4 {
+    pub src_addr: [u8; 4],
+    pub dst_addr: [u8; 4],
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+impl FlowKeyV4 {
+    #[inline(always)]
+    pub const fn new(
+        src_addr: [u8; 4],
+        dst_addr: [u8; 4],
+        src_port: u16,
+        dst_port: u16,
+        proto: u8,
+    ) -> Self {
+        Self {
+            src_addr,
+            dst_addr,
+            src_port,
+            dst_port,
+            proto,
+            _pad: [0; 3],
+        }
+    }
+
+    /// The key of the opposite direction.
+    #[inline(always)]
+    pub const fn reversed(&self) -> Self {
+        Self::new(
+            self.dst_addr,
+            self.src_addr,
+            self.dst_port,
+            self.src_port,
+            self.proto,
+        )
+    }
+}
+
+/// Connection-tracking state of a translated flow.
+///
+/// TCP flows move through the states from packet flags seen in either
+/// direction; UDP and ICMP flows stay `Open`. The agent expires entries with a
+/// timeout chosen by state.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CtState {
+    /// Non-TCP flow.
+    Open = 0,
+    /// TCP: SYN from the pod, no answer yet.
+    SynSent = 1,
+    /// TCP: the server answered.
+    Established = 2,
+    /// TCP: one side sent FIN.
+    Closing = 3,
+    /// TCP: both sides sent FIN.
+    Closed = 4,
+    /// TCP: a RST was seen.
+    Reset = 5,
+}
+
+impl CtState {
+    pub const fn from_u8(v: u8) -> Self {
+        match v {
+            1 => Self::SynSent,
+            2 => Self::Established,
+            3 => Self::Closing,
+            4 => Self::Closed,
+            5 => Self::Reset,
+            _ => Self::Open,
+        }
+    }
+}
+
+/// `NatEntryV4::flags` bits.
+pub mod ct_flags {
+    /// A packet of the reply direction has been seen.
+    pub const SEEN_REPLY: u8 = 1 << 0;
+    /// FIN from the pod side.
+    pub const FIN_ORIGINAL: u8 = 1 << 1;
+    /// FIN from the server side.
+    pub const FIN_REPLY: u8 = 1 << 2;
+    /// The pod reached us through the tunnel: replies go back to `origin_node`.
+    pub const REMOTE_ORIGIN: u8 = 1 << 3;
+}
+
+/// Forward NAT and conntrack entry, keyed by the pod's original tuple
+/// (`pod -> server`). Holds the flow's single copy of conntrack state; the
+/// reply path updates it through `RevNatEntryV4`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatEntryV4 {
+    /// Source address after translation: the egress IP.
+    pub nat_addr: [u8; 4],
+    /// Node the pod lives on when it reached us through the tunnel; zero for a local pod.
+    pub origin_node: [u8; 4],
+    /// Source port (or ICMP identifier) after translation.
+    pub nat_port: u16,
+    /// `CtState` as u8.
+    pub state: u8,
+    /// `ct_flags` bits.
+    pub flags: u8,
+    pub policy_id: u32,
+    /// `bpf_ktime_get_ns()` at creation (CLOCK_MONOTONIC).
+    pub created_ns: u64,
+    /// Last packet in either direction, at most ~1 s stale (see `LAST_SEEN_GRANULARITY_NS`).
+    pub last_seen_ns: u64,
+}
+
+/// Reverse NAT entry, keyed by the reply tuple (`server -> egress IP`).
+/// The atomic `BPF_NOEXIST` insert of this entry is what claims a NAT port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RevNatEntryV4 {
+    /// The pod address the reply is restored to.
+    pub orig_addr: [u8; 4],
+    /// Node the pod lives on when steered through the tunnel; zero for a local pod.
+    pub origin_node: [u8; 4],
+    /// The pod's port (or ICMP identifier).
+    pub orig_port: u16,
+    pub _pad: u16,
+    pub policy_id: u32,
+}
+
+/// `PolicyV4::flags` bits.
+pub mod policy_flags {
+    /// The policy is programmed; an all-zero slot is an unused id.
+    pub const ACTIVE: u32 = 1 << 0;
+    /// This node holds the egress IP and translates locally.
+    pub const LOCAL: u32 = 1 << 1;
+    /// No live node holds the egress IP: send selected traffic out with the
+    /// node IP instead of dropping it (fail-open). Without it, fail-closed.
+    pub const FAIL_OPEN: u32 = 1 << 2;
+    /// Clamp the MSS of SYNs steered through the tunnel to `DatapathConfig::tunnel_mss`.
+    pub const CLAMP_MSS: u32 = 1 << 3;
+}
+
+/// An egress policy, in the `policies_v4` array at index `policy_id`.
+/// The policy id doubles as the VNI that steers traffic to the egress node.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyV4 {
+    pub egress_addr: [u8; 4],
+    /// Node address that holds `egress_addr`; zero while no live node does.
+    pub egress_node: [u8; 4],
+    /// `policy_flags` bits.
+    pub flags: u32,
+    pub _reserved: u32,
+}
+
+/// Value of `pod_policy_v4`: which policy a local pod belongs to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodPolicyV4 {
+    pub policy_id: u32,
+    pub _reserved: u32,
+}
+
+/// LPM key data of `excluded_v4`: destinations a policy never translates.
+///
+/// The policy id leads (big-endian) so that one trie holds every policy's
+/// exclusions: the prefix length is `32 + cidr_len`. Id 0 holds the global
+/// exclusions (cluster and service networks).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExclusionKeyV4 {
+    pub policy_id_be: [u8; 4],
+    pub addr: [u8; 4],
+}
+
+impl ExclusionKeyV4 {
+    pub const POLICY_ID_BITS: u32 = 32;
+
+    #[inline(always)]
+    pub const fn new(policy_id: u32, addr: [u8; 4]) -> Self {
+        Self {
+            policy_id_be: policy_id.to_be_bytes(),
+            addr,
+        }
+    }
+}
+
+/// Value of `nodes_v4`: a cluster node that may send us tunnel traffic.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeV4 {
+    /// Non-zero when this is the local node.
+    pub is_self: u32,
+    pub _reserved: u32,
+}
+
+/// The datapath's run-time settings, the single entry of the `config` array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DatapathConfig {
+    /// This node's address on the node network (outer source of the tunnel).
+    pub node_addr: [u8; 4],
+    /// Our external-mode VXLAN device.
+    pub tunnel_ifindex: u32,
+    /// Lowest and highest NAT port handed out when the original one is taken.
+    pub nat_port_min: u16,
+    pub nat_port_max: u16,
+    /// MSS written into SYNs steered through the tunnel (0 disables clamping).
+    pub tunnel_mss: u16,
+    pub _pad: u16,
+    /// New flows are refused once this many are live.
+    pub max_flows: u64,
+}
+
+/// Indexes of the `flow_count` array. Kept apart so that each has one writer:
+/// the datapath adds to `CREATED` atomically, the agent's garbage collector
+/// adds to `RELEASED`. Live flows = created - released.
+pub mod flow_count {
+    pub const CREATED: u32 = 0;
+    pub const RELEASED: u32 = 1;
+    pub const SLOTS: u32 = 2;
+}
+
+/// Why the datapath dropped a packet. Each has a counter in `DropCounters`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    /// Fail-closed: the pod's policy has no live egress node.
+    NoEgressNode = 0,
+    /// VXLAN packet from an address that is not a cluster node.
+    UnknownTunnelPeer = 1,
+    /// VXLAN packet whose VNI names no policy held here.
+    UnknownVni = 2,
+    /// The flow table is at `max_flows`: new flow refused.
+    FlowTableFull = 3,
+    /// Every probed NAT port was taken.
+    NatPortsExhausted = 4,
+    /// No route or neighbour for the translated packet.
+    FibLookupFailed = 5,
+    /// The translated packet exceeds the egress device's MTU.
+    MtuExceeded = 6,
+    /// A protocol the datapath cannot translate (not TCP, UDP or ICMP echo/error).
+    UnsupportedProtocol = 7,
+    /// IP fragments of selected traffic cannot be translated.
+    Fragment = 8,
+    /// Truncated or malformed headers.
+    Malformed = 9,
+    /// A packet rewrite helper failed.
+    RewriteFailed = 10,
+}
+
+impl DropReason {
+    pub const COUNT: usize = 11;
+    pub const ALL: [Self; Self::COUNT] = [
+        Self::NoEgressNode,
+        Self::UnknownTunnelPeer,
+        Self::UnknownVni,
+        Self::FlowTableFull,
+        Self::NatPortsExhausted,
+        Self::FibLookupFailed,
+        Self::MtuExceeded,
+        Self::UnsupportedProtocol,
+        Self::Fragment,
+        Self::Malformed,
+        Self::RewriteFailed,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::NoEgressNode => "no_egress_node",
+            Self::UnknownTunnelPeer => "unknown_tunnel_peer",
+            Self::UnknownVni => "unknown_vni",
+            Self::FlowTableFull => "flow_table_full",
+            Self::NatPortsExhausted => "nat_ports_exhausted",
+            Self::FibLookupFailed => "fib_lookup_failed",
+            Self::MtuExceeded => "mtu_exceeded",
+            Self::UnsupportedProtocol => "unsupported_protocol",
+            Self::Fragment => "fragment",
+            Self::Malformed => "malformed",
+            Self::RewriteFailed => "rewrite_failed",
+        }
+    }
+}
+
+/// Drops by reason, with named fields so that bpftool prints them by name.
+/// Field order matches `DropReason`'s discriminants.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DropCounters {
+    pub no_egress_node: u64,
+    pub unknown_tunnel_peer: u64,
+    pub unknown_vni: u64,
+    pub flow_table_full: u64,
+    pub nat_ports_exhausted: u64,
+    pub fib_lookup_failed: u64,
+    pub mtu_exceeded: u64,
+    pub unsupported_protocol: u64,
+    pub fragment: u64,
+    pub malformed: u64,
+    pub rewrite_failed: u64,
+}
+
+impl DropCounters {
+    #[inline(always)]
+    pub fn slot(&mut self, reason: DropReason) -> &mut u64 {
+        match reason {
+            DropReason::NoEgressNode => &mut self.no_egress_node,
+            DropReason::UnknownTunnelPeer => &mut self.unknown_tunnel_peer,
+            DropReason::UnknownVni => &mut self.unknown_vni,
+            DropReason::FlowTableFull => &mut self.flow_table_full,
+            DropReason::NatPortsExhausted => &mut self.nat_ports_exhausted,
+            DropReason::FibLookupFailed => &mut self.fib_lookup_failed,
+            DropReason::MtuExceeded => &mut self.mtu_exceeded,
+            DropReason::UnsupportedProtocol => &mut self.unsupported_protocol,
+            DropReason::Fragment => &mut self.fragment,
+            DropReason::Malformed => &mut self.malformed,
+            DropReason::RewriteFailed => &mut self.rewrite_failed,
+        }
+    }
+
+    pub fn get(&self, reason: DropReason) -> u64 {
+        let mut copy = *self;
+        *copy.slot(reason)
+    }
+
+    pub fn total(&self) -> u64 {
+        DropReason::ALL.iter().map(|r| self.get(*r)).sum()
+    }
+}
+
+/// Per-policy, per-CPU counters in `policy_stats` at index `policy_id`.
+/// Index 0 collects what no policy can be blamed for (spoofed tunnel packets).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyStats {
+    /// Translated (or steered) packets and bytes towards the outside.
+    pub egress_packets: u64,
+    pub egress_bytes: u64,
+    /// Reverse-translated reply packets and bytes.
+    pub reply_packets: u64,
+    pub reply_bytes: u64,
+    /// Packets steered through the tunnel to the egress node.
+    pub steered_packets: u64,
+    /// Flows created by this node.
+    pub new_flows: u64,
+    pub drops: DropCounters,
+}
+
+impl PolicyStats {
+    /// Adds another CPU's counters to these.
+    pub fn accumulate(&mut self, other: &Self) {
+        self.egress_packets += other.egress_packets;
+        self.egress_bytes += other.egress_bytes;
+        self.reply_packets += other.reply_packets;
+        self.reply_bytes += other.reply_bytes;
+        self.steered_packets += other.steered_packets;
+        self.new_flows += other.new_flows;
+        for reason in DropReason::ALL {
+            *self.drops.slot(reason) += other.drops.get(reason);
+        }
+    }
+}
+
+/// How stale `NatEntryV4::last_seen_ns` may get before a packet refreshes it:
+/// writing the shared entry on every packet would bounce its cache line
+/// between CPUs for no benefit to second-granularity timeouts.
+pub const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
+
+/// Ports probed for a free NAT port before the flow is refused.
+pub const NAT_PORT_PROBES: u32 = 32;
+
+/// VXLAN (outer IPv4 + UDP + VXLAN + inner Ethernet) overhead in bytes.
+pub const VXLAN_OVERHEAD: u16 = 50;
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+
+    // SAFETY: all of these are `#[repr(C)]`, `Copy`, made of integers and
+    // byte arrays with explicit padding fields, so every bit pattern is valid
+    // and there are no implicit padding bytes.
+    unsafe impl aya::Pod for FlowKeyV4 {}
+    unsafe impl aya::Pod for NatEntryV4 {}
+    unsafe impl aya::Pod for RevNatEntryV4 {}
+    unsafe impl aya::Pod for PolicyV4 {}
+    unsafe impl aya::Pod for PodPolicyV4 {}
+    unsafe impl aya::Pod for ExclusionKeyV4 {}
+    unsafe impl aya::Pod for NodeV4 {}
+    unsafe impl aya::Pod for DatapathConfig {}
+    unsafe impl aya::Pod for DropCounters {}
+    unsafe impl aya::Pod for PolicyStats {}
+}
+
+#[cfg(test)]
+mod tests {
+    use core::mem::{align_of, size_of};
+
+    use super::*;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<FlowKeyV4>(), 16);
+        assert_eq!(size_of::<NatEntryV4>(), 32);
+        assert_eq!(size_of::<RevNatEntryV4>(), 16);
+        assert_eq!(size_of::<PolicyV4>(), 16);
+        assert_eq!(size_of::<PodPolicyV4>(), 8);
+        assert_eq!(size_of::<ExclusionKeyV4>(), 8);
+        assert_eq!(size_of::<NodeV4>(), 8);
+        assert_eq!(size_of::<DatapathConfig>(), 24);
+        assert_eq!(size_of::<DropCounters>(), 8 * DropReason::COUNT);
+        assert_eq!(size_of::<PolicyStats>(), 8 * (6 + DropReason::COUNT));
+        assert!(align_of::<NatEntryV4>() <= 8);
+    }
+
+    #[test]
+    fn reversed_swaps_both_ends() {
+        let k = FlowKeyV4::new([10, 0, 0, 1], [192, 0, 2, 1], 40000, 443, proto::TCP);
+        let r = k.reversed();
+        assert_eq!(r.src_addr, [192, 0, 2, 1]);
+        assert_eq!(r.dst_port, 40000);
+        assert_eq!(r.reversed(), k);
+    }
+
+    #[test]
+    fn drop_counter_slots_follow_discriminants() {
+        let mut c = DropCounters::default();
+        for (i, reason) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(*reason as usize, i);
+            *c.slot(*reason) += i as u64 + 1;
+        }
+        // SAFETY: DropCounters is repr(C) of COUNT u64s.
+        let raw: [u64; DropReason::COUNT] = unsafe { core::mem::transmute(c) };
+        for (i, v) in raw.iter().enumerate() {
+            assert_eq!(*v, i as u64 + 1);
+        }
+        assert_eq!(c.total(), (1..=DropReason::COUNT as u64).sum::<u64>());
+    }
+
+    #[test]
+    fn exclusion_key_leads_with_big_endian_policy() {
+        let k = ExclusionKeyV4::new(0x0102_0304, [10, 0, 0, 0]);
+        assert_eq!(k.policy_id_be, [1, 2, 3, 4]);
+    }
+}

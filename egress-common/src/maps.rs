@@ -1,0 +1,62 @@
+//! Names of the datapath's maps: the eBPF statics' export names, the files
+//! under `/sys/fs/bpf/<instance>/maps/`, and what the agent looks up.
+
+/// `Array<DatapathConfig>`, one entry.
+pub const CONFIG: &str = "config";
+/// `Array<PolicyV4>` indexed by policy id.
+pub const POLICIES_V4: &str = "policies_v4";
+/// `HashMap<[u8; 4], PodPolicyV4>`: local pod IP -> policy.
+pub const POD_POLICY_V4: &str = "pod_policy_v4";
+/// `HashMap<u32, u32>`: `skb->mark` -> policy id.
+pub const MARK_POLICY: &str = "mark_policy";
+/// `HashMap<u32, u32>`: tunnel VNI -> policy id.
+pub const VNI_POLICY: &str = "vni_policy";
+/// `LpmTrie<ExclusionKeyV4, u32>`: destinations never translated.
+pub const EXCLUDED_V4: &str = "excluded_v4";
+/// `HashMap<[u8; 4], NodeV4>`: cluster nodes allowed to send tunnel traffic.
+pub const NODES_V4: &str = "nodes_v4";
+/// `HashMap<[u8; 4], u32>`: egress IPs held by this node -> policy id.
+pub const EGRESS_ADDRS_V4: &str = "egress_addrs_v4";
+/// `LruHashMap<FlowKeyV4, NatEntryV4>`: pod tuple -> translation and state.
+pub const NAT_FWD_V4: &str = "nat_fwd_v4";
+/// `LruHashMap<FlowKeyV4, RevNatEntryV4>`: reply tuple -> pod.
+pub const NAT_REV_V4: &str = "nat_rev_v4";
+/// `Array<u64>` with `flow_count::SLOTS` entries.
+pub const FLOW_COUNT: &str = "flow_count";
+/// `PerCpuArray<PolicyStats>` indexed by policy id.
+pub const POLICY_STATS: &str = "policy_stats";
+
+/// Every map, for pinning and inspection.
+pub const ALL: [&str; 12] = [
+    CONFIG,
+    POLICIES_V4,
+    POD_POLICY_V4,
+    MARK_POLICY,
+    VNI_POLICY,
+    EXCLUDED_V4,
+    NODES_V4,
+    EGRESS_ADDRS_V4,
+    NAT_FWD_V4,
+    NAT_REV_V4,
+    FLOW_COUNT,
+    POLICY_STATS,
+];
+
+/// Compile-time sizes of the maps the agent resizes at load time from its
+/// configuration. The eBPF statics use these; they are placeholders.
+pub const DEFAULT_MAX_POLICIES: u32 = 4096;
+pub const DEFAULT_MAX_PODS: u32 = 65536;
+pub const DEFAULT_MAX_FLOWS: u32 = 262_144;
+pub const MAX_EXCLUSIONS: u32 = 16384;
+pub const MAX_NODES: u32 = 16384;
+pub const MAX_MARKS: u32 = 65536;
+
+/// Program names, as the kernel and `bpftool prog` show them.
+pub mod programs {
+    /// TC ingress of host-side pod interfaces (and upstream devices such as `tun0`).
+    pub const POD_INGRESS: &str = "pod_ingress";
+    /// TC ingress of our external-mode VXLAN device.
+    pub const TUNNEL_INGRESS: &str = "tunnel_ingress";
+    /// TC ingress of the node's uplink: reverse NAT of replies.
+    pub const UPLINK_INGRESS: &str = "uplink_ingress";
+}
