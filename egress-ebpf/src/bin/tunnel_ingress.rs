@@ -1,0 +1,114 @@
+//! TC ingress of our external-mode VXLAN device: only cluster nodes may use
+//! it. Replies for local pods are delivered; steered traffic is translated.
+#![cfg_attr(target_arch = "bpf", no_std, no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod program {
+    use aya_ebpf::{macros::classifier, programs::TcContext};
+    use egress_common::{DropReason, policy_flags};
+    use egress_ebpf::{
+        Blame, Dropped, classify, csum, fib, icmp,
+        maps::{self, NODES_V4, POD_POLICY_V4},
+        nat,
+        parse::{self, L4},
+        stats, tunnel, verdict,
+    };
+
+    #[classifier]
+    pub fn tunnel_ingress(ctx: TcContext) -> i32 {
+        verdict(try_tunnel_ingress(&ctx))
+    }
+
+    #[inline(always)]
+    fn try_tunnel_ingress(ctx: &TcContext) -> Result<i32, Dropped> {
+        let (remote, vni) = tunnel::source(ctx).ok_or(DropReason::Malformed).blame(0)?;
+        if NODES_V4.get_ptr(remote).is_none() {
+            return Err(Dropped {
+                policy_id: 0,
+                reason: DropReason::UnknownTunnelPeer,
+            });
+        }
+        let ip = parse::ipv4(ctx)
+            .blame(0)?
+            .ok_or(DropReason::UnsupportedProtocol)
+            .blame(0)?;
+        // SAFETY: reading a field of the context the kernel handed us.
+        let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+
+        if let Some(pod) = POD_POLICY_V4.get_ptr(ip.dst) {
+            // A reply the egress node translated back for one of our pods.
+            // SAFETY: pointer from a successful lookup.
+            let id = unsafe { (*pod).policy_id };
+            stats::count_reply(id, ctx.len());
+            return fib::redirect(ctx, ip.src, ip.dst, ifindex).blame(id);
+        }
+
+        let sel = classify::by_vni(vni)
+            .ok_or(DropReason::UnknownVni)
+            .blame(0)?;
+        let id = sel.id;
+        if sel.policy.flags & policy_flags::LOCAL == 0 {
+            // The sender's view is stale: the egress IP is not held here.
+            return Err(Dropped {
+                policy_id: id,
+                reason: DropReason::NoEgressNode,
+            });
+        }
+        let Some(cfg) = maps::config() else {
+            return Err(Dropped {
+                policy_id: id,
+                reason: DropReason::NoEgressNode,
+            });
+        };
+        if ip.fragment {
+            return Err(Dropped {
+                policy_id: id,
+                reason: DropReason::Fragment,
+            });
+        }
+        if ip.ttl <= 1 {
+            return Err(Dropped {
+                policy_id: id,
+                reason: DropReason::Malformed,
+            });
+        }
+        let l4 = parse::l4(ctx, &ip).blame(id)?;
+        let entry = match nat::forward_key(&ip, &l4) {
+            // The source node already applied the exclusions.
+            Some(key) => {
+                nat::translation(&key, &sel, remote, nat::tcp_flags(&l4), cfg, false).blame(id)?
+            }
+            None => match l4 {
+                L4::IcmpError => icmp::translate_outbound(ctx, &ip).blame(id)?,
+                _ => None,
+            },
+        };
+        let Some(entry) = entry else {
+            return Err(Dropped {
+                policy_id: id,
+                reason: DropReason::UnsupportedProtocol,
+            });
+        };
+        if matches!(l4, L4::Ports { .. } | L4::Echo { .. }) {
+            nat::rewrite_source(ctx, &ip, &l4, &entry).blame(id)?;
+        }
+        csum::decrement_ttl(ctx, ip.ttl, ip.proto).blame(id)?;
+        stats::count_egress(id, ctx.len());
+        fib::redirect(ctx, entry.nat_addr, ip.dst, ifindex).blame(id)
+    }
+
+    #[unsafe(link_section = "license")]
+    #[unsafe(no_mangle)]
+    static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+    #[panic_handler]
+    fn panic(_info: &core::panic::PanicInfo) -> ! {
+        loop {}
+    }
+}
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {
+    eprintln!("tunnel_ingress is an eBPF program: build it with `cargo xtask build-ebpf`");
+    std::process::exit(1);
+}

@@ -1,0 +1,95 @@
+//! Connection tracking of translated flows: TCP state from the flags seen in
+//! each direction, and last-seen times for the agent's timeouts.
+
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use egress_common::{CtState, LAST_SEEN_GRANULARITY_NS, NatEntryV4, ct_flags, proto};
+
+use crate::parse::tcp_flags::{ACK, FIN, RST, SYN};
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Pod towards the server.
+    Original,
+    /// Server towards the pod.
+    Reply,
+}
+
+#[inline(always)]
+pub fn now() -> u64 {
+    // SAFETY: helper without preconditions.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// State of a flow created by its first packet.
+#[inline(always)]
+pub fn initial_state(protocol: u8, flags: u8) -> CtState {
+    if protocol != proto::TCP {
+        CtState::Open
+    } else if flags & RST != 0 {
+        CtState::Reset
+    } else if flags & SYN != 0 && flags & ACK == 0 {
+        CtState::SynSent
+    } else {
+        // Picked up mid-stream (e.g. the policy was applied to a live pod).
+        CtState::Established
+    }
+}
+
+/// The state and flags after a packet, as a pure function so that it can be
+/// reasoned about (and written back only when it changes).
+#[inline(always)]
+pub fn next(state: u8, flags: u8, protocol: u8, dir: Direction, tcp: u8) -> (u8, u8) {
+    let mut flags = flags;
+    if dir == Direction::Reply {
+        flags |= ct_flags::SEEN_REPLY;
+    }
+    if protocol != proto::TCP {
+        return (state, flags);
+    }
+    let mut state = CtState::from_u8(state);
+    if tcp & RST != 0 {
+        return (CtState::Reset as u8, flags);
+    }
+    if dir == Direction::Original && tcp & SYN != 0 && tcp & ACK == 0 {
+        // The pod reuses the tuple for a new connection.
+        if matches!(state, CtState::Closed | CtState::Reset | CtState::Closing) {
+            return (CtState::SynSent as u8, flags & ct_flags::REMOTE_ORIGIN);
+        }
+    }
+    if tcp & FIN != 0 {
+        flags |= match dir {
+            Direction::Original => ct_flags::FIN_ORIGINAL,
+            Direction::Reply => ct_flags::FIN_REPLY,
+        };
+    }
+    let both_fins = ct_flags::FIN_ORIGINAL | ct_flags::FIN_REPLY;
+    state = if flags & both_fins == both_fins {
+        CtState::Closed
+    } else if flags & both_fins != 0 {
+        CtState::Closing
+    } else if state == CtState::SynSent && dir == Direction::Reply {
+        CtState::Established
+    } else {
+        state
+    };
+    (state as u8, flags)
+}
+
+/// Applies a packet to a live entry; writes only what changed.
+#[inline(always)]
+pub fn update(entry: *mut NatEntryV4, protocol: u8, dir: Direction, tcp: u8, now: u64) {
+    // SAFETY: `entry` comes from a successful map lookup. Concurrent updates
+    // from other CPUs race benignly: each write is a whole field.
+    unsafe {
+        let (state, flags) = next((*entry).state, (*entry).flags, protocol, dir, tcp);
+        if state != (*entry).state {
+            (*entry).state = state;
+        }
+        if flags != (*entry).flags {
+            (*entry).flags = flags;
+        }
+        if now.wrapping_sub((*entry).last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
+            (*entry).last_seen_ns = now;
+        }
+    }
+}

@@ -1,0 +1,68 @@
+//! The egress datapath: TC programs that classify pod traffic, steer it to
+//! the egress node through VXLAN, SNAT it to the egress IP with our own
+//! conntrack, and reverse-translate the replies.
+//!
+//! One module per concern, in the spirit of cilium's `bpf/lib`; the binaries
+//! under `src/bin/` are thin entry points, one per attach point.
+#![no_std]
+// BPF atomic add: the bpf target lacks CAS, so core::sync::atomic has no RMW.
+// (The library also builds on the host, as the agent's build dependency.)
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(
+    target_arch = "bpf",
+    expect(
+        internal_features,
+        reason = "atomic_xadd is the only way to emit a BPF atomic add"
+    )
+)]
+
+pub mod classify;
+pub mod conntrack;
+pub mod csum;
+pub mod fib;
+pub mod icmp;
+pub mod maps;
+pub mod mss;
+pub mod nat;
+pub mod parse;
+pub mod stats;
+pub mod tunnel;
+
+/// TC verdicts (linux/pkt_cls.h).
+pub mod action {
+    pub const OK: i32 = 0;
+    pub const SHOT: i32 = 2;
+    pub const REDIRECT: i32 = 7;
+}
+
+use egress_common::DropReason;
+
+/// A packet to drop, and the policy whose counter records it (0: none).
+pub struct Dropped {
+    pub policy_id: u32,
+    pub reason: DropReason,
+}
+
+/// Attributes a failure to a policy.
+pub trait Blame<T> {
+    fn blame(self, policy_id: u32) -> Result<T, Dropped>;
+}
+
+impl<T> Blame<T> for Result<T, DropReason> {
+    #[inline(always)]
+    fn blame(self, policy_id: u32) -> Result<T, Dropped> {
+        self.map_err(|reason| Dropped { policy_id, reason })
+    }
+}
+
+/// Turns a program's outcome into a TC verdict, counting drops.
+#[inline(always)]
+pub fn verdict(outcome: Result<i32, Dropped>) -> i32 {
+    match outcome {
+        Ok(action) => action,
+        Err(Dropped { policy_id, reason }) => {
+            stats::count_drop(policy_id, reason);
+            action::SHOT
+        }
+    }
+}

@@ -1,0 +1,272 @@
+//! Source NAT to the egress IP: the flow table, port allocation and the
+//! packet rewrites of both directions.
+
+use core::ptr;
+
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST},
+    helpers::bpf_get_prandom_u32,
+    programs::TcContext,
+};
+use egress_common::{
+    DatapathConfig, DropReason, FlowKeyV4, NAT_PORT_PROBES, NatEntryV4, RevNatEntryV4, ct_flags,
+    flow_count,
+};
+
+use crate::{
+    classify::{self, Selected},
+    conntrack::{self, Direction},
+    csum::{L4Csum, set_ipv4_addr, set_l4_u16},
+    maps::{FLOW_COUNT, NAT_FWD_V4, NAT_REV_V4},
+    parse::{ICMP_ID, IP_DST, IP_SRC, Ipv4, L4},
+    stats,
+};
+
+/// The key of a pod's packet, if its transport can be translated.
+#[inline(always)]
+pub fn forward_key(ip: &Ipv4, l4: &L4) -> Option<FlowKeyV4> {
+    match *l4 {
+        L4::Ports { sport, dport, .. } => {
+            Some(FlowKeyV4::new(ip.src, ip.dst, sport, dport, ip.proto))
+        }
+        L4::Echo { request: true, id } => Some(FlowKeyV4::new(ip.src, ip.dst, id, 0, ip.proto)),
+        _ => None,
+    }
+}
+
+/// The key of a reply arriving for an egress IP.
+#[inline(always)]
+pub fn reply_key(ip: &Ipv4, l4: &L4) -> Option<FlowKeyV4> {
+    match *l4 {
+        L4::Ports { sport, dport, .. } => {
+            Some(FlowKeyV4::new(ip.src, ip.dst, sport, dport, ip.proto))
+        }
+        L4::Echo { request: false, id } => Some(FlowKeyV4::new(ip.src, ip.dst, 0, id, ip.proto)),
+        _ => None,
+    }
+}
+
+#[inline(always)]
+pub fn tcp_flags(l4: &L4) -> u8 {
+    match *l4 {
+        L4::Ports { tcp_flags, .. } => tcp_flags,
+        _ => 0,
+    }
+}
+
+/// Finds the flow's translation, creating it on the first packet.
+///
+/// With `honour_exclusions`, a new flow to an excluded destination gets
+/// `Ok(None)`; established flows skip that lookup, they passed it when
+/// created. An entry made for another egress IP (the policy's IP changed) is
+/// replaced in place, so the flow count is unchanged.
+#[inline(always)]
+pub fn translation(
+    key: &FlowKeyV4,
+    sel: &Selected,
+    origin_node: [u8; 4],
+    tcp: u8,
+    cfg: &DatapathConfig,
+    honour_exclusions: bool,
+) -> Result<Option<NatEntryV4>, DropReason> {
+    let now = conntrack::now();
+    let mut stale: Option<NatEntryV4> = None;
+    if let Some(entry) = NAT_FWD_V4.get_ptr_mut(key) {
+        // SAFETY: pointer from a successful lookup.
+        let current = unsafe { *entry };
+        if current.nat_addr == sel.policy.egress_addr && current.policy_id == sel.id {
+            conntrack::update(entry, key.proto, Direction::Original, tcp, now);
+            return Ok(Some(current));
+        }
+        stale = Some(current);
+    }
+    if honour_exclusions && classify::is_excluded(sel.id, key.dst_addr) {
+        return Ok(None);
+    }
+    if stale.is_none() {
+        reserve_flow(cfg)?;
+    }
+    let rev = RevNatEntryV4 {
+        orig_addr: key.src_addr,
+        origin_node,
+        orig_port: key.src_port,
+        _pad: 0,
+        policy_id: sel.id,
+    };
+    let nat_port = match claim_port(key, sel.policy.egress_addr, &rev, cfg) {
+        Ok(port) => port,
+        Err(reason) => {
+            if stale.is_none() {
+                unreserve_flow();
+            }
+            return Err(reason);
+        }
+    };
+    let mut flags = 0;
+    if origin_node != [0; 4] {
+        flags |= ct_flags::REMOTE_ORIGIN;
+    }
+    let entry = NatEntryV4 {
+        nat_addr: sel.policy.egress_addr,
+        origin_node,
+        nat_port,
+        state: conntrack::initial_state(key.proto, tcp) as u8,
+        flags,
+        policy_id: sel.id,
+        created_ns: now,
+        last_seen_ns: now,
+    };
+    let reply = reply_of(key, sel.policy.egress_addr, nat_port);
+    if let Some(old) = stale {
+        let _ = NAT_REV_V4.remove(&reply_of(key, old.nat_addr, old.nat_port));
+        NAT_FWD_V4
+            .insert(key, &entry, BPF_ANY as u64)
+            .map_err(|_| DropReason::RewriteFailed)?;
+    } else if NAT_FWD_V4.insert(key, &entry, BPF_NOEXIST as u64).is_err() {
+        // Another CPU created this flow first: hand our port back, use theirs.
+        let _ = NAT_REV_V4.remove(&reply);
+        unreserve_flow();
+        let theirs = NAT_FWD_V4.get_ptr(key).ok_or(DropReason::RewriteFailed)?;
+        // SAFETY: pointer from a successful lookup.
+        return Ok(Some(unsafe { *theirs }));
+    }
+    stats::count_new_flow(sel.id);
+    Ok(Some(entry))
+}
+
+/// The reply tuple of `key` once its source is `nat_addr:nat_port`.
+#[inline(always)]
+fn reply_of(key: &FlowKeyV4, nat_addr: [u8; 4], nat_port: u16) -> FlowKeyV4 {
+    FlowKeyV4::new(key.dst_addr, nat_addr, key.dst_port, nat_port, key.proto)
+}
+
+/// Adds `delta` to a `flow_count` slot with a BPF atomic add (the bpf
+/// target has no compare-and-swap, so core's `AtomicU64` offers no RMW).
+#[inline(always)]
+fn count_add(slot: u32, delta: u64) {
+    if let Some(ptr) = FLOW_COUNT.get_ptr_mut(slot) {
+        // SAFETY: array slots are stable, aligned u64s for the program's lifetime.
+        #[cfg(target_arch = "bpf")]
+        unsafe {
+            core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+                ptr, delta,
+            )
+        };
+        // The host build only type-checks the library; it never runs it.
+        // SAFETY: as above.
+        #[cfg(not(target_arch = "bpf"))]
+        unsafe { core::sync::atomic::AtomicU64::from_ptr(ptr) }
+            .fetch_add(delta, core::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+#[inline(always)]
+fn count_get(slot: u32) -> u64 {
+    match FLOW_COUNT.get_ptr(slot) {
+        // A plain load of an aligned u64 is atomic on BPF; volatile keeps the
+        // compiler from caching it (the generic target has no atomic load).
+        // SAFETY: as above.
+        Some(ptr) => unsafe { ptr::read_volatile(ptr) },
+        None => u64::MAX,
+    }
+}
+
+/// Counts a new flow, refusing it when the table is at `max_flows`.
+#[inline(always)]
+fn reserve_flow(cfg: &DatapathConfig) -> Result<(), DropReason> {
+    let live = count_get(flow_count::CREATED).wrapping_sub(count_get(flow_count::RELEASED));
+    if live >= cfg.max_flows {
+        return Err(DropReason::FlowTableFull);
+    }
+    count_add(flow_count::CREATED, 1);
+    Ok(())
+}
+
+#[inline(always)]
+fn unreserve_flow() {
+    count_add(flow_count::CREATED, u64::MAX);
+}
+
+/// Claims a NAT port with an atomic insert-if-absent of the reply tuple:
+/// the pod's own port when free, else up to `NAT_PORT_PROBES` ports from a
+/// random start in the configured range.
+#[inline(always)]
+fn claim_port(
+    key: &FlowKeyV4,
+    egress: [u8; 4],
+    rev: &RevNatEntryV4,
+    cfg: &DatapathConfig,
+) -> Result<u16, DropReason> {
+    let mut reply = reply_of(key, egress, key.src_port);
+    if NAT_REV_V4.insert(&reply, rev, BPF_NOEXIST as u64).is_ok() {
+        return Ok(key.src_port);
+    }
+    let (min, max) = (cfg.nat_port_min, cfg.nat_port_max);
+    if max < min {
+        return Err(DropReason::NatPortsExhausted);
+    }
+    let span = (max - min) as u32 + 1;
+    // SAFETY: helper without preconditions.
+    let mut port = min + (unsafe { bpf_get_prandom_u32() } % span) as u16;
+    for _ in 0..NAT_PORT_PROBES {
+        reply.dst_port = port;
+        if NAT_REV_V4.insert(&reply, rev, BPF_NOEXIST as u64).is_ok() {
+            return Ok(port);
+        }
+        port = if port >= max { min } else { port + 1 };
+    }
+    Err(DropReason::NatPortsExhausted)
+}
+
+/// Rewrites a pod's packet to leave from the egress IP.
+#[inline(always)]
+pub fn rewrite_source(
+    ctx: &TcContext,
+    ip: &Ipv4,
+    l4: &L4,
+    nat: &NatEntryV4,
+) -> Result<(), DropReason> {
+    let csum = L4Csum::for_proto(ip.proto, ip.l4_off);
+    match *l4 {
+        L4::Ports { sport, .. } => set_l4_u16(ctx, ip.l4_off, sport, nat.nat_port, csum)?,
+        L4::Echo { id, .. } => set_l4_u16(ctx, ip.l4_off + ICMP_ID, id, nat.nat_port, csum)?,
+        L4::IcmpError => {}
+    }
+    set_ipv4_addr(ctx, IP_SRC, ip.src, nat.nat_addr, Some(csum))
+}
+
+/// Restores a reply's destination to the pod.
+#[inline(always)]
+pub fn rewrite_destination(
+    ctx: &TcContext,
+    ip: &Ipv4,
+    l4: &L4,
+    rev: &RevNatEntryV4,
+) -> Result<(), DropReason> {
+    let csum = L4Csum::for_proto(ip.proto, ip.l4_off);
+    match *l4 {
+        L4::Ports { dport, .. } => set_l4_u16(ctx, ip.l4_off + 2, dport, rev.orig_port, csum)?,
+        L4::Echo { id, .. } => set_l4_u16(ctx, ip.l4_off + ICMP_ID, id, rev.orig_port, csum)?,
+        L4::IcmpError => {}
+    }
+    set_ipv4_addr(ctx, IP_DST, ip.dst, rev.orig_addr, Some(csum))
+}
+
+/// Looks up a reply's translation and records the packet in the flow's conntrack state.
+#[inline(always)]
+pub fn reverse(key: &FlowKeyV4, tcp: u8) -> Option<RevNatEntryV4> {
+    let rev = NAT_REV_V4.get_ptr(key)?;
+    // SAFETY: pointer from a successful lookup.
+    let rev = unsafe { *rev };
+    let fwd = FlowKeyV4::new(
+        rev.orig_addr,
+        key.src_addr,
+        rev.orig_port,
+        key.src_port,
+        key.proto,
+    );
+    if let Some(entry) = NAT_FWD_V4.get_ptr_mut(&fwd) {
+        conntrack::update(entry, key.proto, Direction::Reply, tcp, conntrack::now());
+    }
+    Some(rev)
+}
