@@ -1,1 +1,22 @@
-//! Placeholder: being written.
+//! The Kubernetes control plane of the egress agent.
+//!
+//! - [`crd`]: the `EgressIP` resource (OVN-Kubernetes compatible spec).
+//! - [`selector`], [`facts`], [`plan`], [`project`]: pure functions from
+//!   cluster objects to decisions (validation, placement, policy ids, status)
+//!   and to one node's [`egress_model::NodeState`].
+
+pub mod crd;
+pub mod facts;
+pub mod plan;
+pub mod project;
+pub mod selector;
+
+/// The CRD manifest generated from the Rust types (`deploy/crd.yaml`).
+pub fn crd_yaml() -> String {
+    use kube::CustomResourceExt;
+    let header = "# Generated from egress-k8s/src/crd.rs by `cargo run -p egress-k8s --bin egress-crdgen > deploy/crd.yaml`.\n# Do not edit: the egress-k8s tests fail when this file is stale.\n";
+    format!(
+        "{header}{}",
+        serde_yaml::to_string(&crd::EgressIP::crd()).expect("CRD serializes")
+    )
+}
