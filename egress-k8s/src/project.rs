@@ -170,3 +170,262 @@ fn pick_policy(
     }
     Some(pool[(u32::from(pod_ip) as usize) % pool.len()])
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::facts::{DEFAULT_ASSIGNABLE_LABEL as EA, eip_fixtures::eip, fixtures};
+    use egress_model::FailurePolicy;
+    use serde_json::json;
+
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    fn nodes() -> Vec<NodeInfo> {
+        [
+            fixtures::node("node1", "172.18.0.11", &[(EA, "")], &[("eth0", "172.18.0.11/16")]),
+            fixtures::node("node2", "172.18.0.12", &[(EA, "")], &[("eth0", "172.18.0.12/16")]),
+            fixtures::node("node3", "172.18.0.13", &[], &[]),
+        ]
+        .iter()
+        .map(|n| NodeInfo::from_node(n).unwrap())
+        .collect()
+    }
+
+    /// `team-a` selects namespace `shop`'s `app=web` pods through two IPs,
+    /// assigned by the assigner to node1 (.100, id 1) and node2 (.101, id 2).
+    fn team_a(status_nodes: [Option<&str>; 2]) -> EgressIP {
+        let mut e = eip(
+            "team-a",
+            "2026-01-01T00:00:00Z",
+            json!({"egressIPs": ["172.18.0.100", "172.18.0.101"],
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "shop"}},
+                "podSelector": {"matchLabels": {"app": "web"}},
+                "excludedCIDRs": ["192.0.2.0/24"],
+                "failurePolicy": "FailOpen",
+                "interface": "eth0"}),
+        );
+        let ips: Vec<serde_json::Value> = ["172.18.0.100", "172.18.0.101"]
+            .iter()
+            .zip(status_nodes)
+            .enumerate()
+            .map(|(i, (ip, n))| json!({"egressIP": ip, "policyId": i + 1, "node": n, "conditions": []}))
+            .collect();
+        e.status = Some(serde_json::from_value(json!({"items": [], "ips": ips})).unwrap());
+        e
+    }
+
+    fn namespaces(shop_labels: &[(&str, &str)]) -> BTreeMap<String, BTreeMap<String, String>> {
+        let mut l: BTreeMap<String, String> = shop_labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        l.insert("kubernetes.io/metadata.name".into(), "shop".into());
+        BTreeMap::from([("shop".to_string(), l)])
+    }
+
+    fn pods() -> Vec<PodInfo> {
+        [
+            fixtures::pod("shop", "web-1", "node1", "10.244.1.4", &[("app", "web")]),
+            fixtures::pod("shop", "web-2", "node1", "10.244.1.5", &[("app", "web")]),
+            fixtures::pod("shop", "db-0", "node1", "10.244.1.6", &[("app", "db")]),
+            fixtures::pod("shop", "web-3", "node2", "10.244.2.4", &[("app", "web")]),
+        ]
+        .iter()
+        .filter_map(PodInfo::from_pod)
+        .collect()
+    }
+
+    fn claims(pairs: &[(&str, &str)]) -> BTreeMap<Ipv4Addr, BTreeSet<String>> {
+        let mut m: BTreeMap<Ipv4Addr, BTreeSet<String>> = BTreeMap::new();
+        for (i, n) in pairs {
+            m.entry(ip(i)).or_default().insert(n.to_string());
+        }
+        m
+    }
+
+    struct World {
+        eips: Vec<EgressIP>,
+        nodes: Vec<NodeInfo>,
+        namespaces: BTreeMap<String, BTreeMap<String, String>>,
+        pods: Vec<PodInfo>,
+        claims: BTreeMap<Ipv4Addr, BTreeSet<String>>,
+        may_hold: bool,
+        excluded: BTreeSet<Ipv4Net>,
+        cfg: PlanConfig,
+    }
+
+    impl World {
+        fn new() -> Self {
+            Self {
+                eips: vec![team_a([Some("node1"), Some("node2")])],
+                nodes: nodes(),
+                namespaces: namespaces(&[]),
+                pods: pods(),
+                claims: claims(&[("172.18.0.100", "node1"), ("172.18.0.101", "node2")]),
+                may_hold: true,
+                excluded: BTreeSet::from(["10.244.0.0/16".parse().unwrap(), "10.96.0.0/12".parse().unwrap()]),
+                cfg: PlanConfig::default(),
+            }
+        }
+
+        fn project(&self, node: &str) -> Projection {
+            project(&ProjectInput {
+                node_name: node,
+                node_addr: None,
+                eips: &self.eips,
+                nodes: &self.nodes,
+                namespaces: &self.namespaces,
+                pods: &self.pods,
+                claims: &self.claims,
+                may_hold: self.may_hold,
+                global_excluded: &self.excluded,
+                config: &self.cfg,
+            })
+        }
+    }
+
+    #[test]
+    fn steady_state_on_the_egress_node() {
+        let p = World::new().project("node1");
+        let s = &p.state;
+        assert_eq!(s.node_addr, Some(ip("172.18.0.11")));
+        assert_eq!(s.nodes, BTreeSet::from([ip("172.18.0.11"), ip("172.18.0.12"), ip("172.18.0.13")]));
+        assert_eq!(s.policies.len(), 2);
+        let p1 = &s.policies[&1];
+        assert_eq!(p1.name, "team-a/172.18.0.100");
+        assert_eq!(p1.egress_node, Some(ip("172.18.0.11")));
+        assert_eq!(p1.failure_policy, FailurePolicy::FailOpen);
+        assert_eq!(p1.excluded, BTreeSet::from(["192.0.2.0/24".parse().unwrap()]));
+        assert_eq!(s.policies[&2].egress_node, Some(ip("172.18.0.12")));
+        // Only local, selected pods; spread over both IPs by address.
+        assert_eq!(
+            s.pods,
+            BTreeMap::from([(ip("10.244.1.4"), 1), (ip("10.244.1.5"), 2)])
+        );
+        assert_eq!(s.global_excluded.len(), 2);
+        assert_eq!(s.claims(), BTreeSet::from([ip("172.18.0.100")]));
+        assert_eq!(
+            p.claims,
+            [AddressClaim { ip: ip("172.18.0.100"), interface: Some("eth0".into()) }]
+        );
+    }
+
+    #[test]
+    fn other_nodes_see_the_same_policies_and_their_own_pods() {
+        let w = World::new();
+        let p1 = w.project("node1");
+        let p2 = w.project("node2");
+        assert_eq!(p1.state.policies, p2.state.policies);
+        assert_eq!(p2.state.pods, BTreeMap::from([(ip("10.244.2.4"), 1)]));
+        let p3 = w.project("node3");
+        assert!(p3.claims.is_empty());
+        assert!(p3.state.pods.is_empty());
+    }
+
+    #[test]
+    fn fencing_waits_for_the_previous_holder() {
+        let mut w = World::new();
+        // The assigner moved .100 from node2 to node1, but node2 still claims it.
+        w.claims = claims(&[("172.18.0.100", "node2"), ("172.18.0.101", "node2")]);
+        let p = w.project("node1");
+        assert_eq!(p.state.policies[&1].egress_node, None);
+        assert!(p.claims.is_empty());
+        // Everyone else steers nowhere until node1 claims it.
+        assert_eq!(w.project("node3").state.policies[&1].egress_node, None);
+        // node2 sees status no longer names it: it must let go.
+        assert!(w.project("node2").claims.iter().all(|c| c.ip != ip("172.18.0.100")));
+
+        // node2's claim is released (or expired): node1 may claim.
+        w.claims = claims(&[("172.18.0.101", "node2")]);
+        let p = w.project("node1");
+        assert_eq!(p.state.policies[&1].egress_node, Some(ip("172.18.0.11")));
+        // node3 follows only once node1's claim shows up.
+        assert_eq!(w.project("node3").state.policies[&1].egress_node, None);
+        w.claims = claims(&[("172.18.0.100", "node1"), ("172.18.0.101", "node2")]);
+        assert_eq!(w.project("node3").state.policies[&1].egress_node, Some(ip("172.18.0.11")));
+    }
+
+    #[test]
+    fn a_node_that_cannot_renew_withdraws() {
+        let mut w = World::new();
+        w.may_hold = false;
+        let p = w.project("node1");
+        assert!(p.claims.is_empty());
+        assert_eq!(p.state.policies[&1].egress_node, None);
+        // Its pods now all use the IP still held elsewhere.
+        assert_eq!(p.state.pods.values().copied().collect::<BTreeSet<_>>(), BTreeSet::from([2]));
+    }
+
+    #[test]
+    fn pods_of_a_failed_ip_move_to_the_remaining_one_and_only_they_do() {
+        let mut w = World::new();
+        let before = w.project("node1").state;
+        w.eips = vec![team_a([Some("node1"), None])];
+        w.claims = claims(&[("172.18.0.100", "node1")]);
+        let after = w.project("node1").state;
+        assert_eq!(after.policies[&2].egress_node, None);
+        assert_eq!(after.pods, BTreeMap::from([(ip("10.244.1.4"), 1), (ip("10.244.1.5"), 1)]));
+        let d = before.diff(&after);
+        assert_eq!(d.pods.upsert, [(ip("10.244.1.5"), 1)]);
+        assert!(d.pods.remove.is_empty());
+    }
+
+    #[test]
+    fn with_no_ip_held_pods_keep_a_policy_so_the_failure_policy_applies() {
+        let mut w = World::new();
+        w.claims = BTreeMap::new();
+        let s = w.project("node3").state;
+        assert!(s.policies.values().all(|p| p.egress_node.is_none()));
+        let s = w.project("node2").state;
+        assert_eq!(s.pods.len(), 1);
+    }
+
+    #[test]
+    fn pod_churn_relabel_and_ip_change_converge() {
+        let mut w = World::new();
+        w.pods.retain(|p| p.name != "web-1");
+        w.pods.push(PodInfo::from_pod(&fixtures::pod("shop", "web-4", "node1", "10.244.1.9", &[("app", "web")])).unwrap());
+        w.pods.iter_mut().find(|p| p.name == "db-0").unwrap().labels.insert("app".into(), "web".into());
+        w.pods.iter_mut().find(|p| p.name == "web-2").unwrap().ip = ip("10.244.1.20");
+        let s = w.project("node1").state;
+        assert_eq!(
+            s.pods.keys().copied().collect::<Vec<_>>(),
+            [ip("10.244.1.6"), ip("10.244.1.9"), ip("10.244.1.20")]
+        );
+        // The namespace loses its match: nothing selected any more.
+        w.namespaces.clear();
+        w.namespaces.insert("shop".into(), BTreeMap::from([("kubernetes.io/metadata.name".into(), "other".into())]));
+        assert!(w.project("node1").state.pods.is_empty());
+    }
+
+    #[test]
+    fn ips_without_a_policy_id_or_no_longer_in_spec_are_not_applied() {
+        let mut w = World::new();
+        let e = &mut w.eips[0];
+        e.spec.egress_ips.pop();
+        e.status.as_mut().unwrap().ips[0].policy_id = None;
+        let s = w.project("node1").state;
+        assert!(s.policies.is_empty());
+        assert!(s.pods.is_empty());
+    }
+
+    #[test]
+    fn invalid_resources_and_younger_duplicates_apply_nothing() {
+        let mut w = World::new();
+        let mut dup = eip("z-dup", "2026-02-01T00:00:00Z", json!({"egressIPs": ["172.18.0.100"], "namespaceSelector": {}}));
+        // A stale or hand-written status naming an id must not make it apply.
+        dup.status = Some(serde_json::from_value(json!({"ips": [{"egressIP": "172.18.0.100", "policyId": 9, "node": "node2", "conditions": []}]})).unwrap());
+        w.eips.push(dup);
+        let s = w.project("node1").state;
+        assert_eq!(s.policies.keys().copied().collect::<Vec<_>>(), [1, 2]);
+        w.eips[0].spec.namespace_selector.match_expressions = Some(vec![serde_json::from_value(
+            json!({"key": "x", "operator": "Exists", "values": ["y"]}),
+        ).unwrap()]);
+        // team-a is now invalid: its policies go; the younger duplicate takes .100.
+        let s = w.project("node1").state;
+        assert_eq!(s.policies.keys().copied().collect::<Vec<_>>(), [9]);
+        assert!(s.pods.keys().all(|p| s.pods[p] == 9));
+    }
+}
