@@ -1,1 +1,253 @@
-fn main() {}
+//! `cargo xtask …`: the project's build, test and lab entry points.
+
+mod demo;
+mod lab;
+mod prereq;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Build, test and lab tooling of the egress dataplane")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install the eBPF toolchain if needed, then build the eBPF objects.
+    BuildEbpf,
+    /// build-ebpf, then build the whole workspace.
+    Build,
+    /// build, then every unit and integration test, then a benchmark smoke run.
+    Test {
+        /// Skip the benchmark smoke run.
+        #[arg(long)]
+        no_bench: bool,
+        /// Extra arguments for the test binaries (after `--`).
+        #[arg(last = true)]
+        test_args: Vec<String>,
+    },
+    /// The namespace cluster with one agent per node.
+    Lab {
+        #[command(subcommand)]
+        cmd: LabCmd,
+    },
+    /// Bring the lab up, send traffic from selected and unselected pods and
+    /// show what the server saw, then the egress node's NAT table.
+    Demo {
+        /// Use the binaries already built.
+        #[arg(long)]
+        no_build: bool,
+    },
+    /// Run the benchmark (egress-bench, release build); arguments pass through.
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum LabCmd {
+    /// Tear down any previous lab, then build it and start the agents.
+    Up {
+        /// Use the binaries already built.
+        #[arg(long)]
+        no_build: bool,
+    },
+    /// Remove the lab's namespaces, processes and pinned maps.
+    Down,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().cmd {
+        Cmd::BuildEbpf => build_ebpf(),
+        Cmd::Build => build(),
+        Cmd::Test {
+            no_bench,
+            test_args,
+        } => test(no_bench, &test_args),
+        Cmd::Lab {
+            cmd: LabCmd::Up { no_build },
+        } => {
+            if !no_build {
+                build_agent()?;
+            }
+            lab::up().map(drop)
+        }
+        Cmd::Lab { cmd: LabCmd::Down } => lab::down(),
+        Cmd::Demo { no_build } => {
+            if !no_build {
+                build_agent()?;
+            }
+            demo::run()
+        }
+        Cmd::Bench { args } => bench(&args),
+    }
+}
+
+pub fn root() -> PathBuf {
+    egress_lab::workspace_root()
+}
+
+/// Runs `cmd` with inherited stdio and fails on a non-zero exit.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let desc = egress_lab::exec::describe(cmd);
+    eprintln!("+ {desc}");
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start `{desc}`"))?;
+    if !status.success() {
+        bail!("`{desc}` failed: {status}");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(root());
+    cmd
+}
+
+const EBPF_BINS: [&str; 3] = ["pod_ingress", "tunnel_ingress", "uplink_ingress"];
+
+fn ebpf_dir() -> PathBuf {
+    root().join("egress-ebpf")
+}
+
+/// Where `build-ebpf` puts the objects (kept apart from the workspace's
+/// target directory so nightly and stable builds do not contend for it).
+pub fn ebpf_object(bin: &str) -> PathBuf {
+    ebpf_dir()
+        .join("target/bpfel-unknown-none/release")
+        .join(bin)
+}
+
+fn build_ebpf() -> Result<()> {
+    prereq::ensure_all()?;
+    let dir = ebpf_dir();
+    if !dir.join("Cargo.toml").is_file() {
+        bail!(
+            "{} has no Cargo.toml: the eBPF crate is missing",
+            dir.display()
+        );
+    }
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(&dir)
+        .args([
+            "+nightly",
+            "build",
+            "--release",
+            "-p",
+            "egress-ebpf",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--target-dir",
+        ])
+        .arg(dir.join("target"))
+        // The stable toolchain's cargo sets these for xtask itself; they must
+        // not leak into the nightly build.
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WRAPPER")
+        .env_remove("CARGO")
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env("RUSTFLAGS", "-C debuginfo=2 -C link-arg=--btf")
+        .env("PATH", prereq::path_with_llvm());
+    run(&mut cmd)?;
+    for bin in EBPF_BINS {
+        let obj = ebpf_object(bin);
+        if !obj.is_file() {
+            bail!("the eBPF build succeeded but {} is missing", obj.display());
+        }
+        eprintln!("eBPF object: {}", obj.display());
+    }
+    Ok(())
+}
+
+fn build() -> Result<()> {
+    build_ebpf()?;
+    run(cargo()
+        .args(["build", "--workspace"])
+        .env("PATH", prereq::path_with_llvm()))
+}
+
+/// What `lab up` and `demo` need: the toolchain and the agent binary.
+fn build_agent() -> Result<()> {
+    prereq::ensure_all()?;
+    run(cargo()
+        .args(["build", "-p", "egress-agent"])
+        .env("PATH", prereq::path_with_llvm()))
+}
+
+fn test(no_bench: bool, test_args: &[String]) -> Result<()> {
+    build()?;
+    let mut cmd = cargo();
+    cmd.args(["test", "--workspace", "--no-fail-fast", "--"])
+        .env("PATH", prereq::path_with_llvm());
+    if !test_args.iter().any(|a| a.starts_with("--test-threads")) {
+        // Each integration test builds a whole cluster and runs three
+        // agents; two at a time is what two cores carry.
+        cmd.arg("--test-threads=2");
+    }
+    cmd.args(test_args);
+    let tests = run(&mut cmd);
+    let bench = if no_bench { Ok(()) } else { bench_smoke() };
+    tests?;
+    bench
+}
+
+/// The benchmark's quick mode, if the benchmark has one yet.
+fn bench_smoke() -> Result<()> {
+    let help = |args: &[&str]| -> Option<String> {
+        let out = cargo()
+            .args(["run", "-q", "-p", "egress-bench", "--"])
+            .args(args)
+            .arg("--help")
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let args: Vec<&str> = if help(&["run"]).is_some_and(|h| h.contains("--quick")) {
+        vec!["run", "--quick"]
+    } else if help(&[]).is_some_and(|h| h.contains("--quick")) {
+        vec!["--quick"]
+    } else {
+        eprintln!(
+            "NOTE: benchmark smoke run skipped: `egress-bench` offers no `--quick` mode (neither `egress-bench run --quick` nor `egress-bench --quick`)"
+        );
+        return Ok(());
+    };
+    run(cargo().args(["run", "-p", "egress-bench", "--"]).args(args))
+}
+
+fn bench(args: &[String]) -> Result<()> {
+    build()?;
+    let args: Vec<String> = if args.is_empty() {
+        vec!["run".into()]
+    } else {
+        args.to_vec()
+    };
+    run(cargo()
+        .args(["run", "--release", "-p", "egress-bench", "--"])
+        .args(&args))
+}
+
+pub fn display(p: &Path) -> String {
+    p.display().to_string()
+}

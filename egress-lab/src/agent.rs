@@ -1,0 +1,564 @@
+//! The node agents: their static configuration files and their processes.
+
+use std::{
+    fs::{self, OpenOptions},
+    io::Write,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::{Child, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use ipnet::Ipv4Net;
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::{
+    error::{LabError, Result, io_err},
+    exec, netns,
+    spec::{self, LabSpec, TUNNEL_INTERFACE, TUNNEL_PORT},
+};
+
+/// How long an agent gets for its first full reconcile.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a stopping agent gets to detach before it is killed.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The agent binary: `EGRESS_AGENT_BIN`, else the workspace's debug build.
+pub fn agent_binary() -> Result<PathBuf> {
+    let path = std::env::var_os("EGRESS_AGENT_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target/debug/egress-agent"));
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(LabError::AgentBinaryMissing { path })
+    }
+}
+
+/// The repository root (this crate's parent directory).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("egress-lab lives inside the workspace")
+        .to_path_buf()
+}
+
+/// Instance name of node `n`'s agent: its bpffs directory `/sys/fs/bpf/<instance>`.
+pub fn instance_name(prefix: &str, node: u8) -> String {
+    format!("{prefix}-n{node}")
+}
+
+// The configuration file, field for field and in the order of
+// deploy/examples/static-node1.toml: the agent rejects unknown fields.
+#[derive(Serialize)]
+struct ConfigFile {
+    instance: String,
+    node: NodeSection,
+    cluster: ClusterSection,
+    datapath: spec::DatapathSpec,
+    policies: Vec<PolicySection>,
+}
+
+#[derive(Serialize)]
+struct NodeSection {
+    name: String,
+    address: Ipv4Addr,
+    uplink: String,
+    pod_cidr: Ipv4Net,
+    pod_interfaces: Vec<String>,
+    upstream_interfaces: Vec<String>,
+    tunnel_interface: String,
+    tunnel_port: u16,
+}
+
+#[derive(Serialize)]
+struct ClusterSection {
+    nodes: Vec<Ipv4Addr>,
+    excluded_cidrs: Vec<Ipv4Net>,
+}
+
+#[derive(Serialize)]
+struct PolicySection {
+    id: u32,
+    name: String,
+    egress_ip: Ipv4Addr,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    node: Option<Ipv4Addr>,
+    failure_policy: egress_model::FailurePolicy,
+    pods: Vec<Ipv4Addr>,
+    marks: Vec<u32>,
+    vnis: Vec<u32>,
+    excluded_cidrs: Vec<Ipv4Net>,
+}
+
+/// The static configuration of node `node`'s agent.
+pub fn render_config(prefix: &str, spec: &LabSpec, node: u8) -> Result<String> {
+    let file = ConfigFile {
+        instance: instance_name(prefix, node),
+        node: NodeSection {
+            name: format!("node{node}"),
+            address: spec::node_addr(node),
+            uplink: "eth0".into(),
+            pod_cidr: spec::pod_cidr(node),
+            pod_interfaces: vec!["veth*".into()],
+            upstream_interfaces: Vec::new(),
+            tunnel_interface: TUNNEL_INTERFACE.into(),
+            tunnel_port: TUNNEL_PORT,
+        },
+        cluster: ClusterSection {
+            nodes: (1..=spec.nodes).map(spec::node_addr).collect(),
+            excluded_cidrs: spec.excluded_cidrs.clone(),
+        },
+        datapath: spec.datapath,
+        policies: spec
+            .policies
+            .iter()
+            .map(|p| PolicySection {
+                id: p.id,
+                name: p.name.clone(),
+                egress_ip: p.egress_ip,
+                node: p.node.map(spec::node_addr),
+                failure_policy: p.failure_policy,
+                pods: p.pods.iter().map(|pod| pod.ip()).collect(),
+                marks: p.marks.clone(),
+                vnis: p.vnis.clone(),
+                excluded_cidrs: p.excluded_cidrs.clone(),
+            })
+            .collect(),
+    };
+    toml::to_string(&file).map_err(|e| LabError::Spec(format!("cannot render agent config: {e}")))
+}
+
+/// Writes `contents` to `path` through a rename so that a watching agent
+/// never reads a half-written file.
+pub fn write_atomically(path: &Path, contents: &str) -> Result<()> {
+    let tmp = path.with_extension("toml.tmp");
+    fs::write(&tmp, contents).map_err(io_err(format!("writing {}", tmp.display())))?;
+    fs::rename(&tmp, path).map_err(io_err(format!("renaming onto {}", path.display())))
+}
+
+/// The last `lines` lines of a log file, or why it cannot be read.
+pub fn log_tail(path: &Path, lines: usize) -> String {
+    match fs::read_to_string(path) {
+        Ok(text) => {
+            let all: Vec<&str> = text.lines().collect();
+            let start = all.len().saturating_sub(lines);
+            if all.is_empty() {
+                "(log is empty)".into()
+            } else {
+                all[start..].join("\n")
+            }
+        }
+        Err(e) => format!("(cannot read log: {e})"),
+    }
+}
+
+/// One node's agent process, run in the node's network namespace (but the
+/// host's mount namespace, so its pins under /sys/fs/bpf outlive it).
+#[derive(Debug)]
+pub struct Agent {
+    pub node: u8,
+    pub instance: String,
+    pub ns: String,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    pub ready_file: PathBuf,
+    child: Option<Child>,
+}
+
+impl Agent {
+    pub fn new(node: u8, instance: String, ns: String, dir: &Path) -> Self {
+        Self {
+            node,
+            config: dir.join(format!("{instance}.toml")),
+            log: dir.join(format!("{instance}.log")),
+            ready_file: dir.join(format!("{instance}.ready")),
+            instance,
+            ns,
+            child: None,
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        match &mut self.child {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    fn error(&self, what: impl Into<String>) -> LabError {
+        LabError::Agent {
+            node: self.node,
+            instance: self.instance.clone(),
+            what: what.into(),
+            log: self.log.clone(),
+            tail: log_tail(&self.log, 40),
+        }
+    }
+
+    /// Starts the agent and waits for its ready file.
+    pub fn start(&mut self) -> Result<()> {
+        if self.is_running() {
+            return Err(self.error("is already running"));
+        }
+        let bin = agent_binary()?;
+        match fs::remove_file(&self.ready_file) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(format!("removing {}", self.ready_file.display()))(e)),
+        }
+        let mut log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .map_err(io_err(format!("opening {}", self.log.display())))?;
+        // Restarts append to the same log; the marker shows where each run begins.
+        writeln!(log, "===== lab: starting {} =====", bin.display())
+            .map_err(io_err(format!("writing {}", self.log.display())))?;
+        let log_err = log
+            .try_clone()
+            .map_err(io_err(format!("duplicating {}", self.log.display())))?;
+        let mut cmd = netns::command_in(&self.ns, &bin.to_string_lossy())?;
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--ready-file")
+            .arg(&self.ready_file)
+            .env(
+                "RUST_LOG",
+                std::env::var("EGRESS_AGENT_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err);
+        let desc = exec::describe(&cmd);
+        let child = cmd
+            .spawn()
+            .map_err(|source| LabError::Spawn { cmd: desc, source })?;
+        tracing::info!(node = self.node, pid = child.id(), "agent started");
+        self.child = Some(child);
+        self.wait_ready(READY_TIMEOUT)
+    }
+
+    fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.ready_file.exists() {
+                return Ok(());
+            }
+            if let Some(child) = &mut self.child
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                self.child = None;
+                return Err(self.error(format!("exited before becoming ready ({status})")));
+            }
+            if Instant::now() >= deadline {
+                return Err(self.error(format!(
+                    "did not create its ready file {} within {timeout:?}",
+                    self.ready_file.display()
+                )));
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM, then SIGKILL if it has not exited within [`STOP_TIMEOUT`].
+    /// Returns an error when the agent had to be killed or exited with failure.
+    pub fn stop(&mut self) -> Result<()> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(self.error(format!("had already exited ({status})")));
+        }
+        let pid = Pid::from_raw(child.id() as i32);
+        let _ = kill(pid, Signal::SIGTERM);
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) if status.success() => return Ok(()),
+                Ok(Some(status)) => {
+                    return Err(self.error(format!("exited with {status} on SIGTERM")));
+                }
+                Ok(None) if Instant::now() >= deadline => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(self.error(format!(
+                        "ignored SIGTERM for {STOP_TIMEOUT:?} and was killed"
+                    )));
+                }
+                Ok(None) => thread::sleep(Duration::from_millis(20)),
+                Err(e) => return Err(self.error(format!("cannot be waited for: {e}"))),
+            }
+        }
+    }
+
+    /// SIGKILL, as a crash would: nothing is detached or unpinned.
+    pub fn kill9(&mut self) -> Result<()> {
+        let Some(mut child) = self.child.take() else {
+            return Err(self.error("is not running"));
+        };
+        child
+            .kill()
+            .map_err(|e| self.error(format!("cannot be killed: {e}")))?;
+        let _ = child.wait();
+        Ok(())
+    }
+
+    /// Runs `egress-agent <args> --instance <instance>` (the CLI reads the pins).
+    pub fn cli(&self, args: &[&str]) -> Result<String> {
+        let bin = agent_binary()?;
+        let mut full: Vec<&str> = args.to_vec();
+        full.extend(["--instance", &self.instance]);
+        let out = exec::exec_in(&self.ns, &bin.to_string_lossy(), &full)?;
+        Ok(out.stdout)
+    }
+
+    /// `egress-agent stats --instance <i> --json`, parsed.
+    pub fn stats(&self) -> Result<Stats> {
+        let text = self.cli(&["stats", "--json"])?;
+        Stats::parse(&text).map_err(|reason| LabError::UnexpectedOutput {
+            cmd: format!("egress-agent stats --json --instance {}", self.instance),
+            reason,
+            output: text,
+        })
+    }
+
+    /// `egress-agent nat list --instance <i> --json`, parsed.
+    pub fn nat_list(&self) -> Result<Vec<Value>> {
+        let text = self.cli(&["nat", "list", "--json"])?;
+        nat_entries(&text).map_err(|reason| LabError::UnexpectedOutput {
+            cmd: format!("egress-agent nat list --json --instance {}", self.instance),
+            reason,
+            output: text,
+        })
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The agent's `stats --json` output.
+///
+/// Accepted shapes, so the lab does not break on cosmetic changes: an array
+/// of per-policy objects, or an object holding one under `policies`, or an
+/// object keyed by policy id; each per-policy object names its id in `id`,
+/// `policy_id` or `policy` (or is keyed by it) and carries `drops` with one
+/// field per `DropReason::name`.
+#[derive(Clone, Debug)]
+pub struct Stats {
+    pub raw: Value,
+}
+
+impl Stats {
+    pub fn parse(text: &str) -> std::result::Result<Self, String> {
+        let raw: Value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
+        let stats = Self { raw };
+        stats.entries()?;
+        Ok(stats)
+    }
+
+    /// `(policy id, counters)` pairs.
+    pub fn entries(&self) -> std::result::Result<Vec<(u32, &Value)>, String> {
+        let list = match &self.raw {
+            Value::Object(map) if map.contains_key("policies") => &map["policies"],
+            other => other,
+        };
+        let id_of = |v: &Value| {
+            ["id", "policy_id", "policy"]
+                .iter()
+                .find_map(|k| v.get(*k).and_then(Value::as_u64))
+                .map(|id| id as u32)
+        };
+        match list {
+            Value::Array(items) => items
+                .iter()
+                .map(|item| {
+                    id_of(item)
+                        .map(|id| (id, item))
+                        .ok_or_else(|| format!("entry without an id field: {item}"))
+                })
+                .collect(),
+            Value::Object(map) => map
+                .iter()
+                .map(|(k, v)| {
+                    k.parse::<u32>()
+                        .ok()
+                        .or_else(|| id_of(v))
+                        .map(|id| (id, v))
+                        .ok_or_else(|| format!("key `{k}` is not a policy id"))
+                })
+                .collect(),
+            _ => Err("expected an array or object of per-policy counters".into()),
+        }
+    }
+
+    /// A drop counter (`DropReason::name`) of `policy_id` (0: no policy);
+    /// zero when the policy has no entry (nothing counted yet).
+    pub fn drops(&self, policy_id: u32, reason: &str) -> std::result::Result<u64, String> {
+        let entries = self.entries()?;
+        let Some((_, entry)) = entries.iter().find(|(id, _)| *id == policy_id) else {
+            return Ok(0);
+        };
+        entry
+            .get("drops")
+            .and_then(|d| d.get(reason))
+            .and_then(Value::as_u64)
+            .ok_or_else(|| format!("policy {policy_id} has no counter drops.{reason}: {entry}"))
+    }
+
+    /// A top-level counter of `policy_id` such as `new_flows`.
+    pub fn counter(&self, policy_id: u32, name: &str) -> std::result::Result<u64, String> {
+        let entries = self.entries()?;
+        let Some((_, entry)) = entries.iter().find(|(id, _)| *id == policy_id) else {
+            return Ok(0);
+        };
+        entry
+            .get(name)
+            .and_then(Value::as_u64)
+            .ok_or_else(|| format!("policy {policy_id} has no counter {name}: {entry}"))
+    }
+}
+
+/// Entries of `nat list --json`: an array, or an object holding one under
+/// `entries`, `flows` or `nat`.
+pub fn nat_entries(text: &str) -> std::result::Result<Vec<Value>, String> {
+    let raw: Value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
+    let list = match &raw {
+        Value::Array(_) => &raw,
+        Value::Object(map) => ["entries", "flows", "nat"]
+            .iter()
+            .find_map(|k| map.get(*k))
+            .ok_or("object without an `entries` array")?,
+        _ => return Err("expected an array of NAT entries".into()),
+    };
+    list.as_array()
+        .cloned()
+        .ok_or_else(|| "the entries are not an array".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{PodRef, PolicySpec};
+
+    #[test]
+    fn config_has_the_example_layout() {
+        let mut spec = LabSpec::default();
+        spec.policies.push(PolicySpec::new(
+            7,
+            Ipv4Addr::new(172, 18, 0, 107),
+            None,
+            vec![],
+        ));
+        let text = render_config("eg12ab", &spec, 1).unwrap();
+        let v: toml::Value = toml::from_str(&text).unwrap();
+        assert_eq!(v["instance"].as_str(), Some("eg12ab-n1"));
+        assert_eq!(v["node"]["address"].as_str(), Some("172.18.0.11"));
+        assert_eq!(v["node"]["pod_cidr"].as_str(), Some("10.244.1.0/24"));
+        assert_eq!(v["node"]["tunnel_interface"].as_str(), Some("egress-vxlan"));
+        assert_eq!(v["node"]["tunnel_port"].as_integer(), Some(4789));
+        assert_eq!(v["cluster"]["nodes"].as_array().unwrap().len(), 3);
+        assert_eq!(v["datapath"]["timeouts"]["udp"].as_integer(), Some(60));
+        let policies = v["policies"].as_array().unwrap();
+        assert_eq!(policies[0]["failure_policy"].as_str(), Some("fail-closed"));
+        assert_eq!(policies[0]["node"].as_str(), Some("172.18.0.11"));
+        assert_eq!(
+            policies[0]["pods"].as_array().unwrap()[1].as_str(),
+            Some(PodRef::new(2, 1).ip().to_string().as_str())
+        );
+        // An unheld egress IP has no `node` key at all.
+        assert!(policies[2].get("node").is_none());
+    }
+
+    #[test]
+    fn config_keys_are_those_of_the_example() {
+        let example =
+            fs::read_to_string(workspace_root().join("deploy/examples/static-node1.toml")).unwrap();
+        let example: toml::Value = toml::from_str(&example).unwrap();
+        let ours: toml::Value =
+            toml::from_str(&render_config("lab", &LabSpec::default(), 1).unwrap()).unwrap();
+        fn keys(v: &toml::Value, path: String, out: &mut Vec<String>) {
+            match v {
+                toml::Value::Table(t) => {
+                    for (k, v) in t {
+                        let p = format!("{path}.{k}");
+                        out.push(p.clone());
+                        keys(v, p, out);
+                    }
+                }
+                toml::Value::Array(a) if a.first().is_some_and(toml::Value::is_table) => {
+                    keys(&a[0], format!("{path}[]"), out);
+                }
+                _ => {}
+            }
+        }
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        keys(&example, String::new(), &mut a);
+        keys(&ours, String::new(), &mut b);
+        a.sort();
+        b.sort();
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn stats_shapes_are_understood() {
+        let arr = r#"[{"policy_id":0,"drops":{"unknown_tunnel_peer":3}},{"policy_id":1,"new_flows":2,"drops":{"unknown_tunnel_peer":0}}]"#;
+        let s = Stats::parse(arr).unwrap();
+        assert_eq!(s.drops(0, "unknown_tunnel_peer").unwrap(), 3);
+        assert_eq!(s.counter(1, "new_flows").unwrap(), 2);
+        assert_eq!(s.drops(5, "unknown_tunnel_peer").unwrap(), 0);
+        let obj = r#"{"policies":{"0":{"drops":{"flow_table_full":9}}}}"#;
+        assert_eq!(
+            Stats::parse(obj)
+                .unwrap()
+                .drops(0, "flow_table_full")
+                .unwrap(),
+            9
+        );
+        let bad = Stats::parse(r#"[{"drops":{}}]"#).unwrap_err();
+        assert!(bad.contains("without an id"), "{bad}");
+        let missing = Stats::parse(r#"[{"id":1,"drops":{}}]"#)
+            .unwrap()
+            .drops(1, "fragment")
+            .unwrap_err();
+        assert!(missing.contains("drops.fragment"), "{missing}");
+    }
+
+    #[test]
+    fn nat_list_shapes_are_understood() {
+        assert_eq!(nat_entries("[]").unwrap().len(), 0);
+        assert_eq!(nat_entries(r#"{"entries":[{},{}]}"#).unwrap().len(), 2);
+        assert!(nat_entries(r#"{"x":1}"#).is_err());
+    }
+
+    #[test]
+    fn missing_agent_binary_is_named() {
+        // SAFETY: no other thread of this test binary reads EGRESS_AGENT_BIN.
+        unsafe { std::env::set_var("EGRESS_AGENT_BIN", "/nonexistent/egress-agent") };
+        let err = agent_binary().unwrap_err().to_string();
+        unsafe { std::env::remove_var("EGRESS_AGENT_BIN") };
+        assert!(err.contains("/nonexistent/egress-agent"), "{err}");
+    }
+}
