@@ -3,8 +3,13 @@
 //! subcommands are the traffic generators and probes it starts inside the
 //! benchmark namespaces.
 
+mod bpf;
 mod loadgen;
+mod probe;
+mod report;
+mod run;
 mod sys;
+mod systems;
 mod topo;
 
 use anyhow::Result;
@@ -19,6 +24,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// The whole benchmark: topology, systems, workloads, report.
+    Run(run::RunArgs),
+    /// Installs the Debian packages the benchmark needs, if missing.
+    Prereqs,
     /// TCP server for the connection-rate and RR workloads.
     Serve(loadgen::ServeArgs),
     /// Connection-rate client: connect, request, response, close.
@@ -29,6 +38,8 @@ enum Cmd {
     UdpSend(loadgen::UdpSendArgs),
     /// UDP receiver that counts packets.
     UdpSink(loadgen::UdpSinkArgs),
+    /// BPF_PROG_TEST_RUN of the agent's pinned programs (run inside the egress node's namespace).
+    ProgTest(probe::ProgTestArgs),
 }
 
 fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
@@ -38,6 +49,15 @@ fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
 
 fn main() -> Result<()> {
     match Cli::parse().cmd {
+        Cmd::Run(a) => {
+            if !run::run_bench(&a)? {
+                // Non-zero so that CI notices a system that stopped carrying traffic.
+                anyhow::bail!("some cells failed; see summary.md");
+            }
+            Ok(())
+        }
+        Cmd::Prereqs => run::prerequisites(true),
+        Cmd::ProgTest(a) => print_json(&probe::prog_test(&a)?),
         Cmd::Serve(a) => loadgen::serve(&a),
         Cmd::Crr(a) => print_json(&loadgen::crr(&a)?),
         Cmd::Rr(a) => print_json(&loadgen::rr(&a)?),

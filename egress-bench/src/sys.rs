@@ -170,7 +170,6 @@ impl Drop for Bg {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CpuTimes {
     pub busy: u64,
-    pub total: u64,
     pub steal: u64,
 }
 
@@ -188,7 +187,6 @@ pub fn cpu_times() -> Result<CpuTimes> {
     let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
     Ok(CpuTimes {
         busy: total - idle,
-        total,
         steal: v.get(7).copied().unwrap_or(0),
     })
 }

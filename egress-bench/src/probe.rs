@@ -1,0 +1,326 @@
+//! Probes of the ebpf datapath through its pinned objects: per-packet cost
+//! with `BPF_PROG_TEST_RUN`, control-plane map updates, and the agent's drop
+//! counters.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use egress_common::{
+    DropReason, FlowKeyV4, NatEntryV4, PodPolicyV4, PolicyStats, PolicyV4, maps, policy_flags,
+    proto,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::bpf;
+
+pub fn pin_dir(instance: &str) -> PathBuf {
+    PathBuf::from(format!("/sys/fs/bpf/{instance}"))
+}
+
+fn open_map(instance: &str, name: &str) -> Result<OwnedFd> {
+    bpf::obj_get(&pin_dir(instance).join("maps").join(name))
+}
+
+fn open_prog(instance: &str, name: &str) -> Result<OwnedFd> {
+    bpf::obj_get(&pin_dir(instance).join("progs").join(name))
+}
+
+// --- packets -------------------------------------------------------------
+
+fn csum_fold(mut sum: u32) -> u16 {
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+fn csum_add(data: &[u8], mut sum: u32) -> u32 {
+    for c in data.chunks(2) {
+        let w = if c.len() == 2 {
+            u16::from_be_bytes([c[0], c[1]])
+        } else {
+            u16::from_be_bytes([c[0], 0])
+        };
+        sum += u32::from(w);
+    }
+    sum
+}
+
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_ACK: u8 = 0x10;
+
+/// An Ethernet + IPv4 + TCP frame with valid checksums, as a pod or the
+/// server would send it, so that the programs take their real paths.
+pub fn tcp_frame(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    sport: u16,
+    dport: u16,
+    flags: u8,
+    payload: usize,
+) -> Vec<u8> {
+    let mut f = Vec::with_capacity(14 + 20 + 20 + payload);
+    f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
+    f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x02]);
+    f.extend_from_slice(&0x0800u16.to_be_bytes());
+    let total = (20 + 20 + payload) as u16;
+    let mut ip = [0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&total.to_be_bytes());
+    ip[4..6].copy_from_slice(&1u16.to_be_bytes());
+    ip[6] = 0x40; // DF
+    ip[8] = 64;
+    ip[9] = proto::TCP;
+    ip[12..16].copy_from_slice(&src.octets());
+    ip[16..20].copy_from_slice(&dst.octets());
+    let c = csum_fold(csum_add(&ip, 0));
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    f.extend_from_slice(&ip);
+    let mut tcp = vec![0u8; 20 + payload];
+    tcp[0..2].copy_from_slice(&sport.to_be_bytes());
+    tcp[2..4].copy_from_slice(&dport.to_be_bytes());
+    tcp[4..8].copy_from_slice(&1000u32.to_be_bytes());
+    tcp[8..12].copy_from_slice(&(if flags & TCP_ACK != 0 { 2000u32 } else { 0 }).to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = flags;
+    tcp[14..16].copy_from_slice(&65535u16.to_be_bytes());
+    for b in tcp[20..].iter_mut() {
+        *b = b'x';
+    }
+    let mut pseudo = Vec::with_capacity(12);
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.extend_from_slice(&[0, proto::TCP]);
+    pseudo.extend_from_slice(&((20 + payload) as u16).to_be_bytes());
+    let c = csum_fold(csum_add(&tcp, csum_add(&pseudo, 0)));
+    tcp[16..18].copy_from_slice(&c.to_be_bytes());
+    f.extend_from_slice(&tcp);
+    f
+}
+
+// --- BPF_PROG_TEST_RUN ---------------------------------------------------
+
+/// Loads `r0 = TC_ACT_OK; exit` as a TC program: its test-run time is the
+/// harness's own overhead, subtracted from single-run figures.
+fn empty_tc_prog() -> Result<OwnedFd> {
+    let insns: [u8; 16] = [0xb7, 0, 0, 0, 0, 0, 0, 0, 0x95, 0, 0, 0, 0, 0, 0, 0];
+    let license = c"GPL";
+    let mut attr = [0u8; 128];
+    attr[0..4].copy_from_slice(&3u32.to_ne_bytes()); // BPF_PROG_TYPE_SCHED_CLS
+    attr[4..8].copy_from_slice(&2u32.to_ne_bytes());
+    attr[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
+    attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
+    // SAFETY: attr is a zeroed bpf_attr for BPF_PROG_LOAD whose pointers
+    // reference locals that outlive the call.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, 5 as libc::c_long, attr.as_mut_ptr(), 128u32) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("BPF_PROG_LOAD of the empty program");
+    }
+    // SAFETY: a fresh fd from the kernel, owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct ProgTestArgs {
+    /// The agent instance of the egress node (pins under /sys/fs/bpf/<instance>).
+    #[arg(long)]
+    pub instance: String,
+    /// Index of the policy/pod whose packets are crafted.
+    #[arg(long, default_value_t = 0)]
+    pub policy_index: u32,
+    /// Runs per packet kind for single-run (fresh packet) medians.
+    #[arg(long, default_value_t = 2000)]
+    pub samples: u32,
+    /// `repeat` of the one batched run per kind (the bpftool-style figure).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub repeat: u32,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ProgTestResult {
+    /// Test-run time of an empty TC program, per single run.
+    pub empty_ns: f64,
+    /// Medians of single runs on fresh packets, minus `empty_ns`.
+    pub established_fwd_ns: f64,
+    pub reply_rev_ns: f64,
+    pub new_flow_ns: f64,
+    pub new_flow_p99_ns: f64,
+    /// `repeat`-batched averages. The kernel reuses one skb across repeats,
+    /// so only the first iteration sees the untranslated packet: this is the
+    /// cost of the pass-through path after translation, a lower bound.
+    pub batched_fwd_ns: f64,
+    pub batched_rev_ns: f64,
+    pub retvals: BTreeMap<String, u32>,
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn p99(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[(v.len() * 99 / 100).min(v.len() - 1)]
+}
+
+/// Must run inside the egress node's namespace: the programs' FIB lookups
+/// use the caller's.
+pub fn prog_test(a: &ProgTestArgs) -> Result<ProgTestResult> {
+    use crate::topo::{POD1_BASE, SERVER, pod_addr};
+    let fwd = open_prog(&a.instance, maps::programs::POD_INGRESS)?;
+    let rev = open_prog(&a.instance, maps::programs::UPLINK_INGRESS)?;
+    let nat_fwd = open_map(&a.instance, maps::NAT_FWD_V4)?;
+    let empty = empty_tc_prog()?;
+    let pod = pod_addr(POD1_BASE, a.policy_index);
+    let samples = a.samples.max(10);
+    let mut res = ProgTestResult::default();
+
+    let probe = tcp_frame(pod, SERVER, 1, 1, TCP_ACK, 0);
+    let mut e: Vec<f64> = (0..samples)
+        .map(|_| bpf::test_run(&empty, &probe, 1).map(|r| f64::from(r.duration_ns)))
+        .collect::<Result<_>>()?;
+    res.empty_ns = median(&mut e);
+
+    // One flow brought to Established through the programs themselves.
+    let (sport, dport) = (40_000u16, 8000u16);
+    let syn = tcp_frame(pod, SERVER, sport, dport, TCP_SYN, 0);
+    let r = bpf::test_run(&fwd, &syn, 1)?;
+    res.retvals.insert("syn".into(), r.retval);
+    let key = FlowKeyV4::new(pod.octets(), SERVER.octets(), sport, dport, proto::TCP);
+    let mut val = [0u8; size_of::<NatEntryV4>()];
+    if !bpf::lookup(&nat_fwd, bpf::bytes_of(&key), &mut val)? {
+        bail!(
+            "pod_ingress (retval {}) created no nat_fwd_v4 entry for {pod}:{sport} -> {SERVER}:{dport}",
+            r.retval
+        );
+    }
+    let nat_addr = Ipv4Addr::from([val[0], val[1], val[2], val[3]]);
+    let nat_port = u16::from_ne_bytes([val[8], val[9]]);
+    let synack = tcp_frame(SERVER, nat_addr, dport, nat_port, TCP_SYN | TCP_ACK, 0);
+    let r = bpf::test_run(&rev, &synack, 1)?;
+    res.retvals.insert("synack".into(), r.retval);
+
+    let est = tcp_frame(pod, SERVER, sport, dport, TCP_ACK, 64);
+    let reply = tcp_frame(SERVER, nat_addr, dport, nat_port, TCP_ACK, 64);
+    let mut fwd_v = Vec::new();
+    let mut rev_v = Vec::new();
+    for _ in 0..samples {
+        let r = bpf::test_run(&fwd, &est, 1)?;
+        res.retvals.insert("established".into(), r.retval);
+        fwd_v.push(f64::from(r.duration_ns) - res.empty_ns);
+        let r = bpf::test_run(&rev, &reply, 1)?;
+        res.retvals.insert("reply".into(), r.retval);
+        rev_v.push(f64::from(r.duration_ns) - res.empty_ns);
+    }
+    res.established_fwd_ns = median(&mut fwd_v);
+    res.reply_rev_ns = median(&mut rev_v);
+
+    let mut new_v = Vec::new();
+    for k in 0..samples {
+        let sp = 10_000 + (k % 50_000) as u16;
+        let dp = 20_000 + (k / 50_000) as u16;
+        let syn = tcp_frame(pod, SERVER, sp, dp, TCP_SYN, 0);
+        let r = bpf::test_run(&fwd, &syn, 1)?;
+        res.retvals.insert("new_flow".into(), r.retval);
+        new_v.push(f64::from(r.duration_ns) - res.empty_ns);
+    }
+    res.new_flow_ns = median(&mut new_v);
+    res.new_flow_p99_ns = p99(&mut new_v);
+
+    res.batched_fwd_ns = f64::from(bpf::test_run(&fwd, &est, a.repeat)?.duration_ns);
+    res.batched_rev_ns = f64::from(bpf::test_run(&rev, &reply, a.repeat)?.duration_ns);
+    Ok(res)
+}
+
+// --- control plane --------------------------------------------------------
+
+/// One egress IP added and removed straight in the datapath's maps (what the
+/// agent writes for a new policy with one pod), timed without process start.
+pub fn map_add_remove(instance: &str, id: u32, egress: Ipv4Addr, pod: Ipv4Addr) -> Result<(Duration, Duration)> {
+    let policies = open_map(instance, maps::POLICIES_V4)?;
+    let addrs = open_map(instance, maps::EGRESS_ADDRS_V4)?;
+    let pods = open_map(instance, maps::POD_POLICY_V4)?;
+    let policy = PolicyV4 {
+        egress_addr: egress.octets(),
+        egress_node: crate::topo::NODE1.octets(),
+        flags: policy_flags::ACTIVE | policy_flags::LOCAL,
+        _reserved: 0,
+    };
+    let pp = PodPolicyV4 {
+        policy_id: id,
+        _reserved: 0,
+    };
+    let t = Instant::now();
+    bpf::update(&policies, &id.to_ne_bytes(), bpf::bytes_of(&policy))?;
+    bpf::update(&addrs, &egress.octets(), &id.to_ne_bytes())?;
+    bpf::update(&pods, &pod.octets(), bpf::bytes_of(&pp))?;
+    let add = t.elapsed();
+    let t = Instant::now();
+    bpf::delete(&pods, &pod.octets())?;
+    bpf::delete(&addrs, &egress.octets())?;
+    bpf::update(&policies, &id.to_ne_bytes(), bpf::bytes_of(&PolicyV4::default()))?;
+    let del = t.elapsed();
+    Ok((add, del))
+}
+
+/// Drops by reason summed over policies `0..=n` and CPUs, plus live flows.
+pub fn agent_counters(instance: &str, n: u32) -> Result<BTreeMap<String, f64>> {
+    let stats = open_map(instance, maps::POLICY_STATS)?;
+    let cpus = bpf::possible_cpus()?;
+    let stride = size_of::<PolicyStats>().next_multiple_of(8);
+    let mut buf = vec![0u8; stride * cpus];
+    let mut total = PolicyStats::default();
+    for id in 0..=n {
+        if !bpf::lookup(&stats, &id.to_ne_bytes(), &mut buf)? {
+            continue;
+        }
+        for c in 0..cpus {
+            let mut s = PolicyStats::default();
+            // SAFETY: PolicyStats is plain repr(C) u64s and the slice holds
+            // at least size_of::<PolicyStats>() bytes at this offset.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    buf[c * stride..].as_ptr(),
+                    (&mut s as *mut PolicyStats).cast::<u8>(),
+                    size_of::<PolicyStats>(),
+                );
+            }
+            total.accumulate(&s);
+        }
+    }
+    let mut m = BTreeMap::new();
+    for r in DropReason::ALL {
+        m.insert(format!("drop_{}", r.name()), total.drops.get(r) as f64);
+    }
+    m.insert("new_flows".into(), total.new_flows as f64);
+    let fc = open_map(instance, maps::FLOW_COUNT)?;
+    let mut v = [0u8; 8];
+    let created = if bpf::lookup(&fc, &0u32.to_ne_bytes(), &mut v)? { u64::from_ne_bytes(v) } else { 0 };
+    let released = if bpf::lookup(&fc, &1u32.to_ne_bytes(), &mut v)? { u64::from_ne_bytes(v) } else { 0 };
+    m.insert("flows_created".into(), created as f64);
+    m.insert("flows_live".into(), created.saturating_sub(released) as f64);
+    Ok(m)
+}
+
+/// `run_time_ns` and `run_cnt` of a pinned program (needs
+/// `kernel.bpf_stats_enabled=1`).
+pub fn prog_stats(instance: &str, prog: &str) -> Result<(u64, u64)> {
+    let path = pin_dir(instance).join("progs").join(prog);
+    let out = crate::sys::run(crate::sys::host(&[
+        "bpftool",
+        "-j",
+        "prog",
+        "show",
+        "pinned",
+        &path.to_string_lossy(),
+    ]))?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    Ok((
+        v["run_time_ns"].as_u64().unwrap_or(0),
+        v["run_cnt"].as_u64().unwrap_or(0),
+    ))
+}

@@ -1,0 +1,443 @@
+//! The systems under test, each set up on the same topology with the same N
+//! policies: policy `i` selects pods `pod_addr(POD1_BASE, i)` (local path)
+//! and `pod_addr(POD2_BASE, i)` (remote path) and translates them to
+//! `egress_addr(i)`.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+
+use crate::sys::{Bg, host, in_ns, run, run_stdin};
+use crate::topo::{
+    self, NODE1, NODE2, POD1_BASE, POD1_CIDR, POD2_BASE, POD2_CIDR,
+    POD2_SELECTED, Topo, egress_addr, pod_addr,
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum System {
+    None,
+    Iptables,
+    Nftables,
+    /// Ours, with netfilter conntrack hooks registered in the node namespaces
+    /// as on a real node running kube-proxy.
+    EbpfCt,
+    /// Ours, with no netfilter hook loaded in the node namespaces.
+    Ebpf,
+}
+
+impl System {
+    pub const ALL: [Self; 5] = [
+        Self::None,
+        Self::Iptables,
+        Self::Nftables,
+        Self::EbpfCt,
+        Self::Ebpf,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Iptables => "iptables",
+            Self::Nftables => "nftables",
+            Self::EbpfCt => "ebpf-ct",
+            Self::Ebpf => "ebpf",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|x| x.name() == s)
+            .with_context(|| format!("unknown system {s:?} (none, iptables, nftables, ebpf-ct, ebpf)"))
+    }
+
+    pub fn is_ebpf(self) -> bool {
+        matches!(self, Self::Ebpf | Self::EbpfCt)
+    }
+}
+
+/// Flow-table size given to conntrack and to the agent alike.
+pub const FLOW_TABLE: u64 = 1 << 20;
+/// The mark of policy `i` (0 means "no policy" to both iptables and nft).
+pub fn mark(i: u32) -> u32 {
+    i + 1
+}
+
+/// What every system needs from outside the topology.
+#[derive(Clone, Debug)]
+pub struct Env {
+    /// `iptables-legacy` (x_tables, linear rule walk as on openshift-sdn's
+    /// RHEL 7 nodes) or `iptables-nft`.
+    pub iptables: String,
+    pub agent: Option<PathBuf>,
+    pub work: PathBuf,
+    pub tag: String,
+}
+
+impl Env {
+    pub fn iptables_restore(&self) -> String {
+        format!("{}-restore", self.iptables)
+    }
+
+    pub fn instance(&self, node: &str) -> String {
+        format!("eb{}{node}", self.tag)
+    }
+
+    pub fn agent(&self) -> Result<&Path> {
+        let a = self.agent.as_deref().context(
+            "the ebpf systems need the agent: build it (cargo build --release -p egress-agent) or pass --agent PATH",
+        )?;
+        if !a.exists() {
+            bail!(
+                "agent binary {} does not exist: build it (cargo build --release -p egress-agent) or leave ebpf out of --systems",
+                a.display()
+            );
+        }
+        Ok(a)
+    }
+}
+
+/// A system set up on the topology; undone on drop.
+pub struct Active<'t> {
+    pub system: System,
+    pub n: u32,
+    pub setup_secs: f64,
+    topo: &'t Topo,
+    env: Env,
+    agents: Vec<Bg>,
+    pins: Vec<PathBuf>,
+}
+
+/// Nft ruleset that registers conntrack in a namespace the way a node's
+/// kube-proxy rules do, without translating anything.
+const CONNTRACK_BASELINE: &str = "table ip bench_ct {
+  chain pre { type filter hook prerouting priority raw + 10; policy accept; ct state new counter; }
+  chain post { type nat hook postrouting priority srcnat + 10; policy accept; }
+}
+";
+
+const TUNNEL_TABLE: &str = "100";
+const PLAIN_TUNNEL: &str = "vxb";
+/// Kernel VXLAN port of our plain tunnel; distinct from the agent's device so
+/// that a leftover of one can never capture the other's packets.
+const PLAIN_TUNNEL_PORT: &str = "4790";
+
+pub fn setup<'t>(system: System, topo: &'t Topo, n: u32, env: &Env) -> Result<Active<'t>> {
+    if n == 0 || n > topo::MAX_POLICIES {
+        bail!("N must be in 1..={}", topo::MAX_POLICIES);
+    }
+    let mut a = Active {
+        system,
+        n,
+        setup_secs: 0.0,
+        topo,
+        env: env.clone(),
+        agents: Vec::new(),
+        pins: Vec::new(),
+    };
+    let t = Instant::now();
+    match system {
+        System::None => a.plain_tunnel()?,
+        System::Iptables => {
+            a.plain_tunnel()?;
+            a.baseline_conntrack()?;
+            a.marks()?;
+            a.iptables_rules()?;
+        }
+        System::Nftables => {
+            a.plain_tunnel()?;
+            a.baseline_conntrack()?;
+            a.marks()?;
+            a.nft_map()?;
+        }
+        System::EbpfCt => {
+            a.baseline_conntrack()?;
+            a.agents()?;
+        }
+        System::Ebpf => a.agents()?,
+    }
+    a.setup_secs = t.elapsed().as_secs_f64();
+    Ok(a)
+}
+
+impl Active<'_> {
+    /// Remote path without our agent: node2 sends selected pods' traffic to
+    /// node1 through a kernel VXLAN device, as openshift-sdn's OVS tunnel
+    /// does; node1 routes the replies back through it.
+    fn plain_tunnel(&mut self) -> Result<()> {
+        for (ns, local, remote, addr) in [
+            (&self.topo.node1, NODE1, NODE2, "10.250.0.1/30"),
+            (&self.topo.node2, NODE2, NODE1, "10.250.0.2/30"),
+        ] {
+            run(in_ns(
+                ns,
+                &[
+                    "ip", "link", "add", PLAIN_TUNNEL, "type", "vxlan", "id", "4242", "local",
+                    &local.to_string(), "remote", &remote.to_string(), "dstport",
+                    PLAIN_TUNNEL_PORT, "dev", "eth0",
+                ],
+            ))?;
+            run(in_ns(ns, &["ip", "addr", "add", addr, "dev", PLAIN_TUNNEL]))?;
+            run(in_ns(ns, &["ip", "link", "set", PLAIN_TUNNEL, "up"]))?;
+        }
+        run(in_ns(
+            &self.topo.node1,
+            &["ip", "route", "add", POD2_SELECTED, "via", "10.250.0.2"],
+        ))?;
+        let n2 = &self.topo.node2;
+        run(in_ns(
+            n2,
+            &[
+                "ip", "rule", "add", "from", POD2_SELECTED, "lookup", TUNNEL_TABLE, "pref", "100",
+            ],
+        ))?;
+        run(in_ns(
+            n2,
+            &[
+                "ip", "route", "add", "default", "via", "10.250.0.1", "table", TUNNEL_TABLE,
+            ],
+        ))?;
+        Ok(())
+    }
+
+    fn baseline_conntrack(&mut self) -> Result<()> {
+        for ns in [&self.topo.node1, &self.topo.node2] {
+            run_stdin(in_ns(ns, &["nft", "-f", "-"]), CONNTRACK_BASELINE)?;
+        }
+        Ok(())
+    }
+
+    /// Stand-in for OVS setting `pkt_mark` per pod on openshift-sdn: one hash
+    /// lookup per packet, the same for iptables and nftables, so that the
+    /// systems differ only in the SNAT step.
+    fn marks(&mut self) -> Result<()> {
+        let mut s = String::from("table ip bench_mark {\n map pod2mark { type ipv4_addr : mark; elements = { ");
+        for i in 0..self.n {
+            let sep = if i == 0 { "" } else { ", " };
+            write!(
+                s,
+                "{sep}{} : {m}, {} : {m}",
+                pod_addr(POD1_BASE, i),
+                pod_addr(POD2_BASE, i),
+                m = mark(i)
+            )?;
+        }
+        s.push_str(" } }\n chain pre { type filter hook prerouting priority mangle; policy accept; meta mark set ip saddr map @pod2mark; }\n}\n");
+        run_stdin(in_ns(&self.topo.node1, &["nft", "-f", "-"]), &s)?;
+        Ok(())
+    }
+
+    /// openshift-sdn's egress-IP rules: one `-m mark --mark M -j SNAT` per
+    /// policy in nat POSTROUTING, policy N-1 last, so the hit-last workload
+    /// walks every rule.
+    fn iptables_rules(&mut self) -> Result<()> {
+        let mut s = String::from("*nat\n");
+        for i in 0..self.n {
+            writeln!(
+                s,
+                "-A POSTROUTING -m mark --mark {} -j SNAT --to-source {}",
+                mark(i),
+                egress_addr(i)
+            )?;
+        }
+        s.push_str("COMMIT\n");
+        run_stdin(
+            in_ns(&self.topo.node1, &[&self.env.iptables_restore(), "--noflush"]),
+            &s,
+        )?;
+        Ok(())
+    }
+
+    fn nft_map(&mut self) -> Result<()> {
+        let mut s = String::from("table ip bench_nat {\n map m { type mark : ipv4_addr; elements = { ");
+        for i in 0..self.n {
+            let sep = if i == 0 { "" } else { ", " };
+            write!(s, "{sep}{} : {}", mark(i), egress_addr(i))?;
+        }
+        s.push_str(" } }\n chain post { type nat hook postrouting priority srcnat; policy accept; snat to meta mark map @m; }\n}\n");
+        run_stdin(in_ns(&self.topo.node1, &["nft", "-f", "-"]), &s)?;
+        Ok(())
+    }
+
+    fn agents(&mut self) -> Result<()> {
+        let agent = self.env.agent()?.to_path_buf();
+        let nodes = [
+            ("node1", self.topo.node1.clone(), NODE1, POD1_CIDR, "vethpod*"),
+            ("node2", self.topo.node2.clone(), NODE2, POD2_CIDR, "vethpod*"),
+        ];
+        let mut ready_files = Vec::new();
+        for (name, ns, addr, cidr, ifaces) in nodes {
+            let instance = self.env.instance(name);
+            let cfg = agent_config(&instance, name, addr, cidr, ifaces, self.n);
+            let cfg_path = self.env.work.join(format!("agent-{name}.toml"));
+            std::fs::write(&cfg_path, cfg)?;
+            let ready = self.env.work.join(format!("agent-{name}.ready"));
+            let _ = std::fs::remove_file(&ready);
+            let log = self.env.work.join(format!("agent-{name}.log"));
+            let cmd = in_ns(
+                &ns,
+                &[
+                    &agent.to_string_lossy(),
+                    "run",
+                    "--config",
+                    &cfg_path.to_string_lossy(),
+                    "--ready-file",
+                    &ready.to_string_lossy(),
+                ],
+            );
+            self.pins.push(PathBuf::from(format!("/sys/fs/bpf/{instance}")));
+            self.agents.push(Bg::spawn(&format!("egress-agent {name}"), cmd, &log)?);
+            ready_files.push((ready, log));
+        }
+        let deadline = Instant::now() + Duration::from_secs(120);
+        for (i, (ready, log)) in ready_files.iter().enumerate() {
+            while !ready.exists() {
+                if let Err(e) = self.agents[i].check_alive() {
+                    let tail = std::fs::read_to_string(log).unwrap_or_default();
+                    bail!("{e}; log:\n{}", last_lines(&tail, 30));
+                }
+                if Instant::now() > deadline {
+                    bail!("agent did not become ready in 120 s; log {}", log.display());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn agent_instance(&self, node: &str) -> String {
+        self.env.instance(node)
+    }
+
+    fn teardown(&mut self) {
+        for a in &mut self.agents {
+            a.stop(Duration::from_secs(10));
+        }
+        self.agents.clear();
+        for p in self.pins.drain(..) {
+            // Only the instance directories this run created.
+            let _ = std::fs::remove_dir_all(p);
+        }
+        for ns in [&self.topo.node1, &self.topo.node2] {
+            let _ = run(in_ns(ns, &["nft", "flush", "ruleset"]));
+            let ipt = self.env.iptables.clone();
+            let _ = run(in_ns(ns, &[&ipt, "-t", "nat", "-F"]));
+            let _ = run(in_ns(ns, &["ip", "link", "del", PLAIN_TUNNEL]));
+            // Our agent's device, in case it leaves it behind on exit.
+            let _ = run(in_ns(ns, &["ip", "link", "del", "egress-vxlan"]));
+            let _ = run(in_ns(ns, &["conntrack", "-F"]));
+        }
+        let _ = run(in_ns(
+            &self.topo.node2,
+            &["ip", "rule", "del", "pref", "100"],
+        ));
+        let _ = run(in_ns(
+            &self.topo.node2,
+            &["ip", "route", "flush", "table", TUNNEL_TABLE],
+        ));
+        let _ = run(in_ns(
+            &self.topo.node1,
+            &["ip", "route", "del", POD2_SELECTED],
+        ));
+        // Addresses the agent claimed for egress IPs, if it did not release them.
+        let _ = run(in_ns(
+            &self.topo.node1,
+            &["ip", "addr", "flush", "dev", "eth0", "to", topo::EGRESS_RANGE],
+        ));
+        for ns in [&self.topo.pod1, &self.topo.pod2, &self.topo.srv] {
+            let _ = run(in_ns(ns, &["conntrack", "-F"]));
+        }
+    }
+}
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+fn last_lines(s: &str, n: usize) -> String {
+    let v: Vec<&str> = s.lines().collect();
+    v[v.len().saturating_sub(n)..].join("\n")
+}
+
+/// Static agent configuration for one node with N policies (ids 1..=N).
+pub fn agent_config(
+    instance: &str,
+    node: &str,
+    addr: std::net::Ipv4Addr,
+    pod_cidr: &str,
+    pod_ifaces: &str,
+    n: u32,
+) -> String {
+    let mut s = format!(
+        r#"# Generated by egress-bench.
+instance = "{instance}"
+
+[node]
+name = "{node}"
+address = "{addr}"
+uplink = "eth0"
+pod_cidr = "{pod_cidr}"
+pod_interfaces = ["{pod_ifaces}"]
+upstream_interfaces = []
+tunnel_interface = "egress-vxlan"
+tunnel_port = 4789
+
+[cluster]
+nodes = ["{NODE1}", "{NODE2}"]
+excluded_cidrs = ["10.244.0.0/16"]
+
+[datapath]
+max_flows = {FLOW_TABLE}
+max_policies = {max_policies}
+max_pods = 65536
+nat_port_min = 1024
+nat_port_max = 65535
+gc_interval_secs = 1
+
+[datapath.timeouts]
+tcp_syn_sent = 60
+tcp_established = 21600
+tcp_closing = 30
+tcp_reset = 10
+udp = 60
+icmp = 30
+"#,
+        max_policies = (n + 2).next_power_of_two().max(16),
+    );
+    for i in 0..n {
+        let _ = write!(
+            s,
+            r#"
+[[policies]]
+id = {id}
+name = "p{id}"
+egress_ip = "{egress}"
+node = "{NODE1}"
+pods = ["{p1}", "{p2}"]
+"#,
+            id = i + 1,
+            egress = egress_addr(i),
+            p1 = pod_addr(POD1_BASE, i),
+            p2 = pod_addr(POD2_BASE, i),
+        );
+    }
+    s
+}
+
+/// Flushes conntrack in every namespace between cells, so that no cell pays
+/// for (or benefits from) the previous cell's entries.
+pub fn flush_conntrack(topo: &Topo) {
+    for ns in topo.all() {
+        let _ = run(in_ns(ns, &["conntrack", "-F"]));
+    }
+}
+
+pub fn host_sysctl(kv: &str) -> Result<()> {
+    run(host(&["sysctl", "-q", "-w", kv])).map(|_| ())
+}
