@@ -1,1 +1,196 @@
-//! Placeholder: being written.
+//! Shared fixture of the end-to-end tests: a lab with observers on the
+//! external server, and checks whose failure messages say what the server
+//! saw, what was expected, and what the agents logged.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    sync::Once,
+    time::Duration,
+};
+
+use egress_lab::{
+    ClientOpts, IcmpObserver, Lab, LabSpec, PodRef, Probe, TcpServer, UdpServer, agent::log_tail,
+    spec,
+};
+
+pub use egress_lab;
+
+pub fn init_tracing() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "warn".into()),
+            )
+            .with_test_writer()
+            .try_init();
+    });
+}
+
+pub const TCP: SocketAddrV4 = SocketAddrV4::new(spec::SERVER_ADDR, spec::SERVER_TCP_PORT);
+pub const UDP: SocketAddrV4 = SocketAddrV4::new(spec::SERVER_ADDR, spec::SERVER_UDP_PORT);
+
+pub fn opts() -> ClientOpts {
+    ClientOpts {
+        local_port: None,
+        timeout: Duration::from_secs(5),
+    }
+}
+
+/// A lab plus TCP, UDP and ICMP observers on the external server. Field
+/// order matters: the observers go before the lab's namespaces do.
+pub struct Cluster {
+    pub tcp: TcpServer,
+    pub udp: UdpServer,
+    pub icmp: IcmpObserver,
+    pub lab: Lab,
+}
+
+impl Cluster {
+    /// Builds `spec` and starts the observers, without agents.
+    pub fn without_agents(spec: LabSpec) -> Self {
+        init_tracing();
+        let lab = Lab::build(spec).unwrap_or_else(|e| panic!("building the lab: {e}"));
+        let srv = lab.server_ns();
+        Self {
+            tcp: TcpServer::start(&srv, TCP).unwrap_or_else(|e| panic!("{e}")),
+            udp: UdpServer::start(&srv, UDP).unwrap_or_else(|e| panic!("{e}")),
+            icmp: IcmpObserver::start(&srv).unwrap_or_else(|e| panic!("{e}")),
+            lab,
+        }
+    }
+
+    /// Builds `spec`, starts the observers and every node's agent.
+    pub fn new(spec: LabSpec) -> Self {
+        let mut cluster = Self::without_agents(spec);
+        if let Err(e) = cluster.lab.start_agents() {
+            panic!("starting the agents: {e}");
+        }
+        cluster
+    }
+
+    pub fn ns(&self, pod: PodRef) -> String {
+        self.lab.pod_ns(pod)
+    }
+
+    /// Last lines of every agent's log, for failure messages.
+    pub fn agent_logs(&self) -> String {
+        (1..=self.lab.spec().nodes)
+            .map(|n| {
+                let agent = self.lab.agent(n);
+                format!(
+                    "--- agent of node{n} ({}):\n{}",
+                    agent.log.display(),
+                    log_tail(&agent.log, 25)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Panics with `msg`, the agents' logs and the lab's name.
+    pub fn fail(&self, msg: impl std::fmt::Display) -> ! {
+        panic!(
+            "{msg}\n(lab {}, files in {})\n{}",
+            self.lab.prefix(),
+            self.lab.dir().display(),
+            self.agent_logs()
+        )
+    }
+
+    pub fn expect<T>(&self, what: &str, r: egress_lab::Result<T>) -> T {
+        r.unwrap_or_else(|e| self.fail(format!("{what}: {e}")))
+    }
+
+    fn expected(&self, pod: PodRef) -> Ipv4Addr {
+        self.lab
+            .expected_source(pod)
+            .unwrap_or_else(|| panic!("pod {pod} is not expected to reach the server"))
+    }
+
+    /// TCP from `pod`: the server must see `expected_source` (client side and
+    /// server side agree), and the exchange must complete.
+    pub fn check_tcp(&self, pod: PodRef, opts: ClientOpts) -> Probe {
+        let want = self.expected(pod);
+        let probe = self.expect(
+            &format!("TCP from {pod} ({}) to {TCP}", pod.ip()),
+            egress_lab::tcp_probe(&self.ns(pod), TCP, opts),
+        );
+        if *probe.observed.ip() != want {
+            self.fail(format!(
+                "TCP from {pod} ({}): server saw source {}, expected {want}",
+                probe.local, probe.observed
+            ));
+        }
+        if !self.tcp.saw(probe.observed) {
+            self.fail(format!(
+                "TCP from {pod}: the server's own log lacks {} (it has {:?})",
+                probe.observed,
+                self.tcp.seen().iter().map(|s| s.peer).collect::<Vec<_>>()
+            ));
+        }
+        probe
+    }
+
+    /// UDP from `pod`, checked like [`Cluster::check_tcp`].
+    pub fn check_udp(&self, pod: PodRef, opts: ClientOpts) -> Probe {
+        let want = self.expected(pod);
+        let probe = self.expect(
+            &format!("UDP from {pod} ({}) to {UDP}", pod.ip()),
+            egress_lab::udp_probe(&self.ns(pod), UDP, opts),
+        );
+        if *probe.observed.ip() != want {
+            self.fail(format!(
+                "UDP from {pod} ({}): server saw source {}, expected {want}",
+                probe.local, probe.observed
+            ));
+        }
+        if !self.udp.seen().iter().any(|s| s.peer == probe.observed) {
+            self.fail(format!(
+                "UDP from {pod}: the server's own log lacks {}",
+                probe.observed
+            ));
+        }
+        probe
+    }
+
+    /// ICMP echo from `pod` with identifier `ident`: every request must be
+    /// answered (with the pod's own identifier) and every request the server
+    /// saw must come from `expected_source`.
+    pub fn check_icmp(&self, pod: PodRef, ident: u16) {
+        let want = self.expected(pod);
+        self.icmp.clear();
+        let result = self.expect(
+            &format!("ICMP echo from {pod}"),
+            egress_lab::icmp_echo(
+                &self.ns(pod),
+                spec::SERVER_ADDR,
+                ident,
+                3,
+                Duration::from_secs(5),
+            ),
+        );
+        let seen = self.icmp.seen();
+        if seen.is_empty() {
+            self.fail(format!(
+                "ICMP echo from {pod}: the server saw no request (expected source {want}); {} of {} answered",
+                result.answered.len(),
+                result.sent
+            ));
+        }
+        if let Some(bad) = seen.iter().find(|s| s.src != want) {
+            self.fail(format!(
+                "ICMP echo from {pod}: server saw a request from {}, expected {want} (all: {seen:?})",
+                bad.src
+            ));
+        }
+        if result.answered.len() != usize::from(result.sent) {
+            self.fail(format!(
+                "ICMP echo from {pod}: {} of {} requests answered with identifier {ident:#x} (server saw {seen:?})",
+                result.answered.len(),
+                result.sent
+            ));
+        }
+    }
+}
