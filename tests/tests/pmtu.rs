@@ -1,0 +1,60 @@
+//! Path-MTU discovery through the egress IP: the router's
+//! fragmentation-needed, addressed to the egress IP, must come back to the
+//! pod translated (outer and embedded header), locally and through the tunnel.
+
+use std::{net::Ipv4Addr, time::Duration};
+
+use egress_lab::{ClientOpts, LabSpec, PodRef, tcp_bulk, udp_path_mtu};
+use egress_tests::{Cluster, TCP, UDP, opts};
+
+const EGRESS_A: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 100);
+
+#[test]
+fn fragmentation_needed_reaches_selected_pods_translated() {
+    let c = Cluster::new(LabSpec::default());
+    for pod in [PodRef::new(1, 1), PodRef::new(2, 1)] {
+        c.check_udp(pod, opts());
+        // 1472 bytes of UDP payload fill a 1500-byte packet with DF set; the
+        // pod's kernel lowers its path MTU only if the ICMP error it gets
+        // quotes its own address and port, i.e. if it was translated back.
+        // Remote pods lose 50 bytes to the tunnel on the way.
+        let payload = if pod.node == 1 { 1472 } else { 1422 };
+        let mtu = c.expect(
+            &format!("path-MTU probe from {pod}"),
+            udp_path_mtu(&c.ns(pod), UDP, payload, Duration::from_secs(5)),
+        );
+        if mtu != 1400 {
+            c.fail(format!(
+                "{pod}: path MTU to the server is {mtu} after a {payload}-byte DF datagram, expected 1400 from the router's fragmentation-needed"
+            ));
+        }
+    }
+}
+
+#[test]
+fn large_transfers_cross_the_small_mtu_link() {
+    let c = Cluster::new(LabSpec::default());
+    // The server advertises MSS 1460 over a 1400-byte link: the transfer
+    // stalls unless fragmentation-needed reaches the pod.
+    for pod in [PodRef::new(1, 1), PodRef::new(2, 1)] {
+        let t = c.expect(
+            &format!("32 MiB from {pod}"),
+            tcp_bulk(
+                &c.ns(pod),
+                TCP,
+                32 << 20,
+                None,
+                ClientOpts {
+                    timeout: Duration::from_secs(15),
+                    ..opts()
+                },
+            ),
+        );
+        if *t.observed.ip() != EGRESS_A {
+            c.fail(format!(
+                "{pod}: server saw {}, expected {EGRESS_A}",
+                t.observed
+            ));
+        }
+    }
+}

@@ -1,0 +1,56 @@
+//! Many concurrent connections through one egress IP.
+
+use std::{collections::BTreeSet, net::Ipv4Addr, time::Duration};
+
+use egress_lab::{LabSpec, PodRef, tcp_many};
+use egress_tests::{Cluster, TCP};
+
+const EGRESS_A: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 100);
+const CONNECTIONS: usize = 10_000;
+
+#[test]
+fn ten_thousand_concurrent_connections_through_one_egress_ip() {
+    let c = Cluster::new(LabSpec::default());
+    let pod = PodRef::new(1, 1);
+    let many = c.expect(
+        "opening the connections",
+        tcp_many(&c.ns(pod), TCP, CONNECTIONS, 256, Duration::from_secs(30)),
+    );
+    if !many.failures.is_empty() {
+        let sample: Vec<_> = many.failures.iter().take(5).collect();
+        c.fail(format!(
+            "{} of {CONNECTIONS} connections failed (first: {sample:?}); {} were open at once",
+            many.failures.len(),
+            many.concurrent
+        ));
+    }
+    assert_eq!(many.concurrent, CONNECTIONS);
+    let wrong: Vec<_> = many
+        .observed
+        .iter()
+        .filter(|a| *a.ip() != EGRESS_A)
+        .take(5)
+        .collect();
+    if !wrong.is_empty() {
+        c.fail(format!(
+            "connections seen with other sources than {EGRESS_A}: {wrong:?}"
+        ));
+    }
+    let distinct: BTreeSet<u16> = many.observed.iter().map(|a| a.port()).collect();
+    if distinct.len() != CONNECTIONS {
+        c.fail(format!(
+            "{CONNECTIONS} live connections used only {} distinct NAT ports",
+            distinct.len()
+        ));
+    }
+    let server_side = c.tcp.seen_from(EGRESS_A).len();
+    if server_side < CONNECTIONS {
+        c.fail(format!(
+            "the server accepted {server_side} connections from {EGRESS_A}, expected {CONNECTIONS}"
+        ));
+    }
+    eprintln!(
+        "{CONNECTIONS} concurrent connections through {EGRESS_A} in {:?}",
+        many.elapsed
+    );
+}
