@@ -1,0 +1,468 @@
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr};
+
+use futures_util::TryStreamExt;
+use ipnet::Ipv4Net;
+use rtnetlink::packet_route::AddressFamily;
+use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
+use serde::{Deserialize, Serialize};
+use tracing::{debug, info, warn};
+
+use crate::error::errno_of;
+use crate::{ClaimLedger, Error, Link, Netlink, Result};
+
+/// One IPv4 address of an interface, with its prefix (the subnet it makes
+/// on-link).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InterfaceAddress {
+    pub ifindex: u32,
+    pub ifname: String,
+    pub addr: Ipv4Net,
+}
+
+/// Where an egress IP landed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    pub interface: String,
+    pub prefix_len: u8,
+    /// `true` if this call added the address; `false` if it was already
+    /// there (put there by us earlier, or by somebody else).
+    pub added: bool,
+}
+
+/// What `claim` is going to do, decided from one snapshot of the addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Plan {
+    pub ifindex: u32,
+    pub ifname: String,
+    pub prefix_len: u8,
+    pub present: bool,
+}
+
+/// Chooses the interface and prefix for `ip`.
+///
+/// Without `target`, the interface is the one whose subnet contains `ip`,
+/// the most specific subnet winning (as routing would pick it); equally
+/// specific subnets on different interfaces are ambiguous. The address gets
+/// that subnet's prefix length so the kernel files it as a secondary of the
+/// interface's primary and never picks it as the node's own source.
+///
+/// With `target`, that interface is used even if none of its subnets
+/// contains `ip`; then the address goes in as a /32, which the kernel also
+/// never prefers as a source for other destinations, since the interface's
+/// older primary address comes first.
+pub(crate) fn plan_claim(
+    ip: Ipv4Addr,
+    target: Option<&Link>,
+    addrs: &[InterfaceAddress],
+) -> Result<Plan> {
+    let holders: Vec<&InterfaceAddress> = addrs.iter().filter(|a| a.addr.addr() == ip).collect();
+    let present = |h: &InterfaceAddress| Plan {
+        ifindex: h.ifindex,
+        ifname: h.ifname.clone(),
+        prefix_len: h.addr.prefix_len(),
+        present: true,
+    };
+
+    let (ifindex, ifname, subnet) = match target {
+        Some(link) => {
+            if let Some(h) = holders.iter().find(|h| h.ifindex == link.index) {
+                return Ok(present(h));
+            }
+            if let Some(h) = holders.first() {
+                return Err(Error::HeldElsewhere {
+                    ip,
+                    requested: link.name.clone(),
+                    holder: h.ifname.clone(),
+                });
+            }
+            let subnet = addrs
+                .iter()
+                .filter(|a| a.ifindex == link.index && a.addr.contains(&ip))
+                .max_by_key(|a| a.addr.prefix_len())
+                .map(|a| a.addr.trunc());
+            (link.index, link.name.clone(), subnet)
+        }
+        None => {
+            match holders.as_slice() {
+                [] => {}
+                [h] => return Ok(present(h)),
+                many => {
+                    return Err(Error::HeldByMany {
+                        ip,
+                        holders: many.iter().map(|h| (*h).clone()).collect(),
+                    });
+                }
+            }
+            let matching: Vec<&InterfaceAddress> =
+                addrs.iter().filter(|a| a.addr.contains(&ip)).collect();
+            let Some(best_len) = matching.iter().map(|a| a.addr.prefix_len()).max() else {
+                return Err(Error::NoSubnetFor {
+                    ip,
+                    candidates: addrs.to_vec(),
+                });
+            };
+            let best: Vec<&InterfaceAddress> = matching
+                .into_iter()
+                .filter(|a| a.addr.prefix_len() == best_len)
+                .collect();
+            let first = best[0];
+            if best.iter().any(|a| a.ifindex != first.ifindex) {
+                return Err(Error::AmbiguousSubnet {
+                    ip,
+                    matches: best.into_iter().cloned().collect(),
+                });
+            }
+            (
+                first.ifindex,
+                first.ifname.clone(),
+                Some(first.addr.trunc()),
+            )
+        }
+    };
+
+    let prefix_len = match subnet {
+        Some(net) => {
+            // Host-wide subnets (/31, /32) have no network/broadcast address.
+            if net.prefix_len() < 31 && (ip == net.network() || ip == net.broadcast()) {
+                return Err(Error::UnusableAddress {
+                    ip,
+                    subnet: net,
+                    interface: ifname,
+                });
+            }
+            net.prefix_len()
+        }
+        None => 32,
+    };
+    Ok(Plan {
+        ifindex,
+        ifname,
+        prefix_len,
+        present: false,
+    })
+}
+
+fn ipv4_of(msg: &AddressMessage) -> Option<Ipv4Addr> {
+    // IFA_LOCAL is the interface's own address; IFA_ADDRESS differs from it
+    // only on point-to-point links, where it is the peer's.
+    let mut address = None;
+    for attr in &msg.attributes {
+        match attr {
+            AddressAttribute::Local(IpAddr::V4(a)) => return Some(*a),
+            AddressAttribute::Address(IpAddr::V4(a)) => address = Some(*a),
+            _ => {}
+        }
+    }
+    address
+}
+
+impl Netlink {
+    async fn ipv4_address_messages(&self, ifindex: Option<u32>) -> Result<Vec<AddressMessage>> {
+        let mut req = self.handle.address().get();
+        // The family in the request makes the kernel dump IPv4 only.
+        req.message_mut().header.family = AddressFamily::Inet;
+        if let Some(index) = ifindex {
+            req = req.set_link_index_filter(index);
+        }
+        let msgs: Vec<AddressMessage> = req
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| Error::request("dump IPv4 addresses", e))?;
+        Ok(msgs
+            .into_iter()
+            .filter(|m| m.header.family == AddressFamily::Inet)
+            .collect())
+    }
+
+    /// Every IPv4 address of every interface of this namespace.
+    pub async fn ipv4_addresses(&self) -> Result<Vec<InterfaceAddress>> {
+        let names: HashMap<u32, String> = self
+            .links()
+            .await?
+            .into_iter()
+            .map(|l| (l.index, l.name))
+            .collect();
+        let mut out = Vec::new();
+        for msg in self.ipv4_address_messages(None).await? {
+            let Some(ip) = ipv4_of(&msg) else { continue };
+            let Ok(addr) = Ipv4Net::new(ip, msg.header.prefix_len) else {
+                warn!(%ip, prefix_len = msg.header.prefix_len, "kernel reported an invalid prefix length");
+                continue;
+            };
+            // An interface deleted between the two dumps: its addresses are
+            // gone too, so leave them out rather than report them nameless.
+            let Some(ifname) = names.get(&msg.header.index) else {
+                continue;
+            };
+            out.push(InterfaceAddress {
+                ifindex: msg.header.index,
+                ifname: ifname.clone(),
+                addr,
+            });
+        }
+        Ok(out)
+    }
+
+    pub(crate) async fn plan(&self, ip: Ipv4Addr, interface: Option<&str>) -> Result<Plan> {
+        let target = match interface {
+            Some(name) => Some(self.require_link(name).await?),
+            None => None,
+        };
+        let addrs = self.ipv4_addresses().await?;
+        plan_claim(ip, target.as_ref(), &addrs)
+    }
+
+    /// Adds what `plan` decided; `Ok(false)` if the address turned up in
+    /// the meantime (then it is not ours).
+    async fn add_planned(&self, ip: Ipv4Addr, plan: &Plan) -> Result<bool> {
+        match self
+            .handle
+            .address()
+            .add(plan.ifindex, IpAddr::V4(ip), plan.prefix_len)
+            .execute()
+            .await
+        {
+            Ok(()) => {
+                info!(%ip, prefix_len = plan.prefix_len, interface = %plan.ifname, "claimed address");
+                Ok(true)
+            }
+            Err(e) if errno_of(&e) == Some(libc::EEXIST) => {
+                debug!(%ip, interface = %plan.ifname, "address appeared concurrently");
+                Ok(false)
+            }
+            Err(e) => Err(Error::request(
+                format!("add {ip}/{} to {}", plan.prefix_len, plan.ifname),
+                e,
+            )),
+        }
+    }
+
+    /// Puts `ip` on the interface whose subnet contains it (or on
+    /// `interface`, which must exist). Idempotent: an address already there
+    /// is reported with `added: false` and left alone.
+    ///
+    /// This does not remember anything; an agent that must later tell its
+    /// own addresses from an admin's uses [`Netlink::claim_tracked`].
+    pub async fn claim(&self, ip: Ipv4Addr, interface: Option<&str>) -> Result<Claim> {
+        let plan = self.plan(ip, interface).await?;
+        let added = !plan.present && self.add_planned(ip, &plan).await?;
+        Ok(Claim {
+            interface: plan.ifname,
+            prefix_len: plan.prefix_len,
+            added,
+        })
+    }
+
+    /// Removes `ip` from `interface`; `Ok(false)` if it was not there (or
+    /// the interface is gone, which took its addresses with it).
+    pub async fn release(&self, ip: Ipv4Addr, interface: &str) -> Result<bool> {
+        let Some(link) = self.link_by_name(interface).await? else {
+            debug!(%ip, interface, "release: interface is gone");
+            return Ok(false);
+        };
+        let mut removed = false;
+        for msg in self.ipv4_address_messages(Some(link.index)).await? {
+            if ipv4_of(&msg) != Some(ip) {
+                continue;
+            }
+            let prefix_len = msg.header.prefix_len;
+            match self.handle.address().del(msg).execute().await {
+                Ok(()) => {
+                    info!(%ip, prefix_len, interface, "released address");
+                    removed = true;
+                }
+                Err(e) if errno_of(&e) == Some(libc::EADDRNOTAVAIL) => {}
+                Err(e) => {
+                    return Err(Error::request(
+                        format!("delete {ip}/{prefix_len} from {interface}"),
+                        e,
+                    ));
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    /// [`Netlink::claim`], recording in `ledger` what this call adds.
+    ///
+    /// The entry is written before the address is added, so a crash in
+    /// between leaves an entry for an absent address (harmless, completed by
+    /// the next claim) rather than an address nobody knows is ours. An
+    /// address that was already present is not recorded: it is an admin's,
+    /// unless the ledger already says it is ours from an earlier run.
+    pub async fn claim_tracked(
+        &self,
+        ledger: &mut ClaimLedger,
+        ip: Ipv4Addr,
+        interface: Option<&str>,
+    ) -> Result<Claim> {
+        let plan = self.plan(ip, interface).await?;
+        if plan.present {
+            return Ok(Claim {
+                interface: plan.ifname,
+                prefix_len: plan.prefix_len,
+                added: false,
+            });
+        }
+        let newly_recorded = ledger.record(ip, &plan.ifname, plan.prefix_len)?;
+        let outcome = self.add_planned(ip, &plan).await;
+        // EEXIST (Ok(false)) means someone else's address now sits there:
+        // the entry must go, or a later release would remove it. After any
+        // other failure the address is absent, and only an entry written
+        // by this call is undone.
+        if matches!(outcome, Ok(false)) || (outcome.is_err() && newly_recorded) {
+            if let Err(e) = ledger.forget(ip, &plan.ifname) {
+                warn!(%ip, interface = %plan.ifname, error = %e, "could not drop ledger entry of a failed claim");
+            }
+        }
+        Ok(Claim {
+            interface: plan.ifname,
+            prefix_len: plan.prefix_len,
+            added: outcome?,
+        })
+    }
+
+    /// Removes `ip` from every interface the ledger says the agent put it
+    /// on, and forgets those entries. An address the ledger does not list
+    /// is never touched. Returns the interfaces it was actually removed from.
+    pub async fn release_tracked(
+        &self,
+        ledger: &mut ClaimLedger,
+        ip: Ipv4Addr,
+    ) -> Result<Vec<String>> {
+        let ours: Vec<String> = ledger
+            .entries()
+            .iter()
+            .filter(|e| e.ip == ip)
+            .map(|e| e.interface.clone())
+            .collect();
+        let mut removed = Vec::new();
+        for interface in ours {
+            if self.release(ip, &interface).await? {
+                removed.push(interface.clone());
+            }
+            ledger.forget(ip, &interface)?;
+        }
+        Ok(removed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a(ifindex: u32, ifname: &str, addr: &str) -> InterfaceAddress {
+        InterfaceAddress {
+            ifindex,
+            ifname: ifname.into(),
+            addr: addr.parse().unwrap(),
+        }
+    }
+
+    fn link(index: u32, name: &str) -> Link {
+        Link {
+            name: name.into(),
+            index,
+            mtu: 1500,
+            up: true,
+            kind: None,
+        }
+    }
+
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    fn host() -> Vec<InterfaceAddress> {
+        vec![
+            a(1, "lo", "127.0.0.1/8"),
+            a(2, "eth0", "172.18.0.11/16"),
+            a(3, "eth1", "192.168.7.2/24"),
+        ]
+    }
+
+    #[test]
+    fn picks_the_interface_whose_subnet_holds_the_ip() {
+        let p = plan_claim(ip("192.168.7.50"), None, &host()).unwrap();
+        assert_eq!(
+            (p.ifindex, p.ifname.as_str(), p.prefix_len),
+            (3, "eth1", 24)
+        );
+        assert!(!p.present);
+        let p = plan_claim(ip("172.18.0.100"), None, &host()).unwrap();
+        assert_eq!((p.ifname.as_str(), p.prefix_len), ("eth0", 16));
+    }
+
+    #[test]
+    fn most_specific_subnet_wins_and_ties_are_ambiguous() {
+        let mut addrs = host();
+        addrs.push(a(4, "eth2", "172.18.5.1/24"));
+        let p = plan_claim(ip("172.18.5.9"), None, &addrs).unwrap();
+        assert_eq!((p.ifname.as_str(), p.prefix_len), ("eth2", 24));
+
+        addrs.push(a(5, "eth3", "172.18.5.2/24"));
+        let err = plan_claim(ip("172.18.5.9"), None, &addrs).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, Error::AmbiguousSubnet { .. }), "{msg}");
+        assert!(
+            msg.contains("eth2 172.18.5.1/24") && msg.contains("eth3 172.18.5.2/24"),
+            "{msg}"
+        );
+
+        // Two addresses of one interface in the same subnet are no ambiguity.
+        let mut same = host();
+        same.push(a(3, "eth1", "192.168.7.3/24"));
+        assert_eq!(
+            plan_claim(ip("192.168.7.9"), None, &same).unwrap().ifname,
+            "eth1"
+        );
+    }
+
+    #[test]
+    fn no_subnet_lists_candidates() {
+        let err = plan_claim(ip("10.9.9.9"), None, &host()).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, Error::NoSubnetFor { .. }), "{msg}");
+        assert!(
+            msg.contains("10.9.9.9") && msg.contains("eth0 172.18.0.11/16"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn present_address_is_idempotent_and_never_duplicated() {
+        let mut addrs = host();
+        addrs.push(a(2, "eth0", "172.18.0.100/16"));
+        let p = plan_claim(ip("172.18.0.100"), None, &addrs).unwrap();
+        assert!(p.present);
+        assert_eq!(p.ifname, "eth0");
+        let p = plan_claim(ip("172.18.0.100"), Some(&link(2, "eth0")), &addrs).unwrap();
+        assert!(p.present);
+        let err = plan_claim(ip("172.18.0.100"), Some(&link(3, "eth1")), &addrs).unwrap_err();
+        assert!(matches!(err, Error::HeldElsewhere { .. }), "{err}");
+        addrs.push(a(3, "eth1", "172.18.0.100/32"));
+        let err = plan_claim(ip("172.18.0.100"), None, &addrs).unwrap_err();
+        assert!(matches!(err, Error::HeldByMany { .. }), "{err}");
+    }
+
+    #[test]
+    fn override_uses_its_subnet_or_a_host_route() {
+        let p = plan_claim(ip("172.18.0.100"), Some(&link(3, "eth1")), &host()).unwrap();
+        assert_eq!((p.ifname.as_str(), p.prefix_len), ("eth1", 32));
+        let p = plan_claim(ip("192.168.7.77"), Some(&link(3, "eth1")), &host()).unwrap();
+        assert_eq!(p.prefix_len, 24);
+        // An interface without any IPv4 address is a valid override target.
+        let p = plan_claim(ip("10.1.1.1"), Some(&link(9, "dummy0")), &host()).unwrap();
+        assert_eq!((p.ifindex, p.prefix_len), (9, 32));
+    }
+
+    #[test]
+    fn network_and_broadcast_addresses_are_refused() {
+        for bad in ["192.168.7.0", "192.168.7.255"] {
+            let err = plan_claim(ip(bad), None, &host()).unwrap_err();
+            assert!(matches!(err, Error::UnusableAddress { .. }), "{bad}: {err}");
+        }
+    }
+}

@@ -1,0 +1,138 @@
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use futures_channel::mpsc::UnboundedReceiver;
+use futures_util::Stream;
+use rtnetlink::MulticastGroup;
+use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload};
+use rtnetlink::packet_route::RouteNetlinkMessage;
+use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
+use rtnetlink::sys::AsyncSocket;
+use rtnetlink::sys::SocketAddr;
+use tokio::task::JoinHandle;
+use tracing::{trace, warn};
+
+use crate::{Error, Link, Netlink, Result};
+
+/// A change to the set of interfaces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkEvent {
+    /// An interface appeared, got a new name, or was seen for the first
+    /// time since subscribing (the kernel announces new devices and state
+    /// changes of old ones with the same message, so a consumer must treat
+    /// this as "exists now" and act idempotently).
+    Added(Link),
+    Removed {
+        name: String,
+        index: u32,
+    },
+    /// The kernel dropped notifications because the socket buffer was full:
+    /// the consumer must re-list interfaces ([`Netlink::links`]) to catch up.
+    Overrun,
+}
+
+/// Socket buffer for notifications: a burst of pod starts announces many
+/// veths (several messages each) while the agent may be busy attaching.
+const RCVBUF: usize = 4 << 20;
+
+/// Stream of [`LinkEvent`]s from the RTNLGRP_LINK multicast group of the
+/// namespace it was created in. Dropping it closes the socket.
+pub struct LinkEvents {
+    rx: UnboundedReceiver<(NetlinkMessage<RouteNetlinkMessage>, SocketAddr)>,
+    task: JoinHandle<()>,
+    /// Name by ifindex of every link announced so far: the kernel repeats
+    /// RTM_NEWLINK for every flag or MTU change, and only a new index or a
+    /// rename is news to the consumer.
+    known: HashMap<u32, String>,
+}
+
+impl Drop for LinkEvents {
+    fn drop(&mut self) {
+        // The connection task only notices a dropped receiver when the next
+        // notification arrives, which may be never.
+        self.task.abort();
+    }
+}
+
+impl LinkEvents {
+    fn translate(&mut self, msg: NetlinkMessage<RouteNetlinkMessage>) -> Option<LinkEvent> {
+        match msg.payload {
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(m)) => {
+                let link = Link::from_message(&m)?;
+                if self.known.get(&link.index) == Some(&link.name) {
+                    trace!(name = %link.name, "link changed, already announced");
+                    return None;
+                }
+                self.known.insert(link.index, link.name.clone());
+                Some(LinkEvent::Added(link))
+            }
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(m)) => {
+                let index = m.header.index;
+                let known = self.known.remove(&index);
+                let name = name_of(&m).or(known)?;
+                Some(LinkEvent::Removed { name, index })
+            }
+            NetlinkPayload::Overrun(_) => {
+                warn!("link notifications lost (socket buffer overrun); consumer must resync");
+                // Names known before the loss may be stale now.
+                self.known.clear();
+                Some(LinkEvent::Overrun)
+            }
+            other => {
+                trace!(?other, "ignoring notification");
+                None
+            }
+        }
+    }
+}
+
+fn name_of(m: &LinkMessage) -> Option<String> {
+    m.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(n) => Some(n.clone()),
+        _ => None,
+    })
+}
+
+impl Stream for LinkEvents {
+    type Item = LinkEvent;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<LinkEvent>> {
+        let this = self.get_mut();
+        loop {
+            match Pin::new(&mut this.rx).poll_next(cx) {
+                Poll::Ready(Some((msg, _))) => {
+                    if let Some(ev) = this.translate(msg) {
+                        return Poll::Ready(Some(ev));
+                    }
+                }
+                // The socket failed and the connection task ended.
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+impl Netlink {
+    /// Subscribes to link notifications on a socket of its own, in the
+    /// network namespace of the calling thread. Only changes after this call
+    /// are reported: subscribe first, then list with [`Netlink::links`], and
+    /// nothing falls in between. Must be called inside a tokio runtime.
+    pub fn link_events(&self) -> Result<LinkEvents> {
+        let (mut connection, _handle, rx) =
+            rtnetlink::new_multicast_connection(&[MulticastGroup::Link])
+                .map_err(|source| Error::Connect { source })?;
+        let socket = connection.socket_mut().socket_mut();
+        if let Err(e) = socket.set_rx_buf_sz(RCVBUF) {
+            // Only a larger buffer is lost; overruns are still reported.
+            warn!(error = %e, "could not enlarge the link notification socket buffer");
+        }
+        let task = tokio::spawn(connection);
+        Ok(LinkEvents {
+            rx,
+            task,
+            known: HashMap::new(),
+        })
+    }
+}
