@@ -4,7 +4,7 @@
 //! first-packet cost is measured.
 
 use std::ffi::CString;
-use std::os::fd::{FromRawFd, OwnedFd, AsRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
@@ -60,7 +60,8 @@ pub fn obj_get(path: &Path) -> Result<OwnedFd> {
     let c = CString::new(path.as_os_str().as_encoded_bytes())?;
     let mut a = Attr::new();
     a.put_u64(0, c.as_ptr() as u64);
-    let fd = sys_bpf(BPF_OBJ_GET, &mut a).with_context(|| format!("BPF_OBJ_GET {}", path.display()))?;
+    let fd =
+        sys_bpf(BPF_OBJ_GET, &mut a).with_context(|| format!("BPF_OBJ_GET {}", path.display()))?;
     // SAFETY: the kernel just returned this fd to us and nobody else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }

@@ -73,7 +73,12 @@ async fn accept_loop(listener: TcpListener) {
 async fn serve_conn(mut stream: TcpStream) {
     let _ = stream.set_nodelay(true);
     let mut req = [0u8; REQUEST_LEN];
-    let resp = [b'r'; RESPONSE_LEN];
+    let mut resp = [b'r'; RESPONSE_LEN];
+    // The response starts with the source address the server saw, so the
+    // orchestrator can prove that a system translated (or did not).
+    if let Ok(SocketAddr::V4(peer)) = stream.peer_addr() {
+        resp[..4].copy_from_slice(&peer.ip().octets());
+    }
     while stream.read_exact(&mut req).await.is_ok() {
         if stream.write_all(&resp).await.is_err() {
             return;
@@ -290,6 +295,41 @@ async fn crr_async(args: CrrArgs) -> Result<CrrResult> {
     res.txn_p50_us = txn_h.value_at_quantile(0.50) as f64;
     res.txn_p99_us = txn_h.value_at_quantile(0.99) as f64;
     Ok(res)
+}
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct WhoamiArgs {
+    #[command(flatten)]
+    pub ep: Endpoints,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WhoamiResult {
+    pub source: Ipv4Addr,
+    pub seen: Ipv4Addr,
+}
+
+/// One transaction from the first source address; reports the address the
+/// server saw.
+pub fn whoami(args: &WhoamiArgs) -> Result<WhoamiResult> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let (src, dst) = (args.ep.source(0), args.ep.dest(0));
+        let mut s = tokio::time::timeout(Duration::from_secs(5), connect_from(src, dst))
+            .await
+            .with_context(|| format!("connect {src} -> {dst} timed out"))??;
+        s.write_all(&[b'q'; REQUEST_LEN]).await?;
+        let mut resp = [0u8; RESPONSE_LEN];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut resp))
+            .await
+            .context("no response within 5 s")??;
+        Ok(WhoamiResult {
+            source: src,
+            seen: Ipv4Addr::new(resp[0], resp[1], resp[2], resp[3]),
+        })
+    })
 }
 
 #[derive(Clone, Debug, clap::Args)]

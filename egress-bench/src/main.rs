@@ -32,6 +32,8 @@ enum Cmd {
     Serve(loadgen::ServeArgs),
     /// Connection-rate client: connect, request, response, close.
     Crr(loadgen::CrrArgs),
+    /// One transaction; prints the source address the server saw.
+    Whoami(loadgen::WhoamiArgs),
     /// Request/response latency on persistent connections.
     Rr(loadgen::RrArgs),
     /// Small-packet UDP sender over many flows.
@@ -60,6 +62,7 @@ fn main() -> Result<()> {
         Cmd::ProgTest(a) => print_json(&probe::prog_test(&a)?),
         Cmd::Serve(a) => loadgen::serve(&a),
         Cmd::Crr(a) => print_json(&loadgen::crr(&a)?),
+        Cmd::Whoami(a) => print_json(&loadgen::whoami(&a)?),
         Cmd::Rr(a) => print_json(&loadgen::rr(&a)?),
         Cmd::UdpSend(a) => print_json(&loadgen::udp_send(&a)?),
         Cmd::UdpSink(a) => print_json(&loadgen::udp_sink(&a)?),

@@ -240,7 +240,12 @@ pub fn prog_test(a: &ProgTestArgs) -> Result<ProgTestResult> {
 
 /// One egress IP added and removed straight in the datapath's maps (what the
 /// agent writes for a new policy with one pod), timed without process start.
-pub fn map_add_remove(instance: &str, id: u32, egress: Ipv4Addr, pod: Ipv4Addr) -> Result<(Duration, Duration)> {
+pub fn map_add_remove(
+    instance: &str,
+    id: u32,
+    egress: Ipv4Addr,
+    pod: Ipv4Addr,
+) -> Result<(Duration, Duration)> {
     let policies = open_map(instance, maps::POLICIES_V4)?;
     let addrs = open_map(instance, maps::EGRESS_ADDRS_V4)?;
     let pods = open_map(instance, maps::POD_POLICY_V4)?;
@@ -262,7 +267,11 @@ pub fn map_add_remove(instance: &str, id: u32, egress: Ipv4Addr, pod: Ipv4Addr) 
     let t = Instant::now();
     bpf::delete(&pods, &pod.octets())?;
     bpf::delete(&addrs, &egress.octets())?;
-    bpf::update(&policies, &id.to_ne_bytes(), bpf::bytes_of(&PolicyV4::default()))?;
+    bpf::update(
+        &policies,
+        &id.to_ne_bytes(),
+        bpf::bytes_of(&PolicyV4::default()),
+    )?;
     let del = t.elapsed();
     Ok((add, del))
 }
@@ -299,8 +308,16 @@ pub fn agent_counters(instance: &str, n: u32) -> Result<BTreeMap<String, f64>> {
     m.insert("new_flows".into(), total.new_flows as f64);
     let fc = open_map(instance, maps::FLOW_COUNT)?;
     let mut v = [0u8; 8];
-    let created = if bpf::lookup(&fc, &0u32.to_ne_bytes(), &mut v)? { u64::from_ne_bytes(v) } else { 0 };
-    let released = if bpf::lookup(&fc, &1u32.to_ne_bytes(), &mut v)? { u64::from_ne_bytes(v) } else { 0 };
+    let created = if bpf::lookup(&fc, &0u32.to_ne_bytes(), &mut v)? {
+        u64::from_ne_bytes(v)
+    } else {
+        0
+    };
+    let released = if bpf::lookup(&fc, &1u32.to_ne_bytes(), &mut v)? {
+        u64::from_ne_bytes(v)
+    } else {
+        0
+    };
     m.insert("flows_created".into(), created as f64);
     m.insert("flows_live".into(), created.saturating_sub(released) as f64);
     Ok(m)

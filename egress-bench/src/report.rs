@@ -48,7 +48,15 @@ struct Table<'a> {
 }
 
 impl Table<'_> {
-    fn get(&self, workload: &str, variant: &str, path: &str, n: u32, system: &str, metric: &str) -> Option<Stat> {
+    fn get(
+        &self,
+        workload: &str,
+        variant: &str,
+        path: &str,
+        n: u32,
+        system: &str,
+        metric: &str,
+    ) -> Option<Stat> {
         stat(
             self.recs
                 .iter()
@@ -98,6 +106,9 @@ fn ratio(a: Option<Stat>, b: Option<Stat>) -> String {
     }
 }
 
+/// Workload, title, and (metric, column label) pairs of one summary section.
+type Section = (&'static str, &'static str, &'static [(&'static str, &'static str)]);
+
 /// Writes summary.md and the plots; returns whether every cell carried traffic.
 pub fn write(dir: &Path, res: &Results) -> Result<bool> {
     let t = Table { recs: &res.records };
@@ -122,12 +133,15 @@ pub fn write(dir: &Path, res: &Results) -> Result<bool> {
          Client pinned to one CPU, servers to the other, all of them sharing the machine with the NAT namespaces. `iptables` is `{}`.\n",
         res.reps, res.secs, res.warmup_secs, res.iptables
     )?;
-    writeln!(s, "Settings: {}\n", res
-        .settings
-        .iter()
-        .map(|(k, v)| format!("`{k}={v}`"))
-        .collect::<Vec<_>>()
-        .join(", "))?;
+    writeln!(
+        s,
+        "Settings: {}\n",
+        res.settings
+            .iter()
+            .map(|(k, v)| format!("`{k}={v}`"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )?;
 
     let failed: Vec<&Record> = res.records.iter().filter(|r| !r.ok).collect();
     if !failed.is_empty() {
@@ -154,13 +168,65 @@ pub fn write(dir: &Path, res: &Results) -> Result<bool> {
     }
     writeln!(s)?;
 
-    let sections: [(&str, &str, &[(&str, &str)]); 6] = [
-        ("crr", "Connection rate (connections/s; `spread`: sources over all N policies, `last`: only the policy whose rule is last)", &[("cps", "conn/s"), ("connect_p50_us", "connect p50 µs"), ("connect_p99_us", "connect p99 µs"), ("cpu_us_per_conn", "CPU µs/conn")]),
-        ("rr", "Request/response on one persistent connection", &[("p50_us", "p50 µs"), ("p99_us", "p99 µs"), ("p999_us", "p99.9 µs"), ("tps", "transactions/s")]),
-        ("bulk", "TCP bulk (iperf3)", &[("gbps", "Gbit/s"), ("cpu_cores_per_gbps", "CPU cores per Gbit/s")]),
-        ("udp", "Small-packet UDP over 1024 flows", &[("pps", "received pkt/s"), ("cpu_ns_per_pkt", "CPU ns/pkt")]),
-        ("cp", "Control plane: add / remove one egress IP with N existing", &[("add_us", "add µs"), ("remove_us", "remove µs"), ("add_cli_us", "add via CLI µs (bpftool for ebpf)"), ("remove_cli_us", "remove via CLI µs")]),
-        ("prog", "Per-packet cost of our programs (BPF_PROG_TEST_RUN, single runs on fresh packets minus an empty program's run)", &[("established_fwd_ns", "established fwd ns"), ("reply_rev_ns", "reply rev-NAT ns"), ("new_flow_ns", "new flow ns"), ("new_flow_p99_ns", "new flow p99 ns"), ("batched_fwd_ns", "repeat=1M fwd ns (after 1st: translated pkt)"), ("empty_ns", "empty prog ns")]),
+    let sections: [Section; 6] = [
+        (
+            "crr",
+            "Connection rate (connections/s; `spread`: sources over all N policies, `last`: only the policy whose rule is last)",
+            &[
+                ("cps", "conn/s"),
+                ("connect_p50_us", "connect p50 µs"),
+                ("connect_p99_us", "connect p99 µs"),
+                ("cpu_us_per_conn", "CPU µs/conn"),
+            ],
+        ),
+        (
+            "rr",
+            "Request/response on one persistent connection",
+            &[
+                ("p50_us", "p50 µs"),
+                ("p99_us", "p99 µs"),
+                ("p999_us", "p99.9 µs"),
+                ("tps", "transactions/s"),
+            ],
+        ),
+        (
+            "bulk",
+            "TCP bulk (iperf3)",
+            &[
+                ("gbps", "Gbit/s"),
+                ("cpu_cores_per_gbps", "CPU cores per Gbit/s"),
+            ],
+        ),
+        (
+            "udp",
+            "Small-packet UDP over 1024 flows",
+            &[("pps", "received pkt/s"), ("cpu_ns_per_pkt", "CPU ns/pkt")],
+        ),
+        (
+            "cp",
+            "Control plane: add / remove one egress IP with N existing",
+            &[
+                ("add_us", "add µs"),
+                ("remove_us", "remove µs"),
+                ("add_cli_us", "add via CLI µs (bpftool for ebpf)"),
+                ("remove_cli_us", "remove via CLI µs"),
+            ],
+        ),
+        (
+            "prog",
+            "Per-packet cost of our programs (BPF_PROG_TEST_RUN, single runs on fresh packets minus an empty program's run)",
+            &[
+                ("established_fwd_ns", "established fwd ns"),
+                ("reply_rev_ns", "reply rev-NAT ns"),
+                ("new_flow_ns", "new flow ns"),
+                ("new_flow_p99_ns", "new flow p99 ns"),
+                (
+                    "batched_fwd_ns",
+                    "repeat=1M fwd ns (after 1st: translated pkt)",
+                ),
+                ("empty_ns", "empty prog ns"),
+            ],
+        ),
     ];
     for (w, title, metrics) in sections {
         let keys = t.keys(w);
@@ -211,7 +277,10 @@ pub fn write(dir: &Path, res: &Results) -> Result<bool> {
         }
     }
 
-    writeln!(s, "## Drops, evictions and insert failures (sum over all cells)\n")?;
+    writeln!(
+        s,
+        "## Drops, evictions and insert failures (sum over all cells)\n"
+    )?;
     let drop_keys = [
         "ct_insert_failed",
         "ct_drop",
@@ -231,13 +300,17 @@ pub fn write(dir: &Path, res: &Results) -> Result<bool> {
     for k in drop_keys {
         let mut row = format!("| {k} |");
         for sys in systems {
-            let total: f64 = res
+            let vals: Vec<f64> = res
                 .records
                 .iter()
                 .filter(|r| &r.system == sys)
-                .filter_map(|r| r.metrics.get(k))
-                .sum();
-            write!(row, " {total:.0} |")?;
+                .filter_map(|r| r.metrics.get(k).copied())
+                .collect();
+            if vals.is_empty() {
+                write!(row, " — |")?;
+            } else {
+                write!(row, " {:.0} |", vals.iter().sum::<f64>())?;
+            }
         }
         writeln!(s, "{row}")?;
     }
@@ -281,7 +354,11 @@ fn expectations(t: &Table, res: &Results) -> Vec<String> {
     } else {
         format!(" (this run's N range is {nmin}..{nmax}, not 1..10000)")
     };
-    let ebpfs: Vec<&String> = res.systems.iter().filter(|s| s.starts_with("ebpf")).collect();
+    let ebpfs: Vec<&String> = res
+        .systems
+        .iter()
+        .filter(|s| s.starts_with("ebpf"))
+        .collect();
     let paths: BTreeSet<String> = t.keys("crr").into_iter().map(|k| k.2).collect();
     if ebpfs.is_empty() {
         out.push("MISS: no ebpf system in this run; no expectation about ours was tested".into());
@@ -321,7 +398,9 @@ fn expectations(t: &Table, res: &Results) -> Vec<String> {
         }
         let bulk_keys = t.keys("bulk");
         if bulk_keys.is_empty() {
-            out.push(format!("MISS: {e} bulk throughput within 5% of none: not measured"));
+            out.push(format!(
+                "MISS: {e} bulk throughput within 5% of none: not measured"
+            ));
         }
         for (_, variant, path, n) in bulk_keys {
             let a = t.get("bulk", &variant, &path, n, e, "gbps");
@@ -396,11 +475,18 @@ fn plot_all(dir: &Path, t: &Table, res: &Results) -> Result<Vec<String>> {
             let pts: Vec<(f64, Stat)> = res
                 .ns
                 .iter()
-                .filter_map(|&n| t.get("crr", &variant, &path, n, sys, "cps").map(|s| (f64::from(n), s)))
+                .filter_map(|&n| {
+                    t.get("crr", &variant, &path, n, sys, "cps")
+                        .map(|s| (f64::from(n), s))
+                })
                 .collect();
             series.push((sys.clone(), color(i), pts));
         }
-        plot_cps(&dir.join(&name), &format!("connections/s vs N ({path} path, {variant})"), &series)?;
+        plot_cps(
+            &dir.join(&name),
+            &format!("connections/s vs N ({path} path, {variant})"),
+            &series,
+        )?;
         files.push(name);
     }
     let rr_paths: BTreeSet<String> = t.keys("rr").into_iter().map(|k| k.2).collect();
@@ -415,7 +501,11 @@ fn plot_all(dir: &Path, t: &Table, res: &Results) -> Result<Vec<String>> {
                 .collect();
             series.push((sys.clone(), color(i), v));
         }
-        plot_latency(&dir.join(&name), &format!("request/response latency ({path} path, N={nmax})"), &series)?;
+        plot_latency(
+            &dir.join(&name),
+            &format!("request/response latency ({path} path, N={nmax})"),
+            &series,
+        )?;
         files.push(name);
     }
     Ok(files)
@@ -446,6 +536,7 @@ fn plot_cps(file: &Path, title: &str, series: &[Series]) -> Result<()> {
     chart
         .configure_mesh()
         .x_desc("N (egress IPs / rules)")
+        .x_label_formatter(&|x| format!("{x:.0}"))
         .y_desc("connections/s (median, bars: min–max)")
         .label_style(("sans-serif", 14))
         .draw()
@@ -456,17 +547,25 @@ fn plot_cps(file: &Path, title: &str, series: &[Series]) -> Result<()> {
         }
         let c = *c;
         chart
-            .draw_series(LineSeries::new(pts.iter().map(|p| (p.0, p.1.median)), c.stroke_width(2)))
+            .draw_series(LineSeries::new(
+                pts.iter().map(|p| (p.0, p.1.median)),
+                c.stroke_width(2),
+            ))
             .map_err(|e| anyhow::anyhow!("{e:?}"))?
             .label(name.as_str())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
         chart
-            .draw_series(pts.iter().map(|p| Circle::new((p.0, p.1.median), 4, c.filled())))
+            .draw_series(
+                pts.iter()
+                    .map(|p| Circle::new((p.0, p.1.median), 4, c.filled())),
+            )
             .map_err(|e| anyhow::anyhow!("{e:?}"))?;
         chart
-            .draw_series(pts.iter().map(|p| {
-                PathElement::new(vec![(p.0, p.1.min), (p.0, p.1.max)], c.stroke_width(1))
-            }))
+            .draw_series(
+                pts.iter().map(|p| {
+                    PathElement::new(vec![(p.0, p.1.min), (p.0, p.1.max)], c.stroke_width(1))
+                }),
+            )
             .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     }
     chart
@@ -481,7 +580,11 @@ fn plot_cps(file: &Path, title: &str, series: &[Series]) -> Result<()> {
     Ok(())
 }
 
-fn plot_latency(file: &Path, title: &str, series: &[(String, RGBColor, Vec<Option<f64>>)]) -> Result<()> {
+fn plot_latency(
+    file: &Path,
+    title: &str,
+    series: &[(String, RGBColor, Vec<Option<f64>>)],
+) -> Result<()> {
     let labels = ["p50", "p99", "p99.9"];
     let ymax = series
         .iter()

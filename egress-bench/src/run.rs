@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::loadgen::{CrrResult, RrResult, UdpSendResult, UdpSinkResult};
+use crate::loadgen::{CrrResult, RrResult, UdpSendResult, UdpSinkResult, WhoamiResult};
 use crate::probe::{self, ProgTestResult};
 use crate::sys::{self, Bg, host, in_ns, run, timed};
 use crate::systems::{self, Active, Env, System};
@@ -21,7 +21,11 @@ pub struct RunArgs {
     #[arg(long)]
     pub quick: bool,
     /// Comma-separated: none, iptables, nftables, ebpf-ct, ebpf.
-    #[arg(long, value_delimiter = ',', default_value = "none,iptables,nftables,ebpf-ct,ebpf")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "none,iptables,nftables,ebpf-ct,ebpf"
+    )]
     pub systems: Vec<String>,
     /// Policy counts (egress IPs / SNAT rules / marks).
     #[arg(long, value_delimiter = ',')]
@@ -227,7 +231,10 @@ fn machine(profile: &str) -> Machine {
         .unwrap_or("")
         .to_string();
     Machine {
-        kernel: run(host(&["uname", "-srvm"])).unwrap_or_default().trim().into(),
+        kernel: run(host(&["uname", "-srvm"]))
+            .unwrap_or_default()
+            .trim()
+            .into(),
         cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
         cpu_model,
         mem_total,
@@ -244,8 +251,14 @@ struct HostSysctls(Vec<(String, String)>);
 impl HostSysctls {
     fn apply(settings: &mut BTreeMap<String, String>) -> Result<Self> {
         let want = [
-            ("net.netfilter.nf_conntrack_max", systems::FLOW_TABLE.to_string()),
-            ("net.netfilter.nf_conntrack_buckets", (systems::FLOW_TABLE / 4).to_string()),
+            (
+                "net.netfilter.nf_conntrack_max",
+                systems::FLOW_TABLE.to_string(),
+            ),
+            (
+                "net.netfilter.nf_conntrack_buckets",
+                (systems::FLOW_TABLE / 4).to_string(),
+            ),
             ("kernel.bpf_stats_enabled", "1".to_string()),
         ];
         let mut old = Vec::new();
@@ -318,9 +331,10 @@ pub fn run_bench(args: &RunArgs) -> Result<bool> {
     let plan = plan(args)?;
     prerequisites(!args.no_install)?;
     let exe = std::env::current_exe()?;
-    let agent = args.agent.clone().or_else(|| {
-        exe.parent().map(|d| d.join("egress-agent"))
-    });
+    let agent = args
+        .agent
+        .clone()
+        .or_else(|| exe.parent().map(|d| d.join("egress-agent")));
     let tag = format!("{}", std::process::id() % 100_000);
     let started = timestamp();
     let dir = args.out.join(&started);
@@ -338,7 +352,11 @@ pub fn run_bench(args: &RunArgs) -> Result<bool> {
     if plan.ns.iter().any(|&n| n == 0 || n > topo::MAX_POLICIES) {
         bail!("every N must be in 1..={}", topo::MAX_POLICIES);
     }
-    let profile = if cfg!(debug_assertions) { "debug" } else { "release" };
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
     let mut results = Results {
         started: started.clone(),
         command: std::env::args().collect::<Vec<_>>().join(" "),
@@ -380,8 +398,16 @@ pub fn run_bench(args: &RunArgs) -> Result<bool> {
     let mut tcp_server = Bg::spawn(
         "tcp server",
         ctx.server(&[
-            &ctx.exe, "serve", "--addr", &SERVER.to_string(), "--port", &TCP_PORT.to_string(),
-            "--ports", &TCP_PORTS.to_string(), "--max-secs", "86400",
+            &ctx.exe,
+            "serve",
+            "--addr",
+            &SERVER.to_string(),
+            "--port",
+            &TCP_PORT.to_string(),
+            "--ports",
+            &TCP_PORTS.to_string(),
+            "--max-secs",
+            "86400",
         ]),
         &dir.join("logs/tcp-server.log"),
     )?;
@@ -429,6 +455,10 @@ pub fn run_bench(args: &RunArgs) -> Result<bool> {
                 };
                 let mut m = BTreeMap::new();
                 m.insert("setup_secs".into(), active.setup_secs);
+                let verified = verify(&ctx, &active);
+                if let Err(e) = &verified {
+                    eprintln!("   verification failed: {e:#}");
+                }
                 results.records.push(Record {
                     workload: "setup".into(),
                     variant: String::new(),
@@ -436,16 +466,29 @@ pub fn run_bench(args: &RunArgs) -> Result<bool> {
                     system: system.name().into(),
                     n,
                     rep,
-                    ok: true,
-                    error: None,
+                    ok: verified.is_ok(),
+                    error: verified.err().map(|e| format!("{e:#}")),
                     metrics: m,
                 });
+                if !results.records.last().is_some_and(|r| r.ok) {
+                    save(&results)?;
+                    continue;
+                }
                 let cells = cells_for(&ctx, &active, n, n == max_n);
                 for cell in cells {
                     let rec = measure(&ctx, &active, rep, &cell);
                     match &rec.error {
-                        Some(e) => eprintln!("   {} {} {}: FAILED {e}", cell.workload, cell.variant, cell.path),
-                        None => eprintln!("   {} {} {}: {}", cell.workload, cell.variant, cell.path, headline(&rec)),
+                        Some(e) => eprintln!(
+                            "   {} {} {}: FAILED {e}",
+                            cell.workload, cell.variant, cell.path
+                        ),
+                        None => eprintln!(
+                            "   {} {} {}: {}",
+                            cell.workload,
+                            cell.variant,
+                            cell.path,
+                            headline(&rec)
+                        ),
                     }
                     results.records.push(rec);
                     save(&results)?;
@@ -464,8 +507,46 @@ pub fn run_bench(args: &RunArgs) -> Result<bool> {
     Ok(all_ok)
 }
 
+/// Proves, before any measurement, that the system carries traffic on every
+/// path and translates it as configured: the first and the last policy's pod
+/// must reach the server as their egress IP (as themselves with `none`).
+fn verify(ctx: &Ctx, active: &Active) -> Result<()> {
+    for path in &ctx.plan.paths {
+        let (ns, base) = ctx.pod(path);
+        for i in [0, active.n - 1] {
+            let mut argv: Vec<String> = vec![ctx.exe.clone(), "whoami".into()];
+            argv.extend(endpoint_args(base, i, 1, TCP_PORT, 1));
+            let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+            let r: WhoamiResult = ctx
+                .json(in_ns(ns, &argv))
+                .with_context(|| format!("{path} path, policy {i}"))?;
+            let want = if active.system == System::None {
+                pod_addr(base, i)
+            } else {
+                egress_addr(i)
+            };
+            if r.seen != want {
+                bail!(
+                    "{path} path, policy {i}: server saw {} from {}, expected {want}",
+                    r.seen,
+                    r.source
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 fn headline(r: &Record) -> String {
-    let keys = ["cps", "p50_us", "p99_us", "gbps", "pps", "add_us", "established_fwd_ns"];
+    let keys = [
+        "cps",
+        "p50_us",
+        "p99_us",
+        "gbps",
+        "pps",
+        "add_us",
+        "established_fwd_ns",
+    ];
     keys.iter()
         .filter_map(|k| r.metrics.get(*k).map(|v| format!("{k}={v:.1}")))
         .collect::<Vec<_>>()
@@ -576,14 +657,24 @@ fn counters(ctx: &Ctx, active: &Active) -> BTreeMap<String, f64> {
     let mut m = BTreeMap::new();
     if let Ok(ct) = sys::conntrack_stats(&ctx.topo.node1) {
         for (k, v) in ct {
-            if ["insert_failed", "drop", "early_drop", "invalid", "chaintoolong", "clash_resolve"]
-                .contains(&k.as_str())
+            if [
+                "insert_failed",
+                "drop",
+                "early_drop",
+                "invalid",
+                "chaintoolong",
+                "clash_resolve",
+            ]
+            .contains(&k.as_str())
             {
                 m.insert(format!("ct_{k}"), v as f64);
             }
         }
     }
-    if let Ok(c) = run(in_ns(&ctx.topo.node1, &["sysctl", "-n", "net.netfilter.nf_conntrack_count"])) {
+    if let Ok(c) = run(in_ns(
+        &ctx.topo.node1,
+        &["sysctl", "-n", "net.netfilter.nf_conntrack_count"],
+    )) {
         m.insert("ct_entries_count".into(), c.trim().parse().unwrap_or(0.0));
     }
     if active.system.is_ebpf() {
@@ -615,9 +706,18 @@ fn endpoint_args(base: Ipv4Addr, first: u32, count: u32, port: u16, ports: u16) 
     // `Endpoints::source` adds the offset to `src_base`; pod i lives at base + 1 + i.
     let b = Ipv4Addr::from(u32::from(base) + 1);
     [
-        "--server", &SERVER.to_string(), "--port", &port.to_string(), "--ports",
-        &ports.to_string(), "--src-base", &b.to_string(), "--src-first", &first.to_string(),
-        "--src-count", &count.to_string(),
+        "--server",
+        &SERVER.to_string(),
+        "--port",
+        &port.to_string(),
+        "--ports",
+        &ports.to_string(),
+        "--src-base",
+        &b.to_string(),
+        "--src-first",
+        &first.to_string(),
+        "--src-count",
+        &count.to_string(),
     ]
     .iter()
     .map(|s| s.to_string())
@@ -630,8 +730,12 @@ fn crr(ctx: &Ctx, active: &Active, cell: &Cell, m: &mut BTreeMap<String, f64>) -
     let mut argv: Vec<String> = vec![ctx.exe.clone(), "crr".into()];
     argv.extend(endpoint_args(base, first, count, TCP_PORT, TCP_PORTS));
     argv.extend([
-        "--concurrency".into(), ctx.args.concurrency.to_string(), "--secs".into(),
-        ctx.plan.secs.to_string(), "--warmup-secs".into(), ctx.plan.warmup.to_string(),
+        "--concurrency".into(),
+        ctx.args.concurrency.to_string(),
+        "--secs".into(),
+        ctx.plan.secs.to_string(),
+        "--warmup-secs".into(),
+        ctx.plan.warmup.to_string(),
     ]);
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
     let cpu0 = sys::cpu_times()?;
@@ -651,7 +755,10 @@ fn crr(ctx: &Ctx, active: &Active, cell: &Cell, m: &mut BTreeMap<String, f64>) -
     if all > 0.0 {
         m.insert("cpu_us_per_conn".into(), cpu_secs * 1e6 / all);
     }
-    m.insert("steal_secs".into(), (cpu1.steal - cpu0.steal) as f64 / sys::clock_ticks());
+    m.insert(
+        "steal_secs".into(),
+        (cpu1.steal - cpu0.steal) as f64 / sys::clock_ticks(),
+    );
     if r.connections == 0 || r.errors * 100 > r.connections {
         bail!(
             "{} connections, {} errors: {}",
@@ -668,8 +775,12 @@ fn rr(ctx: &Ctx, active: &Active, cell: &Cell, m: &mut BTreeMap<String, f64>) ->
     let mut argv: Vec<String> = vec![ctx.exe.clone(), "rr".into()];
     argv.extend(endpoint_args(base, active.n - 1, 1, TCP_PORT, TCP_PORTS));
     argv.extend([
-        "--connections".into(), "1".into(), "--secs".into(), ctx.plan.secs.to_string(),
-        "--warmup-secs".into(), ctx.plan.warmup.to_string(),
+        "--connections".into(),
+        "1".into(),
+        "--secs".into(),
+        ctx.plan.secs.to_string(),
+        "--warmup-secs".into(),
+        ctx.plan.warmup.to_string(),
     ]);
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
     let r: RrResult = ctx.json(ctx.client(ns, &argv))?;
@@ -682,7 +793,11 @@ fn rr(ctx: &Ctx, active: &Active, cell: &Cell, m: &mut BTreeMap<String, f64>) ->
 
 fn bulk(ctx: &Ctx, active: &Active, cell: &Cell, m: &mut BTreeMap<String, f64>) -> Result<()> {
     let (ns, base) = ctx.pod(&cell.path);
-    let streams = if cell.variant.contains("streams=4") { "4" } else { "1" };
+    let streams = if cell.variant.contains("streams=4") {
+        "4"
+    } else {
+        "1"
+    };
     let offloads = !cell.variant.contains("offloads=off");
     ctx.topo.set_offloads(offloads)?;
     let src = pod_addr(base, active.n - 1).to_string();
@@ -693,8 +808,20 @@ fn bulk(ctx: &Ctx, active: &Active, cell: &Cell, m: &mut BTreeMap<String, f64>) 
     let out = run(ctx.client(
         ns,
         &[
-            "iperf3", "-c", &SERVER.to_string(), "-p", IPERF_PORT, "-B", &src, "-t", &t, "-O",
-            &omit, "-P", streams, "-J",
+            "iperf3",
+            "-c",
+            &SERVER.to_string(),
+            "-p",
+            IPERF_PORT,
+            "-B",
+            &src,
+            "-t",
+            &t,
+            "-O",
+            &omit,
+            "-P",
+            streams,
+            "-J",
         ],
     ));
     let wall = t0.elapsed().as_secs_f64();
@@ -728,14 +855,25 @@ fn bulk(ctx: &Ctx, active: &Active, cell: &Cell, m: &mut BTreeMap<String, f64>) 
 
 fn udp(ctx: &Ctx, active: &Active, cell: &Cell, m: &mut BTreeMap<String, f64>) -> Result<()> {
     let (ns, base) = ctx.pod(&cell.path);
-    let log = ctx.dir.join(format!("logs/udp-sink-{}.log", active.system.name()));
+    let log = ctx
+        .dir
+        .join(format!("logs/udp-sink-{}.log", active.system.name()));
     let secs = ctx.plan.secs;
     let sink = Bg::spawn(
         "udp sink",
         ctx.server(&[
-            &ctx.exe, "udp-sink", "--addr", &SERVER.to_string(), "--port",
-            &UDP_PORT.to_string(), "--ports", &TCP_PORTS.to_string(), "--secs",
-            &secs.to_string(), "--idle-secs", &(secs + 15.0).to_string(),
+            &ctx.exe,
+            "udp-sink",
+            "--addr",
+            &SERVER.to_string(),
+            "--port",
+            &UDP_PORT.to_string(),
+            "--ports",
+            &TCP_PORTS.to_string(),
+            "--secs",
+            &secs.to_string(),
+            "--idle-secs",
+            &(secs + 15.0).to_string(),
         ]),
         &log,
     )?;
@@ -745,7 +883,11 @@ fn udp(ctx: &Ctx, active: &Active, cell: &Cell, m: &mut BTreeMap<String, f64>) -
     // 18 bytes of payload make a 64-byte Ethernet frame (without FCS... and
     // the minimum the wire pads to anyway).
     argv.extend([
-        "--flows".into(), "1024".into(), "--payload".into(), "18".into(), "--secs".into(),
+        "--flows".into(),
+        "1024".into(),
+        "--payload".into(),
+        "18".into(),
+        "--secs".into(),
         (secs + 1.0).to_string(),
     ]);
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
@@ -759,7 +901,10 @@ fn udp(ctx: &Ctx, active: &Active, cell: &Cell, m: &mut BTreeMap<String, f64>) -
     m.insert("send_errors".into(), sent.send_errors as f64);
     let cpu = (cpu1.busy - cpu0.busy) as f64 / sys::clock_ticks();
     if got.received > 0 {
-        m.insert("cpu_ns_per_pkt".into(), cpu * 1e9 / got.received as f64 * (got.secs / (secs + 1.0)));
+        m.insert(
+            "cpu_ns_per_pkt".into(),
+            cpu * 1e9 / got.received as f64 * (got.secs / (secs + 1.0)),
+        );
     } else {
         bail!("no UDP packet reached the server ({} sent)", sent.sent);
     }
@@ -783,7 +928,14 @@ fn control_plane(ctx: &Ctx, active: &Active, m: &mut BTreeMap<String, f64>) -> R
             System::Iptables => {
                 let ipt = &ctx.args.iptables;
                 let spec = [
-                    "-m", "mark", "--mark", &id.to_string(), "-j", "SNAT", "--to-source", &egress,
+                    "-m",
+                    "mark",
+                    "--mark",
+                    &id.to_string(),
+                    "-j",
+                    "SNAT",
+                    "--to-source",
+                    &egress,
                 ];
                 let mut a = vec![ipt.as_str(), "-w", "-t", "nat", "-I", "POSTROUTING", "1"];
                 a.extend(spec);
@@ -812,7 +964,9 @@ fn control_plane(ctx: &Ctx, active: &Active, m: &mut BTreeMap<String, f64>) -> R
                 del.push(d);
                 // Same map write through bpftool, for a like-for-like
                 // comparison with the iptables/nft command-line tools.
-                let map = probe::pin_dir(&inst).join("maps").join(egress_common::maps::EGRESS_ADDRS_V4);
+                let map = probe::pin_dir(&inst)
+                    .join("maps")
+                    .join(egress_common::maps::EGRESS_ADDRS_V4);
                 let map = map.to_string_lossy();
                 let key: Vec<String> = e.octets().iter().map(u8::to_string).collect();
                 let val: Vec<String> = id.to_ne_bytes().iter().map(u8::to_string).collect();
@@ -848,8 +1002,16 @@ fn prog(ctx: &Ctx, active: &Active, m: &mut BTreeMap<String, f64>) -> Result<()>
     let r: ProgTestResult = ctx.json(in_ns(
         &ctx.topo.node1,
         &[
-            &ctx.exe, "prog-test", "--instance", &inst, "--policy-index",
-            &(active.n - 1).to_string(), "--samples", samples, "--repeat", repeat,
+            &ctx.exe,
+            "prog-test",
+            "--instance",
+            &inst,
+            "--policy-index",
+            &(active.n - 1).to_string(),
+            "--samples",
+            samples,
+            "--repeat",
+            repeat,
         ],
     ))?;
     m.insert("empty_ns".into(), r.empty_ns);

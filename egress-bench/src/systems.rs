@@ -12,8 +12,8 @@ use serde::Serialize;
 
 use crate::sys::{Bg, host, in_ns, run, run_stdin};
 use crate::topo::{
-    self, NODE1, NODE2, POD1_BASE, POD1_CIDR, POD2_BASE, POD2_CIDR,
-    POD2_SELECTED, Topo, egress_addr, pod_addr,
+    self, NODE1, NODE2, POD1_BASE, POD1_CIDR, POD2_BASE, POD2_CIDR, POD2_SELECTED, Topo,
+    egress_addr, pod_addr,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -52,7 +52,9 @@ impl System {
         Self::ALL
             .into_iter()
             .find(|x| x.name() == s)
-            .with_context(|| format!("unknown system {s:?} (none, iptables, nftables, ebpf-ct, ebpf)"))
+            .with_context(|| {
+                format!("unknown system {s:?} (none, iptables, nftables, ebpf-ct, ebpf)")
+            })
     }
 
     pub fn is_ebpf(self) -> bool {
@@ -176,9 +178,22 @@ impl Active<'_> {
             run(in_ns(
                 ns,
                 &[
-                    "ip", "link", "add", PLAIN_TUNNEL, "type", "vxlan", "id", "4242", "local",
-                    &local.to_string(), "remote", &remote.to_string(), "dstport",
-                    PLAIN_TUNNEL_PORT, "dev", "eth0",
+                    "ip",
+                    "link",
+                    "add",
+                    PLAIN_TUNNEL,
+                    "type",
+                    "vxlan",
+                    "id",
+                    "4242",
+                    "local",
+                    &local.to_string(),
+                    "remote",
+                    &remote.to_string(),
+                    "dstport",
+                    PLAIN_TUNNEL_PORT,
+                    "dev",
+                    "eth0",
                 ],
             ))?;
             run(in_ns(ns, &["ip", "addr", "add", addr, "dev", PLAIN_TUNNEL]))?;
@@ -192,13 +207,28 @@ impl Active<'_> {
         run(in_ns(
             n2,
             &[
-                "ip", "rule", "add", "from", POD2_SELECTED, "lookup", TUNNEL_TABLE, "pref", "100",
+                "ip",
+                "rule",
+                "add",
+                "from",
+                POD2_SELECTED,
+                "lookup",
+                TUNNEL_TABLE,
+                "pref",
+                "100",
             ],
         ))?;
         run(in_ns(
             n2,
             &[
-                "ip", "route", "add", "default", "via", "10.250.0.1", "table", TUNNEL_TABLE,
+                "ip",
+                "route",
+                "add",
+                "default",
+                "via",
+                "10.250.0.1",
+                "table",
+                TUNNEL_TABLE,
             ],
         ))?;
         Ok(())
@@ -215,7 +245,9 @@ impl Active<'_> {
     /// lookup per packet, the same for iptables and nftables, so that the
     /// systems differ only in the SNAT step.
     fn marks(&mut self) -> Result<()> {
-        let mut s = String::from("table ip bench_mark {\n map pod2mark { type ipv4_addr : mark; elements = { ");
+        let mut s = String::from(
+            "table ip bench_mark {\n map pod2mark { type ipv4_addr : mark; elements = { ",
+        );
         for i in 0..self.n {
             let sep = if i == 0 { "" } else { ", " };
             write!(
@@ -246,14 +278,18 @@ impl Active<'_> {
         }
         s.push_str("COMMIT\n");
         run_stdin(
-            in_ns(&self.topo.node1, &[&self.env.iptables_restore(), "--noflush"]),
+            in_ns(
+                &self.topo.node1,
+                &[&self.env.iptables_restore(), "--noflush"],
+            ),
             &s,
         )?;
         Ok(())
     }
 
     fn nft_map(&mut self) -> Result<()> {
-        let mut s = String::from("table ip bench_nat {\n map m { type mark : ipv4_addr; elements = { ");
+        let mut s =
+            String::from("table ip bench_nat {\n map m { type mark : ipv4_addr; elements = { ");
         for i in 0..self.n {
             let sep = if i == 0 { "" } else { ", " };
             write!(s, "{sep}{} : {}", mark(i), egress_addr(i))?;
@@ -266,8 +302,20 @@ impl Active<'_> {
     fn agents(&mut self) -> Result<()> {
         let agent = self.env.agent()?.to_path_buf();
         let nodes = [
-            ("node1", self.topo.node1.clone(), NODE1, POD1_CIDR, "vethpod*"),
-            ("node2", self.topo.node2.clone(), NODE2, POD2_CIDR, "vethpod*"),
+            (
+                "node1",
+                self.topo.node1.clone(),
+                NODE1,
+                POD1_CIDR,
+                "vethpod*",
+            ),
+            (
+                "node2",
+                self.topo.node2.clone(),
+                NODE2,
+                POD2_CIDR,
+                "vethpod*",
+            ),
         ];
         let mut ready_files = Vec::new();
         for (name, ns, addr, cidr, ifaces) in nodes {
@@ -278,6 +326,9 @@ impl Active<'_> {
             let ready = self.env.work.join(format!("agent-{name}.ready"));
             let _ = std::fs::remove_file(&ready);
             let log = self.env.work.join(format!("agent-{name}.log"));
+            // Each agent keeps its own ledger of claimed addresses: two
+            // agents sharing the default would release each other's.
+            let state = self.env.work.join(format!("agent-{name}.state"));
             let cmd = in_ns(
                 &ns,
                 &[
@@ -287,10 +338,14 @@ impl Active<'_> {
                     &cfg_path.to_string_lossy(),
                     "--ready-file",
                     &ready.to_string_lossy(),
+                    "--state-dir",
+                    &state.to_string_lossy(),
                 ],
             );
-            self.pins.push(PathBuf::from(format!("/sys/fs/bpf/{instance}")));
-            self.agents.push(Bg::spawn(&format!("egress-agent {name}"), cmd, &log)?);
+            self.pins
+                .push(PathBuf::from(format!("/sys/fs/bpf/{instance}")));
+            self.agents
+                .push(Bg::spawn(&format!("egress-agent {name}"), cmd, &log)?);
             ready_files.push((ready, log));
         }
         let deadline = Instant::now() + Duration::from_secs(120);
@@ -346,7 +401,15 @@ impl Active<'_> {
         // Addresses the agent claimed for egress IPs, if it did not release them.
         let _ = run(in_ns(
             &self.topo.node1,
-            &["ip", "addr", "flush", "dev", "eth0", "to", topo::EGRESS_RANGE],
+            &[
+                "ip",
+                "addr",
+                "flush",
+                "dev",
+                "eth0",
+                "to",
+                topo::EGRESS_RANGE,
+            ],
         ));
         for ns in [&self.topo.pod1, &self.topo.pod2, &self.topo.srv] {
             let _ = run(in_ns(ns, &["conntrack", "-F"]));
