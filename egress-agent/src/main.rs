@@ -1,1 +1,108 @@
-fn main() {}
+//! egress-agent: loads the egress datapath, programs it, and inspects it.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+mod config;
+mod gc;
+mod image;
+mod inspect;
+mod loader;
+mod maps;
+mod run;
+
+#[derive(Parser)]
+#[command(version, about = "Egress-IP datapath agent: TC eBPF SNAT to fixed egress IPs")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load and attach the datapath and program it from a static configuration file.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Created once the datapath is loaded, attached and programmed.
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
+        /// On SIGTERM keep programs attached, maps pinned and egress IPs
+        /// claimed, so that a restarted agent takes over without breaking
+        /// connections. Without it the agent removes everything it set up.
+        #[arg(long)]
+        keep_state_on_exit: bool,
+        /// Where the agent records the addresses it added (to release only those).
+        #[arg(long, default_value = "/run/egress-agent")]
+        state_dir: PathBuf,
+    },
+    /// Show an instance's programs, links, policies and flow counts.
+    Status {
+        #[arg(long, default_value = "egress")]
+        instance: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Per-policy packet, byte, flow and drop counters (summed over CPUs).
+    Stats {
+        #[arg(long, default_value = "egress")]
+        instance: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Conntrack and NAT entries.
+    Nat {
+        #[command(subcommand)]
+        command: NatCommand,
+    },
+    /// Validate a configuration file without touching the system.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Detach an instance's programs and remove all its pinned state.
+    Reset {
+        #[arg(long)]
+        instance: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum NatCommand {
+    /// List translated flows.
+    List {
+        #[arg(long, default_value = "egress")]
+        instance: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Run { config, ready_file, keep_state_on_exit, state_dir } => {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            runtime.block_on(run::run(run::Options { config, ready_file, keep_state_on_exit, state_dir }))
+        }
+        Command::Status { instance, json } => inspect::status(&instance, json),
+        Command::Stats { instance, json } => inspect::stats(&instance, json),
+        Command::Nat { command: NatCommand::List { instance, json } } => inspect::nat_list(&instance, json),
+        Command::Check { config } => {
+            let c = config::AgentConfig::load(&config)?;
+            println!("{}: valid ({} policies)", config.display(), c.policies.len());
+            Ok(())
+        }
+        Command::Reset { instance } => {
+            loader::remove_all(&maps::PinLayout::for_instance(&instance))?;
+            println!("removed /sys/fs/bpf/{instance}");
+            Ok(())
+        }
+    }
+}

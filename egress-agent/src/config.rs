@@ -1,0 +1,411 @@
+//! The static configuration file: parsing, validation and its projection to
+//! the desired datapath state. A file is either valid as a whole or rejected
+//! with an error that names the offending field; nothing is applied from a
+//! rejected file.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use egress_common::CtState;
+use egress_model::{FailurePolicy, MAX_POLICY_ID, NodeState, PolicyId, PolicyState};
+use ipnet::Ipv4Net;
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {source}")]
+    Syntax { path: PathBuf, source: Box<toml::de::Error> },
+    #[error("{path}: {field}: {message}")]
+    Invalid { path: PathBuf, field: String, message: String },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Pinned state lives under /sys/fs/bpf/<instance>/.
+    pub instance: String,
+    pub node: NodeConfig,
+    pub cluster: ClusterConfig,
+    #[serde(default)]
+    pub datapath: DatapathSettings,
+    #[serde(default)]
+    pub policies: Vec<PolicyConfig>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    pub name: String,
+    pub address: Ipv4Addr,
+    pub uplink: String,
+    pub pod_cidr: Ipv4Net,
+    #[serde(default)]
+    pub pod_interfaces: Vec<String>,
+    #[serde(default)]
+    pub upstream_interfaces: Vec<String>,
+    #[serde(default = "default_tunnel_interface")]
+    pub tunnel_interface: String,
+    #[serde(default = "default_tunnel_port")]
+    pub tunnel_port: u16,
+}
+
+fn default_tunnel_interface() -> String {
+    "egress-vxlan".into()
+}
+
+fn default_tunnel_port() -> u16 {
+    4789
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    pub nodes: Vec<Ipv4Addr>,
+    #[serde(default)]
+    pub excluded_cidrs: Vec<Ipv4Net>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatapathSettings {
+    pub max_flows: u32,
+    pub max_policies: u32,
+    pub max_pods: u32,
+    pub nat_port_min: u16,
+    pub nat_port_max: u16,
+    pub gc_interval_secs: u64,
+    pub timeouts: Timeouts,
+}
+
+impl Default for DatapathSettings {
+    fn default() -> Self {
+        Self {
+            max_flows: egress_common::maps::DEFAULT_MAX_FLOWS,
+            max_policies: egress_common::maps::DEFAULT_MAX_POLICIES,
+            max_pods: egress_common::maps::DEFAULT_MAX_PODS,
+            nat_port_min: 1024,
+            nat_port_max: 65535,
+            gc_interval_secs: 10,
+            timeouts: Timeouts::default(),
+        }
+    }
+}
+
+impl DatapathSettings {
+    /// Entries of each NAT map: `max_flows` plus headroom, so that the LRU
+    /// never has to evict a live flow before the flow limit refuses new ones
+    /// (the kernel's LRU hands out free nodes in per-CPU batches).
+    pub fn nat_map_entries(&self) -> u32 {
+        self.max_flows.saturating_add((self.max_flows / 8).max(4096))
+    }
+
+    pub fn gc_interval(&self) -> Duration {
+        Duration::from_secs(self.gc_interval_secs)
+    }
+}
+
+/// Seconds of inactivity after which a flow is removed, by state.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    pub tcp_syn_sent: u64,
+    pub tcp_established: u64,
+    pub tcp_closing: u64,
+    pub tcp_reset: u64,
+    pub udp: u64,
+    pub icmp: u64,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self { tcp_syn_sent: 60, tcp_established: 21_600, tcp_closing: 30, tcp_reset: 10, udp: 60, icmp: 30 }
+    }
+}
+
+impl Timeouts {
+    /// How long a flow in `state` of protocol `proto` may stay idle.
+    pub fn for_flow(&self, proto: u8, state: CtState) -> Duration {
+        let secs = match (proto, state) {
+            (egress_common::proto::TCP, CtState::SynSent) => self.tcp_syn_sent,
+            (egress_common::proto::TCP, CtState::Closing | CtState::Closed) => self.tcp_closing,
+            (egress_common::proto::TCP, CtState::Reset) => self.tcp_reset,
+            (egress_common::proto::TCP, _) => self.tcp_established,
+            (egress_common::proto::UDP, _) => self.udp,
+            _ => self.icmp,
+        };
+        Duration::from_secs(secs)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    pub id: PolicyId,
+    pub name: String,
+    pub egress_ip: Ipv4Addr,
+    #[serde(default)]
+    pub node: Option<Ipv4Addr>,
+    #[serde(default)]
+    pub failure_policy: FailurePolicy,
+    #[serde(default)]
+    pub pods: Vec<Ipv4Addr>,
+    #[serde(default)]
+    pub marks: Vec<u32>,
+    #[serde(default)]
+    pub vnis: Vec<u32>,
+    #[serde(default)]
+    pub excluded_cidrs: Vec<Ipv4Net>,
+}
+
+impl AgentConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates; `path` only names the file in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let config: Self = toml::from_str(text)
+            .map_err(|source| ConfigError::Syntax { path: path.to_owned(), source: Box::new(source) })?;
+        config
+            .validate()
+            .map_err(|(field, message)| ConfigError::Invalid { path: path.to_owned(), field, message })?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), (String, String)> {
+        let bad = |field: &str, message: String| Err((field.to_owned(), message));
+        if self.instance.is_empty()
+            || self.instance.len() > 64
+            || !self.instance.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return bad("instance", format!("{:?} must be 1-64 characters of [A-Za-z0-9._-]", self.instance));
+        }
+        let nodes: BTreeSet<Ipv4Addr> = self.cluster.nodes.iter().copied().collect();
+        if nodes.len() != self.cluster.nodes.len() {
+            return bad("cluster.nodes", "lists an address twice".into());
+        }
+        if !nodes.contains(&self.node.address) {
+            return bad("node.address", format!("{} is not in cluster.nodes", self.node.address));
+        }
+        if self.node.uplink.is_empty() {
+            return bad("node.uplink", "must name an interface".into());
+        }
+        if self.node.tunnel_port == 0 {
+            return bad("node.tunnel_port", "must not be 0".into());
+        }
+        for (i, pattern) in self.node.pod_interfaces.iter().chain(&self.node.upstream_interfaces).enumerate() {
+            if pattern.is_empty() || pattern.len() > 15 || pattern[..pattern.len() - 1].contains('*') {
+                return bad(
+                    "node.pod_interfaces/upstream_interfaces",
+                    format!("entry {i} {pattern:?}: an interface name of at most 15 characters, optionally ending in `*`"),
+                );
+            }
+        }
+        let d = &self.datapath;
+        if d.max_flows == 0 {
+            return bad("datapath.max_flows", "must be at least 1".into());
+        }
+        if d.max_pods == 0 {
+            return bad("datapath.max_pods", "must be at least 1".into());
+        }
+        if d.nat_port_min == 0 || d.nat_port_min > d.nat_port_max {
+            return bad(
+                "datapath.nat_port_min",
+                format!("range {}..={} is empty or starts at 0", d.nat_port_min, d.nat_port_max),
+            );
+        }
+        if d.gc_interval_secs == 0 {
+            return bad("datapath.gc_interval_secs", "must be at least 1".into());
+        }
+        if d.max_policies < 2 || d.max_policies > MAX_POLICY_ID + 1 {
+            return bad("datapath.max_policies", format!("must be within 2..={}", MAX_POLICY_ID + 1));
+        }
+
+        let mut ids = BTreeMap::new();
+        let mut names = BTreeMap::new();
+        let mut ips = BTreeMap::new();
+        let mut pods = BTreeMap::new();
+        let mut marks = BTreeMap::new();
+        let mut vnis = BTreeMap::new();
+        for (i, p) in self.policies.iter().enumerate() {
+            let at = |field: &str| format!("policies[{i}].{field}");
+            if p.id == 0 || p.id >= d.max_policies {
+                return bad(&at("id"), format!("{} must be within 1..{} (datapath.max_policies)", p.id, d.max_policies));
+            }
+            if let Some(other) = ids.insert(p.id, i) {
+                return bad(&at("id"), format!("{} is also the id of policies[{other}]", p.id));
+            }
+            if p.name.is_empty() {
+                return bad(&at("name"), "must not be empty".into());
+            }
+            if let Some(other) = names.insert(p.name.as_str(), i) {
+                return bad(&at("name"), format!("{:?} is also the name of policies[{other}]", p.name));
+            }
+            if let Some(other) = ips.insert(p.egress_ip, i) {
+                return bad(&at("egress_ip"), format!("{} is also the egress IP of policies[{other}]", p.egress_ip));
+            }
+            if nodes.contains(&p.egress_ip) {
+                return bad(&at("egress_ip"), format!("{} is a node address", p.egress_ip));
+            }
+            if p.egress_ip.is_unspecified() || p.egress_ip.is_multicast() || p.egress_ip.is_broadcast() {
+                return bad(&at("egress_ip"), format!("{} cannot be a source address", p.egress_ip));
+            }
+            if let Some(node) = p.node
+                && !nodes.contains(&node)
+            {
+                return bad(&at("node"), format!("{node} is not in cluster.nodes"));
+            }
+            for pod in &p.pods {
+                if let Some(other) = pods.insert(*pod, i) {
+                    return bad(&at("pods"), format!("{pod} is also selected by policies[{other}]"));
+                }
+            }
+            for mark in &p.marks {
+                if *mark == 0 {
+                    return bad(&at("marks"), "0 means unmarked and cannot select a policy".into());
+                }
+                if let Some(other) = marks.insert(*mark, i) {
+                    return bad(&at("marks"), format!("{mark:#x} is also a mark of policies[{other}]"));
+                }
+            }
+            for vni in &p.vnis {
+                if *vni == 0 || *vni > MAX_POLICY_ID {
+                    return bad(&at("vnis"), format!("{vni} is not a VNI (1..={MAX_POLICY_ID})"));
+                }
+                if let Some(other) = vnis.insert(*vni, i) {
+                    return bad(&at("vnis"), format!("{vni} is also a VNI of policies[{other}]"));
+                }
+            }
+        }
+        // A policy's own id steers to it; an extra VNI must not shadow another policy's.
+        for (vni, i) in &vnis {
+            if let Some(owner) = ids.get(vni)
+                && owner != i
+            {
+                return bad(&format!("policies[{i}].vnis"), format!("{vni} is the id of policies[{owner}]"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The desired datapath state of this node.
+    pub fn node_state(&self) -> NodeState {
+        let mut state = NodeState {
+            node_addr: Some(self.node.address),
+            nodes: self.cluster.nodes.iter().copied().collect(),
+            global_excluded: self.cluster.excluded_cidrs.iter().copied().collect(),
+            ..Default::default()
+        };
+        for p in &self.policies {
+            state.policies.insert(
+                p.id,
+                PolicyState {
+                    name: p.name.clone(),
+                    egress_ip: p.egress_ip,
+                    egress_node: p.node,
+                    failure_policy: p.failure_policy,
+                    excluded: p.excluded_cidrs.iter().copied().collect(),
+                },
+            );
+            for pod in p.pods.iter().filter(|pod| self.node.pod_cidr.contains(*pod)) {
+                state.pods.insert(*pod, p.id);
+            }
+            state.marks.extend(p.marks.iter().map(|m| (*m, p.id)));
+            state.vnis.extend(p.vnis.iter().map(|v| (*v, p.id)));
+        }
+        state
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../../deploy/examples/static-node1.toml");
+
+    fn parse(text: &str) -> Result<AgentConfig, ConfigError> {
+        AgentConfig::parse(text, Path::new("test.toml"))
+    }
+
+    fn invalid_field(text: &str) -> String {
+        match parse(text) {
+            Err(ConfigError::Invalid { field, .. }) => field,
+            other => panic!("expected a validation error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_documented_example_is_valid() {
+        let c = parse(EXAMPLE).unwrap();
+        assert_eq!(c.node.address, Ipv4Addr::new(172, 18, 0, 11));
+        assert_eq!(c.policies.len(), 1);
+        assert_eq!(c.datapath.timeouts.tcp_closing, 30);
+    }
+
+    #[test]
+    fn node_state_keeps_only_local_pods() {
+        let s = parse(EXAMPLE).unwrap().node_state();
+        assert_eq!(s.pods, BTreeMap::from([(Ipv4Addr::new(10, 244, 1, 2), 1)]));
+        assert_eq!(s.policies[&1].egress_node, Some(Ipv4Addr::new(172, 18, 0, 11)));
+        assert!(s.is_local(&s.policies[&1]));
+        assert_eq!(s.nodes.len(), 3);
+        assert_eq!(s.global_excluded.len(), 2);
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_addresses_name_their_place() {
+        let err = parse(&EXAMPLE.replace("tunnel_port = 4789", "tunnel_port = 4789\ncolour = 1")).unwrap_err();
+        assert!(err.to_string().contains("colour"), "{err}");
+        let err = parse(&EXAMPLE.replace("\"172.18.0.100\"", "\"172.18.0.300\"")).unwrap_err();
+        assert!(err.to_string().contains("line"), "{err}");
+    }
+
+    #[test]
+    fn semantic_errors_name_the_field() {
+        assert_eq!(invalid_field(&EXAMPLE.replace("address = \"172.18.0.11\"", "address = \"172.18.0.99\"")), "node.address");
+        assert_eq!(invalid_field(&EXAMPLE.replace("egress_ip = \"172.18.0.100\"", "egress_ip = \"172.18.0.12\"")), "policies[0].egress_ip");
+        assert_eq!(invalid_field(&EXAMPLE.replace("node = \"172.18.0.11\"", "node = \"172.18.0.50\"")), "policies[0].node");
+        assert_eq!(invalid_field(&EXAMPLE.replace("id = 1\n", "id = 0\n")), "policies[0].id");
+        assert_eq!(invalid_field(&EXAMPLE.replace("marks = []", "marks = [0]")), "policies[0].marks");
+        let inverted = EXAMPLE.replace("nat_port_min = 1024", "nat_port_min = 2000").replace("nat_port_max = 65535", "nat_port_max = 1500");
+        assert_eq!(invalid_field(&inverted), "datapath.nat_port_min");
+    }
+
+    #[test]
+    fn duplicates_across_policies_are_rejected() {
+        let second = "\n[[policies]]\nid = 2\nname = \"team-b\"\negress_ip = \"172.18.0.101\"\npods = [\"10.244.1.2\"]\n";
+        assert_eq!(invalid_field(&format!("{EXAMPLE}{second}")), "policies[1].pods");
+        let second = "\n[[policies]]\nid = 1\nname = \"team-b\"\negress_ip = \"172.18.0.101\"\n";
+        assert_eq!(invalid_field(&format!("{EXAMPLE}{second}")), "policies[1].id");
+        let second = "\n[[policies]]\nid = 2\nname = \"team-b\"\negress_ip = \"172.18.0.100\"\n";
+        assert_eq!(invalid_field(&format!("{EXAMPLE}{second}")), "policies[1].egress_ip");
+        let second = "\n[[policies]]\nid = 2\nname = \"team-b\"\negress_ip = \"172.18.0.101\"\nvnis = [1]\n";
+        assert_eq!(invalid_field(&format!("{EXAMPLE}{second}")), "policies[1].vnis");
+    }
+
+    #[test]
+    fn timeouts_follow_protocol_and_state() {
+        let t = Timeouts::default();
+        assert_eq!(t.for_flow(egress_common::proto::TCP, CtState::Established), Duration::from_secs(21_600));
+        assert_eq!(t.for_flow(egress_common::proto::TCP, CtState::SynSent), Duration::from_secs(60));
+        assert_eq!(t.for_flow(egress_common::proto::TCP, CtState::Closed), Duration::from_secs(30));
+        assert_eq!(t.for_flow(egress_common::proto::UDP, CtState::Open), Duration::from_secs(60));
+        assert_eq!(t.for_flow(egress_common::proto::ICMP, CtState::Open), Duration::from_secs(30));
+    }
+
+    #[test]
+    fn nat_maps_have_headroom() {
+        let d = DatapathSettings { max_flows: 100, ..Default::default() };
+        assert_eq!(d.nat_map_entries(), 4196);
+        let d = DatapathSettings { max_flows: 1 << 20, ..Default::default() };
+        assert_eq!(d.nat_map_entries(), (1 << 20) + (1 << 17));
+    }
+}

@@ -1,0 +1,166 @@
+//! The exact contents the datapath's control maps should hold: a pure
+//! function of the desired [`NodeState`] and of this node's environment.
+//! The reconciler compares it with what the maps hold.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use egress_common::{DatapathConfig, NodeV4, PodPolicyV4, PolicyV4, policy_flags};
+use egress_model::{FailurePolicy, NodeState};
+
+/// Facts about this node that the desired state does not carry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Environment {
+    pub tunnel_ifindex: u32,
+    pub nat_port_min: u16,
+    pub nat_port_max: u16,
+    pub max_flows: u64,
+    /// MSS that fits the tunnel: underlay MTU - VXLAN overhead - IP/TCP headers.
+    pub tunnel_mss: u16,
+}
+
+/// An exclusion as stored in the LPM trie: (policy id or 0, network, prefix length).
+pub type Exclusion = (u32, [u8; 4], u8);
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DatapathImage {
+    pub config: DatapathConfig,
+    pub policies: BTreeMap<u32, PolicyV4>,
+    pub pods: BTreeMap<[u8; 4], PodPolicyV4>,
+    pub marks: BTreeMap<u32, u32>,
+    pub vnis: BTreeMap<u32, u32>,
+    pub exclusions: BTreeSet<Exclusion>,
+    pub nodes: BTreeMap<[u8; 4], NodeV4>,
+    pub egress_addrs: BTreeMap<[u8; 4], u32>,
+}
+
+impl DatapathImage {
+    pub fn from_state(state: &NodeState, env: &Environment) -> Self {
+        let node_addr = state.node_addr.map(|a| a.octets()).unwrap_or_default();
+        let mut image = Self {
+            config: DatapathConfig {
+                node_addr,
+                tunnel_ifindex: env.tunnel_ifindex,
+                nat_port_min: env.nat_port_min,
+                nat_port_max: env.nat_port_max,
+                tunnel_mss: env.tunnel_mss,
+                _pad: 0,
+                max_flows: env.max_flows,
+            },
+            ..Default::default()
+        };
+        for node in &state.nodes {
+            image.nodes.insert(node.octets(), NodeV4 { is_self: u32::from(node.octets() == node_addr), _reserved: 0 });
+        }
+        for (id, policy) in &state.policies {
+            let local = state.is_local(policy);
+            let mut flags = policy_flags::ACTIVE;
+            if local {
+                flags |= policy_flags::LOCAL;
+                image.egress_addrs.insert(policy.egress_ip.octets(), *id);
+            } else if env.tunnel_mss != 0 {
+                flags |= policy_flags::CLAMP_MSS;
+            }
+            if policy.failure_policy == FailurePolicy::FailOpen {
+                flags |= policy_flags::FAIL_OPEN;
+            }
+            image.policies.insert(
+                *id,
+                PolicyV4 {
+                    egress_addr: policy.egress_ip.octets(),
+                    egress_node: policy.egress_node.map(|n| n.octets()).unwrap_or_default(),
+                    flags,
+                    _reserved: 0,
+                },
+            );
+            // The policy's own id is the VNI that steers its traffic here.
+            image.vnis.insert(*id, *id);
+            for net in &policy.excluded {
+                image.exclusions.insert((*id, net.network().octets(), net.prefix_len()));
+            }
+        }
+        for net in &state.global_excluded {
+            image.exclusions.insert((0, net.network().octets(), net.prefix_len()));
+        }
+        image.vnis.extend(state.vnis.iter().map(|(v, p)| (*v, *p)));
+        image.marks.extend(state.marks.iter().map(|(m, p)| (*m, *p)));
+        for (pod, id) in &state.pods {
+            image.pods.insert(pod.octets(), PodPolicyV4 { policy_id: *id, _reserved: 0 });
+        }
+        image
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use egress_model::PolicyState;
+
+    use super::*;
+
+    fn env() -> Environment {
+        Environment { tunnel_ifindex: 7, nat_port_min: 1024, nat_port_max: 65535, max_flows: 1000, tunnel_mss: 1410 }
+    }
+
+    fn state() -> NodeState {
+        let mut s = NodeState { node_addr: Some(Ipv4Addr::new(172, 18, 0, 11)), ..Default::default() };
+        s.nodes = [Ipv4Addr::new(172, 18, 0, 11), Ipv4Addr::new(172, 18, 0, 12)].into();
+        let policy = |ip: [u8; 4], node: Option<[u8; 4]>, fp| PolicyState {
+            name: "p".into(),
+            egress_ip: ip.into(),
+            egress_node: node.map(Into::into),
+            failure_policy: fp,
+            excluded: ["192.0.2.0/24".parse().unwrap()].into(),
+        };
+        s.policies.insert(1, policy([172, 18, 0, 100], Some([172, 18, 0, 11]), FailurePolicy::FailClosed));
+        s.policies.insert(2, policy([172, 18, 0, 101], Some([172, 18, 0, 12]), FailurePolicy::FailClosed));
+        s.policies.insert(3, policy([172, 18, 0, 102], None, FailurePolicy::FailOpen));
+        s.pods.insert(Ipv4Addr::new(10, 244, 1, 2), 2);
+        s.marks.insert(0x2ec40e, 1);
+        s.vnis.insert(5000, 3);
+        s.global_excluded.insert("10.244.0.0/16".parse().unwrap());
+        s
+    }
+
+    #[test]
+    fn local_policies_own_their_egress_address() {
+        let image = DatapathImage::from_state(&state(), &env());
+        assert_eq!(image.policies[&1].flags, policy_flags::ACTIVE | policy_flags::LOCAL);
+        assert_eq!(image.egress_addrs, BTreeMap::from([([172, 18, 0, 100], 1)]));
+        assert_eq!(image.policies[&2].flags, policy_flags::ACTIVE | policy_flags::CLAMP_MSS);
+        assert_eq!(image.policies[&2].egress_node, [172, 18, 0, 12]);
+    }
+
+    #[test]
+    fn unowned_policies_carry_their_failure_policy() {
+        let image = DatapathImage::from_state(&state(), &env());
+        let p = image.policies[&3];
+        assert_eq!(p.egress_node, [0; 4]);
+        assert_ne!(p.flags & policy_flags::FAIL_OPEN, 0);
+        assert_eq!(image.policies[&1].flags & policy_flags::FAIL_OPEN, 0);
+    }
+
+    #[test]
+    fn every_policy_id_is_a_vni_and_extras_are_added() {
+        let image = DatapathImage::from_state(&state(), &env());
+        assert_eq!(image.vnis, BTreeMap::from([(1, 1), (2, 2), (3, 3), (5000, 3)]));
+        assert_eq!(image.marks, BTreeMap::from([(0x2ec40e, 1)]));
+    }
+
+    #[test]
+    fn exclusions_are_global_or_per_policy() {
+        let image = DatapathImage::from_state(&state(), &env());
+        assert!(image.exclusions.contains(&(0, [10, 244, 0, 0], 16)));
+        assert!(image.exclusions.contains(&(2, [192, 0, 2, 0], 24)));
+        assert_eq!(image.exclusions.len(), 4);
+    }
+
+    #[test]
+    fn the_local_node_is_marked() {
+        let image = DatapathImage::from_state(&state(), &env());
+        assert_eq!(image.nodes[&[172, 18, 0, 11]].is_self, 1);
+        assert_eq!(image.nodes[&[172, 18, 0, 12]].is_self, 0);
+        assert_eq!(image.config.node_addr, [172, 18, 0, 11]);
+        assert_eq!(image.config.tunnel_mss, 1410);
+    }
+}

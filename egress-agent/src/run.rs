@@ -1,0 +1,318 @@
+//! `egress-agent run`: bring the datapath up, keep it equal to the desired
+//! state, collect expired flows, and hand over or clean up on SIGTERM.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    path::PathBuf,
+    time::{Duration, SystemTime},
+};
+
+use anyhow::{Context as _, bail};
+use egress_common::{VXLAN_OVERHEAD, maps::programs};
+use egress_model::NodeState;
+use egress_netlink::{ClaimLedger, Netlink};
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::{
+    config::AgentConfig,
+    gc::{Collector, monotonic_ns},
+    image::{DatapathImage, Environment},
+    loader::{self, Datapath},
+    maps::{Maps, PinLayout},
+};
+
+pub struct Options {
+    pub config: PathBuf,
+    pub ready_file: Option<PathBuf>,
+    pub keep_state_on_exit: bool,
+    pub state_dir: PathBuf,
+}
+
+/// IPv4 (20) + TCP (20) headers between the MTU and the MSS.
+const IP_TCP_HEADERS: u32 = 40;
+
+/// Whether an interface name matches a `pod_interfaces` pattern (`veth*`).
+fn matches(pattern: &str, name: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => name.starts_with(prefix),
+        None => pattern == name,
+    }
+}
+
+struct Agent {
+    config: AgentConfig,
+    config_mtime: Option<SystemTime>,
+    options: Options,
+    layout: PinLayout,
+    netlink: Netlink,
+    datapath: Datapath,
+    maps: Maps,
+    env: Environment,
+    uplink: String,
+    tunnel: String,
+    /// Interfaces carrying pod_ingress, by name -> ifindex.
+    attached: BTreeMap<String, u32>,
+    ledger: ClaimLedger,
+    collector: Collector,
+}
+
+pub async fn run(options: Options) -> anyhow::Result<()> {
+    // Everything that can be wrong with the file is found before anything is touched.
+    let config = AgentConfig::load(&options.config)?;
+    let config_mtime = std::fs::metadata(&options.config).and_then(|m| m.modified()).ok();
+    let layout = PinLayout::for_instance(&config.instance);
+    tracing::info!(instance = %config.instance, node = %config.node.name, address = %config.node.address, "starting");
+
+    let netlink = Netlink::connect().context("opening rtnetlink")?;
+    let uplink = netlink
+        .link_by_name(&config.node.uplink)
+        .await?
+        .with_context(|| format!("node.uplink: interface {:?} does not exist", config.node.uplink))?;
+    let tunnel = netlink
+        .ensure_vxlan(&config.node.tunnel_interface, config.node.tunnel_port, None)
+        .await
+        .with_context(|| format!("node.tunnel_interface {:?}", config.node.tunnel_interface))?;
+    let tunnel_mtu = uplink.mtu.saturating_sub(u32::from(VXLAN_OVERHEAD));
+    let env = Environment {
+        tunnel_ifindex: tunnel.index,
+        nat_port_min: config.datapath.nat_port_min,
+        nat_port_max: config.datapath.nat_port_max,
+        max_flows: u64::from(config.datapath.max_flows),
+        tunnel_mss: tunnel_mtu.saturating_sub(IP_TCP_HEADERS).min(u32::from(u16::MAX)) as u16,
+    };
+    tracing::info!(uplink = %uplink.name, uplink_mtu = uplink.mtu, tunnel = %tunnel.name, tunnel_mss = env.tunnel_mss, "interfaces");
+
+    loader::ensure_bpffs()?;
+    let datapath = Datapath::load(&layout, &config.datapath)?;
+    let maps = Maps::open(&layout)?;
+    let state_dir = options.state_dir.join(&config.instance);
+    std::fs::create_dir_all(&state_dir).with_context(|| format!("creating {}", state_dir.display()))?;
+    let ledger = ClaimLedger::open(state_dir.join("claims.json"))?;
+
+    let mut agent = Agent {
+        config,
+        config_mtime,
+        options,
+        layout,
+        netlink,
+        datapath,
+        maps,
+        env,
+        uplink: uplink.name.clone(),
+        tunnel: tunnel.name.clone(),
+        attached: BTreeMap::new(),
+        ledger,
+        collector: Collector::default(),
+    };
+    let desired = agent.config.node_state();
+    agent.claim(&desired).await?;
+    agent.reconcile(&desired)?;
+    agent.datapath.attach(programs::UPLINK_INGRESS, &agent.uplink)?;
+    agent.datapath.attach(programs::TUNNEL_INGRESS, &agent.tunnel)?;
+    agent.sync_pod_interfaces().await?;
+    agent.check_mtu(&desired).await;
+    if let Some(ready) = &agent.options.ready_file {
+        std::fs::write(ready, b"ready\n").with_context(|| format!("writing {}", ready.display()))?;
+    }
+    tracing::info!("datapath ready");
+
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut gc = tokio::time::interval(agent.config.datapath.gc_interval());
+    let mut watch = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+            _ = gc.tick() => agent.collect(),
+            _ = watch.tick() => {
+                if let Err(e) = agent.sync_pod_interfaces().await {
+                    tracing::error!(error = %format!("{e:#}"), "attaching to pod interfaces");
+                }
+                agent.reload_if_changed().await;
+            }
+        }
+    }
+    agent.shutdown().await
+}
+
+impl Agent {
+    fn reconcile(&mut self, desired: &NodeState) -> anyhow::Result<()> {
+        let current = self.maps.read_image()?;
+        let image = DatapathImage::from_state(desired, &self.env);
+        let report = self.maps.apply(&current, &image)?;
+        if !report.is_empty() {
+            tracing::info!(written = report.written, removed = report.removed, "datapath maps reconciled");
+        }
+        Ok(())
+    }
+
+    /// Puts the egress IPs this node holds on the interface whose subnet
+    /// contains them, and removes those it added but no longer holds.
+    async fn claim(&mut self, desired: &NodeState) -> anyhow::Result<()> {
+        let wanted: BTreeSet<Ipv4Addr> = desired.claims();
+        for ip in &wanted {
+            let claim = self
+                .netlink
+                .claim_tracked(&mut self.ledger, *ip, None)
+                .await
+                .with_context(|| format!("claiming egress IP {ip}"))?;
+            if claim.added {
+                tracing::info!(%ip, interface = %claim.interface, prefix = claim.prefix_len, "egress IP claimed");
+            }
+        }
+        let stale: BTreeSet<Ipv4Addr> =
+            self.ledger.entries().iter().map(|e| e.ip).filter(|ip| !wanted.contains(ip)).collect();
+        for ip in stale {
+            let from = self.netlink.release_tracked(&mut self.ledger, ip).await?;
+            tracing::info!(%ip, interfaces = ?from, "egress IP released");
+        }
+        Ok(())
+    }
+
+    /// Attaches pod_ingress to new interfaces matching the patterns and
+    /// forgets links of interfaces that disappeared.
+    async fn sync_pod_interfaces(&mut self) -> anyhow::Result<()> {
+        let node = &self.config.node;
+        let patterns: Vec<&String> = node.pod_interfaces.iter().chain(&node.upstream_interfaces).collect();
+        let links = self.netlink.links().await?;
+        let present: BTreeMap<String, u32> = links
+            .into_iter()
+            .filter(|l| patterns.iter().any(|p| matches(p, &l.name)))
+            .map(|l| (l.name, l.index))
+            .collect();
+        for (name, index) in &present {
+            if self.attached.get(name) != Some(index) {
+                self.datapath.attach(programs::POD_INGRESS, name)?;
+                tracing::info!(interface = %name, "pod_ingress attached");
+                self.attached.insert(name.clone(), *index);
+            }
+        }
+        let gone: Vec<String> = self.attached.keys().filter(|n| !present.contains_key(*n)).cloned().collect();
+        for name in gone {
+            loader::detach(&self.layout, programs::POD_INGRESS, &name)?;
+            self.attached.remove(&name);
+            tracing::info!(interface = %name, "pod interface gone");
+        }
+        Ok(())
+    }
+
+    /// Says clearly when the tunnel cannot carry what pods send.
+    async fn check_mtu(&self, desired: &NodeState) {
+        let steers = desired.policies.values().any(|p| !desired.is_local(p) && p.egress_node.is_some());
+        if !steers {
+            return;
+        }
+        let tunnel_mtu = u32::from(self.env.tunnel_mss) + IP_TCP_HEADERS;
+        let Ok(links) = self.netlink.links().await else { return };
+        for link in links.iter().filter(|l| self.attached.contains_key(&l.name)) {
+            if link.mtu > tunnel_mtu {
+                tracing::warn!(
+                    interface = %link.name,
+                    mtu = link.mtu,
+                    tunnel_mtu,
+                    "pod MTU exceeds what the VXLAN tunnel to the egress node carries (uplink MTU - 50): \
+                     TCP is made to fit by MSS clamping ({}), but UDP/ICMP packets larger than {tunnel_mtu} \
+                     bytes are fragmented by the tunnel; lower the pod MTU to {tunnel_mtu} to avoid that",
+                    self.env.tunnel_mss
+                );
+            }
+        }
+    }
+
+    fn collect(&mut self) {
+        match self.collector.sweep(&mut self.maps, &self.config.datapath.timeouts, monotonic_ns()) {
+            Ok(r) if r.expired > 0 || r.orphans_removed > 0 => {
+                tracing::debug!(scanned = r.scanned, expired = r.expired, orphans = r.orphans_removed, "conntrack swept")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "conntrack sweep failed"),
+        }
+    }
+
+    /// Applies an edited configuration file, or says why it was rejected and
+    /// keeps the running state.
+    async fn reload_if_changed(&mut self) {
+        let mtime = std::fs::metadata(&self.options.config).and_then(|m| m.modified()).ok();
+        if mtime == self.config_mtime {
+            return;
+        }
+        self.config_mtime = mtime;
+        let new = match AgentConfig::load(&self.options.config) {
+            Ok(new) => new,
+            Err(e) => {
+                tracing::error!(error = %e, "configuration rejected; keeping the running one");
+                return;
+            }
+        };
+        if new == self.config {
+            return;
+        }
+        if let Err(e) = self.check_reloadable(&new) {
+            tracing::error!(error = %e, "configuration rejected; keeping the running one");
+            return;
+        }
+        let desired = new.node_state();
+        let outcome = async {
+            self.claim(&desired).await?;
+            self.reconcile(&desired)
+        }
+        .await;
+        match outcome {
+            Ok(()) => {
+                tracing::info!(policies = new.policies.len(), "configuration reloaded");
+                self.config = new;
+            }
+            Err(e) => tracing::error!(error = %format!("{e:#}"), "applying the reloaded configuration failed"),
+        }
+    }
+
+    /// Sections fixed at start: changing them needs a restart.
+    fn check_reloadable(&self, new: &AgentConfig) -> anyhow::Result<()> {
+        if new.instance != self.config.instance {
+            bail!("instance: changing it needs a restart");
+        }
+        if new.node != self.config.node {
+            bail!("node: changing this section needs a restart");
+        }
+        if new.datapath.max_flows != self.config.datapath.max_flows
+            || new.datapath.max_policies != self.config.datapath.max_policies
+            || new.datapath.max_pods != self.config.datapath.max_pods
+        {
+            bail!("datapath: map sizes (max_flows, max_policies, max_pods) change only with a restart");
+        }
+        Ok(())
+    }
+
+    async fn shutdown(mut self) -> anyhow::Result<()> {
+        if self.options.keep_state_on_exit {
+            tracing::info!("exiting; datapath, pinned state and egress IPs kept for the next agent");
+            return Ok(());
+        }
+        tracing::info!("exiting; detaching the datapath and releasing egress IPs");
+        loader::remove_all(&self.layout)?;
+        let ours: BTreeSet<Ipv4Addr> = self.ledger.entries().iter().map(|e| e.ip).collect();
+        for ip in ours {
+            self.netlink.release_tracked(&mut self.ledger, ip).await?;
+        }
+        if let Err(e) = self.netlink.delete_link(&self.tunnel).await {
+            tracing::warn!(error = %e, tunnel = %self.tunnel, "removing the tunnel device");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::matches;
+
+    #[test]
+    fn interface_patterns() {
+        assert!(matches("veth*", "veth1"));
+        assert!(matches("veth*", "veth"));
+        assert!(!matches("veth*", "eth0"));
+        assert!(matches("tun0", "tun0"));
+        assert!(!matches("tun0", "tun01"));
+    }
+}
