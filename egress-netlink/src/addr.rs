@@ -307,20 +307,27 @@ impl Netlink {
             });
         }
         let newly_recorded = ledger.record(ip, &plan.ifname, plan.prefix_len)?;
-        let outcome = self.add_planned(ip, &plan).await;
-        // EEXIST (Ok(false)) means someone else's address now sits there:
-        // the entry must go, or a later release would remove it. After any
-        // other failure the address is absent, and only an entry written
-        // by this call is undone.
-        if matches!(outcome, Ok(false)) || (outcome.is_err() && newly_recorded) {
-            if let Err(e) = ledger.forget(ip, &plan.ifname) {
-                warn!(%ip, interface = %plan.ifname, error = %e, "could not drop ledger entry of a failed claim");
+        let added = match self.add_planned(ip, &plan).await {
+            Ok(true) => true,
+            Ok(false) => {
+                // EEXIST: someone else's address sits there now. The entry
+                // must go, or a later release would remove it; if the ledger
+                // cannot be fixed, say so rather than report success.
+                ledger.forget(ip, &plan.ifname)?;
+                false
             }
-        }
+            Err(e) => {
+                // The address is absent; undo only what this call wrote.
+                if newly_recorded && let Err(forget) = ledger.forget(ip, &plan.ifname) {
+                    warn!(%ip, interface = %plan.ifname, error = %forget, "could not drop ledger entry of a failed claim");
+                }
+                return Err(e);
+            }
+        };
         Ok(Claim {
             interface: plan.ifname,
             prefix_len: plan.prefix_len,
-            added: outcome?,
+            added,
         })
     }
 
