@@ -169,6 +169,7 @@ pub struct Agent {
     pub config: PathBuf,
     pub log: PathBuf,
     pub ready_file: PathBuf,
+    pub state_dir: PathBuf,
     child: Option<Child>,
 }
 
@@ -179,6 +180,7 @@ impl Agent {
             config: dir.join(format!("{instance}.toml")),
             log: dir.join(format!("{instance}.log")),
             ready_file: dir.join(format!("{instance}.ready")),
+            state_dir: dir.join("state"),
             instance,
             ns,
             child: None,
@@ -234,10 +236,16 @@ impl Agent {
             .arg(&self.config)
             .arg("--ready-file")
             .arg(&self.ready_file)
+            // Inside the lab's directory: the claim ledger lives and dies
+            // with the lab instead of piling up under /run.
+            .arg("--state-dir")
+            .arg(&self.state_dir)
             .env(
                 "RUST_LOG",
                 std::env::var("EGRESS_AGENT_LOG").unwrap_or_else(|_| "info".into()),
             )
+            // The log is a file: no colour escapes in it.
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err);

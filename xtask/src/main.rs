@@ -85,7 +85,7 @@ fn main() -> Result<()> {
             if !no_build {
                 build_agent()?;
             }
-            lab::up().map(drop)
+            lab::up().map(egress_lab::Lab::persist)
         }
         Cmd::Lab { cmd: LabCmd::Down } => lab::down(),
         Cmd::Demo { no_build } => {
