@@ -526,3 +526,33 @@ pub fn udp_sink(args: &UdpSinkArgs) -> Result<UdpSinkResult> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_rotate_sources_and_ports() {
+        let ep = Endpoints {
+            server: Ipv4Addr::new(172, 18, 0, 1),
+            port: 8000,
+            ports: 3,
+            src_base: Ipv4Addr::new(10, 244, 64, 1),
+            src_first: 2,
+            src_count: 2,
+        };
+        let srcs: Vec<Ipv4Addr> = (0..4).map(|i| ep.source(i)).collect();
+        assert_eq!(
+            srcs,
+            [
+                [10, 244, 64, 3],
+                [10, 244, 64, 4],
+                [10, 244, 64, 3],
+                [10, 244, 64, 4]
+            ]
+            .map(Ipv4Addr::from)
+        );
+        let ports: Vec<u16> = (0..4).map(|i| ep.dest(i).port()).collect();
+        assert_eq!(ports, [8000, 8001, 8002, 8000]);
+    }
+}

@@ -341,3 +341,27 @@ pub fn prog_stats(instance: &str, prog: &str) -> Result<(u64, u64)> {
         v["run_cnt"].as_u64().unwrap_or(0),
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crafted_frames_have_valid_checksums() {
+        let src = Ipv4Addr::new(10, 244, 64, 1);
+        let dst = Ipv4Addr::new(172, 18, 0, 1);
+        for (flags, payload) in [(TCP_SYN, 0), (TCP_ACK, 64), (TCP_SYN | TCP_ACK, 7)] {
+            let f = tcp_frame(src, dst, 40000, 8000, flags, payload);
+            assert_eq!(f.len(), 14 + 20 + 20 + payload);
+            // A correct header sums (with its checksum) to 0xffff, i.e. folds to 0.
+            assert_eq!(csum_fold(csum_add(&f[14..34], 0)), 0);
+            let mut pseudo = Vec::new();
+            pseudo.extend_from_slice(&src.octets());
+            pseudo.extend_from_slice(&dst.octets());
+            pseudo.extend_from_slice(&[0, proto::TCP]);
+            pseudo.extend_from_slice(&((20 + payload) as u16).to_be_bytes());
+            assert_eq!(csum_fold(csum_add(&f[34..], csum_add(&pseudo, 0))), 0);
+            assert_eq!(f[34 + 13], flags);
+        }
+    }
+}

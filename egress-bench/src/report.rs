@@ -107,7 +107,11 @@ fn ratio(a: Option<Stat>, b: Option<Stat>) -> String {
 }
 
 /// Workload, title, and (metric, column label) pairs of one summary section.
-type Section = (&'static str, &'static str, &'static [(&'static str, &'static str)]);
+type Section = (
+    &'static str,
+    &'static str,
+    &'static [(&'static str, &'static str)],
+);
 
 /// Writes summary.md and the plots; returns whether every cell carried traffic.
 pub fn write(dir: &Path, res: &Results) -> Result<bool> {

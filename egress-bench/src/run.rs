@@ -192,10 +192,15 @@ pub fn prerequisites(install: bool) -> Result<()> {
 }
 
 fn timestamp() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    utc_stamp(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    )
+}
+
+fn utc_stamp(secs: u64) -> String {
     let (days, rem) = (secs / 86_400, secs % 86_400);
     // Civil-from-days (Howard Hinnant), proleptic Gregorian, UTC.
     let z = days as i64 + 719_468;
@@ -1025,4 +1030,16 @@ fn prog(ctx: &Ctx, active: &Active, m: &mut BTreeMap<String, f64>) -> Result<()>
         m.insert(format!("retval_{k}"), f64::from(v));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_stamps() {
+        assert_eq!(utc_stamp(0), "19700101T000000Z");
+        assert_eq!(utc_stamp(951_782_400), "20000229T000000Z");
+        assert_eq!(utc_stamp(1_764_086_399), "20251125T155959Z");
+    }
 }
