@@ -41,6 +41,19 @@ pub enum Error {
     },
 
     #[error(
+        "cannot create external VXLAN {name:?}: dstport {port} is taken by {}: {source}",
+        holder.as_deref().map_or("another external VXLAN device".to_owned(), |h| format!("external VXLAN device {h:?}"))
+    )]
+    VxlanPortInUse {
+        name: String,
+        port: u16,
+        /// The device already using the port, if it could be identified.
+        holder: Option<String>,
+        #[source]
+        source: rtnetlink::Error,
+    },
+
+    #[error(
         "no interface has an IPv4 subnet containing {ip}; set `interface` explicitly. IPv4 subnets present: {}",
         AddrList(candidates)
     )]
@@ -102,7 +115,9 @@ impl Error {
     /// request (e.g. `libc::EEXIST`).
     pub fn errno(&self) -> Option<i32> {
         match self {
-            Error::Request { source, .. } => errno_of(source),
+            Error::Request { source, .. } | Error::VxlanPortInUse { source, .. } => {
+                errno_of(source)
+            }
             _ => None,
         }
     }

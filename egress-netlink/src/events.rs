@@ -4,6 +4,7 @@ use std::task::{Context, Poll};
 
 use futures_channel::mpsc::UnboundedReceiver;
 use futures_util::Stream;
+use nix::sys::socket::{setsockopt, sockopt};
 use rtnetlink::MulticastGroup;
 use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload};
 use rtnetlink::packet_route::RouteNetlinkMessage;
@@ -124,9 +125,13 @@ impl Netlink {
             rtnetlink::new_multicast_connection(&[MulticastGroup::Link])
                 .map_err(|source| Error::Connect { source })?;
         let socket = connection.socket_mut().socket_mut();
-        if let Err(e) = socket.set_rx_buf_sz(RCVBUF) {
-            // Only a larger buffer is lost; overruns are still reported.
-            warn!(error = %e, "could not enlarge the link notification socket buffer");
+        // The forced size may exceed net.core.rmem_max but needs
+        // CAP_NET_ADMIN; without it, take what rmem_max allows. Either way
+        // only headroom is at stake: overruns are still reported.
+        if let Err(forced) = setsockopt(&*socket, sockopt::RcvBufForce, &RCVBUF)
+            && let Err(e) = socket.set_rx_buf_sz(RCVBUF as libc::c_int)
+        {
+            warn!(%forced, error = %e, "could not enlarge the link notification socket buffer");
         }
         let task = tokio::spawn(connection);
         Ok(LinkEvents {

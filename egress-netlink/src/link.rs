@@ -161,16 +161,19 @@ impl Netlink {
             })
     }
 
-    /// Every interface of this namespace, in ifindex order.
-    pub async fn links(&self) -> Result<Vec<Link>> {
-        let msgs: Vec<LinkMessage> = self
-            .handle
+    async fn link_messages(&self) -> Result<Vec<LinkMessage>> {
+        self.handle
             .link()
             .get()
             .execute()
             .try_collect()
             .await
-            .map_err(|e| Error::request("dump links", e))?;
+            .map_err(|e| Error::request("dump links", e))
+    }
+
+    /// Every interface of this namespace, in ifindex order.
+    pub async fn links(&self) -> Result<Vec<Link>> {
+        let msgs = self.link_messages().await?;
         let mut links: Vec<Link> = msgs.iter().filter_map(Link::from_message).collect();
         links.sort_by_key(|l| l.index);
         Ok(links)
@@ -197,10 +200,26 @@ impl Netlink {
             }
             match self.handle.link().add(builder.build()).execute().await {
                 Ok(()) => info!(name, dstport, ?mtu, "created external VXLAN device"),
-                // Someone created it between our look-up and our request;
-                // whatever it is gets checked below like any existing link.
+                // Either someone created `name` since our look-up (then it
+                // is checked below like any existing link), or the kernel
+                // refuses a second external VXLAN on the same port.
                 Err(e) if errno_of(&e) == Some(libc::EEXIST) => {
-                    debug!(name, "VXLAN device appeared concurrently")
+                    if self.link_message_by_name(name).await?.is_none() {
+                        let holder = self
+                            .link_messages()
+                            .await?
+                            .iter()
+                            .find(|m| vxlan_mismatch(m, dstport).is_none())
+                            .and_then(Link::from_message)
+                            .map(|l| l.name);
+                        return Err(Error::VxlanPortInUse {
+                            name: name.to_owned(),
+                            port: dstport,
+                            holder,
+                            source: e,
+                        });
+                    }
+                    debug!(name, "VXLAN device appeared concurrently");
                 }
                 Err(e) => {
                     return Err(Error::request(

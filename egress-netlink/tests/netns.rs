@@ -179,6 +179,12 @@ fn vxlan_is_created_external_and_idempotent() {
             42
         );
 
+        // The kernel allows one external VXLAN per port: say who has it.
+        let err = nl.ensure_vxlan("egress-vx2", 4789, None).await.unwrap_err();
+        assert!(matches!(err, Error::VxlanPortInUse { .. }), "{err}");
+        assert!(err.to_string().contains("\"egress-vxlan\""), "{err}");
+        assert_eq!(err.errno(), Some(libc::EEXIST));
+
         assert!(nl.delete_link("egress-vxlan").await.unwrap());
         assert!(!nl.delete_link("egress-vxlan").await.unwrap());
         assert_eq!(nl.link_by_name("egress-vxlan").await.unwrap(), None);
