@@ -1,15 +1,22 @@
 //! The Kubernetes control plane of the egress agent.
 //!
 //! - [`crd`]: the `EgressIP` resource (OVN-Kubernetes compatible spec).
-//! - [`selector`], [`facts`], [`plan`], [`project`]: pure functions from
-//!   cluster objects to decisions (validation, placement, policy ids, status)
-//!   and to one node's [`egress_model::NodeState`].
+//! - [`selector`], [`facts`], [`plan`], [`project`], [`claims`]: pure
+//!   functions from cluster objects to decisions (validation, placement,
+//!   policy ids, status, claim liveness) and to one node's
+//!   [`egress_model::NodeState`].
+//! - [`controller`]: watches, leader election, status writing and the node
+//!   agent's loop; [`run`] is the entry point of the agent's Kubernetes mode.
 
+pub mod claims;
+pub mod controller;
 pub mod crd;
 pub mod facts;
 pub mod plan;
 pub mod project;
 pub mod selector;
+
+pub use controller::{AgentLink, Desired, Error, Options, link, run};
 
 /// The CRD manifest generated from the Rust types (`deploy/crd.yaml`).
 pub fn crd_yaml() -> String {

@@ -9,7 +9,7 @@ fn ip(s: &str) -> Ipv4Addr {
 /// Three workers on 172.18.0.0/16, all egress-assignable; node3 also has a
 /// second NIC on 192.168.50.0/24 and is in zone b.
 fn nodes() -> Vec<NodeInfo> {
-    vec![
+    [
         fixtures::node(
             "node1",
             "172.18.0.11",

@@ -184,8 +184,18 @@ mod tests {
 
     fn nodes() -> Vec<NodeInfo> {
         [
-            fixtures::node("node1", "172.18.0.11", &[(EA, "")], &[("eth0", "172.18.0.11/16")]),
-            fixtures::node("node2", "172.18.0.12", &[(EA, "")], &[("eth0", "172.18.0.12/16")]),
+            fixtures::node(
+                "node1",
+                "172.18.0.11",
+                &[(EA, "")],
+                &[("eth0", "172.18.0.11/16")],
+            ),
+            fixtures::node(
+                "node2",
+                "172.18.0.12",
+                &[(EA, "")],
+                &[("eth0", "172.18.0.12/16")],
+            ),
             fixtures::node("node3", "172.18.0.13", &[], &[]),
         ]
         .iter()
@@ -265,7 +275,10 @@ mod tests {
                 pods: pods(),
                 claims: claims(&[("172.18.0.100", "node1"), ("172.18.0.101", "node2")]),
                 may_hold: true,
-                excluded: BTreeSet::from(["10.244.0.0/16".parse().unwrap(), "10.96.0.0/12".parse().unwrap()]),
+                excluded: BTreeSet::from([
+                    "10.244.0.0/16".parse().unwrap(),
+                    "10.96.0.0/12".parse().unwrap(),
+                ]),
                 cfg: PlanConfig::default(),
             }
         }
@@ -291,13 +304,19 @@ mod tests {
         let p = World::new().project("node1");
         let s = &p.state;
         assert_eq!(s.node_addr, Some(ip("172.18.0.11")));
-        assert_eq!(s.nodes, BTreeSet::from([ip("172.18.0.11"), ip("172.18.0.12"), ip("172.18.0.13")]));
+        assert_eq!(
+            s.nodes,
+            BTreeSet::from([ip("172.18.0.11"), ip("172.18.0.12"), ip("172.18.0.13")])
+        );
         assert_eq!(s.policies.len(), 2);
         let p1 = &s.policies[&1];
         assert_eq!(p1.name, "team-a/172.18.0.100");
         assert_eq!(p1.egress_node, Some(ip("172.18.0.11")));
         assert_eq!(p1.failure_policy, FailurePolicy::FailOpen);
-        assert_eq!(p1.excluded, BTreeSet::from(["192.0.2.0/24".parse().unwrap()]));
+        assert_eq!(
+            p1.excluded,
+            BTreeSet::from(["192.0.2.0/24".parse().unwrap()])
+        );
         assert_eq!(s.policies[&2].egress_node, Some(ip("172.18.0.12")));
         // Only local, selected pods; spread over both IPs by address.
         assert_eq!(
@@ -308,7 +327,10 @@ mod tests {
         assert_eq!(s.claims(), BTreeSet::from([ip("172.18.0.100")]));
         assert_eq!(
             p.claims,
-            [AddressClaim { ip: ip("172.18.0.100"), interface: Some("eth0".into()) }]
+            [AddressClaim {
+                ip: ip("172.18.0.100"),
+                interface: Some("eth0".into())
+            }]
         );
     }
 
@@ -335,7 +357,12 @@ mod tests {
         // Everyone else steers nowhere until node1 claims it.
         assert_eq!(w.project("node3").state.policies[&1].egress_node, None);
         // node2 sees status no longer names it: it must let go.
-        assert!(w.project("node2").claims.iter().all(|c| c.ip != ip("172.18.0.100")));
+        assert!(
+            w.project("node2")
+                .claims
+                .iter()
+                .all(|c| c.ip != ip("172.18.0.100"))
+        );
 
         // node2's claim is released (or expired): node1 may claim.
         w.claims = claims(&[("172.18.0.101", "node2")]);
@@ -344,7 +371,10 @@ mod tests {
         // node3 follows only once node1's claim shows up.
         assert_eq!(w.project("node3").state.policies[&1].egress_node, None);
         w.claims = claims(&[("172.18.0.100", "node1"), ("172.18.0.101", "node2")]);
-        assert_eq!(w.project("node3").state.policies[&1].egress_node, Some(ip("172.18.0.11")));
+        assert_eq!(
+            w.project("node3").state.policies[&1].egress_node,
+            Some(ip("172.18.0.11"))
+        );
     }
 
     #[test]
@@ -355,7 +385,10 @@ mod tests {
         assert!(p.claims.is_empty());
         assert_eq!(p.state.policies[&1].egress_node, None);
         // Its pods now all use the IP still held elsewhere.
-        assert_eq!(p.state.pods.values().copied().collect::<BTreeSet<_>>(), BTreeSet::from([2]));
+        assert_eq!(
+            p.state.pods.values().copied().collect::<BTreeSet<_>>(),
+            BTreeSet::from([2])
+        );
     }
 
     #[test]
@@ -366,7 +399,10 @@ mod tests {
         w.claims = claims(&[("172.18.0.100", "node1")]);
         let after = w.project("node1").state;
         assert_eq!(after.policies[&2].egress_node, None);
-        assert_eq!(after.pods, BTreeMap::from([(ip("10.244.1.4"), 1), (ip("10.244.1.5"), 1)]));
+        assert_eq!(
+            after.pods,
+            BTreeMap::from([(ip("10.244.1.4"), 1), (ip("10.244.1.5"), 1)])
+        );
         let d = before.diff(&after);
         assert_eq!(d.pods.upsert, [(ip("10.244.1.5"), 1)]);
         assert!(d.pods.remove.is_empty());
@@ -386,8 +422,22 @@ mod tests {
     fn pod_churn_relabel_and_ip_change_converge() {
         let mut w = World::new();
         w.pods.retain(|p| p.name != "web-1");
-        w.pods.push(PodInfo::from_pod(&fixtures::pod("shop", "web-4", "node1", "10.244.1.9", &[("app", "web")])).unwrap());
-        w.pods.iter_mut().find(|p| p.name == "db-0").unwrap().labels.insert("app".into(), "web".into());
+        w.pods.push(
+            PodInfo::from_pod(&fixtures::pod(
+                "shop",
+                "web-4",
+                "node1",
+                "10.244.1.9",
+                &[("app", "web")],
+            ))
+            .unwrap(),
+        );
+        w.pods
+            .iter_mut()
+            .find(|p| p.name == "db-0")
+            .unwrap()
+            .labels
+            .insert("app".into(), "web".into());
         w.pods.iter_mut().find(|p| p.name == "web-2").unwrap().ip = ip("10.244.1.20");
         let s = w.project("node1").state;
         assert_eq!(
@@ -396,7 +446,10 @@ mod tests {
         );
         // The namespace loses its match: nothing selected any more.
         w.namespaces.clear();
-        w.namespaces.insert("shop".into(), BTreeMap::from([("kubernetes.io/metadata.name".into(), "other".into())]));
+        w.namespaces.insert(
+            "shop".into(),
+            BTreeMap::from([("kubernetes.io/metadata.name".into(), "other".into())]),
+        );
         assert!(w.project("node1").state.pods.is_empty());
     }
 
@@ -414,15 +467,20 @@ mod tests {
     #[test]
     fn invalid_resources_and_younger_duplicates_apply_nothing() {
         let mut w = World::new();
-        let mut dup = eip("z-dup", "2026-02-01T00:00:00Z", json!({"egressIPs": ["172.18.0.100"], "namespaceSelector": {}}));
+        let mut dup = eip(
+            "z-dup",
+            "2026-02-01T00:00:00Z",
+            json!({"egressIPs": ["172.18.0.100"], "namespaceSelector": {}}),
+        );
         // A stale or hand-written status naming an id must not make it apply.
         dup.status = Some(serde_json::from_value(json!({"ips": [{"egressIP": "172.18.0.100", "policyId": 9, "node": "node2", "conditions": []}]})).unwrap());
         w.eips.push(dup);
         let s = w.project("node1").state;
         assert_eq!(s.policies.keys().copied().collect::<Vec<_>>(), [1, 2]);
-        w.eips[0].spec.namespace_selector.match_expressions = Some(vec![serde_json::from_value(
-            json!({"key": "x", "operator": "Exists", "values": ["y"]}),
-        ).unwrap()]);
+        w.eips[0].spec.namespace_selector.match_expressions = Some(vec![
+            serde_json::from_value(json!({"key": "x", "operator": "Exists", "values": ["y"]}))
+                .unwrap(),
+        ]);
         // team-a is now invalid: its policies go; the younger duplicate takes .100.
         let s = w.project("node1").state;
         assert_eq!(s.policies.keys().copied().collect::<Vec<_>>(), [9]);

@@ -1,0 +1,826 @@
+//! The controller: watches feed the pure functions; one elected agent writes
+//! status; every agent publishes its subnets and claims and emits its node's
+//! desired state.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Debug,
+    hash::Hash,
+    net::Ipv4Addr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use egress_model::{AddressClaim, NodeState};
+use futures::StreamExt;
+use ipnet::Ipv4Net;
+use k8s_openapi::{
+    api::{
+        coordination::v1::{Lease, LeaseSpec},
+        core::v1::{Namespace, Node, Pod},
+    },
+    apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta},
+    jiff::Timestamp,
+};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::{Patch, PatchParams, PostParams},
+    runtime::{
+        WatchStreamExt,
+        events::{Event, EventType, Recorder, Reporter},
+        reflector::{self, Store},
+        watcher,
+    },
+};
+use serde::de::DeserializeOwned;
+use tokio::sync::{Notify, watch};
+use tracing::{debug, info, warn};
+
+use crate::{
+    claims::{self, ClaimTracker},
+    crd::{EgressIP, EgressIPStatus, condition},
+    facts::{EgressSubnet, NodeInfo, PodInfo, SUBNETS_ANNOTATION, subnets_annotation_value},
+    plan::{self, PlanConfig},
+    project::{self, Projection},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("invalid options: {0}")]
+    Options(String),
+}
+
+/// Settings of the Kubernetes mode.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// The agent's namespace: claims and leader Leases live there.
+    pub namespace: String,
+    pub plan: PlanConfig,
+    /// Cluster and service networks, never translated.
+    pub global_excluded: BTreeSet<Ipv4Net>,
+    /// Overrides the node address found in the Node object.
+    pub node_addr: Option<Ipv4Addr>,
+    /// This node's egress-capable interface addresses, published in the
+    /// Node annotation.
+    pub subnets: Vec<EgressSubnet>,
+    /// How long a claim stays valid without renewal. Bounds failover time
+    /// (a new holder waits for the old claim to expire unless it was
+    /// released) and how long a node cut off from the API keeps its IPs.
+    pub claim_ttl: Duration,
+    pub claim_renew: Duration,
+    /// Take part in the assigner election.
+    pub assigner: bool,
+    pub leader_lease: String,
+    pub leader_ttl: Duration,
+    pub leader_renew: Duration,
+    /// How long shutdown waits for the IPs to be handed over.
+    pub drain_timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            namespace: "egress-system".into(),
+            plan: PlanConfig::default(),
+            global_excluded: BTreeSet::new(),
+            node_addr: None,
+            subnets: Vec::new(),
+            claim_ttl: Duration::from_secs(2),
+            claim_renew: Duration::from_millis(500),
+            assigner: true,
+            leader_lease: "egress-assigner".into(),
+            leader_ttl: Duration::from_secs(15),
+            leader_renew: Duration::from_secs(2),
+            drain_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+impl Options {
+    fn validate(&self) -> Result<(), Error> {
+        if self.claim_renew.is_zero() || self.claim_renew * 2 > self.claim_ttl {
+            return Err(Error::Options(format!(
+                "claim renew interval {:?} must be non-zero and at most half the claim lifetime {:?}",
+                self.claim_renew, self.claim_ttl
+            )));
+        }
+        if self.leader_renew.is_zero() || self.leader_renew * 2 > self.leader_ttl {
+            return Err(Error::Options(format!(
+                "leader renew interval {:?} must be non-zero and at most half the leader lease {:?}",
+                self.leader_renew, self.leader_ttl
+            )));
+        }
+        if self.namespace.is_empty() {
+            return Err(Error::Options("namespace must not be empty".into()));
+        }
+        Ok(())
+    }
+}
+
+/// What the agent must program.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Desired {
+    pub state: NodeState,
+    /// Addresses to hold (put on the interface, then announce with GARP).
+    /// Each was published as claimed before it appears here.
+    pub claims: Vec<AddressClaim>,
+}
+
+/// The controller's end of the link with the agent.
+pub struct ControllerLink {
+    desired: watch::Sender<Option<Desired>>,
+    held: watch::Receiver<BTreeSet<Ipv4Addr>>,
+    down: watch::Receiver<BTreeSet<String>>,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// The agent's end of the link.
+pub struct AgentLink {
+    /// `None` until every watch has synced: the agent must neither program
+    /// nor announce anything before (after a restart it would GARP stale
+    /// state). Then every change.
+    pub desired: watch::Receiver<Option<Desired>>,
+    /// The agent reports the egress IPs actually present on its interfaces
+    /// after applying `claims`; a claim is released only once its address
+    /// is gone from here.
+    pub held: watch::Sender<BTreeSet<Ipv4Addr>>,
+    /// Node names that failed direct probes (heartbeats): the assigner moves
+    /// their IPs away.
+    pub down: watch::Sender<BTreeSet<String>>,
+    /// Set to true to hand the IPs over and make [`run`] return.
+    pub shutdown: watch::Sender<bool>,
+}
+
+pub fn link() -> (ControllerLink, AgentLink) {
+    let (desired_tx, desired_rx) = watch::channel(None);
+    let (held_tx, held_rx) = watch::channel(BTreeSet::new());
+    let (down_tx, down_rx) = watch::channel(BTreeSet::new());
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    (
+        ControllerLink {
+            desired: desired_tx,
+            held: held_rx,
+            down: down_rx,
+            shutdown: shutdown_rx,
+        },
+        AgentLink {
+            desired: desired_rx,
+            held: held_tx,
+            down: down_tx,
+            shutdown: shutdown_tx,
+        },
+    )
+}
+
+/// A reflector whose changes wake `notify`.
+fn reflect<K>(api: Api<K>, config: watcher::Config, notify: Arc<Notify>) -> Store<K>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + Hash + Clone,
+{
+    let (reader, writer) = reflector::store();
+    let kind = K::kind(&K::DynamicType::default()).to_string();
+    let stream = reflector::reflector(writer, watcher(api, config).default_backoff());
+    tokio::spawn(async move {
+        stream
+            .for_each(|ev| {
+                if let Err(e) = ev {
+                    warn!(kind, error = %e, "watch failed; retrying with backoff");
+                }
+                notify.notify_one();
+                futures::future::ready(())
+            })
+            .await;
+    });
+    reader
+}
+
+async fn ready<K>(store: &Store<K>)
+where
+    K: Resource + Clone + 'static,
+    K::DynamicType: Eq + Hash + Clone,
+{
+    // The writer lives as long as the spawned task, which never ends.
+    let _ = store.wait_until_ready().await;
+}
+
+fn namespaces_by_name(store: &Store<Namespace>) -> BTreeMap<String, BTreeMap<String, String>> {
+    store
+        .state()
+        .iter()
+        .map(|n| (n.name_any(), n.labels().clone()))
+        .collect()
+}
+
+fn nodes_info(store: &Store<Node>) -> Vec<NodeInfo> {
+    let mut v: Vec<NodeInfo> = store
+        .state()
+        .iter()
+        .filter_map(|n| NodeInfo::from_node(n))
+        .collect();
+    v.sort_by(|a, b| a.name.cmp(&b.name));
+    v
+}
+
+fn eips_of(store: &Store<EgressIP>) -> Vec<EgressIP> {
+    store.state().iter().map(|e| (**e).clone()).collect()
+}
+
+/// Runs the Kubernetes mode for `node_name` until `shutdown` is set (then
+/// hands this node's IPs over) or a fatal error.
+///
+/// The agent reads [`AgentLink::desired`], applies it with its reconciler,
+/// reports what it holds in [`AgentLink::held`], and feeds its heartbeat
+/// verdicts into [`AgentLink::down`].
+pub async fn run(
+    client: Client,
+    node_name: String,
+    options: Options,
+    link: ControllerLink,
+) -> Result<(), Error> {
+    options.validate()?;
+    publish_subnets(&client, &node_name, &options.subnets).await?;
+
+    let elector = options.assigner.then(|| {
+        let client = client.clone();
+        let options = options.clone();
+        let node_name = node_name.clone();
+        let down = link.down.clone();
+        tokio::spawn(async move { elect(client, node_name, options, down).await })
+    });
+    let result = node_agent(client, node_name, options, link).await;
+    if let Some(e) = elector {
+        e.abort();
+    }
+    result
+}
+
+/// Publishes this node's egress-capable subnets on its Node.
+pub async fn publish_subnets(
+    client: &Client,
+    node_name: &str,
+    subnets: &[EgressSubnet],
+) -> Result<(), Error> {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let patch = serde_json::json!({
+        "metadata": {"annotations": {SUBNETS_ANNOTATION: subnets_annotation_value(subnets)}}
+    });
+    nodes
+        .patch(node_name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    info!(node = node_name, ?subnets, "published egress subnets");
+    Ok(())
+}
+
+struct ClaimWriter {
+    api: Api<Lease>,
+    namespace: String,
+    node: String,
+    ttl: Duration,
+    published: Option<BTreeSet<Ipv4Addr>>,
+    draining: bool,
+    last_renew: Option<Instant>,
+}
+
+impl ClaimWriter {
+    /// Writes the claims Lease; `Ok` means the claims are visible to others.
+    async fn write(&mut self, ips: &BTreeSet<Ipv4Addr>, draining: bool) -> Result<(), kube::Error> {
+        let name = claims::lease_name(&self.node);
+        let now = MicroTime(Timestamp::now());
+        let lease = Lease {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                namespace: Some(self.namespace.clone()),
+                labels: Some(BTreeMap::from([(
+                    claims::ROLE_LABEL.into(),
+                    claims::ROLE_CLAIMS.into(),
+                )])),
+                annotations: Some(BTreeMap::from([
+                    (
+                        claims::CLAIMED_ANNOTATION.into(),
+                        claims::format_claims(ips),
+                    ),
+                    (claims::DRAINING_ANNOTATION.into(), draining.to_string()),
+                ])),
+                ..Default::default()
+            },
+            spec: Some(LeaseSpec {
+                holder_identity: Some(self.node.clone()),
+                lease_duration_seconds: Some(self.ttl.as_secs_f64().ceil() as i32),
+                renew_time: Some(now),
+                ..Default::default()
+            }),
+        };
+        let started = Instant::now();
+        match self
+            .api
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&lease))
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {
+                self.api.create(&PostParams::default(), &lease).await?;
+            }
+            Err(e) => return Err(e),
+        }
+        // The renewal counts from when it was sent: the server may have
+        // applied it at any point since.
+        self.last_renew = Some(started);
+        if self.published.as_ref() != Some(ips) || self.draining != draining {
+            info!(node = %self.node, claims = %claims::format_claims(ips), draining, "published claims");
+        }
+        self.published = Some(ips.clone());
+        self.draining = draining;
+        Ok(())
+    }
+
+    fn may_hold(&self, now: Instant) -> bool {
+        self.last_renew
+            .is_some_and(|t| now.saturating_duration_since(t) < self.ttl)
+    }
+}
+
+/// Keeps only the claims that are published; others lose their egress node
+/// here (they become live on the next round, once the write succeeded).
+fn restrict(mut p: Projection, published: &BTreeSet<Ipv4Addr>) -> Projection {
+    p.claims.retain(|c| published.contains(&c.ip));
+    let me = p.state.node_addr;
+    for policy in p.state.policies.values_mut() {
+        if me.is_some() && policy.egress_node == me && !published.contains(&policy.egress_ip) {
+            policy.egress_node = None;
+        }
+    }
+    p
+}
+
+async fn node_agent(
+    client: Client,
+    node_name: String,
+    options: Options,
+    mut link: ControllerLink,
+) -> Result<(), Error> {
+    let notify = Arc::new(Notify::new());
+    let eips = reflect(
+        Api::<EgressIP>::all(client.clone()),
+        watcher::Config::default(),
+        notify.clone(),
+    );
+    let nodes = reflect(
+        Api::<Node>::all(client.clone()),
+        watcher::Config::default(),
+        notify.clone(),
+    );
+    let namespaces = reflect(
+        Api::<Namespace>::all(client.clone()),
+        watcher::Config::default(),
+        notify.clone(),
+    );
+    let pods = reflect(
+        Api::<Pod>::all(client.clone()),
+        watcher::Config::default().fields(&format!("spec.nodeName={node_name}")),
+        notify.clone(),
+    );
+    let lease_api: Api<Lease> = Api::namespaced(client.clone(), &options.namespace);
+    let leases = reflect(
+        lease_api.clone(),
+        watcher::Config::default().labels(&format!(
+            "{}={}",
+            claims::ROLE_LABEL,
+            claims::ROLE_CLAIMS
+        )),
+        notify.clone(),
+    );
+    ready(&eips).await;
+    ready(&nodes).await;
+    ready(&namespaces).await;
+    ready(&pods).await;
+    ready(&leases).await;
+    info!(node = %node_name, "watches synced");
+
+    let mut tracker = ClaimTracker::new(options.claim_ttl);
+    let mut writer = ClaimWriter {
+        api: lease_api,
+        namespace: options.namespace.clone(),
+        node: node_name.clone(),
+        ttl: options.claim_ttl,
+        published: None,
+        draining: false,
+        last_renew: None,
+    };
+    let mut shutting_down_since: Option<Instant> = None;
+    let mut was_holding = true;
+    loop {
+        let now = Instant::now();
+        if *link.shutdown.borrow() && shutting_down_since.is_none() {
+            info!(node = %node_name, "shutting down: handing egress IPs over");
+            shutting_down_since = Some(now);
+        }
+        let lease_objs = leases.state();
+        let others: Vec<&Lease> = lease_objs
+            .iter()
+            .map(|l| &**l)
+            .filter(|l| l.metadata.name.as_deref() != Some(claims::lease_name(&node_name).as_str()))
+            .collect();
+        let view = tracker.view(&others, now);
+        let eip_list = eips_of(&eips);
+        let node_list = nodes_info(&nodes);
+        let ns = namespaces_by_name(&namespaces);
+        let pod_list: Vec<PodInfo> = pods
+            .state()
+            .iter()
+            .filter_map(|p| PodInfo::from_pod(p))
+            .collect();
+        let draining = shutting_down_since.is_some();
+        let project = |may_hold: bool| {
+            project::project(&project::ProjectInput {
+                node_name: &node_name,
+                node_addr: options.node_addr,
+                eips: &eip_list,
+                nodes: &node_list,
+                namespaces: &ns,
+                pods: &pod_list,
+                claims: &view.live,
+                may_hold,
+                global_excluded: &options.global_excluded,
+                config: &options.plan,
+            })
+        };
+        // While draining, hold on until the assigner has moved the IPs (the
+        // status no longer names us) or the drain times out.
+        let drain_expired =
+            shutting_down_since.is_some_and(|t| now.duration_since(t) >= options.drain_timeout);
+        let projection = project(!drain_expired);
+        let wanted: BTreeSet<Ipv4Addr> = projection.claims.iter().map(|c| c.ip).collect();
+        let held = link.held.borrow().clone();
+        // Claim what we want, and keep claiming what is still on an
+        // interface until the agent reports it gone.
+        let to_publish: BTreeSet<Ipv4Addr> = wanted.union(&held).copied().collect();
+        let renew_due = writer
+            .last_renew
+            .is_none_or(|t| now.saturating_duration_since(t) >= options.claim_renew);
+        if (writer.published.as_ref() != Some(&to_publish)
+            || writer.draining != draining
+            || renew_due)
+            && let Err(e) = writer.write(&to_publish, draining).await
+        {
+            warn!(node = %node_name, error = %e, "cannot publish claims");
+        }
+        let now = Instant::now();
+        let may_hold = writer.may_hold(now);
+        if may_hold != was_holding {
+            if may_hold {
+                info!(node = %node_name, "claims renewed: may hold egress IPs");
+            } else {
+                warn!(node = %node_name, ttl = ?options.claim_ttl, "claims not renewed within their lifetime: withdrawing every egress IP");
+            }
+            was_holding = may_hold;
+        }
+        let projection = if may_hold && !drain_expired {
+            let published = writer.published.clone().unwrap_or_default();
+            restrict(projection, &published)
+        } else {
+            project(false)
+        };
+        let desired = Desired {
+            state: projection.state,
+            claims: projection.claims,
+        };
+        link.desired.send_if_modified(|cur| {
+            if cur.as_ref() == Some(&desired) {
+                false
+            } else {
+                debug!(node = %node_name, policies = desired.state.policies.len(), pods = desired.state.pods.len(), claims = desired.claims.len(), "desired state changed");
+                *cur = Some(desired.clone());
+                true
+            }
+        });
+        if draining && (desired.claims.is_empty() && link.held.borrow().is_empty()) {
+            if let Err(e) = writer.write(&BTreeSet::new(), true).await {
+                warn!(node = %node_name, error = %e, "cannot publish the final release");
+            }
+            info!(node = %node_name, "egress IPs handed over");
+            return Ok(());
+        }
+
+        let wake = options
+            .claim_renew
+            .min(tracker.next_expiry(now).unwrap_or(Duration::MAX));
+        tokio::select! {
+            _ = notify.notified() => {}
+            r = link.held.changed() => { if r.is_err() { return Ok(()); } }
+            r = link.shutdown.changed() => { if r.is_err() { return Ok(()); } }
+            _ = tokio::time::sleep(wake) => {}
+        }
+    }
+}
+
+/// Leader election with a `coordination.k8s.io` Lease; the leader runs the
+/// assigner.
+async fn elect(
+    client: Client,
+    me: String,
+    options: Options,
+    down: watch::Receiver<BTreeSet<String>>,
+) {
+    let api: Api<Lease> = Api::namespaced(client.clone(), &options.namespace);
+    let mut observed: Option<(String, Instant)> = None;
+    let mut last_renew: Option<Instant> = None;
+    let mut assigner: Option<tokio::task::JoinHandle<()>> = None;
+    loop {
+        let attempt = Instant::now();
+        match try_lead(&api, &me, &options, &mut observed).await {
+            Ok(true) => last_renew = Some(attempt),
+            Ok(false) => last_renew = None,
+            Err(e) => warn!(error = %e, "leader election"),
+        }
+        let leading = last_renew.is_some_and(|t| t.elapsed() < options.leader_ttl);
+        match (&assigner, leading) {
+            (None, true) => {
+                info!(identity = %me, "elected assigner");
+                let (client, options, down) = (client.clone(), options.clone(), down.clone());
+                let me = me.clone();
+                assigner = Some(tokio::spawn(async move {
+                    assign_loop(client, me, options, down).await
+                }));
+            }
+            (Some(task), false) => {
+                warn!(identity = %me, "lost the assigner lease");
+                task.abort();
+                assigner = None;
+            }
+            _ => {}
+        }
+        tokio::time::sleep(options.leader_renew).await;
+    }
+}
+
+/// One acquire-or-renew round. Ownership changes hands only through a
+/// write conditioned on the resourceVersion we read.
+async fn try_lead(
+    api: &Api<Lease>,
+    me: &str,
+    options: &Options,
+    observed: &mut Option<(String, Instant)>,
+) -> Result<bool, kube::Error> {
+    let now = MicroTime(Timestamp::now());
+    let duration = options.leader_ttl.as_secs().max(1) as i32;
+    let Some(mut lease) = api.get_opt(&options.leader_lease).await? else {
+        let lease = Lease {
+            metadata: ObjectMeta {
+                name: Some(options.leader_lease.clone()),
+                ..Default::default()
+            },
+            spec: Some(LeaseSpec {
+                holder_identity: Some(me.to_string()),
+                lease_duration_seconds: Some(duration),
+                acquire_time: Some(now.clone()),
+                renew_time: Some(now),
+                lease_transitions: Some(0),
+                ..Default::default()
+            }),
+        };
+        return match api.create(&PostParams::default(), &lease).await {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+            Err(e) => Err(e),
+        };
+    };
+    let rv = lease.resource_version().unwrap_or_default();
+    let spec = lease.spec.get_or_insert_with(Default::default);
+    let holder = spec.holder_identity.clone().unwrap_or_default();
+    if holder != me {
+        let changed = observed.as_ref().is_none_or(|(r, _)| *r != rv);
+        if changed {
+            *observed = Some((rv.clone(), Instant::now()));
+        }
+        let ttl =
+            Duration::from_secs(spec.lease_duration_seconds.unwrap_or(duration).max(0) as u64);
+        let expired = observed.as_ref().is_some_and(|(_, t)| t.elapsed() >= ttl);
+        if !holder.is_empty() && !expired {
+            return Ok(false);
+        }
+        spec.holder_identity = Some(me.to_string());
+        spec.acquire_time = Some(now.clone());
+        spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
+    }
+    spec.renew_time = Some(now);
+    spec.lease_duration_seconds = Some(duration);
+    match api
+        .replace(&options.leader_lease, &PostParams::default(), &lease)
+        .await
+    {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// The status as a merge patch: absent fields are explicitly cleared.
+fn status_patch(status: &EgressIPStatus) -> serde_json::Value {
+    let mut v = serde_json::to_value(status).expect("status serializes");
+    let obj = v.as_object_mut().expect("status is an object");
+    for key in ["items", "ips", "conditions", "observedGeneration"] {
+        obj.entry(key).or_insert(serde_json::Value::Null);
+    }
+    serde_json::json!({ "status": v })
+}
+
+fn condition_is(
+    status: Option<&EgressIPStatus>,
+    ip: &str,
+    type_: &str,
+) -> Option<(String, String, String)> {
+    status?
+        .ips
+        .iter()
+        .find(|s| s.egress_ip == ip)?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == "True")
+        .map(|c| (c.reason.clone(), c.message.clone(), c.type_.clone()))
+}
+
+/// Events for what changed between two statuses of one resource.
+fn events_for(old: Option<&EgressIPStatus>, new: &EgressIPStatus) -> Vec<Event> {
+    let mut out = Vec::new();
+    for ip in &new.ips {
+        let before = old.and_then(|o| o.ips.iter().find(|s| s.egress_ip == ip.egress_ip));
+        let old_node = before.and_then(|b| b.node.clone());
+        if ip.node != old_node
+            && let Some(n) = &ip.node
+        {
+            // Distinct reasons: the recorder folds events with the same
+            // reason into one series and keeps the first note.
+            let (reason, note) = match &old_node {
+                Some(o) => (
+                    "Moved",
+                    format!("{} moved from node {o} to node {n}", ip.egress_ip),
+                ),
+                None => ("Assigned", format!("{} assigned to node {n}", ip.egress_ip)),
+            };
+            out.push(Event {
+                type_: EventType::Normal,
+                reason: reason.into(),
+                note: Some(note),
+                action: "Assign".into(),
+                secondary: None,
+            });
+        }
+        for t in [condition::CONFLICT, condition::INVALID] {
+            if let Some((reason, message, _)) = condition_is(Some(new), &ip.egress_ip, t)
+                && condition_is(old, &ip.egress_ip, t).is_none_or(|(r, _, _)| r != reason)
+            {
+                out.push(Event {
+                    type_: EventType::Warning,
+                    reason,
+                    note: Some(message),
+                    action: "Validate".into(),
+                    secondary: None,
+                });
+            }
+        }
+        if ip.node.is_none()
+            && let Some(c) = ip.conditions.iter().find(|c| {
+                c.type_ == condition::ASSIGNED
+                    && c.status == "False"
+                    && c.reason == "NoAvailableNode"
+            })
+            && before.is_none_or(|b| {
+                !b.conditions
+                    .iter()
+                    .any(|o| o.type_ == c.type_ && o.reason == c.reason)
+            })
+        {
+            out.push(Event {
+                type_: EventType::Warning,
+                reason: c.reason.clone(),
+                note: Some(c.message.clone()),
+                action: "Assign".into(),
+                secondary: None,
+            });
+        }
+    }
+    out
+}
+
+async fn assign_loop(
+    client: Client,
+    me: String,
+    options: Options,
+    down: watch::Receiver<BTreeSet<String>>,
+) {
+    let notify = Arc::new(Notify::new());
+    let eip_api: Api<EgressIP> = Api::all(client.clone());
+    let eips = reflect(eip_api.clone(), watcher::Config::default(), notify.clone());
+    let nodes = reflect(
+        Api::<Node>::all(client.clone()),
+        watcher::Config::default(),
+        notify.clone(),
+    );
+    let namespaces = reflect(
+        Api::<Namespace>::all(client.clone()),
+        watcher::Config::default(),
+        notify.clone(),
+    );
+    let pods = reflect(
+        Api::<Pod>::all(client.clone()),
+        watcher::Config::default(),
+        notify.clone(),
+    );
+    let leases = reflect(
+        Api::<Lease>::namespaced(client.clone(), &options.namespace),
+        watcher::Config::default().labels(&format!(
+            "{}={}",
+            claims::ROLE_LABEL,
+            claims::ROLE_CLAIMS
+        )),
+        notify.clone(),
+    );
+    ready(&eips).await;
+    ready(&nodes).await;
+    ready(&namespaces).await;
+    ready(&pods).await;
+    ready(&leases).await;
+    info!(identity = %me, "assigner synced");
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "egress-assigner".into(),
+            instance: Some(me.clone()),
+        },
+    );
+    let mut tracker = ClaimTracker::new(options.claim_ttl);
+    let mut down = down;
+    loop {
+        let now = Instant::now();
+        let eip_list = eips_of(&eips);
+        let node_list = nodes_info(&nodes);
+        let lease_objs = leases.state();
+        let lease_refs: Vec<&Lease> = lease_objs.iter().map(|l| &**l).collect();
+        let view = tracker.view(&lease_refs, now);
+        let mut unavailable = down.borrow().clone();
+        unavailable.extend(view.draining.iter().cloned());
+        let pod_list: Vec<PodInfo> = pods
+            .state()
+            .iter()
+            .filter_map(|p| PodInfo::from_pod(p))
+            .collect();
+        let checked = plan::check_all(&eip_list, &node_list, &options.plan);
+        let (prev_nodes, prev_ids) = plan::previous_from_status(&eip_list);
+        let assignments = plan::assign(
+            &checked,
+            &node_list,
+            &prev_nodes,
+            &unavailable,
+            &options.plan,
+        );
+        let ids = plan::allocate_ids(&checked, &prev_ids);
+        let selection = plan::select_pods(&checked, &namespaces_by_name(&namespaces), &pod_list);
+        let stamp = Timestamp::now();
+        for c in &checked {
+            let Some(eip) = eip_list.iter().find(|e| e.name_any() == c.name) else {
+                continue;
+            };
+            let status = plan::build_status(&plan::StatusInput {
+                checked: c,
+                assignments: &assignments,
+                ids: &ids,
+                claims: &view.live,
+                selection: &selection,
+                previous: eip.status.as_ref(),
+                now: stamp,
+            });
+            if eip.status.as_ref() == Some(&status) {
+                continue;
+            }
+            match eip_api
+                .patch_status(
+                    &c.name,
+                    &PatchParams::default(),
+                    &Patch::Merge(status_patch(&status)),
+                )
+                .await
+            {
+                Ok(_) => {
+                    debug!(egressip = %c.name, "status written");
+                    let reference = eip.object_ref(&());
+                    for ev in events_for(eip.status.as_ref(), &status) {
+                        if let Err(e) = recorder.publish(&ev, &reference).await {
+                            warn!(egressip = %c.name, error = %e, "cannot publish event");
+                        }
+                    }
+                }
+                Err(e) => warn!(egressip = %c.name, error = %e, "cannot write status"),
+            }
+        }
+        let wake = Duration::from_secs(1)
+            .min(tracker.next_expiry(Instant::now()).unwrap_or(Duration::MAX));
+        tokio::select! {
+            _ = notify.notified() => {}
+            _ = down.changed() => {}
+            _ = tokio::time::sleep(wake) => {}
+        }
+    }
+}
