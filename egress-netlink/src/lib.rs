@@ -4,6 +4,32 @@
 //!
 //! Every socket opened here belongs to the network namespace of the thread
 //! that opened it, for its whole life: open it from the namespace you mean.
+//!
+//! ```no_run
+//! use egress_netlink::{ClaimLedger, LinkEvent, Netlink};
+//! use futures_util::StreamExt;
+//!
+//! # async fn agent() -> Result<(), egress_netlink::Error> {
+//! let nl = Netlink::connect()?;
+//! // Subscribe before listing, so that no interface falls in between.
+//! let mut events = nl.link_events()?;
+//! let tunnel = nl.ensure_vxlan("egress-vxlan", 4789, None).await?;
+//! let mut ledger = ClaimLedger::open("/var/lib/egress/claims.json")?;
+//! let claim = nl
+//!     .claim_tracked(&mut ledger, "172.18.0.100".parse().unwrap(), None)
+//!     .await?;
+//! println!("tunnel ifindex {}, egress IP on {}", tunnel.index, claim.interface);
+//! for link in nl.links().await? { /* attach to matching interfaces */ }
+//! while let Some(event) = events.next().await {
+//!     match event {
+//!         LinkEvent::Added(link) => { /* attach (idempotently) */ }
+//!         LinkEvent::Removed { name, .. } => { /* forget */ }
+//!         LinkEvent::Overrun => { /* re-list with nl.links() */ }
+//!     }
+//! }
+//! # Ok(())
+//! # }
+//! ```
 
 mod addr;
 mod error;
@@ -41,5 +67,32 @@ impl Netlink {
     /// The underlying rtnetlink handle, for requests this crate does not wrap.
     pub fn handle(&self) -> &rtnetlink::Handle {
         &self.handle
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+
+    // The agent drives these from a multi-threaded runtime and may spawn
+    // them: a non-Send future would only show up there, as a puzzling
+    // compile error far from its cause.
+    #[allow(dead_code)]
+    fn futures_are_send(nl: &Netlink, ledger: &mut ClaimLedger) {
+        fn send<T: Send>(_: T) {}
+        let ip = Ipv4Addr::LOCALHOST;
+        send(nl.link_by_name("x"));
+        send(nl.links());
+        send(nl.ensure_vxlan("x", 1, None));
+        send(nl.delete_link("x"));
+        send(nl.ipv4_addresses());
+        send(nl.claim(ip, None));
+        send(nl.release(ip, "x"));
+        send(nl.claim_tracked(ledger, ip, None));
+        send(nl.release_tracked(ledger, ip));
+        send(nl.link_events());
+        send(nl.clone());
     }
 }
