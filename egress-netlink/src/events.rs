@@ -7,8 +7,8 @@ use futures_util::Stream;
 use nix::sys::socket::{setsockopt, sockopt};
 use rtnetlink::MulticastGroup;
 use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload};
-use rtnetlink::packet_route::RouteNetlinkMessage;
 use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
+use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::sys::AsyncSocket;
 use rtnetlink::sys::SocketAddr;
 use tokio::task::JoinHandle;
@@ -59,6 +59,15 @@ impl Drop for LinkEvents {
 impl LinkEvents {
     fn translate(&mut self, msg: NetlinkMessage<RouteNetlinkMessage>) -> Option<LinkEvent> {
         match msg.payload {
+            // The bridge reports port changes in the same group with
+            // AF_BRIDGE, including an RTM_DELLINK when a port merely leaves
+            // its bridge: only AF_UNSPEC speaks of devices themselves.
+            NetlinkPayload::InnerMessage(
+                RouteNetlinkMessage::NewLink(ref m) | RouteNetlinkMessage::DelLink(ref m),
+            ) if m.header.interface_family != AddressFamily::Unspec => {
+                trace!(family = ?m.header.interface_family, "ignoring per-family link notification");
+                None
+            }
             NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(m)) => {
                 let link = Link::from_message(&m)?;
                 if self.known.get(&link.index) == Some(&link.name) {

@@ -402,6 +402,21 @@ fn link_events_report_new_and_removed_veths() {
             other => panic!("expected the rename, got {other:?}"),
         }
 
+        // Bridge port notifications (AF_BRIDGE) are not device events, not
+        // even the RTM_DELLINK sent when a port leaves its bridge.
+        ip("link add br0 type bridge");
+        match next().await {
+            LinkEvent::Added(l) => assert_eq!(l.name, "br0"),
+            other => panic!("expected br0, got {other:?}"),
+        }
+        ip("link set ev0 master br0");
+        ip("link set ev0 nomaster");
+        ip("link del br0");
+        match next().await {
+            LinkEvent::Removed { name, .. } => assert_eq!(name, "br0"),
+            other => panic!("expected br0 to go, got {other:?}"),
+        }
+
         ip("link del ev0");
         let mut removed = Vec::new();
         while removed.len() < 2 {
