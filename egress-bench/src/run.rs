@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -332,8 +333,33 @@ const TCP_PORTS: u16 = 8;
 const UDP_PORT: u16 = 9000;
 const IPERF_PORT: &str = "5201";
 
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Ctrl-C or SIGTERM ends the run at the next cell boundary, through the
+/// normal error path, so the namespaces, agents and host sysctls are undone
+/// by their guards instead of leaking.
+fn catch_signals() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is
+        // async-signal-safe.
+        unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
+    }
+}
+
+fn check_interrupted() -> Result<()> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
 pub fn run_bench(args: &RunArgs) -> Result<bool> {
     let plan = plan(args)?;
+    catch_signals();
     prerequisites(!args.no_install)?;
     let exe = std::env::current_exe()?;
     let agent = args
@@ -436,6 +462,7 @@ pub fn run_bench(args: &RunArgs) -> Result<bool> {
             let k = plan.systems.len();
             for j in 0..k {
                 let system = plan.systems[(j + rep as usize) % k];
+                check_interrupted()?;
                 tcp_server.check_alive()?;
                 iperf_server.check_alive()?;
                 eprintln!("== N={n} rep={rep} system={}", system.name());
@@ -481,6 +508,7 @@ pub fn run_bench(args: &RunArgs) -> Result<bool> {
                 }
                 let cells = cells_for(&ctx, &active, n, n == max_n);
                 for cell in cells {
+                    check_interrupted()?;
                     let rec = measure(&ctx, &active, rep, &cell);
                     match &rec.error {
                         Some(e) => eprintln!(
