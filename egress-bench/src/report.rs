@@ -101,7 +101,14 @@ fn cell(s: Option<Stat>) -> String {
 
 fn ratio(a: Option<Stat>, b: Option<Stat>) -> String {
     match (a, b) {
-        (Some(a), Some(b)) if b.median != 0.0 => format!("{:.2}×", a.median / b.median),
+        (Some(a), Some(b)) if b.median != 0.0 => {
+            let r = a.median / b.median;
+            if r < 0.1 {
+                format!("{r:.4}×")
+            } else {
+                format!("{r:.2}×")
+            }
+        }
         _ => "—".into(),
     }
 }

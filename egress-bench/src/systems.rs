@@ -146,12 +146,14 @@ pub fn setup<'t>(system: System, topo: &'t Topo, n: u32, env: &Env) -> Result<Ac
         System::None => a.plain_tunnel()?,
         System::Iptables => {
             a.plain_tunnel()?;
+            a.claim_egress_addrs()?;
             a.baseline_conntrack()?;
             a.marks()?;
             a.iptables_rules()?;
         }
         System::Nftables => {
             a.plain_tunnel()?;
+            a.claim_egress_addrs()?;
             a.baseline_conntrack()?;
             a.marks()?;
             a.nft_map()?;
@@ -231,6 +233,23 @@ impl Active<'_> {
                 TUNNEL_TABLE,
             ],
         ))?;
+        Ok(())
+    }
+
+    /// openshift-sdn, like our agent, puts each egress IP on the node's
+    /// uplink; doing the same keeps node1's local routing table as large as
+    /// with the agent.
+    fn claim_egress_addrs(&mut self) -> Result<()> {
+        let mut batch = String::new();
+        for i in 0..self.n {
+            writeln!(
+                batch,
+                "address add {}/{} dev eth0",
+                egress_addr(i),
+                topo::NODE_PREFIX
+            )?;
+        }
+        run_stdin(host(&["ip", "-n", &self.topo.node1, "-batch", "-"]), &batch)?;
         Ok(())
     }
 
