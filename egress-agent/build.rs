@@ -11,6 +11,15 @@ fn main() -> anyhow::Result<()> {
         .ok_or_else(|| anyhow!("egress-agent has no parent directory"))?
         .join("egress-ebpf");
     let root = root.to_str().context("egress-ebpf path is not UTF-8")?;
-    aya_build::build_ebpf([Package { name: "egress-ebpf", root_dir: root, ..Default::default() }], Toolchain::default())
-        .context("building the eBPF programs failed; run `cargo xtask build-ebpf` to install the toolchain")
+    aya_build::build_ebpf(
+        [Package {
+            name: "egress-ebpf",
+            root_dir: root,
+            ..Default::default()
+        }],
+        Toolchain::default(),
+    )
+    .context(
+        "building the eBPF programs failed; run `cargo xtask build-ebpf` to install the toolchain",
+    )
 }

@@ -18,11 +18,21 @@ use serde::Deserialize;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: {source}")]
-    Syntax { path: PathBuf, source: Box<toml::de::Error> },
+    Syntax {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
     #[error("{path}: {field}: {message}")]
-    Invalid { path: PathBuf, field: String, message: String },
+    Invalid {
+        path: PathBuf,
+        field: String,
+        message: String,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
@@ -102,7 +112,8 @@ impl DatapathSettings {
     /// never has to evict a live flow before the flow limit refuses new ones
     /// (the kernel's LRU hands out free nodes in per-CPU batches).
     pub fn nat_map_entries(&self) -> u32 {
-        self.max_flows.saturating_add((self.max_flows / 8).max(4096))
+        self.max_flows
+            .saturating_add((self.max_flows / 8).max(4096))
     }
 
     pub fn gc_interval(&self) -> Duration {
@@ -124,7 +135,14 @@ pub struct Timeouts {
 
 impl Default for Timeouts {
     fn default() -> Self {
-        Self { tcp_syn_sent: 60, tcp_established: 21_600, tcp_closing: 30, tcp_reset: 10, udp: 60, icmp: 30 }
+        Self {
+            tcp_syn_sent: 60,
+            tcp_established: 21_600,
+            tcp_closing: 30,
+            tcp_reset: 10,
+            udp: 60,
+            icmp: 30,
+        }
     }
 }
 
@@ -165,18 +183,26 @@ pub struct PolicyConfig {
 
 impl AgentConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         Self::parse(&text, path)
     }
 
     /// Parses and validates; `path` only names the file in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let config: Self = toml::from_str(text)
-            .map_err(|source| ConfigError::Syntax { path: path.to_owned(), source: Box::new(source) })?;
+        let config: Self = toml::from_str(text).map_err(|source| ConfigError::Syntax {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })?;
         config
             .validate()
-            .map_err(|(field, message)| ConfigError::Invalid { path: path.to_owned(), field, message })?;
+            .map_err(|(field, message)| ConfigError::Invalid {
+                path: path.to_owned(),
+                field,
+                message,
+            })?;
         Ok(config)
     }
 
@@ -184,16 +210,28 @@ impl AgentConfig {
         let bad = |field: &str, message: String| Err((field.to_owned(), message));
         if self.instance.is_empty()
             || self.instance.len() > 64
-            || !self.instance.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            || !self
+                .instance
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         {
-            return bad("instance", format!("{:?} must be 1-64 characters of [A-Za-z0-9._-]", self.instance));
+            return bad(
+                "instance",
+                format!(
+                    "{:?} must be 1-64 characters of [A-Za-z0-9._-]",
+                    self.instance
+                ),
+            );
         }
         let nodes: BTreeSet<Ipv4Addr> = self.cluster.nodes.iter().copied().collect();
         if nodes.len() != self.cluster.nodes.len() {
             return bad("cluster.nodes", "lists an address twice".into());
         }
         if !nodes.contains(&self.node.address) {
-            return bad("node.address", format!("{} is not in cluster.nodes", self.node.address));
+            return bad(
+                "node.address",
+                format!("{} is not in cluster.nodes", self.node.address),
+            );
         }
         if self.node.uplink.is_empty() {
             return bad("node.uplink", "must name an interface".into());
@@ -201,11 +239,22 @@ impl AgentConfig {
         if self.node.tunnel_port == 0 {
             return bad("node.tunnel_port", "must not be 0".into());
         }
-        for (i, pattern) in self.node.pod_interfaces.iter().chain(&self.node.upstream_interfaces).enumerate() {
-            if pattern.is_empty() || pattern.len() > 15 || pattern[..pattern.len() - 1].contains('*') {
+        for (i, pattern) in self
+            .node
+            .pod_interfaces
+            .iter()
+            .chain(&self.node.upstream_interfaces)
+            .enumerate()
+        {
+            if pattern.is_empty()
+                || pattern.len() > 15
+                || pattern[..pattern.len() - 1].contains('*')
+            {
                 return bad(
                     "node.pod_interfaces/upstream_interfaces",
-                    format!("entry {i} {pattern:?}: an interface name of at most 15 characters, optionally ending in `*`"),
+                    format!(
+                        "entry {i} {pattern:?}: an interface name of at most 15 characters, optionally ending in `*`"
+                    ),
                 );
             }
         }
@@ -219,14 +268,20 @@ impl AgentConfig {
         if d.nat_port_min == 0 || d.nat_port_min > d.nat_port_max {
             return bad(
                 "datapath.nat_port_min",
-                format!("range {}..={} is empty or starts at 0", d.nat_port_min, d.nat_port_max),
+                format!(
+                    "range {}..={} is empty or starts at 0",
+                    d.nat_port_min, d.nat_port_max
+                ),
             );
         }
         if d.gc_interval_secs == 0 {
             return bad("datapath.gc_interval_secs", "must be at least 1".into());
         }
         if d.max_policies < 2 || d.max_policies > MAX_POLICY_ID + 1 {
-            return bad("datapath.max_policies", format!("must be within 2..={}", MAX_POLICY_ID + 1));
+            return bad(
+                "datapath.max_policies",
+                format!("must be within 2..={}", MAX_POLICY_ID + 1),
+            );
         }
 
         let mut ids = BTreeMap::new();
@@ -238,25 +293,49 @@ impl AgentConfig {
         for (i, p) in self.policies.iter().enumerate() {
             let at = |field: &str| format!("policies[{i}].{field}");
             if p.id == 0 || p.id >= d.max_policies {
-                return bad(&at("id"), format!("{} must be within 1..{} (datapath.max_policies)", p.id, d.max_policies));
+                return bad(
+                    &at("id"),
+                    format!(
+                        "{} must be within 1..{} (datapath.max_policies)",
+                        p.id, d.max_policies
+                    ),
+                );
             }
             if let Some(other) = ids.insert(p.id, i) {
-                return bad(&at("id"), format!("{} is also the id of policies[{other}]", p.id));
+                return bad(
+                    &at("id"),
+                    format!("{} is also the id of policies[{other}]", p.id),
+                );
             }
             if p.name.is_empty() {
                 return bad(&at("name"), "must not be empty".into());
             }
             if let Some(other) = names.insert(p.name.as_str(), i) {
-                return bad(&at("name"), format!("{:?} is also the name of policies[{other}]", p.name));
+                return bad(
+                    &at("name"),
+                    format!("{:?} is also the name of policies[{other}]", p.name),
+                );
             }
             if let Some(other) = ips.insert(p.egress_ip, i) {
-                return bad(&at("egress_ip"), format!("{} is also the egress IP of policies[{other}]", p.egress_ip));
+                return bad(
+                    &at("egress_ip"),
+                    format!("{} is also the egress IP of policies[{other}]", p.egress_ip),
+                );
             }
             if nodes.contains(&p.egress_ip) {
-                return bad(&at("egress_ip"), format!("{} is a node address", p.egress_ip));
+                return bad(
+                    &at("egress_ip"),
+                    format!("{} is a node address", p.egress_ip),
+                );
             }
-            if p.egress_ip.is_unspecified() || p.egress_ip.is_multicast() || p.egress_ip.is_broadcast() {
-                return bad(&at("egress_ip"), format!("{} cannot be a source address", p.egress_ip));
+            if p.egress_ip.is_unspecified()
+                || p.egress_ip.is_multicast()
+                || p.egress_ip.is_broadcast()
+            {
+                return bad(
+                    &at("egress_ip"),
+                    format!("{} cannot be a source address", p.egress_ip),
+                );
             }
             if let Some(node) = p.node
                 && !nodes.contains(&node)
@@ -265,23 +344,38 @@ impl AgentConfig {
             }
             for pod in &p.pods {
                 if let Some(other) = pods.insert(*pod, i) {
-                    return bad(&at("pods"), format!("{pod} is also selected by policies[{other}]"));
+                    return bad(
+                        &at("pods"),
+                        format!("{pod} is also selected by policies[{other}]"),
+                    );
                 }
             }
             for mark in &p.marks {
                 if *mark == 0 {
-                    return bad(&at("marks"), "0 means unmarked and cannot select a policy".into());
+                    return bad(
+                        &at("marks"),
+                        "0 means unmarked and cannot select a policy".into(),
+                    );
                 }
                 if let Some(other) = marks.insert(*mark, i) {
-                    return bad(&at("marks"), format!("{mark:#x} is also a mark of policies[{other}]"));
+                    return bad(
+                        &at("marks"),
+                        format!("{mark:#x} is also a mark of policies[{other}]"),
+                    );
                 }
             }
             for vni in &p.vnis {
                 if *vni == 0 || *vni > MAX_POLICY_ID {
-                    return bad(&at("vnis"), format!("{vni} is not a VNI (1..={MAX_POLICY_ID})"));
+                    return bad(
+                        &at("vnis"),
+                        format!("{vni} is not a VNI (1..={MAX_POLICY_ID})"),
+                    );
                 }
                 if let Some(other) = vnis.insert(*vni, i) {
-                    return bad(&at("vnis"), format!("{vni} is also a VNI of policies[{other}]"));
+                    return bad(
+                        &at("vnis"),
+                        format!("{vni} is also a VNI of policies[{other}]"),
+                    );
                 }
             }
         }
@@ -290,7 +384,10 @@ impl AgentConfig {
             if let Some(owner) = ids.get(vni)
                 && owner != i
             {
-                return bad(&format!("policies[{i}].vnis"), format!("{vni} is the id of policies[{owner}]"));
+                return bad(
+                    &format!("policies[{i}].vnis"),
+                    format!("{vni} is the id of policies[{owner}]"),
+                );
             }
         }
         Ok(())
@@ -315,7 +412,11 @@ impl AgentConfig {
                     excluded: p.excluded_cidrs.iter().copied().collect(),
                 },
             );
-            for pod in p.pods.iter().filter(|pod| self.node.pod_cidr.contains(*pod)) {
+            for pod in p
+                .pods
+                .iter()
+                .filter(|pod| self.node.pod_cidr.contains(*pod))
+            {
                 state.pods.insert(*pod, p.id);
             }
             state.marks.extend(p.marks.iter().map(|m| (*m, p.id)));
@@ -354,7 +455,10 @@ mod tests {
     fn node_state_keeps_only_local_pods() {
         let s = parse(EXAMPLE).unwrap().node_state();
         assert_eq!(s.pods, BTreeMap::from([(Ipv4Addr::new(10, 244, 1, 2), 1)]));
-        assert_eq!(s.policies[&1].egress_node, Some(Ipv4Addr::new(172, 18, 0, 11)));
+        assert_eq!(
+            s.policies[&1].egress_node,
+            Some(Ipv4Addr::new(172, 18, 0, 11))
+        );
         assert!(s.is_local(&s.policies[&1]));
         assert_eq!(s.nodes.len(), 3);
         assert_eq!(s.global_excluded.len(), 2);
@@ -362,7 +466,8 @@ mod tests {
 
     #[test]
     fn unknown_fields_and_bad_addresses_name_their_place() {
-        let err = parse(&EXAMPLE.replace("tunnel_port = 4789", "tunnel_port = 4789\ncolour = 1")).unwrap_err();
+        let err = parse(&EXAMPLE.replace("tunnel_port = 4789", "tunnel_port = 4789\ncolour = 1"))
+            .unwrap_err();
         assert!(err.to_string().contains("colour"), "{err}");
         let err = parse(&EXAMPLE.replace("\"172.18.0.100\"", "\"172.18.0.300\"")).unwrap_err();
         assert!(err.to_string().contains("line"), "{err}");
@@ -370,42 +475,98 @@ mod tests {
 
     #[test]
     fn semantic_errors_name_the_field() {
-        assert_eq!(invalid_field(&EXAMPLE.replace("address = \"172.18.0.11\"", "address = \"172.18.0.99\"")), "node.address");
-        assert_eq!(invalid_field(&EXAMPLE.replace("egress_ip = \"172.18.0.100\"", "egress_ip = \"172.18.0.12\"")), "policies[0].egress_ip");
-        assert_eq!(invalid_field(&EXAMPLE.replace("node = \"172.18.0.11\"", "node = \"172.18.0.50\"")), "policies[0].node");
-        assert_eq!(invalid_field(&EXAMPLE.replace("id = 1\n", "id = 0\n")), "policies[0].id");
-        assert_eq!(invalid_field(&EXAMPLE.replace("marks = []", "marks = [0]")), "policies[0].marks");
-        let inverted = EXAMPLE.replace("nat_port_min = 1024", "nat_port_min = 2000").replace("nat_port_max = 65535", "nat_port_max = 1500");
+        assert_eq!(
+            invalid_field(
+                &EXAMPLE.replace("address = \"172.18.0.11\"", "address = \"172.18.0.99\"")
+            ),
+            "node.address"
+        );
+        assert_eq!(
+            invalid_field(&EXAMPLE.replace(
+                "egress_ip = \"172.18.0.100\"",
+                "egress_ip = \"172.18.0.12\""
+            )),
+            "policies[0].egress_ip"
+        );
+        assert_eq!(
+            invalid_field(&EXAMPLE.replace("node = \"172.18.0.11\"", "node = \"172.18.0.50\"")),
+            "policies[0].node"
+        );
+        assert_eq!(
+            invalid_field(&EXAMPLE.replace("id = 1\n", "id = 0\n")),
+            "policies[0].id"
+        );
+        assert_eq!(
+            invalid_field(&EXAMPLE.replace("marks = []", "marks = [0]")),
+            "policies[0].marks"
+        );
+        let inverted = EXAMPLE
+            .replace("nat_port_min = 1024", "nat_port_min = 2000")
+            .replace("nat_port_max = 65535", "nat_port_max = 1500");
         assert_eq!(invalid_field(&inverted), "datapath.nat_port_min");
     }
 
     #[test]
     fn duplicates_across_policies_are_rejected() {
         let second = "\n[[policies]]\nid = 2\nname = \"team-b\"\negress_ip = \"172.18.0.101\"\npods = [\"10.244.1.2\"]\n";
-        assert_eq!(invalid_field(&format!("{EXAMPLE}{second}")), "policies[1].pods");
+        assert_eq!(
+            invalid_field(&format!("{EXAMPLE}{second}")),
+            "policies[1].pods"
+        );
         let second = "\n[[policies]]\nid = 1\nname = \"team-b\"\negress_ip = \"172.18.0.101\"\n";
-        assert_eq!(invalid_field(&format!("{EXAMPLE}{second}")), "policies[1].id");
+        assert_eq!(
+            invalid_field(&format!("{EXAMPLE}{second}")),
+            "policies[1].id"
+        );
         let second = "\n[[policies]]\nid = 2\nname = \"team-b\"\negress_ip = \"172.18.0.100\"\n";
-        assert_eq!(invalid_field(&format!("{EXAMPLE}{second}")), "policies[1].egress_ip");
-        let second = "\n[[policies]]\nid = 2\nname = \"team-b\"\negress_ip = \"172.18.0.101\"\nvnis = [1]\n";
-        assert_eq!(invalid_field(&format!("{EXAMPLE}{second}")), "policies[1].vnis");
+        assert_eq!(
+            invalid_field(&format!("{EXAMPLE}{second}")),
+            "policies[1].egress_ip"
+        );
+        let second =
+            "\n[[policies]]\nid = 2\nname = \"team-b\"\negress_ip = \"172.18.0.101\"\nvnis = [1]\n";
+        assert_eq!(
+            invalid_field(&format!("{EXAMPLE}{second}")),
+            "policies[1].vnis"
+        );
     }
 
     #[test]
     fn timeouts_follow_protocol_and_state() {
         let t = Timeouts::default();
-        assert_eq!(t.for_flow(egress_common::proto::TCP, CtState::Established), Duration::from_secs(21_600));
-        assert_eq!(t.for_flow(egress_common::proto::TCP, CtState::SynSent), Duration::from_secs(60));
-        assert_eq!(t.for_flow(egress_common::proto::TCP, CtState::Closed), Duration::from_secs(30));
-        assert_eq!(t.for_flow(egress_common::proto::UDP, CtState::Open), Duration::from_secs(60));
-        assert_eq!(t.for_flow(egress_common::proto::ICMP, CtState::Open), Duration::from_secs(30));
+        assert_eq!(
+            t.for_flow(egress_common::proto::TCP, CtState::Established),
+            Duration::from_secs(21_600)
+        );
+        assert_eq!(
+            t.for_flow(egress_common::proto::TCP, CtState::SynSent),
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            t.for_flow(egress_common::proto::TCP, CtState::Closed),
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            t.for_flow(egress_common::proto::UDP, CtState::Open),
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            t.for_flow(egress_common::proto::ICMP, CtState::Open),
+            Duration::from_secs(30)
+        );
     }
 
     #[test]
     fn nat_maps_have_headroom() {
-        let d = DatapathSettings { max_flows: 100, ..Default::default() };
+        let d = DatapathSettings {
+            max_flows: 100,
+            ..Default::default()
+        };
         assert_eq!(d.nat_map_entries(), 4196);
-        let d = DatapathSettings { max_flows: 1 << 20, ..Default::default() };
+        let d = DatapathSettings {
+            max_flows: 1 << 20,
+            ..Default::default()
+        };
         assert_eq!(d.nat_map_entries(), (1 << 20) + (1 << 17));
     }
 }

@@ -30,12 +30,19 @@ pub struct Collector {
 
 /// The monotonic clock `bpf_ktime_get_ns()` reads.
 pub fn monotonic_ns() -> u64 {
-    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC is always available");
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .expect("CLOCK_MONOTONIC is always available");
     ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
 }
 
 /// Whether a flow last seen at `last_seen_ns` has timed out at `now_ns`.
-pub fn expired(timeouts: &Timeouts, proto: u8, state: CtState, last_seen_ns: u64, now_ns: u64) -> bool {
+pub fn expired(
+    timeouts: &Timeouts,
+    proto: u8,
+    state: CtState,
+    last_seen_ns: u64,
+    now_ns: u64,
+) -> bool {
     Duration::from_nanos(now_ns.saturating_sub(last_seen_ns)) > timeouts.for_flow(proto, state)
 }
 
@@ -48,7 +55,12 @@ fn tolerate_missing(r: Result<(), MapError>) -> Result<bool, MapError> {
 }
 
 impl Collector {
-    pub fn sweep(&mut self, maps: &mut Maps, timeouts: &Timeouts, now_ns: u64) -> Result<SweepReport, MapsError> {
+    pub fn sweep(
+        &mut self,
+        maps: &mut Maps,
+        timeouts: &Timeouts,
+        now_ns: u64,
+    ) -> Result<SweepReport, MapsError> {
         let map_err = |name| move |source| MapsError::Map { name, source };
         let mut report = SweepReport::default();
         // Collect first: deleting while walking a hash map restarts the walk.
@@ -59,10 +71,17 @@ impl Collector {
             .map_err(map_err(egress_common::maps::NAT_FWD_V4))?;
         report.scanned = flows.len();
         for (key, entry) in &flows {
-            if !expired(timeouts, key.proto, CtState::from_u8(entry.state), entry.last_seen_ns, now_ns) {
+            if !expired(
+                timeouts,
+                key.proto,
+                CtState::from_u8(entry.state),
+                entry.last_seen_ns,
+                now_ns,
+            ) {
                 continue;
             }
-            let removed = tolerate_missing(maps.nat_fwd.remove(key)).map_err(map_err(egress_common::maps::NAT_FWD_V4))?;
+            let removed = tolerate_missing(maps.nat_fwd.remove(key))
+                .map_err(map_err(egress_common::maps::NAT_FWD_V4))?;
             tolerate_missing(maps.nat_rev.remove(&reverse_key(key, entry)))
                 .map_err(map_err(egress_common::maps::NAT_REV_V4))?;
             if removed {
@@ -109,7 +128,12 @@ mod tests {
 
     #[test]
     fn expiry_uses_the_state_timeout() {
-        let t = Timeouts { tcp_established: 10, tcp_syn_sent: 2, udp: 3, ..Default::default() };
+        let t = Timeouts {
+            tcp_established: 10,
+            tcp_syn_sent: 2,
+            udp: 3,
+            ..Default::default()
+        };
         let s = 1_000_000_000;
         assert!(!expired(&t, proto::TCP, CtState::Established, 0, 10 * s));
         assert!(expired(&t, proto::TCP, CtState::Established, 0, 10 * s + 1));

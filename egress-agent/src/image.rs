@@ -49,7 +49,13 @@ impl DatapathImage {
             ..Default::default()
         };
         for node in &state.nodes {
-            image.nodes.insert(node.octets(), NodeV4 { is_self: u32::from(node.octets() == node_addr), _reserved: 0 });
+            image.nodes.insert(
+                node.octets(),
+                NodeV4 {
+                    is_self: u32::from(node.octets() == node_addr),
+                    _reserved: 0,
+                },
+            );
         }
         for (id, policy) in &state.policies {
             let local = state.is_local(policy);
@@ -75,16 +81,28 @@ impl DatapathImage {
             // The policy's own id is the VNI that steers its traffic here.
             image.vnis.insert(*id, *id);
             for net in &policy.excluded {
-                image.exclusions.insert((*id, net.network().octets(), net.prefix_len()));
+                image
+                    .exclusions
+                    .insert((*id, net.network().octets(), net.prefix_len()));
             }
         }
         for net in &state.global_excluded {
-            image.exclusions.insert((0, net.network().octets(), net.prefix_len()));
+            image
+                .exclusions
+                .insert((0, net.network().octets(), net.prefix_len()));
         }
         image.vnis.extend(state.vnis.iter().map(|(v, p)| (*v, *p)));
-        image.marks.extend(state.marks.iter().map(|(m, p)| (*m, *p)));
+        image
+            .marks
+            .extend(state.marks.iter().map(|(m, p)| (*m, *p)));
         for (pod, id) in &state.pods {
-            image.pods.insert(pod.octets(), PodPolicyV4 { policy_id: *id, _reserved: 0 });
+            image.pods.insert(
+                pod.octets(),
+                PodPolicyV4 {
+                    policy_id: *id,
+                    _reserved: 0,
+                },
+            );
         }
         image
     }
@@ -99,11 +117,20 @@ mod tests {
     use super::*;
 
     fn env() -> Environment {
-        Environment { tunnel_ifindex: 7, nat_port_min: 1024, nat_port_max: 65535, max_flows: 1000, tunnel_mss: 1410 }
+        Environment {
+            tunnel_ifindex: 7,
+            nat_port_min: 1024,
+            nat_port_max: 65535,
+            max_flows: 1000,
+            tunnel_mss: 1410,
+        }
     }
 
     fn state() -> NodeState {
-        let mut s = NodeState { node_addr: Some(Ipv4Addr::new(172, 18, 0, 11)), ..Default::default() };
+        let mut s = NodeState {
+            node_addr: Some(Ipv4Addr::new(172, 18, 0, 11)),
+            ..Default::default()
+        };
         s.nodes = [Ipv4Addr::new(172, 18, 0, 11), Ipv4Addr::new(172, 18, 0, 12)].into();
         let policy = |ip: [u8; 4], node: Option<[u8; 4]>, fp| PolicyState {
             name: "p".into(),
@@ -112,9 +139,24 @@ mod tests {
             failure_policy: fp,
             excluded: ["192.0.2.0/24".parse().unwrap()].into(),
         };
-        s.policies.insert(1, policy([172, 18, 0, 100], Some([172, 18, 0, 11]), FailurePolicy::FailClosed));
-        s.policies.insert(2, policy([172, 18, 0, 101], Some([172, 18, 0, 12]), FailurePolicy::FailClosed));
-        s.policies.insert(3, policy([172, 18, 0, 102], None, FailurePolicy::FailOpen));
+        s.policies.insert(
+            1,
+            policy(
+                [172, 18, 0, 100],
+                Some([172, 18, 0, 11]),
+                FailurePolicy::FailClosed,
+            ),
+        );
+        s.policies.insert(
+            2,
+            policy(
+                [172, 18, 0, 101],
+                Some([172, 18, 0, 12]),
+                FailurePolicy::FailClosed,
+            ),
+        );
+        s.policies
+            .insert(3, policy([172, 18, 0, 102], None, FailurePolicy::FailOpen));
         s.pods.insert(Ipv4Addr::new(10, 244, 1, 2), 2);
         s.marks.insert(0x2ec40e, 1);
         s.vnis.insert(5000, 3);
@@ -125,9 +167,15 @@ mod tests {
     #[test]
     fn local_policies_own_their_egress_address() {
         let image = DatapathImage::from_state(&state(), &env());
-        assert_eq!(image.policies[&1].flags, policy_flags::ACTIVE | policy_flags::LOCAL);
+        assert_eq!(
+            image.policies[&1].flags,
+            policy_flags::ACTIVE | policy_flags::LOCAL
+        );
         assert_eq!(image.egress_addrs, BTreeMap::from([([172, 18, 0, 100], 1)]));
-        assert_eq!(image.policies[&2].flags, policy_flags::ACTIVE | policy_flags::CLAMP_MSS);
+        assert_eq!(
+            image.policies[&2].flags,
+            policy_flags::ACTIVE | policy_flags::CLAMP_MSS
+        );
         assert_eq!(image.policies[&2].egress_node, [172, 18, 0, 12]);
     }
 
@@ -143,7 +191,10 @@ mod tests {
     #[test]
     fn every_policy_id_is_a_vni_and_extras_are_added() {
         let image = DatapathImage::from_state(&state(), &env());
-        assert_eq!(image.vnis, BTreeMap::from([(1, 1), (2, 2), (3, 3), (5000, 3)]));
+        assert_eq!(
+            image.vnis,
+            BTreeMap::from([(1, 1), (2, 2), (3, 3), (5000, 3)])
+        );
         assert_eq!(image.marks, BTreeMap::from([(0x2ec40e, 1)]));
     }
 

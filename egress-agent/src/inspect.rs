@@ -14,8 +14,12 @@ use crate::{
 
 fn open(instance: &str) -> anyhow::Result<(PinLayout, Maps)> {
     let layout = PinLayout::for_instance(instance);
-    let maps = Maps::open(&layout)
-        .with_context(|| format!("no datapath pinned at {} (is the agent running?)", layout.root.display()))?;
+    let maps = Maps::open(&layout).with_context(|| {
+        format!(
+            "no datapath pinned at {} (is the agent running?)",
+            layout.root.display()
+        )
+    })?;
     Ok((layout, maps))
 }
 
@@ -33,8 +37,10 @@ fn proto_name(p: u8) -> &'static str {
 }
 
 fn stats_json(id: u32, s: &PolicyStats) -> Value {
-    let drops: serde_json::Map<String, Value> =
-        DropReason::ALL.iter().map(|r| (r.name().to_owned(), json!(s.drops.get(*r)))).collect();
+    let drops: serde_json::Map<String, Value> = DropReason::ALL
+        .iter()
+        .map(|r| (r.name().to_owned(), json!(s.drops.get(*r))))
+        .collect();
     json!({
         "id": id,
         "egress_packets": s.egress_packets,
@@ -61,12 +67,21 @@ pub fn stats(instance: &str, as_json: bool) -> anyhow::Result<()> {
     }
     if as_json {
         let policies: Vec<Value> = rows.iter().map(|(id, s)| stats_json(*id, s)).collect();
-        println!("{}", serde_json::to_string_pretty(&json!({ "policies": policies }))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({ "policies": policies }))?
+        );
         return Ok(());
     }
     println!(
         "{:>6} {:>12} {:>14} {:>12} {:>14} {:>10} {:>10}  drops",
-        "policy", "egress_pkts", "egress_bytes", "reply_pkts", "reply_bytes", "steered", "new_flows"
+        "policy",
+        "egress_pkts",
+        "egress_bytes",
+        "reply_pkts",
+        "reply_bytes",
+        "steered",
+        "new_flows"
     );
     for (id, s) in rows {
         let drops: Vec<String> = DropReason::ALL
@@ -76,14 +91,22 @@ pub fn stats(instance: &str, as_json: bool) -> anyhow::Result<()> {
             .collect();
         println!(
             "{:>6} {:>12} {:>14} {:>12} {:>14} {:>10} {:>10}  {}",
-            if id == 0 { "-".to_owned() } else { id.to_string() },
+            if id == 0 {
+                "-".to_owned()
+            } else {
+                id.to_string()
+            },
             s.egress_packets,
             s.egress_bytes,
             s.reply_packets,
             s.reply_bytes,
             s.steered_packets,
             s.new_flows,
-            if drops.is_empty() { "none".to_owned() } else { drops.join(" ") }
+            if drops.is_empty() {
+                "none".to_owned()
+            } else {
+                drops.join(" ")
+            }
         );
     }
     Ok(())
@@ -110,10 +133,16 @@ pub fn nat_list(instance: &str, as_json: bool) -> anyhow::Result<()> {
         }));
     }
     if as_json {
-        println!("{}", serde_json::to_string_pretty(&json!({ "flows": flows }))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({ "flows": flows }))?
+        );
         return Ok(());
     }
-    println!("{:<5} {:<22} {:<22} {:<22} {:>6} {:<12} {:>6}", "proto", "pod", "server", "nat", "policy", "state", "idle");
+    println!(
+        "{:<5} {:<22} {:<22} {:<22} {:>6} {:<12} {:>6}",
+        "proto", "pod", "server", "nat", "policy", "state", "idle"
+    );
     for f in &flows {
         println!(
             "{:<5} {:<22} {:<22} {:<22} {:>6} {:<12} {:>5}s",
@@ -135,7 +164,10 @@ pub fn status(instance: &str, as_json: bool) -> anyhow::Result<()> {
     let image = maps.read_image()?;
     let (created, released) = maps.flow_counts()?;
     let live_entries = maps.nat_fwd.keys().count() as u64;
-    let links: Vec<String> = pinned_links(&layout)?.into_iter().map(|(p, i)| format!("{p}@{i}")).collect();
+    let links: Vec<String> = pinned_links(&layout)?
+        .into_iter()
+        .map(|(p, i)| format!("{p}@{i}"))
+        .collect();
     let exclusions = exclusions_by_policy(&image);
     let policies: Vec<Value> = image
         .policies

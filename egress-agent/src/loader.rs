@@ -18,8 +18,8 @@ use aya::{
     sys::SyscallError,
 };
 use egress_common::{
-    DatapathConfig, ExclusionKeyV4, FlowKeyV4, NatEntryV4, NodeV4, PodPolicyV4, PolicyStats, PolicyV4,
-    RevNatEntryV4, flow_count, maps as names,
+    DatapathConfig, ExclusionKeyV4, FlowKeyV4, NatEntryV4, NodeV4, PodPolicyV4, PolicyStats,
+    PolicyV4, RevNatEntryV4, flow_count, maps as names,
 };
 
 use crate::{
@@ -29,38 +29,67 @@ use crate::{
 
 /// The embedded programs, built by build.rs.
 const OBJECTS: [(&str, &[u8]); 3] = [
-    (names::programs::POD_INGRESS, aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pod_ingress"))),
-    (names::programs::TUNNEL_INGRESS, aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tunnel_ingress"))),
-    (names::programs::UPLINK_INGRESS, aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/uplink_ingress"))),
+    (
+        names::programs::POD_INGRESS,
+        aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pod_ingress")),
+    ),
+    (
+        names::programs::TUNNEL_INGRESS,
+        aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tunnel_ingress")),
+    ),
+    (
+        names::programs::UPLINK_INGRESS,
+        aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/uplink_ingress")),
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error("mounting bpffs at {path}: {source}")]
-    Mount { path: &'static str, source: nix::Error },
+    Mount {
+        path: &'static str,
+        source: nix::Error,
+    },
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
     #[error(transparent)]
     Maps(#[from] MapsError),
     #[error("loading {program}: {source}")]
-    Load { program: &'static str, source: Box<aya::EbpfError> },
+    Load {
+        program: &'static str,
+        source: Box<aya::EbpfError>,
+    },
     #[error("program {program}: {source}")]
-    Program { program: &'static str, source: Box<aya::programs::ProgramError> },
+    Program {
+        program: &'static str,
+        source: Box<aya::programs::ProgramError>,
+    },
     #[error("attaching {program} to {interface}: {source}")]
-    Attach { program: &'static str, interface: String, source: Box<aya::programs::ProgramError> },
+    Attach {
+        program: &'static str,
+        interface: String,
+        source: Box<aya::programs::ProgramError>,
+    },
     #[error("pinning {path}: {source}")]
-    Pin { path: PathBuf, source: aya::pin::PinError },
+    Pin {
+        path: PathBuf,
+        source: aya::pin::PinError,
+    },
     #[error("link {path}: {source}")]
     Link { path: PathBuf, source: LinkError },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> LoadError + '_ {
-    move |source| LoadError::Io { path: path.to_owned(), source }
+    move |source| LoadError::Io {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 /// Mounts bpffs at /sys/fs/bpf unless it already is.
 pub fn ensure_bpffs() -> Result<(), LoadError> {
-    let mounts = fs::read_to_string("/proc/self/mounts").map_err(io_err(Path::new("/proc/self/mounts")))?;
+    let mounts =
+        fs::read_to_string("/proc/self/mounts").map_err(io_err(Path::new("/proc/self/mounts")))?;
     let mounted = mounts.lines().any(|l| {
         let mut f = l.split_whitespace();
         let (_, target, fstype) = (f.next(), f.next(), f.next());
@@ -75,7 +104,10 @@ pub fn ensure_bpffs() -> Result<(), LoadError> {
             nix::mount::MsFlags::empty(),
             None::<&str>,
         )
-        .map_err(|source| LoadError::Mount { path: PinLayout::BPFFS, source })?;
+        .map_err(|source| LoadError::Mount {
+            path: PinLayout::BPFFS,
+            source,
+        })?;
     }
     Ok(())
 }
@@ -83,7 +115,12 @@ pub fn ensure_bpffs() -> Result<(), LoadError> {
 /// The sizes every map must have under `settings`.
 pub fn shapes(settings: &DatapathSettings) -> Vec<Shape> {
     fn shape<K, V>(name: &'static str, max_entries: u32) -> Shape {
-        Shape { name, key_size: size_of::<K>() as u32, value_size: size_of::<V>() as u32, max_entries }
+        Shape {
+            name,
+            key_size: size_of::<K>() as u32,
+            value_size: size_of::<V>() as u32,
+            max_entries,
+        }
     }
     let nat = settings.nat_map_entries();
     vec![
@@ -92,7 +129,10 @@ pub fn shapes(settings: &DatapathSettings) -> Vec<Shape> {
         shape::<[u8; 4], PodPolicyV4>(names::POD_POLICY_V4, settings.max_pods),
         shape::<u32, u32>(names::MARK_POLICY, names::MAX_MARKS),
         shape::<u32, u32>(names::VNI_POLICY, names::MAX_MARKS),
-        shape::<aya::maps::lpm_trie::Key<ExclusionKeyV4>, u32>(names::EXCLUDED_V4, names::MAX_EXCLUSIONS),
+        shape::<aya::maps::lpm_trie::Key<ExclusionKeyV4>, u32>(
+            names::EXCLUDED_V4,
+            names::MAX_EXCLUSIONS,
+        ),
         shape::<[u8; 4], NodeV4>(names::NODES_V4, names::MAX_NODES),
         shape::<[u8; 4], u32>(names::EGRESS_ADDRS_V4, settings.max_policies),
         shape::<FlowKeyV4, NatEntryV4>(names::NAT_FWD_V4, nat),
@@ -112,7 +152,12 @@ pub struct Datapath {
 impl Datapath {
     /// Loads all programs, creating the pinned maps or reusing them.
     pub fn load(layout: &PinLayout, settings: &DatapathSettings) -> Result<Self, LoadError> {
-        for dir in [layout.root.clone(), layout.maps(), layout.progs(), layout.links()] {
+        for dir in [
+            layout.root.clone(),
+            layout.maps(),
+            layout.progs(),
+            layout.links(),
+        ] {
             fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         }
         let shapes = shapes(settings);
@@ -124,19 +169,30 @@ impl Datapath {
                 loader.map_pin_path(shape.name, layout.map(shape.name));
                 loader.map_max_entries(shape.name, shape.max_entries);
             }
-            let mut ebpf =
-                loader.load(bytes).map_err(|source| LoadError::Load { program, source: Box::new(source) })?;
+            let mut ebpf = loader.load(bytes).map_err(|source| LoadError::Load {
+                program,
+                source: Box::new(source),
+            })?;
             let prog = classifier(&mut ebpf, program)?;
-            prog.load().map_err(|source| LoadError::Program { program, source: Box::new(source) })?;
+            prog.load().map_err(|source| LoadError::Program {
+                program,
+                source: Box::new(source),
+            })?;
             // Pinned so that operators and the benchmark can `bpftool prog run pinned` it.
             let pin = layout.progs().join(program);
             if pin.exists() {
                 fs::remove_file(&pin).map_err(io_err(&pin))?;
             }
-            prog.pin(&pin).map_err(|source| LoadError::Pin { path: pin.clone(), source })?;
+            prog.pin(&pin).map_err(|source| LoadError::Pin {
+                path: pin.clone(),
+                source,
+            })?;
             objects.push((program, ebpf));
         }
-        Ok(Self { layout: layout.clone(), objects })
+        Ok(Self {
+            layout: layout.clone(),
+            objects,
+        })
     }
 
     /// Attaches `program` to TC ingress of `interface`, atomically replacing
@@ -149,12 +205,20 @@ impl Datapath {
             .find(|(name, _)| *name == program)
             .expect("every program in OBJECTS is loaded");
         let prog = classifier(ebpf, program)?;
-        let attach_err =
-            |source| LoadError::Attach { program, interface: interface.to_owned(), source: Box::new(source) };
+        let attach_err = |source| LoadError::Attach {
+            program,
+            interface: interface.to_owned(),
+            source: Box::new(source),
+        };
         match PinnedLink::from_pin(&path) {
             Ok(pinned) => {
-                let link = SchedClassifierLink::try_from(FdLink::from(pinned))
-                    .map_err(|source| LoadError::Link { path: path.clone(), source })?;
+                let link =
+                    SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|source| {
+                        LoadError::Link {
+                            path: path.clone(),
+                            source,
+                        }
+                    })?;
                 match prog.attach_to_link(link) {
                     Ok(id) => {
                         // The pin keeps the link; our handle can go.
@@ -168,27 +232,45 @@ impl Datapath {
                     }
                 }
             }
-            Err(LinkError::SyscallError(SyscallError { io_error, .. })) if io_error.kind() == io::ErrorKind::NotFound => {}
+            Err(LinkError::SyscallError(SyscallError { io_error, .. }))
+                if io_error.kind() == io::ErrorKind::NotFound => {}
             Err(source) => return Err(LoadError::Link { path, source }),
         }
         let id = prog
-            .attach_with_options(interface, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::default()))
+            .attach_with_options(
+                interface,
+                TcAttachType::Ingress,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
             .map_err(attach_err)?;
-        let link: FdLink = prog.take_link(id).map_err(attach_err)?.try_into().map_err(|source| LoadError::Link {
-            path: path.clone(),
-            source,
-        })?;
-        link.pin(&path).map_err(|source| LoadError::Pin { path, source })?;
+        let link: FdLink =
+            prog.take_link(id)
+                .map_err(attach_err)?
+                .try_into()
+                .map_err(|source| LoadError::Link {
+                    path: path.clone(),
+                    source,
+                })?;
+        link.pin(&path)
+            .map_err(|source| LoadError::Pin { path, source })?;
         Ok(())
     }
 }
 
-fn classifier<'a>(ebpf: &'a mut Ebpf, program: &'static str) -> Result<&'a mut SchedClassifier, LoadError> {
-    let prog = ebpf.program_mut(program).ok_or_else(|| LoadError::Program {
+fn classifier<'a>(
+    ebpf: &'a mut Ebpf,
+    program: &'static str,
+) -> Result<&'a mut SchedClassifier, LoadError> {
+    let prog = ebpf
+        .program_mut(program)
+        .ok_or_else(|| LoadError::Program {
+            program,
+            source: Box::new(aya::programs::ProgramError::UnexpectedProgramType),
+        })?;
+    prog.try_into().map_err(|source| LoadError::Program {
         program,
-        source: Box::new(aya::programs::ProgramError::UnexpectedProgramType),
-    })?;
-    prog.try_into().map_err(|source| LoadError::Program { program, source: Box::new(source) })
+        source: Box::new(source),
+    })
 }
 
 /// The (program, interface) pairs with a pinned link.
@@ -198,7 +280,12 @@ pub fn pinned_links(layout: &PinLayout) -> Result<BTreeSet<(String, String)>, Lo
     let entries = match fs::read_dir(&dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
-        Err(e) => return Err(LoadError::Io { path: dir, source: e }),
+        Err(e) => {
+            return Err(LoadError::Io {
+                path: dir,
+                source: e,
+            });
+        }
     };
     for entry in entries {
         let entry = entry.map_err(io_err(&dir))?;
@@ -219,7 +306,9 @@ pub fn detach(layout: &PinLayout, program: &str, interface: &str) -> Result<(), 
             pinned.unpin().map_err(io_err(&path))?;
             Ok(())
         }
-        Err(LinkError::SyscallError(SyscallError { io_error, .. })) if io_error.kind() == io::ErrorKind::NotFound => {
+        Err(LinkError::SyscallError(SyscallError { io_error, .. }))
+            if io_error.kind() == io::ErrorKind::NotFound =>
+        {
             Ok(())
         }
         Err(source) => Err(LoadError::Link { path, source }),

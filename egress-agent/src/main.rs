@@ -13,7 +13,10 @@ mod maps;
 mod run;
 
 #[derive(Parser)]
-#[command(version, about = "Egress-IP datapath agent: TC eBPF SNAT to fixed egress IPs")]
+#[command(
+    version,
+    about = "Egress-IP datapath agent: TC eBPF SNAT to fixed egress IPs"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -87,16 +90,34 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Run { config, ready_file, keep_state_on_exit, state_dir } => {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            runtime.block_on(run::run(run::Options { config, ready_file, keep_state_on_exit, state_dir }))
+        Command::Run {
+            config,
+            ready_file,
+            keep_state_on_exit,
+            state_dir,
+        } => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(run::run(run::Options {
+                config,
+                ready_file,
+                keep_state_on_exit,
+                state_dir,
+            }))
         }
         Command::Status { instance, json } => inspect::status(&instance, json),
         Command::Stats { instance, json } => inspect::stats(&instance, json),
-        Command::Nat { command: NatCommand::List { instance, json } } => inspect::nat_list(&instance, json),
+        Command::Nat {
+            command: NatCommand::List { instance, json },
+        } => inspect::nat_list(&instance, json),
         Command::Check { config } => {
             let c = config::AgentConfig::load(&config)?;
-            println!("{}: valid ({} policies)", config.display(), c.policies.len());
+            println!(
+                "{}: valid ({} policies)",
+                config.display(),
+                c.policies.len()
+            );
             Ok(())
         }
         Command::Reset { instance } => {

@@ -12,8 +12,8 @@ use aya::{
     maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, lpm_trie::Key},
 };
 use egress_common::{
-    DatapathConfig, ExclusionKeyV4, FlowKeyV4, NatEntryV4, NodeV4, PodPolicyV4, PolicyStats, PolicyV4,
-    RevNatEntryV4, flow_count, maps as names, policy_flags,
+    DatapathConfig, ExclusionKeyV4, FlowKeyV4, NatEntryV4, NodeV4, PodPolicyV4, PolicyStats,
+    PolicyV4, RevNatEntryV4, flow_count, maps as names, policy_flags,
 };
 
 use crate::image::{DatapathImage, Exclusion};
@@ -21,12 +21,20 @@ use crate::image::{DatapathImage, Exclusion};
 #[derive(Debug, thiserror::Error)]
 pub enum MapsError {
     #[error("map {name}: {source}")]
-    Map { name: &'static str, source: MapError },
+    Map {
+        name: &'static str,
+        source: MapError,
+    },
     #[error(
         "pinned map {path} has {what} {found}, this agent needs {wanted}; remove the old state with \
          `egress-agent reset --instance <instance>` (established connections through it will break)"
     )]
-    Incompatible { path: PathBuf, what: &'static str, found: u32, wanted: u32 },
+    Incompatible {
+        path: PathBuf,
+        what: &'static str,
+        found: u32,
+        wanted: u32,
+    },
 }
 
 type Result<T> = std::result::Result<T, MapsError>;
@@ -45,7 +53,9 @@ impl PinLayout {
     pub const BPFFS: &'static str = "/sys/fs/bpf";
 
     pub fn for_instance(instance: &str) -> Self {
-        Self { root: Path::new(Self::BPFFS).join(instance) }
+        Self {
+            root: Path::new(Self::BPFFS).join(instance),
+        }
     }
 
     pub fn maps(&self) -> PathBuf {
@@ -95,7 +105,12 @@ pub fn check_pinned(layout: &PinLayout, shapes: &[Shape]) -> Result<()> {
             ("max_entries", info.max_entries(), shape.max_entries),
         ] {
             if found != wanted {
-                return Err(MapsError::Incompatible { path, what, found, wanted });
+                return Err(MapsError::Incompatible {
+                    path,
+                    what,
+                    found,
+                    wanted,
+                });
             }
         }
     }
@@ -167,8 +182,14 @@ impl Maps {
         for key in self.excluded.keys() {
             let key = key.map_err(err(names::EXCLUDED_V4))?;
             let data = key.data();
-            let prefix = key.prefix_len().saturating_sub(ExclusionKeyV4::POLICY_ID_BITS);
-            image.exclusions.insert((u32::from_be_bytes(data.policy_id_be), data.addr, prefix as u8));
+            let prefix = key
+                .prefix_len()
+                .saturating_sub(ExclusionKeyV4::POLICY_ID_BITS);
+            image.exclusions.insert((
+                u32::from_be_bytes(data.policy_id_be),
+                data.addr,
+                prefix as u8,
+            ));
         }
         Ok(image)
     }
@@ -177,53 +198,128 @@ impl Maps {
     /// `desired`. Additions go in dependency order (policies before the pods,
     /// marks and VNIs that point at them) and removals in reverse, so a
     /// packet never finds a pod whose policy is missing.
-    pub fn apply(&mut self, current: &DatapathImage, desired: &DatapathImage) -> Result<ApplyReport> {
+    pub fn apply(
+        &mut self,
+        current: &DatapathImage,
+        desired: &DatapathImage,
+    ) -> Result<ApplyReport> {
         let mut report = ApplyReport::default();
         if current.config != desired.config {
-            self.config.set(0, desired.config, 0).map_err(err(names::CONFIG))?;
+            self.config
+                .set(0, desired.config, 0)
+                .map_err(err(names::CONFIG))?;
             report.written += 1;
         }
-        report.add(upsert(&mut self.nodes, &current.nodes, &desired.nodes, names::NODES_V4)?);
+        report.add(upsert(
+            &mut self.nodes,
+            &current.nodes,
+            &desired.nodes,
+            names::NODES_V4,
+        )?);
         for (id, policy) in &desired.policies {
             if current.policies.get(id) != Some(policy) {
-                self.policies.set(*id, *policy, 0).map_err(err(names::POLICIES_V4))?;
+                self.policies
+                    .set(*id, *policy, 0)
+                    .map_err(err(names::POLICIES_V4))?;
                 report.written += 1;
             }
         }
-        report.add(upsert(&mut self.egress_addrs, &current.egress_addrs, &desired.egress_addrs, names::EGRESS_ADDRS_V4)?);
+        report.add(upsert(
+            &mut self.egress_addrs,
+            &current.egress_addrs,
+            &desired.egress_addrs,
+            names::EGRESS_ADDRS_V4,
+        )?);
         for e in desired.exclusions.difference(&current.exclusions) {
-            self.excluded.insert(&exclusion_key(e), 1, 0).map_err(err(names::EXCLUDED_V4))?;
+            self.excluded
+                .insert(&exclusion_key(e), 1, 0)
+                .map_err(err(names::EXCLUDED_V4))?;
             report.written += 1;
         }
-        report.add(upsert(&mut self.vnis, &current.vnis, &desired.vnis, names::VNI_POLICY)?);
-        report.add(upsert(&mut self.marks, &current.marks, &desired.marks, names::MARK_POLICY)?);
-        report.add(upsert(&mut self.pods, &current.pods, &desired.pods, names::POD_POLICY_V4)?);
+        report.add(upsert(
+            &mut self.vnis,
+            &current.vnis,
+            &desired.vnis,
+            names::VNI_POLICY,
+        )?);
+        report.add(upsert(
+            &mut self.marks,
+            &current.marks,
+            &desired.marks,
+            names::MARK_POLICY,
+        )?);
+        report.add(upsert(
+            &mut self.pods,
+            &current.pods,
+            &desired.pods,
+            names::POD_POLICY_V4,
+        )?);
 
-        report.add(remove(&mut self.pods, &current.pods, &desired.pods, names::POD_POLICY_V4)?);
-        report.add(remove(&mut self.marks, &current.marks, &desired.marks, names::MARK_POLICY)?);
-        report.add(remove(&mut self.vnis, &current.vnis, &desired.vnis, names::VNI_POLICY)?);
+        report.add(remove(
+            &mut self.pods,
+            &current.pods,
+            &desired.pods,
+            names::POD_POLICY_V4,
+        )?);
+        report.add(remove(
+            &mut self.marks,
+            &current.marks,
+            &desired.marks,
+            names::MARK_POLICY,
+        )?);
+        report.add(remove(
+            &mut self.vnis,
+            &current.vnis,
+            &desired.vnis,
+            names::VNI_POLICY,
+        )?);
         for e in current.exclusions.difference(&desired.exclusions) {
-            self.excluded.remove(&exclusion_key(e)).map_err(err(names::EXCLUDED_V4))?;
+            self.excluded
+                .remove(&exclusion_key(e))
+                .map_err(err(names::EXCLUDED_V4))?;
             report.removed += 1;
         }
-        report.add(remove(&mut self.egress_addrs, &current.egress_addrs, &desired.egress_addrs, names::EGRESS_ADDRS_V4)?);
-        for id in current.policies.keys().filter(|id| !desired.policies.contains_key(id)) {
-            self.policies.set(*id, PolicyV4::default(), 0).map_err(err(names::POLICIES_V4))?;
+        report.add(remove(
+            &mut self.egress_addrs,
+            &current.egress_addrs,
+            &desired.egress_addrs,
+            names::EGRESS_ADDRS_V4,
+        )?);
+        for id in current
+            .policies
+            .keys()
+            .filter(|id| !desired.policies.contains_key(id))
+        {
+            self.policies
+                .set(*id, PolicyV4::default(), 0)
+                .map_err(err(names::POLICIES_V4))?;
             report.removed += 1;
         }
-        report.add(remove(&mut self.nodes, &current.nodes, &desired.nodes, names::NODES_V4)?);
+        report.add(remove(
+            &mut self.nodes,
+            &current.nodes,
+            &desired.nodes,
+            names::NODES_V4,
+        )?);
         Ok(report)
     }
 
     /// Flows created by the datapath and released by the collector.
     pub fn flow_counts(&self) -> Result<(u64, u64)> {
-        let get = |slot| self.flow_count.get(&slot, 0).map_err(err(names::FLOW_COUNT));
+        let get = |slot| {
+            self.flow_count
+                .get(&slot, 0)
+                .map_err(err(names::FLOW_COUNT))
+        };
         Ok((get(flow_count::CREATED)?, get(flow_count::RELEASED)?))
     }
 
     /// Adds to the released count; the collector is its only writer.
     pub fn add_released(&mut self, n: u64) -> Result<()> {
-        let released = self.flow_count.get(&flow_count::RELEASED, 0).map_err(err(names::FLOW_COUNT))?;
+        let released = self
+            .flow_count
+            .get(&flow_count::RELEASED, 0)
+            .map_err(err(names::FLOW_COUNT))?;
         self.flow_count
             .set(flow_count::RELEASED, released + n, 0)
             .map_err(err(names::FLOW_COUNT))
@@ -245,10 +341,16 @@ impl Maps {
 }
 
 fn exclusion_key(&(policy, addr, prefix): &Exclusion) -> Key<ExclusionKeyV4> {
-    Key::new(ExclusionKeyV4::POLICY_ID_BITS + u32::from(prefix), ExclusionKeyV4::new(policy, addr))
+    Key::new(
+        ExclusionKeyV4::POLICY_ID_BITS + u32::from(prefix),
+        ExclusionKeyV4::new(policy, addr),
+    )
 }
 
-fn collect<K: Pod + Ord, V: Pod>(map: &HashMap<MapData, K, V>, name: &'static str) -> Result<BTreeMap<K, V>> {
+fn collect<K: Pod + Ord, V: Pod>(
+    map: &HashMap<MapData, K, V>,
+    name: &'static str,
+) -> Result<BTreeMap<K, V>> {
     map.iter().map(|r| r.map_err(err(name))).collect()
 }
 
@@ -304,19 +406,35 @@ impl ApplyReport {
 
 /// The reply tuple of a forward entry: where its reverse entry lives.
 pub fn reverse_key(key: &FlowKeyV4, entry: &NatEntryV4) -> FlowKeyV4 {
-    FlowKeyV4::new(key.dst_addr, entry.nat_addr, key.dst_port, entry.nat_port, key.proto)
+    FlowKeyV4::new(
+        key.dst_addr,
+        entry.nat_addr,
+        key.dst_port,
+        entry.nat_port,
+        key.proto,
+    )
 }
 
 /// The forward tuple a reverse entry belongs to.
 pub fn forward_key(reply: &FlowKeyV4, rev: &RevNatEntryV4) -> FlowKeyV4 {
-    FlowKeyV4::new(rev.orig_addr, reply.src_addr, rev.orig_port, reply.src_port, reply.proto)
+    FlowKeyV4::new(
+        rev.orig_addr,
+        reply.src_addr,
+        rev.orig_port,
+        reply.src_port,
+        reply.proto,
+    )
 }
 
 /// Exclusions grouped for display.
 pub fn exclusions_by_policy(image: &DatapathImage) -> BTreeMap<u32, BTreeSet<String>> {
     let mut out: BTreeMap<u32, BTreeSet<String>> = BTreeMap::new();
     for (policy, addr, prefix) in &image.exclusions {
-        out.entry(*policy).or_default().insert(format!("{}/{}", std::net::Ipv4Addr::from(*addr), prefix));
+        out.entry(*policy).or_default().insert(format!(
+            "{}/{}",
+            std::net::Ipv4Addr::from(*addr),
+            prefix
+        ));
     }
     out
 }
@@ -330,10 +448,21 @@ mod tests {
     #[test]
     fn reverse_and_forward_keys_are_inverse() {
         let fwd = FlowKeyV4::new([10, 244, 1, 2], [198, 51, 100, 10], 40000, 80, proto::TCP);
-        let entry = NatEntryV4 { nat_addr: [172, 18, 0, 100], nat_port: 1234, ..Default::default() };
+        let entry = NatEntryV4 {
+            nat_addr: [172, 18, 0, 100],
+            nat_port: 1234,
+            ..Default::default()
+        };
         let reply = reverse_key(&fwd, &entry);
-        assert_eq!(reply, FlowKeyV4::new([198, 51, 100, 10], [172, 18, 0, 100], 80, 1234, proto::TCP));
-        let rev = RevNatEntryV4 { orig_addr: [10, 244, 1, 2], orig_port: 40000, ..Default::default() };
+        assert_eq!(
+            reply,
+            FlowKeyV4::new([198, 51, 100, 10], [172, 18, 0, 100], 80, 1234, proto::TCP)
+        );
+        let rev = RevNatEntryV4 {
+            orig_addr: [10, 244, 1, 2],
+            orig_port: 40000,
+            ..Default::default()
+        };
         assert_eq!(forward_key(&reply, &rev), fwd);
     }
 

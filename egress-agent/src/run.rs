@@ -60,7 +60,9 @@ struct Agent {
 pub async fn run(options: Options) -> anyhow::Result<()> {
     // Everything that can be wrong with the file is found before anything is touched.
     let config = AgentConfig::load(&options.config)?;
-    let config_mtime = std::fs::metadata(&options.config).and_then(|m| m.modified()).ok();
+    let config_mtime = std::fs::metadata(&options.config)
+        .and_then(|m| m.modified())
+        .ok();
     let layout = PinLayout::for_instance(&config.instance);
     tracing::info!(instance = %config.instance, node = %config.node.name, address = %config.node.address, "starting");
 
@@ -68,7 +70,12 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let uplink = netlink
         .link_by_name(&config.node.uplink)
         .await?
-        .with_context(|| format!("node.uplink: interface {:?} does not exist", config.node.uplink))?;
+        .with_context(|| {
+            format!(
+                "node.uplink: interface {:?} does not exist",
+                config.node.uplink
+            )
+        })?;
     let tunnel = netlink
         .ensure_vxlan(&config.node.tunnel_interface, config.node.tunnel_port, None)
         .await
@@ -79,7 +86,9 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         nat_port_min: config.datapath.nat_port_min,
         nat_port_max: config.datapath.nat_port_max,
         max_flows: u64::from(config.datapath.max_flows),
-        tunnel_mss: tunnel_mtu.saturating_sub(IP_TCP_HEADERS).min(u32::from(u16::MAX)) as u16,
+        tunnel_mss: tunnel_mtu
+            .saturating_sub(IP_TCP_HEADERS)
+            .min(u32::from(u16::MAX)) as u16,
     };
     tracing::info!(uplink = %uplink.name, uplink_mtu = uplink.mtu, tunnel = %tunnel.name, tunnel_mss = env.tunnel_mss, "interfaces");
 
@@ -87,7 +96,8 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let datapath = Datapath::load(&layout, &config.datapath)?;
     let maps = Maps::open(&layout)?;
     let state_dir = options.state_dir.join(&config.instance);
-    std::fs::create_dir_all(&state_dir).with_context(|| format!("creating {}", state_dir.display()))?;
+    std::fs::create_dir_all(&state_dir)
+        .with_context(|| format!("creating {}", state_dir.display()))?;
     let ledger = ClaimLedger::open(state_dir.join("claims.json"))?;
 
     let mut agent = Agent {
@@ -108,12 +118,17 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let desired = agent.config.node_state();
     agent.claim(&desired).await?;
     agent.reconcile(&desired)?;
-    agent.datapath.attach(programs::UPLINK_INGRESS, &agent.uplink)?;
-    agent.datapath.attach(programs::TUNNEL_INGRESS, &agent.tunnel)?;
+    agent
+        .datapath
+        .attach(programs::UPLINK_INGRESS, &agent.uplink)?;
+    agent
+        .datapath
+        .attach(programs::TUNNEL_INGRESS, &agent.tunnel)?;
     agent.sync_pod_interfaces().await?;
     agent.check_mtu(&desired).await;
     if let Some(ready) = &agent.options.ready_file {
-        std::fs::write(ready, b"ready\n").with_context(|| format!("writing {}", ready.display()))?;
+        std::fs::write(ready, b"ready\n")
+            .with_context(|| format!("writing {}", ready.display()))?;
     }
     tracing::info!("datapath ready");
 
@@ -143,7 +158,11 @@ impl Agent {
         let image = DatapathImage::from_state(desired, &self.env);
         let report = self.maps.apply(&current, &image)?;
         if !report.is_empty() {
-            tracing::info!(written = report.written, removed = report.removed, "datapath maps reconciled");
+            tracing::info!(
+                written = report.written,
+                removed = report.removed,
+                "datapath maps reconciled"
+            );
         }
         Ok(())
     }
@@ -162,8 +181,13 @@ impl Agent {
                 tracing::info!(%ip, interface = %claim.interface, prefix = claim.prefix_len, "egress IP claimed");
             }
         }
-        let stale: BTreeSet<Ipv4Addr> =
-            self.ledger.entries().iter().map(|e| e.ip).filter(|ip| !wanted.contains(ip)).collect();
+        let stale: BTreeSet<Ipv4Addr> = self
+            .ledger
+            .entries()
+            .iter()
+            .map(|e| e.ip)
+            .filter(|ip| !wanted.contains(ip))
+            .collect();
         for ip in stale {
             let from = self.netlink.release_tracked(&mut self.ledger, ip).await?;
             tracing::info!(%ip, interfaces = ?from, "egress IP released");
@@ -175,7 +199,11 @@ impl Agent {
     /// forgets links of interfaces that disappeared.
     async fn sync_pod_interfaces(&mut self) -> anyhow::Result<()> {
         let node = &self.config.node;
-        let patterns: Vec<&String> = node.pod_interfaces.iter().chain(&node.upstream_interfaces).collect();
+        let patterns: Vec<&String> = node
+            .pod_interfaces
+            .iter()
+            .chain(&node.upstream_interfaces)
+            .collect();
         let links = self.netlink.links().await?;
         let present: BTreeMap<String, u32> = links
             .into_iter()
@@ -189,7 +217,12 @@ impl Agent {
                 self.attached.insert(name.clone(), *index);
             }
         }
-        let gone: Vec<String> = self.attached.keys().filter(|n| !present.contains_key(*n)).cloned().collect();
+        let gone: Vec<String> = self
+            .attached
+            .keys()
+            .filter(|n| !present.contains_key(*n))
+            .cloned()
+            .collect();
         for name in gone {
             loader::detach(&self.layout, programs::POD_INGRESS, &name)?;
             self.attached.remove(&name);
@@ -200,12 +233,17 @@ impl Agent {
 
     /// Says clearly when the tunnel cannot carry what pods send.
     async fn check_mtu(&self, desired: &NodeState) {
-        let steers = desired.policies.values().any(|p| !desired.is_local(p) && p.egress_node.is_some());
+        let steers = desired
+            .policies
+            .values()
+            .any(|p| !desired.is_local(p) && p.egress_node.is_some());
         if !steers {
             return;
         }
         let tunnel_mtu = u32::from(self.env.tunnel_mss) + IP_TCP_HEADERS;
-        let Ok(links) = self.netlink.links().await else { return };
+        let Ok(links) = self.netlink.links().await else {
+            return;
+        };
         for link in links.iter().filter(|l| self.attached.contains_key(&l.name)) {
             if link.mtu > tunnel_mtu {
                 tracing::warn!(
@@ -222,9 +260,18 @@ impl Agent {
     }
 
     fn collect(&mut self) {
-        match self.collector.sweep(&mut self.maps, &self.config.datapath.timeouts, monotonic_ns()) {
+        match self.collector.sweep(
+            &mut self.maps,
+            &self.config.datapath.timeouts,
+            monotonic_ns(),
+        ) {
             Ok(r) if r.expired > 0 || r.orphans_removed > 0 => {
-                tracing::debug!(scanned = r.scanned, expired = r.expired, orphans = r.orphans_removed, "conntrack swept")
+                tracing::debug!(
+                    scanned = r.scanned,
+                    expired = r.expired,
+                    orphans = r.orphans_removed,
+                    "conntrack swept"
+                )
             }
             Ok(_) => {}
             Err(e) => tracing::error!(error = %e, "conntrack sweep failed"),
@@ -234,7 +281,9 @@ impl Agent {
     /// Applies an edited configuration file, or says why it was rejected and
     /// keeps the running state.
     async fn reload_if_changed(&mut self) {
-        let mtime = std::fs::metadata(&self.options.config).and_then(|m| m.modified()).ok();
+        let mtime = std::fs::metadata(&self.options.config)
+            .and_then(|m| m.modified())
+            .ok();
         if mtime == self.config_mtime {
             return;
         }
@@ -264,7 +313,9 @@ impl Agent {
                 tracing::info!(policies = new.policies.len(), "configuration reloaded");
                 self.config = new;
             }
-            Err(e) => tracing::error!(error = %format!("{e:#}"), "applying the reloaded configuration failed"),
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "applying the reloaded configuration failed")
+            }
         }
     }
 
@@ -280,14 +331,18 @@ impl Agent {
             || new.datapath.max_policies != self.config.datapath.max_policies
             || new.datapath.max_pods != self.config.datapath.max_pods
         {
-            bail!("datapath: map sizes (max_flows, max_policies, max_pods) change only with a restart");
+            bail!(
+                "datapath: map sizes (max_flows, max_policies, max_pods) change only with a restart"
+            );
         }
         Ok(())
     }
 
     async fn shutdown(mut self) -> anyhow::Result<()> {
         if self.options.keep_state_on_exit {
-            tracing::info!("exiting; datapath, pinned state and egress IPs kept for the next agent");
+            tracing::info!(
+                "exiting; datapath, pinned state and egress IPs kept for the next agent"
+            );
             return Ok(());
         }
         tracing::info!("exiting; detaching the datapath and releasing egress IPs");
