@@ -51,12 +51,26 @@ fn parse_peer(line: &str) -> Result<SocketAddrV4> {
         .map_err(|e| traffic_err(format!("server sent `{}`, not ip:port: {e}", line.trim())))
 }
 
-/// Raises the soft open-file limit to the hard limit: thousands of concurrent
-/// connections need as many descriptors in each of client and server.
+/// Raises the open-file limit: thousands of concurrent connections need as
+/// many descriptors in each of client and server, which often share this
+/// process. Root may go past the hard limit (up to `fs.nr_open`); anyone
+/// else gets the hard limit.
 pub fn raise_nofile_limit() -> Result<u64> {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE)
+    const WANTED: u64 = 1 << 18;
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)
         .map_err(|e| traffic_err(format!("getrlimit(RLIMIT_NOFILE): {e}")))?;
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(hard);
+    let target = WANTED.min(nr_open).max(hard);
+    if soft >= target {
+        return Ok(soft);
+    }
+    if setrlimit(Resource::RLIMIT_NOFILE, target, target).is_ok() {
+        return Ok(target);
+    }
     setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
         .map_err(|e| traffic_err(format!("setrlimit(RLIMIT_NOFILE, {hard}): {e}")))?;
     Ok(hard)
@@ -1048,6 +1062,7 @@ async fn many(
                 }
             };
             let _ = report.send((i, Ok(peer)));
+            drop(report);
             let _ = release.wait_for(|go| *go).await;
             tokio::time::timeout(Duration::from_secs(60), async {
                 reader.get_mut().shutdown().await?;
@@ -1070,7 +1085,12 @@ async fn many(
     drop(report_tx);
     let mut observed = Vec::with_capacity(count);
     let mut failures = Vec::new();
-    while let Some((i, result)) = report_rx.recv().await {
+    // Count the reports rather than waiting for the channel to close: the
+    // tasks that succeeded hold their sender until they are released.
+    for _ in 0..count {
+        let Some((i, result)) = report_rx.recv().await else {
+            break;
+        };
         match result {
             Ok(peer) => observed.push(peer),
             Err(e) => failures.push((i, e)),

@@ -194,3 +194,72 @@ impl Cluster {
         }
     }
 }
+
+/// A TCP observer in a child process (see `src/bin/egress-tcp-observer.rs`),
+/// so that client and server each get the whole descriptor limit.
+pub struct ObserverProcess {
+    pub addr: SocketAddrV4,
+    child: std::process::Child,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<SocketAddrV4>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ObserverProcess {
+    /// `bin` is `env!("CARGO_BIN_EXE_egress-tcp-observer")` of the test.
+    pub fn start(bin: &str, ns: &str, addr: SocketAddrV4) -> Self {
+        use std::{
+            io::{BufRead, BufReader},
+            process::{Command, Stdio},
+        };
+        let mut child = Command::new(bin)
+            .args([ns, &addr.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {bin}: {e}"));
+        let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
+        match lines.next() {
+            Some(Ok(l)) if l == "ready" => {}
+            other => {
+                let _ = child.kill();
+                panic!("{bin} in {ns} on {addr} did not start: {other:?}");
+            }
+        }
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = seen.clone();
+        let reader = std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                if let Ok(peer) = line.parse::<SocketAddrV4>() {
+                    log.lock().expect("observer log poisoned").push(peer);
+                }
+            }
+        });
+        Self {
+            addr,
+            child,
+            seen,
+            reader: Some(reader),
+        }
+    }
+
+    /// Peers accepted so far (reported every 100 ms by the child).
+    pub fn seen(&self) -> Vec<SocketAddrV4> {
+        self.seen.lock().expect("observer log poisoned").clone()
+    }
+}
+
+impl Drop for ObserverProcess {
+    fn drop(&mut self) {
+        // Closing stdin asks the child to flush its report and exit.
+        drop(self.child.stdin.take());
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while matches!(self.child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+    }
+}

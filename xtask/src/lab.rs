@@ -44,3 +44,11 @@ pub fn down() -> Result<()> {
     let _ = std::fs::remove_dir_all(egress_lab::workspace_root().join("target/lab").join(PREFIX));
     Ok(())
 }
+
+/// Removes another prefix's leftovers: namespaces, processes, pins, files.
+pub fn down_prefix(prefix: &str) -> Result<()> {
+    let removed = egress_lab::cleanup_prefix(prefix)?;
+    println!("removed {} namespaces of prefix `{prefix}`", removed.len());
+    let _ = std::fs::remove_dir_all(egress_lab::workspace_root().join("target/lab").join(prefix));
+    Ok(())
+}

@@ -62,7 +62,12 @@ enum LabCmd {
         no_build: bool,
     },
     /// Remove the lab's namespaces, processes and pinned maps.
-    Down,
+    Down {
+        /// Remove the namespaces of this prefix instead (e.g. those a killed
+        /// test run left behind: `eg` and four hex digits).
+        #[arg(long)]
+        prefix: Option<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -87,7 +92,14 @@ fn main() -> Result<()> {
             }
             lab::up().map(egress_lab::Lab::persist)
         }
-        Cmd::Lab { cmd: LabCmd::Down } => lab::down(),
+        Cmd::Lab {
+            cmd: LabCmd::Down { prefix: None },
+        } => lab::down(),
+        Cmd::Lab {
+            cmd: LabCmd::Down {
+                prefix: Some(prefix),
+            },
+        } => lab::down_prefix(&prefix),
         Cmd::Demo { no_build } => {
             if !no_build {
                 build_agent()?;
