@@ -24,7 +24,7 @@ fn fail_closed_drops_and_counts_without_leaking() {
     };
     // One pod on a node that would have translated, one that would have steered.
     for pod in [PodRef::new(1, 1), PodRef::new(2, 1)] {
-        if let Ok(p) = tcp_probe(&c.ns(pod), TCP, quick.clone()) {
+        if let Ok(p) = tcp_probe(&c.ns(pod), TCP, quick) {
             c.fail(format!(
                 "{pod} reached the server as {} although no node holds its egress IP",
                 p.observed
