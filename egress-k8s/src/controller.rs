@@ -40,6 +40,7 @@ use crate::{
     claims::{self, ClaimTracker},
     crd::{EgressIP, EgressIPStatus, condition},
     facts::{EgressSubnet, NodeInfo, PodInfo, SUBNETS_ANNOTATION, subnets_annotation_value},
+    heartbeat::{self, HeartbeatConfig},
     plan::{self, PlanConfig},
     project::{self, Projection},
 };
@@ -50,6 +51,11 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("invalid options: {0}")]
     Options(String),
+    #[error("heartbeat responder on {addr}: {source}")]
+    Heartbeat {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// Settings of the Kubernetes mode.
@@ -77,6 +83,9 @@ pub struct Options {
     pub leader_renew: Duration,
     /// How long shutdown waits for the IPs to be handed over.
     pub drain_timeout: Duration,
+    /// Direct liveness probes (the assigner probes, every agent answers);
+    /// `None` relies on Node readiness and [`AgentLink::down`] only.
+    pub heartbeat: Option<HeartbeatConfig>,
 }
 
 impl Default for Options {
@@ -94,6 +103,7 @@ impl Default for Options {
             leader_ttl: Duration::from_secs(15),
             leader_renew: Duration::from_secs(2),
             drain_timeout: Duration::from_secs(20),
+            heartbeat: Some(HeartbeatConfig::default()),
         }
     }
 }
@@ -111,6 +121,9 @@ impl Options {
                 "leader renew interval {:?} must be non-zero and at most half the leader lease {:?}",
                 self.leader_renew, self.leader_ttl
             )));
+        }
+        if let Some(hb) = &self.heartbeat {
+            hb.validate().map_err(Error::Options)?;
         }
         if self.namespace.is_empty() {
             return Err(Error::Options("namespace must not be empty".into()));
@@ -241,6 +254,23 @@ pub async fn run(
     link: ControllerLink,
 ) -> Result<(), Error> {
     options.validate()?;
+    let responder = match &options.heartbeat {
+        Some(hb) => {
+            let socket =
+                heartbeat::bind_responder(hb)
+                    .await
+                    .map_err(|source| Error::Heartbeat {
+                        addr: std::net::SocketAddr::new(hb.bind, hb.port),
+                        source,
+                    })?;
+            Some(tokio::spawn(async move {
+                if let Err(e) = heartbeat::respond(socket).await {
+                    warn!(error = %e, "heartbeat responder stopped");
+                }
+            }))
+        }
+        None => None,
+    };
     publish_subnets(&client, &node_name, &options.subnets).await?;
 
     let elector = options.assigner.then(|| {
@@ -253,6 +283,9 @@ pub async fn run(
     let result = node_agent(client, node_name, options, link).await;
     if let Some(e) = elector {
         e.abort();
+    }
+    if let Some(r) = responder {
+        r.abort();
     }
     result
 }
@@ -753,6 +786,19 @@ async fn assign_loop(
     );
     let mut tracker = ClaimTracker::new(options.claim_ttl);
     let mut down = down;
+    let (targets_tx, targets_rx) = watch::channel(BTreeMap::new());
+    let (probe_down_tx, mut probe_down) = watch::channel(BTreeSet::new());
+    let prober = options.heartbeat.clone().map(|hb| {
+        tokio::spawn(async move {
+            if let Err(e) = heartbeat::probe(hb, targets_rx, probe_down_tx).await {
+                warn!(error = %e, "heartbeat prober stopped");
+            }
+        })
+    });
+    // Aborting the assigner task drops this guard and stops the prober.
+    let _prober = AbortOnDrop(prober);
+    // A closed channel stays "changed" forever: stop selecting on it.
+    let (mut down_open, mut probe_open) = (true, true);
     loop {
         let now = Instant::now();
         let eip_list = eips_of(&eips);
@@ -760,7 +806,25 @@ async fn assign_loop(
         let lease_objs = leases.state();
         let lease_refs: Vec<&Lease> = lease_objs.iter().map(|l| &**l).collect();
         let view = tracker.view(&lease_refs, now);
+        if let Some(hb) = &options.heartbeat {
+            let targets: BTreeMap<String, std::net::SocketAddr> = node_list
+                .iter()
+                .filter(|n| n.labels.contains_key(&options.plan.assignable_label))
+                .filter_map(|n| {
+                    Some((
+                        n.name.clone(),
+                        std::net::SocketAddr::new(n.address?.into(), hb.port),
+                    ))
+                })
+                .collect();
+            targets_tx.send_if_modified(|cur| {
+                let changed = *cur != targets;
+                *cur = targets;
+                changed
+            });
+        }
         let mut unavailable = down.borrow().clone();
+        unavailable.extend(probe_down.borrow_and_update().iter().cloned());
         unavailable.extend(view.draining.iter().cloned());
         let pod_list: Vec<PodInfo> = pods
             .state()
@@ -819,8 +883,19 @@ async fn assign_loop(
             .min(tracker.next_expiry(Instant::now()).unwrap_or(Duration::MAX));
         tokio::select! {
             _ = notify.notified() => {}
-            _ = down.changed() => {}
+            r = down.changed(), if down_open => down_open = r.is_ok(),
+            r = probe_down.changed(), if probe_open => probe_open = r.is_ok(),
             _ = tokio::time::sleep(wake) => {}
+        }
+    }
+}
+
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(t) = &self.0 {
+            t.abort();
         }
     }
 }

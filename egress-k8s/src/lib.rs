@@ -7,11 +7,13 @@
 //!   [`egress_model::NodeState`].
 //! - [`controller`]: watches, leader election, status writing and the node
 //!   agent's loop; [`run`] is the entry point of the agent's Kubernetes mode.
+//! - [`heartbeat`]: direct UDP liveness probes between agents.
 
 pub mod claims;
 pub mod controller;
 pub mod crd;
 pub mod facts;
+pub mod heartbeat;
 pub mod plan;
 pub mod project;
 pub mod selector;

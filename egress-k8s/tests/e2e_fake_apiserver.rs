@@ -55,6 +55,9 @@ fn options(addr: &str) -> Options {
         claim_renew: Duration::from_millis(300),
         leader_ttl: Duration::from_secs(2),
         leader_renew: Duration::from_millis(200),
+        // The fixture's node addresses are not reachable from here; failures
+        // are injected through AgentLink::down instead.
+        heartbeat: None,
         ..Options::default()
     }
 }
