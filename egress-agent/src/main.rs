@@ -83,6 +83,10 @@ enum NatCommand {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Inspection output is often piped into `head` or `grep -q`: end quietly
+    // on a closed pipe like other command-line tools instead of panicking.
+    // SAFETY: restoring the default disposition of a signal, before any thread exists.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
