@@ -109,7 +109,7 @@ impl Default for Options {
 }
 
 impl Options {
-    fn validate(&self) -> Result<(), Error> {
+    pub fn validate(&self) -> Result<(), Error> {
         if self.claim_renew.is_zero() || self.claim_renew * 2 > self.claim_ttl {
             return Err(Error::Options(format!(
                 "claim renew interval {:?} must be non-zero and at most half the claim lifetime {:?}",

@@ -10,6 +10,7 @@
 //! - [`heartbeat`]: direct UDP liveness probes between agents.
 
 pub mod claims;
+pub mod config;
 pub mod controller;
 pub mod crd;
 pub mod facts;
@@ -18,6 +19,7 @@ pub mod plan;
 pub mod project;
 pub mod selector;
 
+pub use config::KubernetesConfig;
 pub use controller::{AgentLink, Desired, Error, Options, link, run};
 
 /// The CRD manifest generated from the Rust types (`deploy/crd.yaml`).
