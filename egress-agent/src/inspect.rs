@@ -205,8 +205,46 @@ pub fn status(instance: &str, as_json: bool) -> anyhow::Result<()> {
     });
     if as_json {
         println!("{}", serde_json::to_string_pretty(&view)?);
-    } else {
-        println!("{}", serde_json::to_string_pretty(&view)?);
+        return Ok(());
+    }
+    println!(
+        "instance {instance}: node {}, pins {}",
+        view["node"].as_str().unwrap_or("?"),
+        layout.root.display()
+    );
+    println!(
+        "attached: {}",
+        if links.is_empty() {
+            "nothing".to_owned()
+        } else {
+            links.join(", ")
+        }
+    );
+    println!(
+        "flows: {} live of {} max ({} created, {} released, {} entries in nat_fwd_v4)",
+        created.wrapping_sub(released),
+        image.config.max_flows,
+        created,
+        released,
+        live_entries
+    );
+    println!("tunnel MSS clamp: {}", image.config.tunnel_mss);
+    for p in &policies {
+        println!(
+            "policy {}: egress IP {} on {} ({}, {}), pods {}, marks {}, excluded {}",
+            p["id"],
+            p["egress_ip"].as_str().unwrap_or("?"),
+            p["egress_node"].as_str().unwrap_or("no live node"),
+            if p["local"].as_bool() == Some(true) {
+                "translated here"
+            } else {
+                "steered"
+            },
+            p["failure_policy"].as_str().unwrap_or("?"),
+            p["pods"],
+            p["marks"],
+            p["excluded"],
+        );
     }
     Ok(())
 }

@@ -76,20 +76,19 @@ pub fn next(state: u8, flags: u8, protocol: u8, dir: Direction, tcp: u8) -> (u8,
 }
 
 /// Applies a packet to a live entry; writes only what changed.
+///
+/// `entry` lives in a shared map: other CPUs may update it concurrently. The
+/// races are benign, each write is a whole field.
 #[inline(always)]
-pub fn update(entry: *mut NatEntryV4, protocol: u8, dir: Direction, tcp: u8, now: u64) {
-    // SAFETY: `entry` comes from a successful map lookup. Concurrent updates
-    // from other CPUs race benignly: each write is a whole field.
-    unsafe {
-        let (state, flags) = next((*entry).state, (*entry).flags, protocol, dir, tcp);
-        if state != (*entry).state {
-            (*entry).state = state;
-        }
-        if flags != (*entry).flags {
-            (*entry).flags = flags;
-        }
-        if now.wrapping_sub((*entry).last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
-            (*entry).last_seen_ns = now;
-        }
+pub fn update(entry: &mut NatEntryV4, protocol: u8, dir: Direction, tcp: u8, now: u64) {
+    let (state, flags) = next(entry.state, entry.flags, protocol, dir, tcp);
+    if state != entry.state {
+        entry.state = state;
+    }
+    if flags != entry.flags {
+        entry.flags = flags;
+    }
+    if now.wrapping_sub(entry.last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
+        entry.last_seen_ns = now;
     }
 }

@@ -94,7 +94,7 @@ pub fn translate_inbound(ctx: &TcContext, ip: &Ipv4) -> Result<Option<RevNatEntr
         Some(false) => return Ok(None),
         None => FlowKeyV4::new(q.dst, q.src, q.dport, q.sport, q.proto),
     };
-    let Some(rev) = NAT_REV_V4.get_ptr(&key) else {
+    let Some(rev) = NAT_REV_V4.get_ptr(key) else {
         return Ok(None);
     };
     // SAFETY: pointer from a successful lookup.
@@ -123,7 +123,7 @@ pub fn translate_outbound(ctx: &TcContext, ip: &Ipv4) -> Result<Option<NatEntryV
         return Ok(None);
     }
     let key = FlowKeyV4::new(q.dst, q.src, q.dport, q.sport, q.proto);
-    let Some(nat) = NAT_FWD_V4.get_ptr(&key) else {
+    let Some(nat) = NAT_FWD_V4.get_ptr(key) else {
         return Ok(None);
     };
     // SAFETY: pointer from a successful lookup.

@@ -72,8 +72,10 @@ pub fn translation(
     let now = conntrack::now();
     let mut stale: Option<NatEntryV4> = None;
     if let Some(entry) = NAT_FWD_V4.get_ptr_mut(key) {
-        // SAFETY: pointer from a successful lookup.
-        let current = unsafe { *entry };
+        // SAFETY: pointer from a successful lookup; the entry stays valid for
+        // this program run (see conntrack::update for concurrent writers).
+        let entry = unsafe { &mut *entry };
+        let current = *entry;
         if current.nat_addr == sel.policy.egress_addr && current.policy_id == sel.id {
             conntrack::update(entry, key.proto, Direction::Original, tcp, now);
             return Ok(Some(current));
@@ -118,13 +120,13 @@ pub fn translation(
     };
     let reply = reply_of(key, sel.policy.egress_addr, nat_port);
     if let Some(old) = stale {
-        let _ = NAT_REV_V4.remove(&reply_of(key, old.nat_addr, old.nat_port));
+        let _ = NAT_REV_V4.remove(reply_of(key, old.nat_addr, old.nat_port));
         NAT_FWD_V4
-            .insert(key, &entry, BPF_ANY as u64)
+            .insert(key, entry, BPF_ANY as u64)
             .map_err(|_| DropReason::RewriteFailed)?;
-    } else if NAT_FWD_V4.insert(key, &entry, BPF_NOEXIST as u64).is_err() {
+    } else if NAT_FWD_V4.insert(key, entry, BPF_NOEXIST as u64).is_err() {
         // Another CPU created this flow first: hand our port back, use theirs.
-        let _ = NAT_REV_V4.remove(&reply);
+        let _ = NAT_REV_V4.remove(reply);
         unreserve_flow();
         let theirs = NAT_FWD_V4.get_ptr(key).ok_or(DropReason::RewriteFailed)?;
         // SAFETY: pointer from a successful lookup.
@@ -198,7 +200,7 @@ fn claim_port(
     cfg: &DatapathConfig,
 ) -> Result<u16, DropReason> {
     let mut reply = reply_of(key, egress, key.src_port);
-    if NAT_REV_V4.insert(&reply, rev, BPF_NOEXIST as u64).is_ok() {
+    if NAT_REV_V4.insert(reply, rev, BPF_NOEXIST as u64).is_ok() {
         return Ok(key.src_port);
     }
     let (min, max) = (cfg.nat_port_min, cfg.nat_port_max);
@@ -210,7 +212,7 @@ fn claim_port(
     let mut port = min + (unsafe { bpf_get_prandom_u32() } % span) as u16;
     for _ in 0..NAT_PORT_PROBES {
         reply.dst_port = port;
-        if NAT_REV_V4.insert(&reply, rev, BPF_NOEXIST as u64).is_ok() {
+        if NAT_REV_V4.insert(reply, rev, BPF_NOEXIST as u64).is_ok() {
             return Ok(port);
         }
         port = if port >= max { min } else { port + 1 };
@@ -265,8 +267,15 @@ pub fn reverse(key: &FlowKeyV4, tcp: u8) -> Option<RevNatEntryV4> {
         key.src_port,
         key.proto,
     );
-    if let Some(entry) = NAT_FWD_V4.get_ptr_mut(&fwd) {
-        conntrack::update(entry, key.proto, Direction::Reply, tcp, conntrack::now());
+    if let Some(entry) = NAT_FWD_V4.get_ptr_mut(fwd) {
+        // SAFETY: as in `translation`.
+        conntrack::update(
+            unsafe { &mut *entry },
+            key.proto,
+            Direction::Reply,
+            tcp,
+            conntrack::now(),
+        );
     }
     Some(rev)
 }
