@@ -678,6 +678,22 @@ fn condition_is(
 /// Events for what changed between two statuses of one resource.
 fn events_for(old: Option<&EgressIPStatus>, new: &EgressIPStatus) -> Vec<Event> {
     let mut out = Vec::new();
+    for c in new.conditions.iter().filter(|c| c.status == "True") {
+        let was = old.is_some_and(|o| {
+            o.conditions
+                .iter()
+                .any(|p| p.type_ == c.type_ && p.status == "True" && p.reason == c.reason)
+        });
+        if !was {
+            out.push(Event {
+                type_: EventType::Warning,
+                reason: c.reason.clone(),
+                note: Some(c.message.clone()),
+                action: "Validate".into(),
+                secondary: None,
+            });
+        }
+    }
     for ip in &new.ips {
         let before = old.and_then(|o| o.ips.iter().find(|s| s.egress_ip == ip.egress_ip));
         let old_node = before.and_then(|b| b.node.clone());
@@ -897,5 +913,85 @@ impl Drop for AbortOnDrop {
         if let Some(t) = &self.0 {
             t.abort();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(v: serde_json::Value) -> EgressIPStatus {
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn cond(t: &str, st: &str, reason: &str) -> serde_json::Value {
+        serde_json::json!({"type": t, "status": st, "reason": reason, "message": format!("{reason} details"),
+            "lastTransitionTime": "2026-05-01T12:00:00Z"})
+    }
+
+    #[test]
+    fn events_report_assignments_moves_and_new_problems_once() {
+        let assigned = status(
+            serde_json::json!({"ips": [{"egressIP": "172.18.0.100", "node": "node1", "policyId": 1,
+            "conditions": [cond("Assigned", "True", "Assigned")]}]}),
+        );
+        let reasons = |evs: Vec<Event>| {
+            evs.into_iter()
+                .map(|e| (e.reason, e.note.unwrap()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            reasons(events_for(None, &assigned)),
+            [(
+                "Assigned".to_string(),
+                "172.18.0.100 assigned to node node1".to_string()
+            )]
+        );
+        assert!(events_for(Some(&assigned), &assigned).is_empty());
+        let moved = status(
+            serde_json::json!({"ips": [{"egressIP": "172.18.0.100", "node": "node2", "policyId": 1,
+            "conditions": [cond("Assigned", "True", "Assigned")]}]}),
+        );
+        assert_eq!(reasons(events_for(Some(&assigned), &moved))[0].0, "Moved");
+
+        let bad = status(serde_json::json!({
+            "conditions": [cond("Conflict", "True", "PodsSelectedByOlderEgressIP")],
+            "ips": [{"egressIP": "172.18.0.11", "conditions": [cond("Conflict", "True", "NodeAddress"), cond("Invalid", "False", "Valid")]},
+                    {"egressIP": "172.18.0.101", "conditions": [cond("Assigned", "False", "NoAvailableNode")]}]}));
+        let r = reasons(events_for(None, &bad));
+        let names: Vec<&str> = r.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "PodsSelectedByOlderEgressIP",
+                "NodeAddress",
+                "NoAvailableNode"
+            ]
+        );
+        assert!(events_for(Some(&bad), &bad).is_empty());
+    }
+
+    #[test]
+    fn status_patch_clears_absent_fields() {
+        let p = status_patch(&EgressIPStatus::default());
+        assert_eq!(p["status"]["ips"], serde_json::Value::Null);
+        assert!(p["status"].as_object().unwrap().contains_key("ips"));
+        assert!(p["status"].as_object().unwrap().contains_key("conditions"));
+        assert_eq!(p["status"]["items"], serde_json::json!([]));
+    }
+
+    #[test]
+    fn options_are_checked() {
+        Options::default().validate().unwrap();
+        let bad = Options {
+            claim_renew: Duration::from_secs(2),
+            ..Options::default()
+        };
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("claim renew")
+        );
     }
 }
