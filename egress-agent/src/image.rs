@@ -56,6 +56,9 @@ impl DatapathImage {
                     _reserved: 0,
                 },
             );
+            // Pod-to-node traffic (kubelet probes, NodePorts, node-local
+            // services) is east-west: never translated, as in OVN-K.
+            image.exclusions.insert((0, node.octets(), 32));
         }
         for (id, policy) in &state.policies {
             let local = state.is_local(policy);
@@ -203,7 +206,9 @@ mod tests {
         let image = DatapathImage::from_state(&state(), &env());
         assert!(image.exclusions.contains(&(0, [10, 244, 0, 0], 16)));
         assert!(image.exclusions.contains(&(2, [192, 0, 2, 0], 24)));
-        assert_eq!(image.exclusions.len(), 4);
+        // Node addresses are excluded globally.
+        assert!(image.exclusions.contains(&(0, [172, 18, 0, 12], 32)));
+        assert_eq!(image.exclusions.len(), 6);
     }
 
     #[test]
