@@ -50,8 +50,12 @@ impl Lab {
             Some(p) => p.clone(),
             None => unique_prefix(),
         };
+        reap_orphaned_labs();
         let dir = agent::workspace_root().join("target/lab").join(&prefix);
         fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
+        fs::write(dir.join(OWNER_FILE), format!("{}\n", std::process::id())).map_err(io_err(
+            format!("writing {}", dir.join(OWNER_FILE).display()),
+        ))?;
         let mut lab = Self {
             namespaces: Vec::new(),
             agents: BTreeMap::new(),
@@ -392,6 +396,8 @@ impl Lab {
     /// Keeps everything in place when the `Lab` is dropped (`lab up`).
     pub fn persist(mut self) {
         self.persistent = true;
+        // Nobody owns a persistent lab: the reaper must leave it alone.
+        let _ = fs::remove_file(self.dir.join(OWNER_FILE));
         // Agents must outlive this process: forget their handles so that
         // Drop does not signal them.
         for (_, agent) in std::mem::take(&mut self.agents) {
@@ -597,6 +603,42 @@ pub fn cleanup_prefix(prefix: &str) -> Result<Vec<String>> {
         )));
     }
     Ok(namespaces)
+}
+
+/// Records which process owns a lab, in the lab's directory.
+const OWNER_FILE: &str = "owner.pid";
+
+/// Removes labs whose owning process is gone: a test binary killed by a
+/// timeout or a signal never runs its destructors, and its namespaces and
+/// agents would otherwise stay forever.
+fn reap_orphaned_labs() {
+    let root = agent::workspace_root().join("target/lab");
+    let Ok(entries) = fs::read_dir(&root) else {
+        return;
+    };
+    for entry in entries.filter_map(|e| e.ok()) {
+        let dir = entry.path();
+        let Ok(owner) = fs::read_to_string(dir.join(OWNER_FILE)) else {
+            continue;
+        };
+        let Ok(pid) = owner.trim().parse::<u32>() else {
+            continue;
+        };
+        if Path::new("/proc").join(pid.to_string()).exists() {
+            continue;
+        }
+        let prefix = entry.file_name().to_string_lossy().into_owned();
+        if spec::validate_prefix(&prefix).is_err() {
+            continue;
+        }
+        match cleanup_prefix(&prefix) {
+            Ok(removed) => {
+                tracing::info!(%prefix, pid, namespaces = removed.len(), "removed a lab whose owner died");
+                let _ = fs::remove_dir_all(&dir);
+            }
+            Err(e) => tracing::warn!(%prefix, error = %e, "cannot remove an orphaned lab"),
+        }
+    }
 }
 
 /// A prefix no existing namespace uses.

@@ -199,3 +199,28 @@ fn topology_json_describes_the_lab() {
         .collect();
     assert_eq!(selected, ["10.244.1.11", "10.244.2.11", "10.244.3.11"]);
 }
+
+#[test]
+fn labs_of_dead_processes_are_reaped_by_the_next_lab() {
+    let small = || LabSpec {
+        nodes: 1,
+        pods_per_node: 1,
+        policies: LabSpec::default_policies(1, 1),
+        ..LabSpec::default()
+    };
+    let orphan = egress_lab::Lab::build(small()).unwrap();
+    let names = orphan.namespaces().to_vec();
+    // Pretend its owner was killed: hand it to a process that has exited,
+    // and skip its destructor as a SIGKILL would.
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let dead_pid = child.id();
+    child.wait().unwrap();
+    std::fs::write(orphan.dir().join("owner.pid"), format!("{dead_pid}\n")).unwrap();
+    std::mem::forget(orphan);
+    assert!(names.iter().all(|ns| netns_path(ns).exists()));
+
+    let _next = egress_lab::Lab::build(small()).unwrap();
+    for ns in &names {
+        assert!(!netns_path(ns).exists(), "{ns} of a dead owner survived");
+    }
+}
