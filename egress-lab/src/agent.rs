@@ -132,7 +132,14 @@ pub fn render_config(prefix: &str, spec: &LabSpec, node: u8) -> Result<String> {
             })
             .collect(),
     };
-    toml::to_string(&file).map_err(|e| LabError::Spec(format!("cannot render agent config: {e}")))
+    let mut text = toml::to_string(&file)
+        .map_err(|e| LabError::Spec(format!("cannot render agent config: {e}")))?;
+    if let Some(extra) = &spec.agent_config_extra {
+        text.push('\n');
+        text.push_str(extra);
+        text.push('\n');
+    }
+    Ok(text)
 }
 
 /// Writes `contents` to `path` through a rename so that a watching agent
@@ -170,6 +177,9 @@ pub struct Agent {
     pub log: PathBuf,
     pub ready_file: PathBuf,
     pub state_dir: PathBuf,
+    /// Extra arguments of `run` and environment, applied at the next start.
+    pub extra_args: Vec<String>,
+    pub extra_env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -181,6 +191,8 @@ impl Agent {
             log: dir.join(format!("{instance}.log")),
             ready_file: dir.join(format!("{instance}.ready")),
             state_dir: dir.join("state"),
+            extra_args: Vec::new(),
+            extra_env: Vec::new(),
             instance,
             ns,
             child: None,
@@ -240,6 +252,8 @@ impl Agent {
             // with the lab instead of piling up under /run.
             .arg("--state-dir")
             .arg(&self.state_dir)
+            .args(&self.extra_args)
+            .envs(self.extra_env.iter().map(|(k, v)| (k, v)))
             .env(
                 "RUST_LOG",
                 std::env::var("EGRESS_AGENT_LOG").unwrap_or_else(|_| "info".into()),
@@ -528,6 +542,18 @@ mod tests {
         a.sort();
         b.sort();
         assert_eq!(a, b);
+    }
+
+    #[test]
+    fn extra_config_is_appended_as_its_own_table() {
+        let spec = LabSpec {
+            agent_config_extra: Some("[kubernetes]\nnamespace = \"egress-system\"".into()),
+            ..LabSpec::default()
+        };
+        let v: toml::Value = toml::from_str(&render_config("lab", &spec, 2).unwrap()).unwrap();
+        assert_eq!(v["kubernetes"]["namespace"].as_str(), Some("egress-system"));
+        assert_eq!(v["policies"].as_array().unwrap().len(), 2);
+        assert!(v["policies"][1].get("namespace").is_none());
     }
 
     #[test]

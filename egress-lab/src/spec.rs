@@ -170,6 +170,13 @@ pub struct LabSpec {
     /// `[cluster] excluded_cidrs`.
     pub excluded_cidrs: Vec<Ipv4Net>,
     pub datapath: DatapathSpec,
+    /// Extra arguments of `egress-agent run` (e.g. `--kubernetes`).
+    pub agent_args: Vec<String>,
+    /// Extra environment of the agents (e.g. `KUBECONFIG`).
+    pub agent_env: Vec<(String, String)>,
+    /// TOML appended to every node's generated config (e.g. a
+    /// `[kubernetes]` section).
+    pub agent_config_extra: Option<String>,
 }
 
 impl Default for LabSpec {
@@ -190,6 +197,9 @@ impl Default for LabSpec {
                 "10.96.0.0/12".parse().expect("valid CIDR"),
             ],
             datapath: DatapathSpec::default(),
+            agent_args: Vec::new(),
+            agent_env: Vec::new(),
+            agent_config_extra: None,
         }
     }
 }

@@ -243,7 +243,9 @@ impl Lab {
         }
 
         for n in 1..=spec.nodes {
-            let agent = Agent::new(n, self.instance(n), self.node_ns(n), &self.dir);
+            let mut agent = Agent::new(n, self.instance(n), self.node_ns(n), &self.dir);
+            agent.extra_args = self.spec.agent_args.clone();
+            agent.extra_env = self.spec.agent_env.clone();
             agent::write_atomically(
                 &agent.config,
                 &agent::render_config(&self.prefix, &self.spec, n)?,
@@ -388,7 +390,11 @@ impl Lab {
     fn rewrite_configs(&mut self) -> Result<()> {
         for n in 1..=self.spec.nodes {
             let text = agent::render_config(&self.prefix, &self.spec, n)?;
-            agent::write_atomically(&self.agent(n).config, &text)?;
+            let (args, env) = (self.spec.agent_args.clone(), self.spec.agent_env.clone());
+            let agent = self.agent_mut(n)?;
+            agent.extra_args = args;
+            agent.extra_env = env;
+            agent::write_atomically(&agent.config, &text)?;
         }
         Ok(())
     }
