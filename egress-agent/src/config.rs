@@ -35,7 +35,7 @@ pub enum ConfigError {
     },
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
     /// Pinned state lives under /sys/fs/bpf/<instance>/.
@@ -46,6 +46,19 @@ pub struct AgentConfig {
     pub datapath: DatapathSettings,
     #[serde(default)]
     pub policies: Vec<PolicyConfig>,
+    /// Settings of the Kubernetes mode (`run --kubernetes`).
+    #[serde(default)]
+    pub kubernetes: egress_k8s::KubernetesConfig,
+}
+
+/// Where policies come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// `[[policies]]` and `cluster.nodes` in the file.
+    Static,
+    /// EgressIP resources and Nodes from the API server; the file carries
+    /// only this node's interfaces and the datapath settings.
+    Kubernetes,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
@@ -190,14 +203,26 @@ impl AgentConfig {
         Self::parse(&text, path)
     }
 
-    /// Parses and validates; `path` only names the file in errors.
+    /// Parses and validates a static-mode file; `path` only names the file in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        Self::parse_for(text, path, Mode::Static)
+    }
+
+    pub fn load_for(path: &Path, mode: Mode) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse_for(&text, path, mode)
+    }
+
+    pub fn parse_for(text: &str, path: &Path, mode: Mode) -> Result<Self, ConfigError> {
         let config: Self = toml::from_str(text).map_err(|source| ConfigError::Syntax {
             path: path.to_owned(),
             source: Box::new(source),
         })?;
         config
-            .validate()
+            .validate(mode)
             .map_err(|(field, message)| ConfigError::Invalid {
                 path: path.to_owned(),
                 field,
@@ -206,7 +231,7 @@ impl AgentConfig {
         Ok(config)
     }
 
-    fn validate(&self) -> Result<(), (String, String)> {
+    fn validate(&self, mode: Mode) -> Result<(), (String, String)> {
         let bad = |field: &str, message: String| Err((field.to_owned(), message));
         if self.instance.is_empty()
             || self.instance.len() > 64
@@ -227,7 +252,23 @@ impl AgentConfig {
         if nodes.len() != self.cluster.nodes.len() {
             return bad("cluster.nodes", "lists an address twice".into());
         }
-        if !nodes.contains(&self.node.address) {
+        if mode == Mode::Kubernetes {
+            if !self.policies.is_empty() {
+                return bad(
+                    "policies",
+                    "in Kubernetes mode policies come from EgressIP resources; remove them".into(),
+                );
+            }
+            if !self.cluster.nodes.is_empty() {
+                return bad(
+                    "cluster.nodes",
+                    "in Kubernetes mode nodes come from the API server; remove them".into(),
+                );
+            }
+            if let Err(e) = self.kubernetes.options(Vec::new()) {
+                return bad("kubernetes", e.to_string());
+            }
+        } else if !nodes.contains(&self.node.address) {
             return bad(
                 "node.address",
                 format!("{} is not in cluster.nodes", self.node.address),
@@ -529,6 +570,29 @@ mod tests {
             invalid_field(&format!("{EXAMPLE}{second}")),
             "policies[1].vnis"
         );
+    }
+
+    #[test]
+    fn kubernetes_mode_takes_policies_and_nodes_from_the_api() {
+        let k8s = |text: &str| match AgentConfig::parse_for(
+            text,
+            Path::new("k.toml"),
+            Mode::Kubernetes,
+        ) {
+            Err(ConfigError::Invalid { field, .. }) => field,
+            other => panic!("expected a validation error, got {other:?}"),
+        };
+        assert_eq!(k8s(EXAMPLE), "policies");
+        let without_policies = &EXAMPLE[..EXAMPLE.rfind("\n[[policies]]").unwrap()];
+        assert_eq!(k8s(without_policies), "cluster.nodes");
+        let bare = without_policies.replace(
+            "nodes = [\"172.18.0.11\", \"172.18.0.12\", \"172.18.0.13\"]",
+            "nodes = []",
+        );
+        let c = AgentConfig::parse_for(&bare, Path::new("k.toml"), Mode::Kubernetes).unwrap();
+        assert_eq!(c.kubernetes.namespace, "egress-system");
+        let fast = format!("{bare}\n[kubernetes]\nclaim_ttl_ms = 500\nclaim_renew_ms = 400\n");
+        assert_eq!(k8s(&fast), "kubernetes");
     }
 
     #[test]

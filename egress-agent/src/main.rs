@@ -39,6 +39,17 @@ enum Command {
         /// Where the agent records the addresses it added (to release only those).
         #[arg(long, default_value = "/run/egress-agent")]
         state_dir: PathBuf,
+        /// Take policies and nodes from EgressIP resources and Nodes in the
+        /// Kubernetes API; the file then holds only this node's interfaces,
+        /// the datapath settings and the [kubernetes] section.
+        #[arg(long)]
+        kubernetes: bool,
+        /// Kubernetes mode: this node's name (overrides node.name).
+        #[arg(long, env = "NODE_NAME")]
+        node_name: Option<String>,
+        /// Kubernetes mode: this node's address (overrides node.address).
+        #[arg(long, env = "NODE_IP")]
+        node_address: Option<std::net::Ipv4Addr>,
     },
     /// Show an instance's programs, links, policies and flow counts.
     Status {
@@ -99,7 +110,14 @@ fn main() -> anyhow::Result<()> {
             ready_file,
             keep_state_on_exit,
             state_dir,
+            kubernetes,
+            node_name,
+            node_address,
         } => {
+            let kubernetes = kubernetes.then_some(run::KubeOptions {
+                node_name,
+                node_address,
+            });
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
@@ -108,6 +126,7 @@ fn main() -> anyhow::Result<()> {
                 ready_file,
                 keep_state_on_exit,
                 state_dir,
+                kubernetes,
             }))
         }
         Command::Status { instance, json } => inspect::status(&instance, json),

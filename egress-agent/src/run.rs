@@ -10,12 +10,14 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use egress_common::{VXLAN_OVERHEAD, maps::programs};
-use egress_model::NodeState;
+use egress_k8s::AgentLink;
+use egress_model::{AddressClaim, NodeState};
 use egress_netlink::{ClaimLedger, Netlink};
+use ipnet::Ipv4Net;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    config::AgentConfig,
+    config::{AgentConfig, Mode},
     gc::{Collector, monotonic_ns},
     image::{DatapathImage, Environment},
     loader::{self, Datapath},
@@ -27,6 +29,16 @@ pub struct Options {
     pub ready_file: Option<PathBuf>,
     pub keep_state_on_exit: bool,
     pub state_dir: PathBuf,
+    /// Take policies and nodes from the Kubernetes API instead of the file.
+    pub kubernetes: Option<KubeOptions>,
+}
+
+/// Node identity in Kubernetes mode, where one file serves every node.
+pub struct KubeOptions {
+    /// The Node object's name (the downward API's `spec.nodeName`).
+    pub node_name: Option<String>,
+    /// This node's address (the downward API's `status.hostIP`).
+    pub node_address: Option<Ipv4Addr>,
 }
 
 /// IPv4 (20) + TCP (20) headers between the MTU and the MSS.
@@ -55,11 +67,26 @@ struct Agent {
     attached: BTreeMap<String, u32>,
     ledger: ClaimLedger,
     collector: Collector,
+    /// Kubernetes mode: the controller's desired state and our reports.
+    kube: Option<AgentLink>,
 }
 
 pub async fn run(options: Options) -> anyhow::Result<()> {
     // Everything that can be wrong with the file is found before anything is touched.
-    let config = AgentConfig::load(&options.config)?;
+    let mode = if options.kubernetes.is_some() {
+        Mode::Kubernetes
+    } else {
+        Mode::Static
+    };
+    let mut config = AgentConfig::load_for(&options.config, mode)?;
+    if let Some(k) = &options.kubernetes {
+        if let Some(name) = &k.node_name {
+            config.node.name.clone_from(name);
+        }
+        if let Some(addr) = k.node_address {
+            config.node.address = addr;
+        }
+    }
     let config_mtime = std::fs::metadata(&options.config)
         .and_then(|m| m.modified())
         .ok();
@@ -114,10 +141,26 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         attached: BTreeMap::new(),
         ledger,
         collector: Collector::default(),
+        kube: None,
     };
-    let desired = agent.config.node_state();
-    agent.claim(&desired).await?;
-    agent.reconcile(&desired)?;
+    let mut controller = None;
+    let desired = match mode {
+        Mode::Static => {
+            let desired = agent.config.node_state();
+            agent.apply(&desired, &static_claims(&desired)).await?;
+            desired
+        }
+        Mode::Kubernetes => {
+            // Until the watches have synced nothing is programmed or announced:
+            // the pinned state of a previous run stays as it is. Only this
+            // node's own settings (tunnel device, port range) are refreshed.
+            agent.reconcile_settings()?;
+            let (task, link) = agent.start_controller(&uplink.name).await?;
+            controller = Some(task);
+            agent.kube = Some(link);
+            NodeState::default()
+        }
+    };
     agent
         .datapath
         .attach(programs::UPLINK_INGRESS, &agent.uplink)?;
@@ -136,20 +179,83 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut gc = tokio::time::interval(agent.config.datapath.gc_interval());
     let mut watch = tokio::time::interval(Duration::from_secs(1));
+    // Set once SIGTERM asked the controller to hand our egress IPs over.
+    let mut handing_over: Option<tokio::time::Instant> = None;
+    let drain =
+        Duration::from_millis(agent.config.kubernetes.drain_timeout_ms) + Duration::from_secs(5);
     loop {
         tokio::select! {
-            _ = sigterm.recv() => break,
-            _ = sigint.recv() => break,
+            _ = sigterm.recv() => {
+                if agent.begin_hand_over() { handing_over = Some(tokio::time::Instant::now()); } else { break }
+            }
+            _ = sigint.recv() => {
+                if agent.begin_hand_over() { handing_over = Some(tokio::time::Instant::now()); } else { break }
+            }
             _ = gc.tick() => agent.collect(),
             _ = watch.tick() => {
                 if let Err(e) = agent.sync_pod_interfaces().await {
                     tracing::error!(error = %format!("{e:#}"), "attaching to pod interfaces");
                 }
-                agent.reload_if_changed().await;
+                if mode == Mode::Static {
+                    agent.reload_if_changed().await;
+                }
+                if handing_over.is_some_and(|t| t.elapsed() > drain) {
+                    tracing::warn!("hand-over did not finish in time; exiting anyway");
+                    break;
+                }
+            }
+            changed = desired_changed(&mut agent.kube) => {
+                if changed {
+                    agent.apply_kubernetes().await;
+                }
+            }
+            outcome = finished(&mut controller) => {
+                match outcome {
+                    Ok(()) => tracing::info!("Kubernetes controller finished"),
+                    Err(e) => tracing::error!(error = %e, "Kubernetes controller failed"),
+                }
+                if handing_over.is_none() {
+                    anyhow::bail!("the Kubernetes controller stopped unexpectedly");
+                }
+                break;
             }
         }
     }
     agent.shutdown().await
+}
+
+/// The addresses a static configuration makes this node hold.
+fn static_claims(desired: &NodeState) -> Vec<AddressClaim> {
+    desired
+        .claims()
+        .into_iter()
+        .map(|ip| AddressClaim {
+            ip,
+            interface: None,
+        })
+        .collect()
+}
+
+/// Waits for the controller's next desired state; never in static mode.
+async fn desired_changed(kube: &mut Option<AgentLink>) -> bool {
+    match kube {
+        Some(link) => link.desired.changed().await.is_ok(),
+        None => std::future::pending().await,
+    }
+}
+
+/// Waits for the controller task to end; never in static mode.
+async fn finished(
+    controller: &mut Option<tokio::task::JoinHandle<Result<(), egress_k8s::Error>>>,
+) -> anyhow::Result<()> {
+    match controller {
+        Some(task) => {
+            let outcome = task.await;
+            *controller = None;
+            Ok(outcome??)
+        }
+        None => std::future::pending().await,
+    }
 }
 
 impl Agent {
@@ -167,18 +273,46 @@ impl Agent {
         Ok(())
     }
 
+    /// Makes the datapath and the node's addresses match `desired`.
+    /// Addresses first: a policy becomes local only once its IP is here.
+    async fn apply(&mut self, desired: &NodeState, claims: &[AddressClaim]) -> anyhow::Result<()> {
+        self.claim(claims).await?;
+        self.reconcile(desired)
+    }
+
+    /// Writes only this node's own settings (the `config` entry), leaving
+    /// policies, pods and flows as they are.
+    fn reconcile_settings(&mut self) -> anyhow::Result<()> {
+        let current = self.maps.read_image()?;
+        let fresh = DatapathImage::from_state(
+            &NodeState {
+                node_addr: Some(self.config.node.address),
+                ..Default::default()
+            },
+            &self.env,
+        );
+        let desired = DatapathImage {
+            config: fresh.config,
+            ..current.clone()
+        };
+        self.maps.apply(&current, &desired)?;
+        Ok(())
+    }
+
     /// Puts the egress IPs this node holds on the interface whose subnet
-    /// contains them, and removes those it added but no longer holds.
-    async fn claim(&mut self, desired: &NodeState) -> anyhow::Result<()> {
-        let wanted: BTreeSet<Ipv4Addr> = desired.claims();
-        for ip in &wanted {
+    /// contains them (or the one the claim names), announces new ones with
+    /// gratuitous ARP, and removes those it added but no longer holds.
+    async fn claim(&mut self, claims: &[AddressClaim]) -> anyhow::Result<()> {
+        let wanted: BTreeSet<Ipv4Addr> = claims.iter().map(|c| c.ip).collect();
+        for c in claims {
             let claim = self
                 .netlink
-                .claim_tracked(&mut self.ledger, *ip, None)
+                .claim_tracked(&mut self.ledger, c.ip, c.interface.as_deref())
                 .await
-                .with_context(|| format!("claiming egress IP {ip}"))?;
+                .with_context(|| format!("claiming egress IP {}", c.ip))?;
             if claim.added {
-                tracing::info!(%ip, interface = %claim.interface, prefix = claim.prefix_len, "egress IP claimed");
+                tracing::info!(ip = %c.ip, interface = %claim.interface, prefix = claim.prefix_len, "egress IP claimed");
+                announce(claim.interface, c.ip);
             }
         }
         let stale: BTreeSet<Ipv4Addr> = self
@@ -193,6 +327,91 @@ impl Agent {
             tracing::info!(%ip, interfaces = ?from, "egress IP released");
         }
         Ok(())
+    }
+
+    /// Starts the Kubernetes controller for this node.
+    async fn start_controller(
+        &self,
+        uplink: &str,
+    ) -> anyhow::Result<(
+        tokio::task::JoinHandle<Result<(), egress_k8s::Error>>,
+        AgentLink,
+    )> {
+        let addresses: Vec<(String, Ipv4Net)> = self
+            .netlink
+            .ipv4_addresses()
+            .await?
+            .into_iter()
+            .map(|a| (a.ifname, a.addr))
+            .collect();
+        let mut subnets = self.config.kubernetes.egress_subnets(&addresses);
+        if self.config.kubernetes.egress_interfaces.is_empty() {
+            // By default only the uplink offers egress IPs.
+            subnets.retain(|s| s.interface == uplink);
+        }
+        let mut options = self.config.kubernetes.options(subnets)?;
+        options.node_addr = Some(self.config.node.address);
+        options
+            .global_excluded
+            .extend(self.config.cluster.excluded_cidrs.iter().map(|n| n.trunc()));
+        let client = kube::Client::try_default().await.context(
+            "connecting to the Kubernetes API (in-cluster service account or KUBECONFIG)",
+        )?;
+        let (controller_link, agent_link) = egress_k8s::link();
+        let node_name = self.config.node.name.clone();
+        tracing::info!(node = %node_name, address = %self.config.node.address, "Kubernetes mode: waiting for the watches to sync");
+        let task = tokio::spawn(egress_k8s::run(client, node_name, options, controller_link));
+        Ok((task, agent_link))
+    }
+
+    /// Applies the controller's latest desired state and reports what we hold.
+    async fn apply_kubernetes(&mut self) {
+        let Some(desired) = self
+            .kube
+            .as_mut()
+            .and_then(|k| k.desired.borrow_and_update().clone())
+        else {
+            return;
+        };
+        if let Err(e) = self.apply(&desired.state, &desired.claims).await {
+            tracing::error!(error = %format!("{e:#}"), "applying the desired state from Kubernetes");
+        }
+        let held = self.held_addresses(&desired.claims).await;
+        if let Some(k) = &self.kube {
+            let _ = k.held.send(held);
+        }
+    }
+
+    /// Which of the claimed or recorded egress IPs are on our interfaces now.
+    async fn held_addresses(&self, claims: &[AddressClaim]) -> BTreeSet<Ipv4Addr> {
+        let ours: BTreeSet<Ipv4Addr> = claims
+            .iter()
+            .map(|c| c.ip)
+            .chain(self.ledger.entries().iter().map(|e| e.ip))
+            .collect();
+        match self.netlink.ipv4_addresses().await {
+            Ok(addresses) => addresses
+                .into_iter()
+                .map(|a| a.addr.addr())
+                .filter(|ip| ours.contains(ip))
+                .collect(),
+            Err(e) => {
+                tracing::error!(error = %e, "listing addresses");
+                ours
+            }
+        }
+    }
+
+    /// Asks the controller to hand our IPs to other nodes; false in static mode.
+    fn begin_hand_over(&mut self) -> bool {
+        match &self.kube {
+            Some(k) if !self.options.keep_state_on_exit => {
+                tracing::info!("SIGTERM: handing egress IPs over before exiting");
+                let _ = k.shutdown.send(true);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Attaches pod_ingress to new interfaces matching the patterns and
@@ -303,11 +522,7 @@ impl Agent {
             return;
         }
         let desired = new.node_state();
-        let outcome = async {
-            self.claim(&desired).await?;
-            self.reconcile(&desired)
-        }
-        .await;
+        let outcome = self.apply(&desired, &static_claims(&desired)).await;
         match outcome {
             Ok(()) => {
                 tracing::info!(policies = new.policies.len(), "configuration reloaded");
@@ -356,6 +571,18 @@ impl Agent {
         }
         Ok(())
     }
+}
+
+/// Announces `ip` on `interface` with a burst of gratuitous ARP, in the
+/// background: the burst lasts seconds and must not hold up reconciling.
+fn announce(interface: String, ip: Ipv4Addr) {
+    tokio::spawn(async move {
+        let config = egress_arp::GarpConfig::default();
+        match egress_arp::announce(&interface, ip, &config).await {
+            Ok(()) => tracing::debug!(%ip, %interface, "gratuitous ARP sent"),
+            Err(e) => tracing::warn!(%ip, %interface, error = %e, "gratuitous ARP failed"),
+        }
+    });
 }
 
 #[cfg(test)]
