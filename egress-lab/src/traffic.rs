@@ -919,6 +919,123 @@ pub fn udp_path_mtu(ns: &str, server: SocketAddrV4, payload: usize, wait: Durati
     })
 }
 
+/// What one probe of [`udp_trace`] brought back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hop {
+    /// An ICMP time-exceeded from this address.
+    TimeExceeded(Ipv4Addr),
+    /// Another ICMP error (type, code) from this address.
+    IcmpError {
+        from: Ipv4Addr,
+        icmp_type: u8,
+        code: u8,
+    },
+    /// The UDP server answered; it saw this source.
+    Reached(SocketAddrV4),
+    /// Nothing within the deadline.
+    Silent,
+}
+
+/// Traceroute with UDP towards a [`UdpServer`]: one datagram per TTL from 1
+/// to `max_ttl`, reading ICMP errors from the socket's error queue (so an
+/// error only counts if it quotes this socket's own address and port, i.e.
+/// if it was translated back). Stops at the first answer from the server.
+pub fn udp_trace(
+    ns: &str,
+    server: SocketAddrV4,
+    max_ttl: u8,
+    per_hop: Duration,
+) -> Result<Vec<Hop>> {
+    use std::{io::IoSliceMut, os::fd::AsFd};
+
+    use nix::{
+        cmsg_space,
+        sys::socket::{ControlMessageOwned, MsgFlags, SockaddrIn, recvmsg, setsockopt, sockopt},
+    };
+    let ns_name = ns.to_owned();
+    in_netns(ns, move || {
+        let ctx = |what: &str, e: &dyn std::fmt::Display| {
+            traffic_err(format!(
+                "UDP trace from `{ns_name}` to {server}: {what}: {e}"
+            ))
+        };
+        let socket = UdpSocket::bind("0.0.0.0:0").map_err(|e| ctx("bind", &e))?;
+        socket.connect(server).map_err(|e| ctx("connect", &e))?;
+        socket
+            .set_nonblocking(true)
+            .map_err(|e| ctx("O_NONBLOCK", &e))?;
+        setsockopt(&socket.as_fd(), sockopt::Ipv4RecvErr, &true)
+            .map_err(|e| ctx("IP_RECVERR", &e))?;
+        let mut hops = Vec::new();
+        let mut buf = [0u8; 512];
+        for ttl in 1..=max_ttl {
+            socket
+                .set_ttl(u32::from(ttl))
+                .map_err(|e| ctx("IP_TTL", &e))?;
+            match socket.send(format!("trace ttl {ttl}").as_bytes()) {
+                Ok(_) => {}
+                // A pending error from the previous hop's ICMP; the error
+                // queue has the details.
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EHOSTUNREACH | libc::ECONNREFUSED | libc::ENETUNREACH)
+                    ) => {}
+                Err(e) => return Err(ctx("send", &e)),
+            }
+            let deadline = Instant::now() + per_hop;
+            let hop = loop {
+                let mut iov = [IoSliceMut::new(&mut buf)];
+                let mut cmsg = cmsg_space!(libc::sock_extended_err, libc::sockaddr_in);
+                let from_queue = recvmsg::<SockaddrIn>(
+                    socket.as_raw_fd(),
+                    &mut iov,
+                    Some(&mut cmsg),
+                    MsgFlags::MSG_ERRQUEUE,
+                );
+                if let Ok(msg) = from_queue {
+                    let mut found = None;
+                    for c in msg.cmsgs().map_err(|e| ctx("control messages", &e))? {
+                        if let ControlMessageOwned::Ipv4RecvErr(ee, Some(offender)) = c
+                            && ee.ee_origin == libc::SO_EE_ORIGIN_ICMP
+                        {
+                            let from = Ipv4Addr::from(u32::from_be(offender.sin_addr.s_addr));
+                            found = Some(if ee.ee_type == 11 {
+                                Hop::TimeExceeded(from)
+                            } else {
+                                Hop::IcmpError {
+                                    from,
+                                    icmp_type: ee.ee_type,
+                                    code: ee.ee_code,
+                                }
+                            });
+                        }
+                    }
+                    if let Some(hop) = found {
+                        break hop;
+                    }
+                    continue;
+                }
+                match socket.recv(&mut buf) {
+                    Ok(n) => break Hop::Reached(parse_peer(&String::from_utf8_lossy(&buf[..n]))?),
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                    // Pending ICMP error surfacing here; read it from the queue.
+                    Err(_) => continue,
+                }
+                if Instant::now() >= deadline {
+                    break Hop::Silent;
+                }
+                thread::sleep(Duration::from_millis(10));
+            };
+            hops.push(hop);
+            if matches!(hop, Hop::Reached(_)) {
+                break;
+            }
+        }
+        Ok(hops)
+    })
+}
+
 /// Sends one datagram from `from` (an address of `ns`) to `to`.
 pub fn udp_send(ns: &str, from: SocketAddrV4, to: SocketAddrV4, payload: Vec<u8>) -> Result<()> {
     in_netns(ns, move || {

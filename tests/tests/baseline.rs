@@ -224,3 +224,21 @@ fn labs_of_dead_processes_are_reaped_by_the_next_lab() {
         assert!(!netns_path(ns).exists(), "{ns} of a dead owner survived");
     }
 }
+
+#[test]
+fn time_exceeded_comes_back_through_masquerade() {
+    let cluster = Cluster::without_agents(LabSpec::default());
+    let pod = PodRef::new(1, 2);
+    let hops =
+        egress_lab::traffic::udp_trace(&cluster.ns(pod), UDP, 6, Duration::from_secs(2)).unwrap();
+    eprintln!("trace from {pod}: {hops:?}");
+    use egress_lab::traffic::Hop;
+    assert!(
+        hops.contains(&Hop::TimeExceeded(spec::ROUTER_NODE_ADDR)),
+        "the router's time-exceeded did not come back to {pod}: {hops:?}"
+    );
+    assert!(
+        matches!(hops.last(), Some(Hop::Reached(a)) if *a.ip() == spec::node_addr(1)),
+        "{hops:?}"
+    );
+}
