@@ -58,3 +58,89 @@ fn large_transfers_cross_the_small_mtu_link() {
         }
     }
 }
+
+/// Captures the first SYN towards the server's TCP port and returns
+/// tcpdump's line for it.
+fn capture_syn(c: &Cluster, during: impl FnOnce()) -> String {
+    use std::{
+        io::{BufRead, BufReader},
+        process::Stdio,
+    };
+    let mut cmd = egress_lab::netns::command_in(&c.lab.server_ns(), "tcpdump")
+        .unwrap_or_else(|e| panic!("{e}"));
+    cmd.args([
+        "-i",
+        "eth0",
+        "-nn",
+        "-l",
+        "-c",
+        "1",
+        "tcp[tcpflags] == tcp-syn and dst port 8080",
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("tcpdump: {e}"));
+    // tcpdump reports on stderr once it listens.
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut said = String::new();
+    while !said.contains("listening") {
+        let mut line = String::new();
+        if stderr.read_line(&mut line).unwrap() == 0 {
+            panic!("tcpdump in the server namespace exited: {said}");
+        }
+        said.push_str(&line);
+    }
+    during();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while matches!(child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let mut out = String::new();
+    let _ = std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out);
+    out
+}
+
+#[test]
+fn steered_tcp_is_clamped_to_fit_the_tunnel() {
+    // No bottleneck beyond the tunnel: only MSS clamping can make a
+    // full-size pod segment plus 50 bytes of VXLAN fit the 1500-byte uplink.
+    let c = Cluster::new(LabSpec {
+        server_link_mtu: 1500,
+        server_advmss: None,
+        ..LabSpec::default()
+    });
+    let pod = PodRef::new(2, 1);
+    let syn = capture_syn(&c, || {
+        c.check_tcp(pod, opts());
+    });
+    if !syn.contains("mss 1410") {
+        c.fail(format!(
+            "the steered SYN of {pod} reached the server without MSS 1410: {syn}"
+        ));
+    }
+    // A local pod's SYN is not clamped.
+    let local = capture_syn(&c, || {
+        c.check_tcp(PodRef::new(1, 1), opts());
+    });
+    if !local.contains("mss 1460") {
+        c.fail(format!("the local pod's SYN lost its MSS 1460: {local}"));
+    }
+    let t = c.expect(
+        "16 MiB steered through the tunnel",
+        tcp_bulk(
+            &c.ns(pod),
+            TCP,
+            16 << 20,
+            None,
+            ClientOpts {
+                timeout: Duration::from_secs(15),
+                ..opts()
+            },
+        ),
+    );
+    if *t.observed.ip() != EGRESS_A {
+        c.fail(format!("{pod}: server saw {}", t.observed));
+    }
+}
