@@ -187,8 +187,28 @@ pub fn link() -> (ControllerLink, AgentLink) {
     )
 }
 
+/// A reflector's store, and its task: dropping this stops the watch, so
+/// that dropping [`run`]'s future stops everything it started.
+struct Reflected<K: Resource + Clone + 'static>
+where
+    K::DynamicType: Eq + Hash + Clone,
+{
+    store: Store<K>,
+    _task: AbortOnDrop,
+}
+
+impl<K: Resource + Clone + 'static> std::ops::Deref for Reflected<K>
+where
+    K::DynamicType: Eq + Hash + Clone,
+{
+    type Target = Store<K>;
+    fn deref(&self) -> &Store<K> {
+        &self.store
+    }
+}
+
 /// A reflector whose changes wake `notify`.
-fn reflect<K>(api: Api<K>, config: watcher::Config, notify: Arc<Notify>) -> Store<K>
+fn reflect<K>(api: Api<K>, config: watcher::Config, notify: Arc<Notify>) -> Reflected<K>
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + Hash + Clone,
@@ -196,7 +216,7 @@ where
     let (reader, writer) = reflector::store();
     let kind = K::kind(&K::DynamicType::default()).to_string();
     let stream = reflector::reflector(writer, watcher(api, config).default_backoff());
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         stream
             .for_each(|ev| {
                 if let Err(e) = ev {
@@ -207,7 +227,10 @@ where
             })
             .await;
     });
-    reader
+    Reflected {
+        store: reader,
+        _task: AbortOnDrop(Some(task)),
+    }
 }
 
 async fn ready<K>(store: &Store<K>)
@@ -215,7 +238,7 @@ where
     K: Resource + Clone + 'static,
     K::DynamicType: Eq + Hash + Clone,
 {
-    // The writer lives as long as the spawned task, which never ends.
+    // The writer lives as long as the reflector task, which outlives this wait.
     let _ = store.wait_until_ready().await;
 }
 
@@ -280,12 +303,16 @@ pub async fn run(
         let down = link.down.clone();
         tokio::spawn(async move { elect(client, node_name, options, down).await })
     });
-    let result = node_agent(client, node_name, options, link).await;
-    if let Some(e) = elector {
-        e.abort();
-    }
-    if let Some(r) = responder {
-        r.abort();
+    // Dropped (so aborted) when this future ends or is dropped.
+    let elector = AbortOnDrop(elector);
+    let _responder = AbortOnDrop(responder);
+    let result = node_agent(client.clone(), node_name.clone(), options.clone(), link).await;
+    if result.is_ok() && options.assigner {
+        drop(elector);
+        // Let another agent take over at once instead of after the lease.
+        if let Err(e) = release_leadership(&client, &node_name, &options).await {
+            warn!(error = %e, "cannot release the assigner lease");
+        }
     }
     result
 }
@@ -560,7 +587,8 @@ async fn elect(
     let api: Api<Lease> = Api::namespaced(client.clone(), &options.namespace);
     let mut observed: Option<(String, Instant)> = None;
     let mut last_renew: Option<Instant> = None;
-    let mut assigner: Option<tokio::task::JoinHandle<()>> = None;
+    // Dropping the guard aborts the assigner (also when this future is dropped).
+    let mut assigner: Option<AbortOnDrop> = None;
     loop {
         let attempt = Instant::now();
         match try_lead(&api, &me, &options, &mut observed).await {
@@ -574,18 +602,40 @@ async fn elect(
                 info!(identity = %me, "elected assigner");
                 let (client, options, down) = (client.clone(), options.clone(), down.clone());
                 let me = me.clone();
-                assigner = Some(tokio::spawn(async move {
+                assigner = Some(AbortOnDrop(Some(tokio::spawn(async move {
                     assign_loop(client, me, options, down).await
-                }));
+                }))));
             }
-            (Some(task), false) => {
+            (Some(_), false) => {
                 warn!(identity = %me, "lost the assigner lease");
-                task.abort();
                 assigner = None;
             }
             _ => {}
         }
         tokio::time::sleep(options.leader_renew).await;
+    }
+}
+
+async fn release_leadership(client: &Client, me: &str, options: &Options) -> Result<(), kube::Error> {
+    let api: Api<Lease> = Api::namespaced(client.clone(), &options.namespace);
+    let Some(mut lease) = api.get_opt(&options.leader_lease).await? else {
+        return Ok(());
+    };
+    let Some(spec) = lease.spec.as_mut() else {
+        return Ok(());
+    };
+    if spec.holder_identity.as_deref() != Some(me) {
+        return Ok(());
+    }
+    spec.holder_identity = None;
+    match api.replace(&options.leader_lease, &PostParams::default(), &lease).await {
+        Ok(_) => {
+            info!(identity = %me, "released the assigner lease");
+            Ok(())
+        }
+        // Someone else took it meanwhile: nothing to release.
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+        Err(e) => Err(e),
     }
 }
 

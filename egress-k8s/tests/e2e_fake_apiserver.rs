@@ -133,6 +133,14 @@ async fn egressip_lifecycle_against_a_fake_api_server() {
         let v = v.clone();
         eventually("initial desired state", || v.borrow().clone()).await;
     }
+    for n in ["node1", "node2"] {
+        eventually("subnets published", || {
+            api.get(NODES, None, n)?["metadata"]["annotations"][SUBNETS_ANNOTATION]
+                .as_str()
+                .map(|_| ())
+        })
+        .await;
+    }
     let n1 = api.get(NODES, None, "node1").unwrap();
     assert_eq!(
         n1["metadata"]["annotations"][SUBNETS_ANNOTATION],

@@ -4,6 +4,9 @@
 //! answering with the API server's JSON shapes (lists, watch events, `Status`
 //! errors).
 
+// Each test crate that includes this module uses a different subset of it.
+#![allow(dead_code)]
+
 use std::{
     collections::BTreeMap,
     convert::Infallible,
@@ -27,6 +30,8 @@ pub struct WatchEvent {
     pub type_: &'static str,
     pub object: Value,
     pub rv: u64,
+    /// When the server stored it.
+    pub at: std::time::Instant,
 }
 
 #[derive(Default)]
@@ -290,6 +295,7 @@ impl FakeApi {
             type_,
             object: object.clone(),
             rv,
+            at: std::time::Instant::now(),
         };
         st.history.push(ev.clone());
         let _ = self.events.send(ev);

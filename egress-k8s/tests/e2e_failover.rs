@@ -1,0 +1,234 @@
+//! Failover end to end against the in-test API server, with real heartbeats
+//! on loopback: the egress node's agent dies without releasing anything; the
+//! assigner notices through missed heartbeats and moves the IP; the new node
+//! claims it only once the dead node's claim has expired.
+
+mod support;
+
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr},
+    time::{Duration, Instant},
+};
+
+use egress_k8s::{
+    Options,
+    facts::{DEFAULT_ASSIGNABLE_LABEL, EgressSubnet},
+    heartbeat::HeartbeatConfig,
+};
+use serde_json::{Value, json};
+use support::FakeApi;
+
+const NODES: &str = "/api/v1/nodes";
+const NAMESPACES: &str = "/api/v1/namespaces";
+const PODS: &str = "/api/v1/pods";
+const EIPS: &str = "/apis/egress.example.dev/v1/egressips";
+const LEASES: &str = "/apis/coordination.k8s.io/v1/leases";
+
+const CLAIM_TTL: Duration = Duration::from_secs(2);
+
+/// Node addresses on loopback so that heartbeats really flow; the egress
+/// subnet is published separately.
+fn node(name: &str, addr: &str) -> Value {
+    json!({
+        "metadata": {"name": name, "labels": {DEFAULT_ASSIGNABLE_LABEL: ""}},
+        "status": {
+            "addresses": [{"type": "InternalIP", "address": addr}],
+            "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
+                "lastHeartbeatTime": "2026-01-10T09:00:00Z", "lastTransitionTime": "2026-01-10T08:00:10Z"}]
+        }
+    })
+}
+
+fn options(addr: Ipv4Addr, port: u16, subnet: &str, assigner: bool) -> Options {
+    Options {
+        subnets: vec![EgressSubnet {
+            interface: "eth0".into(),
+            address: subnet.parse().unwrap(),
+        }],
+        claim_ttl: CLAIM_TTL,
+        claim_renew: Duration::from_millis(400),
+        assigner,
+        leader_ttl: Duration::from_secs(2),
+        leader_renew: Duration::from_millis(200),
+        heartbeat: Some(HeartbeatConfig {
+            bind: IpAddr::V4(addr),
+            port,
+            interval: Duration::from_millis(200),
+            timeout: Duration::from_millis(1000),
+        }),
+        ..Options::default()
+    }
+}
+
+async fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_egress_node_is_detected_and_its_ip_moves_after_its_claim_expires() {
+    let api = FakeApi::start().await;
+    let (a1, a2) = (Ipv4Addr::new(127, 0, 0, 11), Ipv4Addr::new(127, 0, 0, 12));
+    // A free UDP port, shared by both responders on their own addresses.
+    let port = std::net::UdpSocket::bind("127.0.0.11:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    api.create(NODES, node("node1", "127.0.0.11"));
+    api.create(NODES, node("node2", "127.0.0.12"));
+    api.create(
+        NAMESPACES,
+        json!({"metadata": {"name": "shop", "labels": {"team": "a"}}}),
+    );
+    api.create(PODS, json!({
+        "metadata": {"name": "web-2", "namespace": "shop"},
+        "spec": {"nodeName": "node2", "containers": [{"name": "app", "image": "registry.k8s.io/pause:3.10"}]},
+        "status": {"phase": "Running", "podIP": "10.244.2.4", "podIPs": [{"ip": "10.244.2.4"}]}
+    }));
+
+    // node2 runs the assigner; node1 is only a candidate egress node.
+    let start = |name: &str, addr, subnet, assigner| {
+        let (ctl, agent) = egress_k8s::link();
+        let task = tokio::spawn(egress_k8s::run(
+            api.client(),
+            name.to_string(),
+            options(addr, port, subnet, assigner),
+            ctl,
+        ));
+        let mut desired = agent.desired.clone();
+        let held = agent.held.clone();
+        // The agent applies claims at once.
+        tokio::spawn(async move {
+            while desired.changed().await.is_ok() {
+                let ips = desired
+                    .borrow()
+                    .as_ref()
+                    .map(|d| d.claims.iter().map(|c| c.ip).collect())
+                    .unwrap_or_default();
+                held.send_replace(ips);
+            }
+        });
+        (agent, task)
+    };
+    let (agent2, _task2) = start("node2", a2, "172.18.0.12/16", true);
+    let (agent1, task1) = start("node1", a1, "172.18.0.11/16", false);
+
+    // Both agents synced and node1's subnets published before the EgressIP
+    // exists, so that the first placement is deterministic (node1, by name).
+    for agent in [&agent1, &agent2] {
+        let desired = agent.desired.clone();
+        eventually("synced", || desired.borrow().as_ref().map(|_| ())).await;
+    }
+    for n in ["node1", "node2"] {
+        eventually("subnets published", || {
+            api.get(NODES, None, n)?["metadata"]["annotations"]["egress.example.dev/egress-subnets"]
+                .as_str()
+                .map(|_| ())
+        })
+        .await;
+    }
+    api.create(EIPS, json!({
+        "metadata": {"name": "team-a"},
+        "spec": {"egressIPs": ["172.18.0.100"], "namespaceSelector": {"matchLabels": {"team": "a"}}}
+    }));
+    eventually("node1 holds", || {
+        agent1
+            .desired
+            .borrow()
+            .as_ref()
+            .filter(|d| !d.claims.is_empty())
+            .map(|_| ())
+    })
+    .await;
+    eventually("status announced by node1", || {
+        let e = api.get(EIPS, None, "team-a")?;
+        (e["status"]["ips"][0]["node"] == "node1"
+            && e["status"]["ips"][0]["conditions"]
+                .as_array()?
+                .iter()
+                .any(|c| c["type"] == "Announced" && c["status"] == "True"))
+        .then_some(())
+    })
+    .await;
+    // Healthy for a while: heartbeats keep node1 up, nothing moves.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        api.get(EIPS, None, "team-a").unwrap()["status"]["ips"][0]["node"],
+        "node1"
+    );
+
+    // node1's agent dies: no release, no more renewals or heartbeats.
+    task1.abort();
+    let killed = Instant::now();
+    drop(agent1);
+
+    let moved = eventually("status moved to node2", || {
+        let e = api.get(EIPS, None, "team-a")?;
+        (e["status"]["ips"][0]["node"] == "node2").then(Instant::now)
+    })
+    .await;
+    let d2 = eventually("node2 holds", || {
+        agent2
+            .desired
+            .borrow()
+            .as_ref()
+            .filter(|d| !d.claims.is_empty())
+            .map(|d| (Instant::now(), d.clone()))
+    })
+    .await;
+    let detect = moved - killed;
+    let takeover = d2.0 - killed;
+    println!("failover: reassigned after {detect:?}, claimed after {takeover:?}");
+    assert!(
+        detect >= Duration::from_millis(700) && detect < Duration::from_millis(2000),
+        "detection took {detect:?}"
+    );
+    assert!(
+        takeover < Duration::from_secs(4),
+        "take-over took {takeover:?}"
+    );
+    assert_eq!(d2.1.state.policies[&1].egress_node, Some(a2));
+    assert_eq!(
+        d2.1.state.pods.get(&"10.244.2.4".parse().unwrap()),
+        Some(&1)
+    );
+
+    // Fencing: node2's first claim on the IP was written at least a claim
+    // lifetime after node1's claims Lease last changed.
+    let history = api.history();
+    let leases: Vec<_> = history.iter().filter(|e| e.collection == LEASES).collect();
+    let last_node1 = leases
+        .iter()
+        .rev()
+        .find(|e| e.object["metadata"]["name"] == "egress-claims-node1")
+        .unwrap()
+        .at;
+    let first_node2 = leases
+        .iter()
+        .find(|e| {
+            e.object["metadata"]["name"] == "egress-claims-node2"
+                && e.object["metadata"]["annotations"]["egress.example.dev/claimed-ips"]
+                    == "172.18.0.100"
+        })
+        .unwrap()
+        .at;
+    let gap = first_node2.duration_since(last_node1);
+    assert!(
+        gap >= CLAIM_TTL,
+        "node2 claimed {gap:?} after node1's last renewal"
+    );
+
+    let held: BTreeSet<_> = agent2.held.borrow().clone();
+    assert!(held.contains(&"172.18.0.100".parse().unwrap()));
+}
