@@ -77,3 +77,91 @@ fn killing_and_restarting_the_agent_keeps_transfers_alive() {
         c.check_tcp(pod, opts());
     }
 }
+
+#[test]
+fn graceful_restart_with_kept_state_keeps_connections() {
+    let mut c = Cluster::new(LabSpec {
+        agent_args: vec!["--keep-state-on-exit".into()],
+        ..LabSpec::default()
+    });
+    let pods = [PodRef::new(1, 1), PodRef::new(2, 1)];
+    let held: Vec<TcpConn> = pods
+        .iter()
+        .map(|pod| {
+            c.expect(
+                &format!("connecting {pod}"),
+                TcpConn::open(&c.ns(*pod), TCP, opts()),
+            )
+        })
+        .collect();
+    for n in [1, 2] {
+        let restarted = c.lab.restart_agent(n);
+        c.expect(
+            &format!("SIGTERM and restart of node{n}'s agent"),
+            restarted,
+        );
+    }
+    for (pod, conn) in pods.iter().zip(held) {
+        let seen = conn.observed;
+        c.expect(
+            &format!("{pod}'s connection (seen as {seen}) across graceful restarts"),
+            conn.finish(),
+        );
+        if *seen.ip() != EGRESS_A {
+            c.fail(format!("{pod}: server saw {seen}"));
+        }
+    }
+    for pod in pods {
+        c.check_tcp(pod, opts());
+    }
+}
+
+#[test]
+fn sigterm_without_kept_state_detaches_everything() {
+    let mut c = Cluster::new(LabSpec::default());
+    let pod = PodRef::new(1, 1);
+    c.check_tcp(pod, opts());
+    let stopped = c.lab.stop_agent(1);
+    c.expect("SIGTERM of node1's agent", stopped);
+    let pins = std::path::Path::new("/sys/fs/bpf").join(c.lab.instance(1));
+    if pins.exists() {
+        c.fail(format!(
+            "{} survived a stop without --keep-state-on-exit",
+            pins.display()
+        ));
+    }
+    let node = c.lab.node_ns(1);
+    for dev in ["veth1", "eth0"] {
+        let filters = c.expect(
+            &format!("tc filters of {dev}"),
+            egress_lab::exec_in(&node, "tc", &["filter", "show", "dev", dev, "ingress"]),
+        );
+        if filters.stdout.contains("bpf") {
+            c.fail(format!(
+                "{dev} still has a BPF filter after the stop:\n{}",
+                filters.stdout
+            ));
+        }
+    }
+    let addrs = c.expect(
+        "addresses of node1's eth0",
+        egress_lab::exec_in(&node, "ip", &["-o", "addr", "show", "dev", "eth0"]),
+    );
+    if addrs.stdout.contains(&EGRESS_A.to_string()) {
+        c.fail(format!(
+            "node1 still holds {EGRESS_A} after the stop:\n{}",
+            addrs.stdout
+        ));
+    }
+    // Without the datapath the pod is just another pod: node masquerade.
+    let p = c.expect(
+        "TCP after the stop",
+        egress_lab::tcp_probe(&c.ns(pod), TCP, opts()),
+    );
+    if *p.observed.ip() != egress_lab::spec::node_addr(1) {
+        c.fail(format!(
+            "after the agent detached, the server saw {}",
+            p.observed
+        ));
+    }
+}
