@@ -278,8 +278,34 @@ pub struct UdpServer {
     thread: Option<JoinHandle<Result<()>>>,
 }
 
+/// Makes a UDP socket send zero checksums.
+fn set_no_check(fd: std::os::fd::RawFd) -> std::io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: `fd` is a live socket of the caller; the option value is a
+    // c_int whose size is passed along.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_NO_CHECK,
+            (&on as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 impl UdpServer {
     pub fn start(ns: &str, addr: SocketAddrV4) -> Result<Self> {
+        Self::start_with(ns, addr, false)
+    }
+
+    /// With `zero_checksum`, the answers carry a zero UDP checksum.
+    pub fn start_with(ns: &str, addr: SocketAddrV4, zero_checksum: bool) -> Result<Self> {
         let seen: SeenLog = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = mpsc::channel::<Result<()>>();
@@ -296,6 +322,10 @@ impl UdpServer {
             socket
                 .set_read_timeout(Some(Duration::from_millis(50)))
                 .map_err(|e| traffic_err(format!("UDP server {addr}: timeout: {e}")))?;
+            if zero_checksum {
+                set_no_check(socket.as_raw_fd())
+                    .map_err(|e| traffic_err(format!("UDP server {addr}: SO_NO_CHECK: {e}")))?;
+            }
             let _ = ready_tx.send(Ok(()));
             let mut buf = vec![0u8; 65536];
             while !stop2.load(Ordering::Relaxed) {
@@ -590,6 +620,9 @@ pub struct ClientOpts {
     pub local_port: Option<u16>,
     /// Deadline of each step (connect, each read or write).
     pub timeout: Duration,
+    /// UDP only: send datagrams with a zero checksum (`SO_NO_CHECK`), which
+    /// IPv4 allows and a NAT must not turn into a wrong one.
+    pub zero_udp_checksum: bool,
 }
 
 impl Default for ClientOpts {
@@ -597,6 +630,7 @@ impl Default for ClientOpts {
         Self {
             local_port: None,
             timeout: Duration::from_secs(5),
+            zero_udp_checksum: false,
         }
     }
 }
@@ -809,6 +843,9 @@ pub fn udp_probe(ns: &str, server: SocketAddrV4, opts: ClientOpts) -> Result<Pro
         socket
             .set_reuse_address(true)
             .map_err(|e| ctx("SO_REUSEADDR", &e))?;
+        if opts.zero_udp_checksum {
+            set_no_check(socket.as_raw_fd()).map_err(|e| ctx("SO_NO_CHECK", &e))?;
+        }
         socket
             .bind(&SockAddr::from(SocketAddrV4::new(
                 Ipv4Addr::UNSPECIFIED,

@@ -32,10 +32,7 @@ pub const TCP: SocketAddrV4 = SocketAddrV4::new(spec::SERVER_ADDR, spec::SERVER_
 pub const UDP: SocketAddrV4 = SocketAddrV4::new(spec::SERVER_ADDR, spec::SERVER_UDP_PORT);
 
 pub fn opts() -> ClientOpts {
-    ClientOpts {
-        local_port: None,
-        timeout: Duration::from_secs(5),
-    }
+    ClientOpts::default()
 }
 
 /// A lab plus TCP, UDP and ICMP observers on the external server. Field
@@ -262,4 +259,41 @@ impl Drop for ObserverProcess {
             let _ = r.join();
         }
     }
+}
+
+/// Captures the first packet matching `filter` on `eth0` of `ns` (tcpdump
+/// `-nn -vv`) while `during` runs, and returns tcpdump's output.
+pub fn capture(ns: &str, filter: &str, during: impl FnOnce()) -> String {
+    use std::{
+        io::{BufRead, BufReader, Read},
+        process::Stdio,
+    };
+    let mut cmd = egress_lab::netns::command_in(ns, "tcpdump").unwrap_or_else(|e| panic!("{e}"));
+    cmd.args(["-i", "eth0", "-nn", "-vv", "-l", "-c", "1", filter])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("tcpdump in {ns}: {e}"));
+    // tcpdump says on stderr when it listens.
+    let mut stderr = BufReader::new(child.stderr.take().expect("piped"));
+    let mut said = String::new();
+    while !said.contains("listening") {
+        let mut line = String::new();
+        if stderr.read_line(&mut line).unwrap_or(0) == 0 {
+            let _ = child.kill();
+            panic!("tcpdump in {ns} exited: {said}");
+        }
+        said.push_str(&line);
+    }
+    during();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while matches!(child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let mut out = String::new();
+    let _ = child.stdout.take().expect("piped").read_to_string(&mut out);
+    out
 }

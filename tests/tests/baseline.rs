@@ -242,3 +242,22 @@ fn time_exceeded_comes_back_through_masquerade() {
         "{hops:?}"
     );
 }
+
+#[test]
+fn zero_checksum_udp_through_masquerade() {
+    let cluster = Cluster::without_agents(LabSpec::default());
+    let pod = PodRef::new(1, 2);
+    let o = ClientOpts {
+        zero_udp_checksum: true,
+        local_port: Some(41234),
+        ..opts()
+    };
+    let mut probe = None;
+    let seen = egress_tests::capture(&cluster.lab.server_ns(), "udp and dst port 8081", || {
+        probe = Some(egress_lab::udp_probe(&cluster.ns(pod), UDP, o));
+    });
+    let probe = probe.unwrap().unwrap();
+    assert_eq!(*probe.observed.ip(), spec::node_addr(1));
+    // The helper really sends zero checksums (and netfilter keeps them so).
+    assert!(seen.contains("[no cksum]"), "server captured: {seen}");
+}

@@ -59,47 +59,12 @@ fn large_transfers_cross_the_small_mtu_link() {
     }
 }
 
-/// Captures the first SYN towards the server's TCP port and returns
-/// tcpdump's line for it.
 fn capture_syn(c: &Cluster, during: impl FnOnce()) -> String {
-    use std::{
-        io::{BufRead, BufReader},
-        process::Stdio,
-    };
-    let mut cmd = egress_lab::netns::command_in(&c.lab.server_ns(), "tcpdump")
-        .unwrap_or_else(|e| panic!("{e}"));
-    cmd.args([
-        "-i",
-        "eth0",
-        "-nn",
-        "-l",
-        "-c",
-        "1",
+    egress_tests::capture(
+        &c.lab.server_ns(),
         "tcp[tcpflags] == tcp-syn and dst port 8080",
-    ])
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
-    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("tcpdump: {e}"));
-    // tcpdump reports on stderr once it listens.
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut said = String::new();
-    while !said.contains("listening") {
-        let mut line = String::new();
-        if stderr.read_line(&mut line).unwrap() == 0 {
-            panic!("tcpdump in the server namespace exited: {said}");
-        }
-        said.push_str(&line);
-    }
-    during();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while matches!(child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    let mut out = String::new();
-    let _ = std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out);
-    out
+        during,
+    )
 }
 
 #[test]

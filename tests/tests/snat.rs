@@ -8,7 +8,8 @@ use std::{
 };
 
 use egress_lab::{
-    ClientOpts, LabSpec, PodRef, TcpConn, TcpServer, spec, tcp_probe, traffic::wait_for,
+    ClientOpts, LabSpec, PodRef, TcpConn, TcpServer, UdpServer, spec, tcp_probe, traffic::wait_for,
+    udp_probe,
 };
 use egress_tests::{Cluster, TCP, opts};
 
@@ -182,4 +183,37 @@ fn policy_changes_apply_when_the_config_file_changes() {
     // Pods that did not change still behave.
     c.check_tcp(PodRef::new(1, 1), opts());
     c.check_tcp(PodRef::new(1, 2), opts());
+}
+
+#[test]
+fn zero_checksum_udp_is_translated_both_ways() {
+    let c = Cluster::new(LabSpec::default());
+    // A server whose answers carry zero checksums too, for the reply path.
+    let server = c.expect(
+        "zero-checksum UDP server",
+        UdpServer::start_with(
+            &c.lab.server_ns(),
+            SocketAddrV4::new(spec::SERVER_ADDR, 8082),
+            true,
+        ),
+    );
+    let o = ClientOpts {
+        zero_udp_checksum: true,
+        ..opts()
+    };
+    for pod in [PodRef::new(1, 1), PodRef::new(2, 1)] {
+        // A checksum "updated" from zero would be wrong and the server's
+        // kernel would drop the datagram; a reply made wrong on the way back
+        // would be dropped by the pod's.
+        let p = c.expect(
+            &format!("zero-checksum UDP from {pod}"),
+            udp_probe(&c.ns(pod), server.addr(), o),
+        );
+        if *p.observed.ip() != EGRESS_A {
+            c.fail(format!(
+                "{pod}: server saw {}, expected {EGRESS_A}",
+                p.observed
+            ));
+        }
+    }
 }

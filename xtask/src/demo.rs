@@ -37,8 +37,8 @@ fn show(lab: &Lab) -> Result<()> {
     )?;
     let icmp = IcmpObserver::start(&srv)?;
     let opts = ClientOpts {
-        local_port: None,
         timeout: Duration::from_secs(3),
+        ..ClientOpts::default()
     };
     let mut rows = Vec::new();
     for (k, pod) in lab.pods().into_iter().enumerate() {
