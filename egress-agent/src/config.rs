@@ -40,7 +40,9 @@ pub enum ConfigError {
 pub struct AgentConfig {
     /// Pinned state lives under /sys/fs/bpf/<instance>/.
     pub instance: String,
+    #[serde(default)]
     pub node: NodeConfig,
+    #[serde(default)]
     pub cluster: ClusterConfig,
     #[serde(default)]
     pub datapath: DatapathSettings,
@@ -61,34 +63,42 @@ pub enum Mode {
     Kubernetes,
 }
 
+/// This node. In static mode `name`, `address`, `uplink` and `pod_cidr` are
+/// required. In Kubernetes mode one file serves every node: the name and
+/// address come from the environment (NODE_NAME, NODE_IP) and the uplink
+/// defaults to the interface holding the node address.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct NodeConfig {
     pub name: String,
-    pub address: Ipv4Addr,
-    pub uplink: String,
-    pub pod_cidr: Ipv4Net,
-    #[serde(default)]
+    pub address: Option<Ipv4Addr>,
+    pub uplink: Option<String>,
+    pub pod_cidr: Option<Ipv4Net>,
     pub pod_interfaces: Vec<String>,
-    #[serde(default)]
     pub upstream_interfaces: Vec<String>,
-    #[serde(default = "default_tunnel_interface")]
     pub tunnel_interface: String,
-    #[serde(default = "default_tunnel_port")]
     pub tunnel_port: u16,
 }
 
-fn default_tunnel_interface() -> String {
-    "egress-vxlan".into()
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            address: None,
+            uplink: None,
+            pod_cidr: None,
+            pod_interfaces: Vec::new(),
+            upstream_interfaces: Vec::new(),
+            tunnel_interface: "egress-vxlan".into(),
+            tunnel_port: 4789,
+        }
+    }
 }
 
-fn default_tunnel_port() -> u16 {
-    4789
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterConfig {
+    #[serde(default)]
     pub nodes: Vec<Ipv4Addr>,
     #[serde(default)]
     pub excluded_cidrs: Vec<Ipv4Net>,
@@ -268,14 +278,33 @@ impl AgentConfig {
             if let Err(e) = self.kubernetes.options(Vec::new()) {
                 return bad("kubernetes", e.to_string());
             }
-        } else if !nodes.contains(&self.node.address) {
-            return bad(
-                "node.address",
-                format!("{} is not in cluster.nodes", self.node.address),
-            );
+        } else {
+            if self.node.name.is_empty() {
+                return bad("node.name", "required".into());
+            }
+            let Some(address) = self.node.address else {
+                return bad("node.address", "required".into());
+            };
+            if !nodes.contains(&address) {
+                return bad("node.address", format!("{address} is not in cluster.nodes"));
+            }
+            if self.node.uplink.is_none() {
+                return bad("node.uplink", "required".into());
+            }
+            if self.node.pod_cidr.is_none() {
+                return bad("node.pod_cidr", "required".into());
+            }
         }
-        if self.node.uplink.is_empty() {
-            return bad("node.uplink", "must name an interface".into());
+        if self
+            .node
+            .uplink
+            .as_ref()
+            .is_some_and(|u| u.is_empty() || u.len() > 15)
+        {
+            return bad(
+                "node.uplink",
+                "must name an interface (at most 15 characters)".into(),
+            );
         }
         if self.node.tunnel_port == 0 {
             return bad("node.tunnel_port", "must not be 0".into());
@@ -437,7 +466,7 @@ impl AgentConfig {
     /// The desired datapath state of this node.
     pub fn node_state(&self) -> NodeState {
         let mut state = NodeState {
-            node_addr: Some(self.node.address),
+            node_addr: self.node.address,
             nodes: self.cluster.nodes.iter().copied().collect(),
             global_excluded: self.cluster.excluded_cidrs.iter().copied().collect(),
             ..Default::default()
@@ -456,7 +485,7 @@ impl AgentConfig {
             for pod in p
                 .pods
                 .iter()
-                .filter(|pod| self.node.pod_cidr.contains(*pod))
+                .filter(|pod| self.node.pod_cidr.is_some_and(|cidr| cidr.contains(*pod)))
             {
                 state.pods.insert(*pod, p.id);
             }
@@ -487,7 +516,7 @@ mod tests {
     #[test]
     fn the_documented_example_is_valid() {
         let c = parse(EXAMPLE).unwrap();
-        assert_eq!(c.node.address, Ipv4Addr::new(172, 18, 0, 11));
+        assert_eq!(c.node.address, Some(Ipv4Addr::new(172, 18, 0, 11)));
         assert_eq!(c.policies.len(), 1);
         assert_eq!(c.datapath.timeouts.tcp_closing, 30);
     }
@@ -591,8 +620,34 @@ mod tests {
         );
         let c = AgentConfig::parse_for(&bare, Path::new("k.toml"), Mode::Kubernetes).unwrap();
         assert_eq!(c.kubernetes.namespace, "egress-system");
+        // The shared ConfigMap of deploy/ has no [node] or [cluster] section.
+        let shared = "instance = \"egress\"\n[kubernetes]\nnamespace = \"egress-system\"\n";
+        let c = AgentConfig::parse_for(shared, Path::new("k.toml"), Mode::Kubernetes).unwrap();
+        assert_eq!((c.node.address, c.node.tunnel_port), (None, 4789));
+        assert_eq!(invalid_field(shared), "node.name");
         let fast = format!("{bare}\n[kubernetes]\nclaim_ttl_ms = 500\nclaim_renew_ms = 400\n");
         assert_eq!(k8s(&fast), "kubernetes");
+    }
+
+    /// The ConfigMap in deploy/ must stay a valid Kubernetes-mode file.
+    #[test]
+    fn the_deployed_configmap_is_valid() {
+        let manifest = include_str!("../../deploy/configmap.yaml");
+        let start = manifest
+            .find("config.toml: |")
+            .expect("configmap has config.toml")
+            + "config.toml: |".len();
+        let text: String = manifest[start..]
+            .lines()
+            .skip(1)
+            .take_while(|l| l.is_empty() || l.starts_with("    "))
+            .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l)))
+            .collect();
+        let c =
+            AgentConfig::parse_for(&text, Path::new("configmap.yaml"), Mode::Kubernetes).unwrap();
+        assert_eq!(c.instance, "egress");
+        assert!(!c.node.pod_interfaces.is_empty());
+        c.kubernetes.options(Vec::new()).unwrap();
     }
 
     #[test]

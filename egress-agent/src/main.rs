@@ -74,6 +74,9 @@ enum Command {
     Check {
         #[arg(long, short)]
         config: PathBuf,
+        /// Validate it as a Kubernetes-mode file.
+        #[arg(long)]
+        kubernetes: bool,
     },
     /// Detach an instance's programs and remove all its pinned state.
     Reset {
@@ -134,8 +137,13 @@ fn main() -> anyhow::Result<()> {
         Command::Nat {
             command: NatCommand::List { instance, json },
         } => inspect::nat_list(&instance, json),
-        Command::Check { config } => {
-            let c = config::AgentConfig::load(&config)?;
+        Command::Check { config, kubernetes } => {
+            let mode = if kubernetes {
+                config::Mode::Kubernetes
+            } else {
+                config::Mode::Static
+            };
+            let c = config::AgentConfig::load_for(&config, mode)?;
             println!(
                 "{}: valid ({} policies)",
                 config.display(),

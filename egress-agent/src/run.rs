@@ -83,26 +83,44 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         if let Some(name) = &k.node_name {
             config.node.name.clone_from(name);
         }
-        if let Some(addr) = k.node_address {
-            config.node.address = addr;
+        if k.node_address.is_some() {
+            config.node.address = k.node_address;
+        }
+        if config.node.name.is_empty() {
+            bail!(
+                "node.name: not set; set NODE_NAME (the DaemonSet does), --node-name or node.name"
+            );
         }
     }
     let config_mtime = std::fs::metadata(&options.config)
         .and_then(|m| m.modified())
         .ok();
     let layout = PinLayout::for_instance(&config.instance);
-    tracing::info!(instance = %config.instance, node = %config.node.name, address = %config.node.address, "starting");
+    tracing::info!(instance = %config.instance, node = %config.node.name, address = ?config.node.address, "starting");
 
     let netlink = Netlink::connect().context("opening rtnetlink")?;
+    let uplink_name = match (&config.node.uplink, config.node.address) {
+        (Some(name), _) => name.clone(),
+        (None, Some(address)) => {
+            let holder = netlink
+                .ipv4_addresses()
+                .await?
+                .into_iter()
+                .find(|a| a.addr.addr() == address);
+            let holder = holder.with_context(|| {
+                format!("node.uplink: not set, and no interface holds the node address {address}")
+            })?;
+            tracing::info!(uplink = %holder.ifname, %address, "uplink: the interface holding the node address");
+            holder.ifname
+        }
+        (None, None) => bail!(
+            "node.uplink: not set, and no node address to find it by (set NODE_IP or node.uplink)"
+        ),
+    };
     let uplink = netlink
-        .link_by_name(&config.node.uplink)
+        .link_by_name(&uplink_name)
         .await?
-        .with_context(|| {
-            format!(
-                "node.uplink: interface {:?} does not exist",
-                config.node.uplink
-            )
-        })?;
+        .with_context(|| format!("node.uplink: interface {uplink_name:?} does not exist"))?;
     let tunnel = netlink
         .ensure_vxlan(&config.node.tunnel_interface, config.node.tunnel_port, None)
         .await
@@ -286,7 +304,7 @@ impl Agent {
         let current = self.maps.read_image()?;
         let fresh = DatapathImage::from_state(
             &NodeState {
-                node_addr: Some(self.config.node.address),
+                node_addr: self.config.node.address,
                 ..Default::default()
             },
             &self.env,
@@ -350,7 +368,7 @@ impl Agent {
             subnets.retain(|s| s.interface == uplink);
         }
         let mut options = self.config.kubernetes.options(subnets)?;
-        options.node_addr = Some(self.config.node.address);
+        options.node_addr = self.config.node.address;
         options
             .global_excluded
             .extend(self.config.cluster.excluded_cidrs.iter().map(|n| n.trunc()));
@@ -359,7 +377,7 @@ impl Agent {
         )?;
         let (controller_link, agent_link) = egress_k8s::link();
         let node_name = self.config.node.name.clone();
-        tracing::info!(node = %node_name, address = %self.config.node.address, "Kubernetes mode: waiting for the watches to sync");
+        tracing::info!(node = %node_name, address = ?self.config.node.address, "Kubernetes mode: waiting for the watches to sync");
         let task = tokio::spawn(egress_k8s::run(client, node_name, options, controller_link));
         Ok((task, agent_link))
     }
