@@ -73,7 +73,9 @@ pub struct Options {
     pub subnets: Vec<EgressSubnet>,
     /// How long a claim stays valid without renewal. Bounds failover time
     /// (a new holder waits for the old claim to expire unless it was
-    /// released) and how long a node cut off from the API keeps its IPs.
+    /// released). A node that cannot renew withdraws its IPs after
+    /// `claim_ttl - claim_renew` (at most half a renewal period later), so
+    /// before anyone else may claim them.
     pub claim_ttl: Duration,
     pub claim_renew: Duration,
     /// Take part in the assigner election.
@@ -334,11 +336,21 @@ pub async fn publish_subnets(
     Ok(())
 }
 
+#[derive(Debug, thiserror::Error)]
+enum RequestError {
+    #[error(transparent)]
+    Kube(kube::Error),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+}
+
 struct ClaimWriter {
     api: Api<Lease>,
     namespace: String,
     node: String,
     ttl: Duration,
+    renew: Duration,
+    timeout: Duration,
     published: Option<BTreeSet<Ipv4Addr>>,
     draining: bool,
     last_renew: Option<Instant>,
@@ -346,7 +358,26 @@ struct ClaimWriter {
 
 impl ClaimWriter {
     /// Writes the claims Lease; `Ok` means the claims are visible to others.
-    async fn write(&mut self, ips: &BTreeSet<Ipv4Addr>, draining: bool) -> Result<(), kube::Error> {
+    /// Bounded by the renewal period: kube retries unavailable servers with
+    /// backoff, and a write stuck that long must count as a failed renewal
+    /// rather than stall the loop that withdraws our IPs.
+    async fn write(
+        &mut self,
+        ips: &BTreeSet<Ipv4Addr>,
+        draining: bool,
+    ) -> Result<(), RequestError> {
+        let limit = self.timeout;
+        tokio::time::timeout(limit, self.write_unbounded(ips, draining))
+            .await
+            .map_err(|_| RequestError::Timeout(limit))?
+            .map_err(RequestError::Kube)
+    }
+
+    async fn write_unbounded(
+        &mut self,
+        ips: &BTreeSet<Ipv4Addr>,
+        draining: bool,
+    ) -> Result<(), kube::Error> {
         let name = claims::lease_name(&self.node);
         let now = MicroTime(Timestamp::now());
         let lease = Lease {
@@ -396,9 +427,17 @@ impl ClaimWriter {
         Ok(())
     }
 
-    fn may_hold(&self, now: Instant) -> bool {
+    /// Others may take our IPs `ttl` after they last saw our Lease change,
+    /// which is no earlier than when we sent the renewal. We give up one
+    /// renewal period before that, so that the agent has time to remove the
+    /// addresses before anyone else can claim them.
+    fn withdraw_at(&self) -> Option<Instant> {
         self.last_renew
-            .is_some_and(|t| now.saturating_duration_since(t) < self.ttl)
+            .map(|t| t + self.ttl.saturating_sub(self.renew))
+    }
+
+    fn may_hold(&self, now: Instant) -> bool {
+        self.withdraw_at().is_some_and(|deadline| now < deadline)
     }
 }
 
@@ -464,6 +503,10 @@ async fn node_agent(
         api: lease_api,
         namespace: options.namespace.clone(),
         node: node_name.clone(),
+        renew: options.claim_renew,
+        // Half a period, so that a stuck write delays withdrawal by at most
+        // that much (see `withdraw_at`).
+        timeout: options.claim_renew / 2,
         ttl: options.claim_ttl,
         published: None,
         draining: false,
@@ -564,9 +607,15 @@ async fn node_agent(
             return Ok(());
         }
 
+        let until_withdrawal = writer
+            .withdraw_at()
+            .map(|d| d.saturating_duration_since(now))
+            .filter(|d| !d.is_zero())
+            .unwrap_or(Duration::MAX);
         let wake = options
             .claim_renew
-            .min(tracker.next_expiry(now).unwrap_or(Duration::MAX));
+            .min(tracker.next_expiry(now).unwrap_or(Duration::MAX))
+            .min(until_withdrawal);
         tokio::select! {
             _ = notify.notified() => {}
             r = link.held.changed() => { if r.is_err() { return Ok(()); } }
@@ -591,10 +640,16 @@ async fn elect(
     let mut assigner: Option<AbortOnDrop> = None;
     loop {
         let attempt = Instant::now();
-        match try_lead(&api, &me, &options, &mut observed).await {
-            Ok(true) => last_renew = Some(attempt),
-            Ok(false) => last_renew = None,
-            Err(e) => warn!(error = %e, "leader election"),
+        match tokio::time::timeout(
+            options.leader_renew,
+            try_lead(&api, &me, &options, &mut observed),
+        )
+        .await
+        {
+            Ok(Ok(true)) => last_renew = Some(attempt),
+            Ok(Ok(false)) => last_renew = None,
+            Ok(Err(e)) => warn!(error = %e, "leader election"),
+            Err(_) => warn!(timeout = ?options.leader_renew, "leader election: no answer"),
         }
         let leading = last_renew.is_some_and(|t| t.elapsed() < options.leader_ttl);
         match (&assigner, leading) {
@@ -616,7 +671,11 @@ async fn elect(
     }
 }
 
-async fn release_leadership(client: &Client, me: &str, options: &Options) -> Result<(), kube::Error> {
+async fn release_leadership(
+    client: &Client,
+    me: &str,
+    options: &Options,
+) -> Result<(), kube::Error> {
     let api: Api<Lease> = Api::namespaced(client.clone(), &options.namespace);
     let Some(mut lease) = api.get_opt(&options.leader_lease).await? else {
         return Ok(());
@@ -628,7 +687,10 @@ async fn release_leadership(client: &Client, me: &str, options: &Options) -> Res
         return Ok(());
     }
     spec.holder_identity = None;
-    match api.replace(&options.leader_lease, &PostParams::default(), &lease).await {
+    match api
+        .replace(&options.leader_lease, &PostParams::default(), &lease)
+        .await
+    {
         Ok(_) => {
             info!(identity = %me, "released the assigner lease");
             Ok(())

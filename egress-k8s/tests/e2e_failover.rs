@@ -77,6 +77,10 @@ async fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_egress_node_is_detected_and_its_ip_moves_after_its_claim_expires() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("egress_k8s=debug")
+        .with_test_writer()
+        .try_init();
     let api = FakeApi::start().await;
     let (a1, a2) = (Ipv4Addr::new(127, 0, 0, 11), Ipv4Addr::new(127, 0, 0, 12));
     // A free UDP port, shared by both responders on their own addresses.
@@ -138,9 +142,19 @@ async fn dead_egress_node_is_detected_and_its_ip_moves_after_its_claim_expires()
         })
         .await;
     }
+    // Watches are separate streams, so the assigner may see the EgressIP
+    // before node1's subnets: only node1 matches the nodeSelector at first,
+    // which makes the first placement deterministic either way.
+    api.patch(
+        NODES,
+        None,
+        "node1",
+        json!({"metadata": {"labels": {"egress": "yes"}}}),
+    );
     api.create(EIPS, json!({
         "metadata": {"name": "team-a"},
-        "spec": {"egressIPs": ["172.18.0.100"], "namespaceSelector": {"matchLabels": {"team": "a"}}}
+        "spec": {"egressIPs": ["172.18.0.100"], "namespaceSelector": {"matchLabels": {"team": "a"}},
+                 "nodeSelector": {"matchLabels": {"egress": "yes"}}}
     }));
     eventually("node1 holds", || {
         agent1
@@ -161,6 +175,13 @@ async fn dead_egress_node_is_detected_and_its_ip_moves_after_its_claim_expires()
         .then_some(())
     })
     .await;
+    // node2 becomes eligible too (relabel): nothing moves, assignments are sticky.
+    api.patch(
+        NODES,
+        None,
+        "node2",
+        json!({"metadata": {"labels": {"egress": "yes"}}}),
+    );
     // Healthy for a while: heartbeats keep node1 up, nothing moves.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(
@@ -231,4 +252,97 @@ async fn dead_egress_node_is_detected_and_its_ip_moves_after_its_claim_expires()
 
     let held: BTreeSet<_> = agent2.held.borrow().clone();
     assert!(held.contains(&"172.18.0.100".parse().unwrap()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_cannot_renew_its_claim_withdraws_and_reclaims_when_back() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("egress_k8s=debug")
+        .with_test_writer()
+        .try_init();
+    let api = FakeApi::start().await;
+    api.create(NODES, node("node1", "127.0.0.21"));
+    api.create(
+        NAMESPACES,
+        json!({"metadata": {"name": "shop", "labels": {"team": "a"}}}),
+    );
+    let (ctl, agent) = egress_k8s::link();
+    let mut opts = options(Ipv4Addr::new(127, 0, 0, 21), 0, "172.18.0.11/16", true);
+    opts.heartbeat = None;
+    let _task = tokio::spawn(egress_k8s::run(api.client(), "node1".into(), opts, ctl));
+    let desired = agent.desired.clone();
+    let held = agent.held.clone();
+    tokio::spawn({
+        let mut desired = desired.clone();
+        async move {
+            while desired.changed().await.is_ok() {
+                let ips = desired
+                    .borrow()
+                    .as_ref()
+                    .map(|d| d.claims.iter().map(|c| c.ip).collect())
+                    .unwrap_or_default();
+                held.send_replace(ips);
+            }
+        }
+    });
+    eventually("synced", || desired.borrow().as_ref().map(|_| ())).await;
+    // Watches are separate streams, so the assigner may see the EgressIP
+    // before node1's subnets: only node1 matches the nodeSelector at first,
+    // which makes the first placement deterministic either way.
+    api.patch(
+        NODES,
+        None,
+        "node1",
+        json!({"metadata": {"labels": {"egress": "yes"}}}),
+    );
+    api.create(EIPS, json!({
+        "metadata": {"name": "team-a"},
+        "spec": {"egressIPs": ["172.18.0.100"], "namespaceSelector": {"matchLabels": {"team": "a"}},
+                 "nodeSelector": {"matchLabels": {"egress": "yes"}}}
+    }));
+    eventually("node1 holds", || {
+        desired
+            .borrow()
+            .as_ref()
+            .filter(|d| !d.claims.is_empty())
+            .map(|_| ())
+    })
+    .await;
+
+    // The node's claim renewals fail (its API access is gone).
+    api.cut("/leases/egress-claims-node1");
+    let cut = Instant::now();
+    let withdrawn = eventually("withdrawn", || {
+        desired
+            .borrow()
+            .as_ref()
+            .filter(|d| d.claims.is_empty())
+            .map(|d| (Instant::now(), d.clone()))
+    })
+    .await;
+    let after = withdrawn.0 - cut;
+    // Withdrawn before anyone else may claim: the claim lifetime minus one
+    // renewal period after the last renewal, which was at most one period
+    // before the cut.
+    let renew = Duration::from_millis(400);
+    assert!(
+        after >= CLAIM_TTL - 2 * renew && after < CLAIM_TTL,
+        "withdrew after {after:?}"
+    );
+    assert_eq!(
+        withdrawn.1.state.policies[&1].egress_node, None,
+        "the datapath no longer treats it as local"
+    );
+
+    // Access is back: the status still names node1 and nobody else claims
+    // the IP, so it takes it again.
+    api.restore();
+    eventually("reclaimed", || {
+        desired
+            .borrow()
+            .as_ref()
+            .filter(|d| !d.claims.is_empty())
+            .map(|_| ())
+    })
+    .await;
 }

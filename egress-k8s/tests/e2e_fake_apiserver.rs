@@ -157,14 +157,23 @@ async fn egressip_lifecycle_against_a_fake_api_server() {
     );
 
     // Create the EgressIP.
+    api.patch(
+        NODES,
+        None,
+        "node1",
+        json!({"metadata": {"labels": {"egress": "yes"}}}),
+    );
     api.create(EIPS, json!({
         "metadata": {"name": "team-a"},
         "spec": {"egressIPs": ["172.18.0.100"], "namespaceSelector": {"matchLabels": {"team": "a"}},
-                 "podSelector": {"matchLabels": {"app": "web"}}}
+                 "podSelector": {"matchLabels": {"app": "web"}},
+                 // Only node1 at first: watches are separate streams, so the
+                 // assigner may not have seen node2's subnets yet, or may
+                 // have; this keeps the first placement deterministic.
+                 "nodeSelector": {"matchLabels": {"egress": "yes"}}}
     }));
 
-    // The assigner writes status: node1 (fewest-first, then name), policy id
-    // 1; node1 claims it, and the status says so.
+    // The assigner writes status: node1, policy id 1; node1 claims it, and the status says so.
     let eip = eventually("status Announced", || {
         let e = api.get(EIPS, None, "team-a")?;
         (condition(&e, 0, "Announced")["status"] == "True").then_some(e)
@@ -265,6 +274,19 @@ async fn egressip_lifecycle_against_a_fake_api_server() {
             .then_some(())
     })
     .await;
+
+    // node2 becomes eligible too: nothing moves (sticky).
+    api.patch(
+        NODES,
+        None,
+        "node2",
+        json!({"metadata": {"labels": {"egress": "yes"}}}),
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        api.get(EIPS, None, "team-a").unwrap()["status"]["ips"][0]["node"],
+        "node1"
+    );
 
     // node1 fails its heartbeats (as reported by the agents' probes): the
     // assigner moves the IP, node1 releases, and node2 claims only then.

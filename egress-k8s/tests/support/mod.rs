@@ -45,6 +45,9 @@ struct State {
 #[derive(Clone)]
 pub struct FakeApi {
     state: Arc<Mutex<State>>,
+    /// Requests whose path contains one of these fail with 503, as when a
+    /// node loses its connection to the API server.
+    unavailable: Arc<Mutex<Vec<String>>>,
     events: broadcast::Sender<WatchEvent>,
     pub addr: SocketAddr,
 }
@@ -184,6 +187,7 @@ impl FakeApi {
         let addr = listener.local_addr().unwrap();
         let api = Self {
             state: Arc::new(Mutex::new(State::default())),
+            unavailable: Arc::new(Mutex::new(Vec::new())),
             events,
             addr,
         };
@@ -236,6 +240,16 @@ impl FakeApi {
         let mut obj = st.objects[collection][&key].clone();
         merge_patch(&mut obj, &patch);
         self.store(&mut st, collection, obj, "MODIFIED")
+    }
+
+    /// Makes requests whose path contains `fragment` fail (503) until
+    /// [`Self::restore`].
+    pub fn cut(&self, fragment: &str) {
+        self.unavailable.lock().unwrap().push(fragment.to_string());
+    }
+
+    pub fn restore(&self) {
+        self.unavailable.lock().unwrap().clear();
     }
 
     /// Every change so far, in order.
@@ -310,6 +324,19 @@ impl FakeApi {
                 format!("no route {}", uri.path()),
             );
         };
+        if self
+            .unavailable
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|f| uri.path().contains(f.as_str()))
+        {
+            return status_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailable",
+                "cut off by the test".into(),
+            );
+        }
         let q = query(&uri);
         let mut st = self.state.lock().unwrap();
         let ns = t.namespace.clone().unwrap_or_default();
