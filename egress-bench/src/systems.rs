@@ -367,7 +367,11 @@ impl Active<'_> {
                 .push(Bg::spawn(&format!("egress-agent {name}"), cmd, &log)?);
             ready_files.push((ready, log));
         }
-        let deadline = Instant::now() + Duration::from_secs(120);
+        // The agent claims egress IPs one netlink request at a time (~11 ms
+        // each on a quiet machine, over 12 ms under load), so its start-up
+        // grows with N: 120 s did not suffice at N = 10,000 under load.
+        let limit = Duration::from_secs(60) + Duration::from_millis(40) * self.n;
+        let deadline = Instant::now() + limit;
         for (i, (ready, log)) in ready_files.iter().enumerate() {
             while !ready.exists() {
                 if let Err(e) = self.agents[i].check_alive() {
@@ -375,7 +379,11 @@ impl Active<'_> {
                     bail!("{e}; log:\n{}", last_lines(&tail, 30));
                 }
                 if Instant::now() > deadline {
-                    bail!("agent did not become ready in 120 s; log {}", log.display());
+                    bail!(
+                        "agent did not become ready in {} s; log {}",
+                        limit.as_secs(),
+                        log.display()
+                    );
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
