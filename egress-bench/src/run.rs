@@ -455,13 +455,15 @@ pub fn run_bench(args: &RunArgs) -> Result<bool> {
         std::fs::write(dir.join("results.json"), serde_json::to_string_pretty(r)?)?;
         Ok(())
     };
-    for &n in &plan.ns {
-        for rep in 0..plan.reps {
-            // Rotate the order each repetition (ABC, BCA, ...) so that drift
-            // in machine load spreads over all systems.
+    // Repetitions outermost: each one sweeps every N, so a drift in machine
+    // load over the run spreads over all N instead of masquerading as an
+    // N-dependence. Within a sweep the system order rotates (ABC, BCA, ...)
+    // with the repetition and the N.
+    for rep in 0..plan.reps {
+        for (ni, &n) in plan.ns.iter().enumerate() {
             let k = plan.systems.len();
             for j in 0..k {
-                let system = plan.systems[(j + rep as usize) % k];
+                let system = plan.systems[(j + rep as usize + ni) % k];
                 check_interrupted()?;
                 tcp_server.check_alive()?;
                 iperf_server.check_alive()?;
