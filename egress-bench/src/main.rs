@@ -50,7 +50,15 @@ fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
 }
 
 fn main() -> Result<()> {
-    match Cli::parse().cmd {
+    // `run` is the default subcommand, so that `cargo xtask bench --quick`
+    // (which passes its arguments through) means `run --quick`.
+    let mut argv: Vec<String> = std::env::args().collect();
+    if argv.len() == 1
+        || (argv[1].starts_with('-') && !["-h", "--help"].contains(&argv[1].as_str()))
+    {
+        argv.insert(1, "run".into());
+    }
+    match Cli::parse_from(argv).cmd {
         Cmd::Run(a) => {
             if !run::run_bench(&a)? {
                 // Non-zero so that CI notices a system that stopped carrying traffic.
