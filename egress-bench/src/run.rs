@@ -369,7 +369,6 @@ pub fn run_bench(args: &RunArgs) -> Result<bool> {
     let tag = format!("{}", std::process::id() % 100_000);
     let started = timestamp();
     let dir = args.out.join(&started);
-    std::fs::create_dir_all(dir.join("logs"))?;
     let env = Env {
         iptables: args.iptables.clone(),
         agent,
@@ -380,6 +379,7 @@ pub fn run_bench(args: &RunArgs) -> Result<bool> {
     if plan.systems.iter().any(|s| s.is_ebpf()) {
         env.agent()?;
     }
+    std::fs::create_dir_all(dir.join("logs"))?;
     if plan.ns.iter().any(|&n| n == 0 || n > topo::MAX_POLICIES) {
         bail!("every N must be in 1..={}", topo::MAX_POLICIES);
     }
