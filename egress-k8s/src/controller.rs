@@ -441,6 +441,31 @@ impl ClaimWriter {
     }
 }
 
+/// The other nodes' claims, read from the API server rather than the cache.
+async fn fresh_claims(
+    api: &Api<Lease>,
+    me: &str,
+    tracker: &mut ClaimTracker,
+    limit: Duration,
+) -> Result<claims::ClaimView, RequestError> {
+    let params = kube::api::ListParams::default().labels(&format!(
+        "{}={}",
+        claims::ROLE_LABEL,
+        claims::ROLE_CLAIMS
+    ));
+    let list = tokio::time::timeout(limit, api.list(&params))
+        .await
+        .map_err(|_| RequestError::Timeout(limit))?
+        .map_err(RequestError::Kube)?;
+    let mine = claims::lease_name(me);
+    let others: Vec<&Lease> = list
+        .items
+        .iter()
+        .filter(|l| l.metadata.name.as_deref() != Some(mine.as_str()))
+        .collect();
+    Ok(tracker.view(&others, Instant::now()))
+}
+
 /// Keeps only the claims that are published; others lose their egress node
 /// here (they become live on the next round, once the write succeeded).
 fn restrict(mut p: Projection, published: &BTreeSet<Ipv4Addr>) -> Projection {
@@ -559,7 +584,29 @@ async fn node_agent(
         let held = link.held.borrow().clone();
         // Claim what we want, and keep claiming what is still on an
         // interface until the agent reports it gone.
-        let to_publish: BTreeSet<Ipv4Addr> = wanted.union(&held).copied().collect();
+        let mut to_publish: BTreeSet<Ipv4Addr> = wanted.union(&held).copied().collect();
+        let published = writer.published.clone().unwrap_or_default();
+        let new_claims: Vec<Ipv4Addr> = to_publish.difference(&published).copied().collect();
+        if !new_claims.is_empty() {
+            // Our watch of the other nodes' claims may lag behind the status
+            // that names us: confirm with a fresh read before claiming.
+            match fresh_claims(&writer.api, &node_name, &mut tracker, options.claim_renew).await {
+                Ok(fresh) => {
+                    for ip in new_claims {
+                        if let Some(holders) = fresh.live.get(&ip) {
+                            info!(node = %node_name, %ip, ?holders, "not claiming yet: still claimed elsewhere");
+                            to_publish.remove(&ip);
+                        }
+                    }
+                }
+                Err(e) => {
+                    warn!(node = %node_name, error = %e, "cannot confirm claims; not claiming new IPs");
+                    for ip in new_claims {
+                        to_publish.remove(&ip);
+                    }
+                }
+            }
+        }
         let renew_due = writer
             .last_renew
             .is_none_or(|t| now.saturating_duration_since(t) >= options.claim_renew);

@@ -250,8 +250,12 @@ async fn dead_egress_node_is_detected_and_its_ip_moves_after_its_claim_expires()
         "node2 claimed {gap:?} after node1's last renewal"
     );
 
-    let held: BTreeSet<_> = agent2.held.borrow().clone();
-    assert!(held.contains(&"172.18.0.100".parse().unwrap()));
+    // The (fake) agent applied it.
+    eventually("node2 reports it held", || {
+        let held: BTreeSet<Ipv4Addr> = agent2.held.borrow().clone();
+        held.contains(&Ipv4Addr::new(172, 18, 0, 100)).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
