@@ -648,6 +648,11 @@ fn measure(ctx: &Ctx, active: &Active, rep: u32, cell: &Cell) -> Record {
         metrics: BTreeMap::new(),
     };
     systems::flush_conntrack(ctx.topo);
+    // bpf_stats adds two clock reads to every program run, on the ebpf
+    // systems only: on for the cells that report in-situ cost (connection
+    // rate, UDP), off where throughput or latency is compared.
+    let stats = matches!(cell.workload.as_str(), "crr" | "udp" | "prog");
+    let _ = systems::host_sysctl(&format!("kernel.bpf_stats_enabled={}", u8::from(stats)));
     let before = counters(ctx, active);
     let out = match cell.workload.as_str() {
         "crr" => crr(ctx, active, cell, &mut rec.metrics),
