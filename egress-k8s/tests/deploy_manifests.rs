@@ -311,6 +311,18 @@ fn daemonset_has_what_the_agent_needs() {
             .field_path,
         "spec.nodeName"
     );
+    let node_ip = env.iter().find(|e| e.name == "NODE_IP").unwrap();
+    assert_eq!(
+        node_ip
+            .value_from
+            .as_ref()
+            .unwrap()
+            .field_ref
+            .as_ref()
+            .unwrap()
+            .field_path,
+        "status.hostIP"
+    );
     let mounts = c.volume_mounts.as_deref().unwrap();
     let volumes = pod.volumes.unwrap();
     let bpffs = mounts
