@@ -441,6 +441,48 @@ impl ClaimWriter {
     }
 }
 
+/// Which of `ips` the API server's current status assigns to `me` (a fresh
+/// read of the EgressIPs that list them in our cached view).
+async fn confirm_assigned(
+    api: &Api<EgressIP>,
+    cached: &[EgressIP],
+    me: &str,
+    ips: &[Ipv4Addr],
+    limit: Duration,
+) -> BTreeSet<Ipv4Addr> {
+    let names: BTreeSet<String> = cached
+        .iter()
+        .filter(|e| {
+            e.status.as_ref().is_some_and(|s| {
+                s.ips.iter().any(|i| {
+                    i.egress_ip
+                        .parse()
+                        .is_ok_and(|ip: Ipv4Addr| ips.contains(&ip))
+                })
+            })
+        })
+        .map(|e| e.name_any())
+        .collect();
+    let mut out = BTreeSet::new();
+    for name in names {
+        match tokio::time::timeout(limit, api.get(&name)).await {
+            Ok(Ok(eip)) => {
+                for s in eip.status.iter().flat_map(|s| &s.ips) {
+                    if s.node.as_deref() == Some(me)
+                        && let Ok(ip) = s.egress_ip.parse::<Ipv4Addr>()
+                        && ips.contains(&ip)
+                    {
+                        out.insert(ip);
+                    }
+                }
+            }
+            Ok(Err(e)) => warn!(egressip = %name, error = %e, "cannot confirm the assignment"),
+            Err(_) => warn!(egressip = %name, "cannot confirm the assignment: no answer"),
+        }
+    }
+    out
+}
+
 /// The other nodes' claims, read from the API server rather than the cache.
 async fn fresh_claims(
     api: &Api<Lease>,
@@ -486,11 +528,8 @@ async fn node_agent(
     mut link: ControllerLink,
 ) -> Result<(), Error> {
     let notify = Arc::new(Notify::new());
-    let eips = reflect(
-        Api::<EgressIP>::all(client.clone()),
-        watcher::Config::default(),
-        notify.clone(),
-    );
+    let eip_api: Api<EgressIP> = Api::all(client.clone());
+    let eips = reflect(eip_api.clone(), watcher::Config::default(), notify.clone());
     let nodes = reflect(
         Api::<Node>::all(client.clone()),
         watcher::Config::default(),
@@ -590,11 +629,24 @@ async fn node_agent(
         if !new_claims.is_empty() {
             // Our watch of the other nodes' claims may lag behind the status
             // that names us: confirm with a fresh read before claiming.
+            // Likewise our watch of the status may lag behind a move away
+            // from us: confirm that the status still names us.
+            let confirmed = confirm_assigned(
+                &eip_api,
+                &eip_list,
+                &node_name,
+                &new_claims,
+                options.claim_renew,
+            )
+            .await;
             match fresh_claims(&writer.api, &node_name, &mut tracker, options.claim_renew).await {
                 Ok(fresh) => {
                     for ip in new_claims {
                         if let Some(holders) = fresh.live.get(&ip) {
                             info!(node = %node_name, %ip, ?holders, "not claiming yet: still claimed elsewhere");
+                            to_publish.remove(&ip);
+                        } else if !confirmed.contains(&ip) && !held.contains(&ip) {
+                            info!(node = %node_name, %ip, "not claiming: the status no longer names this node");
                             to_publish.remove(&ip);
                         }
                     }
