@@ -322,12 +322,14 @@ impl Agent {
     /// gratuitous ARP, and removes those it added but no longer holds.
     async fn claim(&mut self, claims: &[AddressClaim]) -> anyhow::Result<()> {
         let wanted: BTreeSet<Ipv4Addr> = claims.iter().map(|c| c.ip).collect();
-        for c in claims {
-            let claim = self
-                .netlink
-                .claim_tracked(&mut self.ledger, c.ip, c.interface.as_deref())
-                .await
-                .with_context(|| format!("claiming egress IP {}", c.ip))?;
+        let requests: Vec<(Ipv4Addr, Option<String>)> =
+            claims.iter().map(|c| (c.ip, c.interface.clone())).collect();
+        let done = self
+            .netlink
+            .claim_all_tracked(&mut self.ledger, &requests)
+            .await
+            .context("claiming egress IPs")?;
+        for (c, claim) in claims.iter().zip(done) {
             if claim.added {
                 tracing::info!(ip = %c.ip, interface = %claim.interface, prefix = claim.prefix_len, "egress IP claimed");
                 announce(claim.interface, c.ip);
@@ -593,8 +595,19 @@ impl Agent {
 
 /// Announces `ip` on `interface` with a burst of gratuitous ARP, in the
 /// background: the burst lasts seconds and must not hold up reconciling.
+/// Bursts run at most `MAX_ANNOUNCING` at a time, each with its own socket,
+/// so that claiming thousands of IPs at once cannot exhaust descriptors.
 fn announce(interface: String, ip: Ipv4Addr) {
+    const MAX_ANNOUNCING: usize = 64;
+    static SLOTS: std::sync::OnceLock<std::sync::Arc<tokio::sync::Semaphore>> =
+        std::sync::OnceLock::new();
+    let slots = SLOTS
+        .get_or_init(|| std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_ANNOUNCING)))
+        .clone();
     tokio::spawn(async move {
+        let Ok(_slot) = slots.acquire_owned().await else {
+            return;
+        };
         let config = egress_arp::GarpConfig::default();
         match egress_arp::announce(&interface, ip, &config).await {
             Ok(()) => tracing::debug!(%ip, %interface, "gratuitous ARP sent"),

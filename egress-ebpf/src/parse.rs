@@ -48,13 +48,16 @@ pub struct Ipv4 {
 /// IPv4. `Ok(None)` for anything that is not IPv4.
 #[inline(always)]
 pub fn ipv4(ctx: &TcContext) -> Result<Option<Ipv4>, DropReason> {
-    if ctx.data() + LINEAR_HEADROOM as usize > ctx.data_end() {
-        let len = ctx.len();
-        let want = if len < LINEAR_HEADROOM {
-            len
-        } else {
-            LINEAR_HEADROOM
-        };
+    // Pull only when headers really lie beyond the linear area: the pull
+    // makes the skb writable, which copies the head of cloned skbs (TCP
+    // keeps a clone of everything it sends).
+    let len = ctx.len();
+    let want = if len < LINEAR_HEADROOM {
+        len
+    } else {
+        LINEAR_HEADROOM
+    };
+    if ctx.data() + want as usize > ctx.data_end() {
         // A failure leaves the packet as it was; the bounds checks below decide.
         let _ = ctx.pull_data(want);
     }

@@ -304,6 +304,39 @@ impl Drop for TempDir {
 }
 
 #[test]
+fn batch_claims_follow_subnets_and_spare_admin_addresses() {
+    let dir = TempDir::new();
+    let path = dir.0.join("claims.json");
+    Netns::new().run(move || async move {
+        two_subnets();
+        ip("addr add 10.1.0.9/24 dev a0");
+        let nl = Netlink::connect().unwrap();
+        let mut ledger = ClaimLedger::open(&path).unwrap();
+        let mut wanted: Vec<(Ipv4Addr, Option<String>)> = (20..120)
+            .map(|i| (Ipv4Addr::new(10, 1, 0, i), None))
+            .collect();
+        wanted.push((v4("10.2.0.20"), None));
+        wanted.push((v4("10.1.0.9"), None));
+        // Claimed twice in one batch: the second sees the first through the snapshot.
+        wanted.push((v4("10.1.0.20"), None));
+        let done = nl.claim_all_tracked(&mut ledger, &wanted).await.unwrap();
+        assert_eq!(done.len(), wanted.len());
+        assert_eq!(done.iter().filter(|c| c.added).count(), 101);
+        assert_eq!(done[100].interface, "b0");
+        assert!(!done[101].added, "the admin's 10.1.0.9 is not ours");
+        assert!(!done[102].added);
+        assert_eq!(ledger.entries().len(), 101);
+        assert!(!ledger.contains(v4("10.1.0.9"), "a0"));
+        let on_a0 = addrs_of("a0");
+        assert!(on_a0.contains(&("10.1.0.119/24".into(), true)), "{on_a0:?}");
+        assert_eq!(
+            addrs_of("b0"),
+            vec![("10.2.0.1/24".into(), false), ("10.2.0.20/24".into(), true)]
+        );
+    });
+}
+
+#[test]
 fn tracked_claims_survive_a_restart_and_spare_admin_addresses() {
     let dir = TempDir::new();
     let path = dir.0.join("claims.json");
