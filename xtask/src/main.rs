@@ -25,7 +25,7 @@ enum Cmd {
     BuildEbpf,
     /// build-ebpf, then build the whole workspace.
     Build,
-    /// build, then every unit and integration test, then a benchmark smoke run.
+    /// build, a benchmark smoke run, then every unit and integration test.
     Test {
         /// Skip the benchmark smoke run.
         #[arg(long)]
@@ -207,6 +207,11 @@ fn build_agent() -> Result<()> {
 
 fn test(no_bench: bool, test_args: &[String]) -> Result<()> {
     build()?;
+    // The smoke goes first so that the test summary closes the output.
+    let bench = if no_bench { Ok(()) } else { bench_smoke() };
+    if let Err(e) = &bench {
+        eprintln!("benchmark smoke run failed: {e:#}");
+    }
     let mut cmd = cargo();
     cmd.args(["test", "--workspace", "--no-fail-fast", "--"])
         .env("PATH", prereq::path_with_llvm());
@@ -216,36 +221,56 @@ fn test(no_bench: bool, test_args: &[String]) -> Result<()> {
         cmd.arg("--test-threads=2");
     }
     cmd.args(test_args);
-    let tests = run(&mut cmd);
-    let bench = if no_bench { Ok(()) } else { bench_smoke() };
+    let tests = run_counting_tests(&mut cmd);
     tests?;
     bench
 }
 
-/// The benchmark's quick mode, if the benchmark has one yet.
+/// Runs `cargo test`, passing its output through, and closes with the
+/// totals over every test binary (`total: N passed, M failed`).
+fn run_counting_tests(cmd: &mut Command) -> Result<()> {
+    use std::io::{BufRead as _, BufReader};
+    let desc = egress_lab::exec::describe(cmd);
+    eprintln!("+ {desc}");
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start `{desc}`"))?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    let stdout = child.stdout.take().context("cargo test's stdout")?;
+    for line in BufReader::new(stdout).lines() {
+        let line = line.context("reading cargo test's output")?;
+        println!("{line}");
+        if let Some((p, f)) = parse_test_result(&line) {
+            passed += p;
+            failed += f;
+        }
+    }
+    let status = child
+        .wait()
+        .with_context(|| format!("waiting for `{desc}`"))?;
+    println!("total: {passed} passed, {failed} failed");
+    if !status.success() {
+        bail!("`{desc}` failed: {status}");
+    }
+    Ok(())
+}
+
+/// The counts of a libtest summary line
+/// (`test result: ok. 8 passed; 0 failed; 0 ignored; ...`).
+fn parse_test_result(line: &str) -> Option<(u64, u64)> {
+    let rest = line.strip_prefix("test result: ")?;
+    let count = |word: &str| -> Option<u64> {
+        rest.split(';')
+            .find_map(|part| part.trim().strip_suffix(word).map(str::trim))
+            .and_then(|n| n.rsplit(' ').next()?.parse().ok())
+    };
+    Some((count("passed")?, count("failed")?))
+}
+
+/// The benchmark's quick mode, which CI runs so that the harness keeps working.
 fn bench_smoke() -> Result<()> {
-    let help = |args: &[&str]| -> Option<String> {
-        let out = cargo()
-            .args(["run", "-q", "-p", "egress-bench", "--"])
-            .args(args)
-            .arg("--help")
-            .output()
-            .ok()?;
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
-    };
-    let args: Vec<&str> = if help(&["run"]).is_some_and(|h| h.contains("--quick")) {
-        vec!["run", "--quick"]
-    } else if help(&[]).is_some_and(|h| h.contains("--quick")) {
-        vec!["--quick"]
-    } else {
-        eprintln!(
-            "NOTE: benchmark smoke run skipped: `egress-bench` offers no `--quick` mode (neither `egress-bench run --quick` nor `egress-bench --quick`)"
-        );
-        return Ok(());
-    };
-    run(cargo().args(["run", "-p", "egress-bench", "--"]).args(args))
+    run(cargo().args(["run", "-p", "egress-bench", "--", "run", "--quick"]))
 }
 
 fn bench(args: &[String]) -> Result<()> {
@@ -262,4 +287,24 @@ fn bench(args: &[String]) -> Result<()> {
 
 pub fn display(p: &Path) -> String {
     p.display().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_test_result;
+
+    #[test]
+    fn libtest_summaries_are_counted() {
+        assert_eq!(
+            parse_test_result(
+                "test result: ok. 8 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 2.32s"
+            ),
+            Some((8, 0))
+        );
+        assert_eq!(
+            parse_test_result("test result: FAILED. 15 passed; 1 failed; 0 ignored; 0 measured"),
+            Some((15, 1))
+        );
+        assert_eq!(parse_test_result("running 3 tests"), None);
+    }
 }
