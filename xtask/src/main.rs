@@ -275,6 +275,10 @@ fn bench_smoke() -> Result<()> {
 
 fn bench(args: &[String]) -> Result<()> {
     build()?;
+    // The benchmark runs the agent found next to its own (release) binary.
+    run(cargo()
+        .args(["build", "--release", "-p", "egress-agent"])
+        .env("PATH", prereq::path_with_llvm()))?;
     let args: Vec<String> = if args.is_empty() {
         vec!["run".into()]
     } else {
