@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use egress_common::{VXLAN_OVERHEAD, maps::programs};
-use egress_k8s::AgentLink;
+use egress_k8s::{AgentLink, config::interface_matches};
 use egress_model::{AddressClaim, NodeState};
 use egress_netlink::{ClaimLedger, Netlink};
 use ipnet::Ipv4Net;
@@ -43,14 +43,6 @@ pub struct KubeOptions {
 
 /// IPv4 (20) + TCP (20) headers between the MTU and the MSS.
 const IP_TCP_HEADERS: u32 = 40;
-
-/// Whether an interface name matches a `pod_interfaces` pattern (`veth*`).
-fn matches(pattern: &str, name: &str) -> bool {
-    match pattern.strip_suffix('*') {
-        Some(prefix) => name.starts_with(prefix),
-        None => pattern == name,
-    }
-}
 
 struct Agent {
     config: AgentConfig,
@@ -438,15 +430,16 @@ impl Agent {
     /// forgets links of interfaces that disappeared.
     async fn sync_pod_interfaces(&mut self) -> anyhow::Result<()> {
         let node = &self.config.node;
-        let patterns: Vec<&String> = node
+        let patterns: Vec<String> = node
             .pod_interfaces
             .iter()
             .chain(&node.upstream_interfaces)
+            .cloned()
             .collect();
         let links = self.netlink.links().await?;
         let present: BTreeMap<String, u32> = links
             .into_iter()
-            .filter(|l| patterns.iter().any(|p| matches(p, &l.name)))
+            .filter(|l| interface_matches(&patterns, &l.name))
             .map(|l| (l.name, l.index))
             .collect();
         for (name, index) in &present {
@@ -614,18 +607,4 @@ fn announce(interface: String, ip: Ipv4Addr) {
             Err(e) => tracing::warn!(%ip, %interface, error = %e, "gratuitous ARP failed"),
         }
     });
-}
-
-#[cfg(test)]
-mod tests {
-    use super::matches;
-
-    #[test]
-    fn interface_patterns() {
-        assert!(matches("veth*", "veth1"));
-        assert!(matches("veth*", "veth"));
-        assert!(!matches("veth*", "eth0"));
-        assert!(matches("tun0", "tun0"));
-        assert!(!matches("tun0", "tun01"));
-    }
 }

@@ -150,6 +150,17 @@ impl KubernetesConfig {
 mod tests {
     use super::*;
 
+    #[test]
+    fn interface_patterns_match_names_or_prefixes() {
+        let p = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        assert!(interface_matches(&p(&["veth*"]), "veth1"));
+        assert!(interface_matches(&p(&["veth*"]), "veth"));
+        assert!(!interface_matches(&p(&["veth*"]), "eth0"));
+        assert!(interface_matches(&p(&["eth0", "tun0"]), "tun0"));
+        assert!(!interface_matches(&p(&["tun0"]), "tun01"));
+        assert!(!interface_matches(&[], "eth0"));
+    }
+
     fn net(s: &str) -> Ipv4Net {
         s.parse().unwrap()
     }
