@@ -16,7 +16,8 @@ use egress_common::{
 use crate::{
     classify::{self, Selected},
     conntrack::{self, Direction},
-    csum::{L4Csum, set_ipv4_addr, set_l4_u16},
+    csum::{self, L4Csum, set_ipv4_addr, set_l4_u16},
+    fib, icmp,
     maps::{FLOW_COUNT, NAT_FWD_V4, NAT_REV_V4},
     parse::{ICMP_ID, IP_DST, IP_SRC, Ipv4, L4},
     stats,
@@ -278,4 +279,53 @@ pub fn reverse(key: &FlowKeyV4, tcp: u8) -> Option<RevNatEntryV4> {
         );
     }
     Some(rev)
+}
+
+/// Translates a selected packet's source to its policy's egress IP and
+/// forwards it out of this (egress) node. Shared by `pod_ingress` (local
+/// pods, `origin_node` zero) and `tunnel_ingress` (pods steered here from
+/// `origin_node`). With `honour_exclusions`, a new flow to an excluded
+/// destination gets `Ok(None)`: the caller lets it pass untouched.
+#[inline(always)]
+pub fn snat_and_forward(
+    ctx: &TcContext,
+    ip: &Ipv4,
+    l4: &L4,
+    sel: &Selected,
+    origin_node: [u8; 4],
+    cfg: &DatapathConfig,
+    honour_exclusions: bool,
+) -> Result<Option<i32>, DropReason> {
+    let nat_addr = match forward_key(ip, l4) {
+        Some(key) => {
+            let Some(entry) = translation(
+                &key,
+                sel,
+                origin_node,
+                tcp_flags(l4),
+                cfg,
+                honour_exclusions,
+            )?
+            else {
+                return Ok(None);
+            };
+            rewrite_source(ctx, ip, l4, &entry)?;
+            entry.nat_addr
+        }
+        None => {
+            if honour_exclusions && classify::is_excluded(sel.id, ip.dst) {
+                return Ok(None);
+            }
+            let translated = match l4 {
+                L4::IcmpError => icmp::translate_outbound(ctx, ip)?,
+                _ => None,
+            };
+            translated.ok_or(DropReason::UnsupportedProtocol)?.nat_addr
+        }
+    };
+    csum::decrement_ttl(ctx, ip.ttl, ip.proto)?;
+    stats::count_egress(sel.id, ctx.len());
+    // SAFETY: reading a field of the context the kernel handed us.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    fib::redirect(ctx, nat_addr, ip.dst, ifindex).map(Some)
 }

@@ -8,8 +8,8 @@ mod program {
     use aya_ebpf::{macros::classifier, programs::TcContext};
     use egress_common::{DropReason, policy_flags};
     use egress_ebpf::{
-        Blame, Dropped, action, classify, csum, fib, icmp, maps, mss, nat,
-        parse::{self, L4, tcp_flags},
+        Blame, Dropped, action, classify, maps, mss, nat,
+        parse::{self, tcp_flags},
         stats, tunnel, verdict,
     };
 
@@ -77,39 +77,8 @@ mod program {
             return tunnel::redirect(ctx, sel.policy.egress_node, id, cfg.tunnel_ifindex).blame(id);
         }
 
-        let nat_addr = match nat::forward_key(&ip, &l4) {
-            Some(key) => {
-                let Some(entry) =
-                    nat::translation(&key, &sel, [0; 4], nat::tcp_flags(&l4), cfg, true)
-                        .blame(id)?
-                else {
-                    return Ok(action::OK);
-                };
-                nat::rewrite_source(ctx, &ip, &l4, &entry).blame(id)?;
-                entry.nat_addr
-            }
-            None => {
-                if classify::is_excluded(id, ip.dst) {
-                    return Ok(action::OK);
-                }
-                let translated = match l4 {
-                    L4::IcmpError => icmp::translate_outbound(ctx, &ip).blame(id)?,
-                    _ => None,
-                };
-                let Some(entry) = translated else {
-                    return Err(Dropped {
-                        policy_id: id,
-                        reason: DropReason::UnsupportedProtocol,
-                    });
-                };
-                entry.nat_addr
-            }
-        };
-        csum::decrement_ttl(ctx, ip.ttl, ip.proto).blame(id)?;
-        stats::count_egress(id, ctx.len());
-        // SAFETY: reading a field of the context the kernel handed us.
-        let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-        fib::redirect(ctx, nat_addr, ip.dst, ifindex).blame(id)
+        let forwarded = nat::snat_and_forward(ctx, &ip, &l4, &sel, [0; 4], cfg, true).blame(id)?;
+        Ok(forwarded.unwrap_or(action::OK))
     }
 
     #[unsafe(link_section = "license")]

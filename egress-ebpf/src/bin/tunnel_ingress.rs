@@ -7,11 +7,9 @@ mod program {
     use aya_ebpf::{macros::classifier, programs::TcContext};
     use egress_common::{DropReason, policy_flags};
     use egress_ebpf::{
-        Blame, Dropped, classify, csum, fib, icmp,
+        Blame, Dropped, classify, fib,
         maps::{self, NODES_V4, POD_POLICY_V4},
-        nat,
-        parse::{self, L4},
-        stats, tunnel, verdict,
+        nat, parse, stats, tunnel, verdict,
     };
 
     #[classifier]
@@ -73,28 +71,9 @@ mod program {
             });
         }
         let l4 = parse::l4(ctx, &ip).blame(id)?;
-        let entry = match nat::forward_key(&ip, &l4) {
-            // The source node already applied the exclusions.
-            Some(key) => {
-                nat::translation(&key, &sel, remote, nat::tcp_flags(&l4), cfg, false).blame(id)?
-            }
-            None => match l4 {
-                L4::IcmpError => icmp::translate_outbound(ctx, &ip).blame(id)?,
-                _ => None,
-            },
-        };
-        let Some(entry) = entry else {
-            return Err(Dropped {
-                policy_id: id,
-                reason: DropReason::UnsupportedProtocol,
-            });
-        };
-        if matches!(l4, L4::Ports { .. } | L4::Echo { .. }) {
-            nat::rewrite_source(ctx, &ip, &l4, &entry).blame(id)?;
-        }
-        csum::decrement_ttl(ctx, ip.ttl, ip.proto).blame(id)?;
-        stats::count_egress(id, ctx.len());
-        fib::redirect(ctx, entry.nat_addr, ip.dst, ifindex).blame(id)
+        // The source node already applied the exclusions.
+        let forwarded = nat::snat_and_forward(ctx, &ip, &l4, &sel, remote, cfg, false).blame(id)?;
+        forwarded.ok_or(DropReason::UnsupportedProtocol).blame(id)
     }
 
     #[unsafe(link_section = "license")]
