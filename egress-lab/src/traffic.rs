@@ -20,7 +20,7 @@ use std::{
     str::FromStr,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
         mpsc,
     },
     thread::{self, JoinHandle},
@@ -399,6 +399,9 @@ pub struct EchoSeen {
     pub src: Ipv4Addr,
     pub ident: u16,
     pub seq: u16,
+    /// The [`EchoResult::token`] of the [`icmp_echo`] call that sent it, so
+    /// a request still in flight from an earlier call is told apart.
+    pub token: u64,
 }
 
 /// Records the sources of ICMP echo requests reaching a namespace (the kernel
@@ -436,6 +439,7 @@ impl IcmpObserver {
                                 src: icmp.src,
                                 ident: icmp.ident,
                                 seq: icmp.seq,
+                                token: icmp.token,
                             });
                         }
                     }
@@ -463,6 +467,14 @@ impl IcmpObserver {
 
     pub fn seen(&self) -> Vec<EchoSeen> {
         self.seen.lock().expect("observer log poisoned").clone()
+    }
+
+    /// The requests sent by the [`icmp_echo`] call that returned `echo`.
+    pub fn seen_of(&self, echo: &EchoResult) -> Vec<EchoSeen> {
+        self.seen()
+            .into_iter()
+            .filter(|s| s.token == echo.token)
+            .collect()
     }
 
     pub fn clear(&self) {
@@ -505,6 +517,8 @@ struct IcmpHeader {
     icmp_type: u8,
     ident: u16,
     seq: u16,
+    /// First eight payload bytes: the token of an [`echo_request`], or 0.
+    token: u64,
 }
 
 /// Parses an IPv4 packet carrying ICMP, as a raw socket delivers it.
@@ -519,6 +533,9 @@ fn parse_icmp(packet: &[u8]) -> Option<IcmpHeader> {
         icmp_type: icmp[0],
         ident: u16::from_be_bytes([icmp[4], icmp[5]]),
         seq: u16::from_be_bytes([icmp[6], icmp[7]]),
+        token: packet.get(ihl + 8..ihl + 16).map_or(0, |b| {
+            u64::from_be_bytes(b.try_into().expect("eight bytes"))
+        }),
     })
 }
 
@@ -539,10 +556,11 @@ pub fn internet_checksum(data: &[u8]) -> u16 {
     !(sum as u16)
 }
 
-fn echo_request(ident: u16, seq: u16) -> Vec<u8> {
+fn echo_request(ident: u16, seq: u16, token: u64) -> Vec<u8> {
     let mut msg = vec![ICMP_ECHO_REQUEST, 0, 0, 0];
     msg.extend_from_slice(&ident.to_be_bytes());
     msg.extend_from_slice(&seq.to_be_bytes());
+    msg.extend_from_slice(&token.to_be_bytes());
     msg.extend_from_slice(b"egress-lab echo payload.");
     let sum = internet_checksum(&msg);
     msg[2..4].copy_from_slice(&sum.to_be_bytes());
@@ -554,6 +572,14 @@ fn echo_request(ident: u16, seq: u16) -> Vec<u8> {
 pub struct EchoResult {
     pub sent: u16,
     pub answered: Vec<u16>,
+    /// Carried in every request's payload; see [`IcmpObserver::seen_of`].
+    pub token: u64,
+}
+
+/// A token no other [`icmp_echo`] call of any process on this machine uses.
+fn next_echo_token() -> u64 {
+    static CALLS: AtomicU32 = AtomicU32::new(1);
+    (u64::from(std::process::id()) << 32) | u64::from(CALLS.fetch_add(1, Ordering::Relaxed))
 }
 
 /// Sends `count` echo requests with identifier `ident` from `ns` to `dst`,
@@ -567,6 +593,7 @@ pub fn icmp_echo(
     timeout: Duration,
 ) -> Result<EchoResult> {
     let ns_name = ns.to_owned();
+    let token = next_echo_token();
     in_netns(ns, move || {
         let socket = raw_icmp_socket()?;
         let target = SockAddr::from(SocketAddrV4::new(dst, 0));
@@ -578,7 +605,7 @@ pub fn icmp_echo(
         while Instant::now() < deadline && answered.len() < usize::from(count) {
             if next_seq <= count && Instant::now() >= next_send {
                 socket
-                    .send_to(&echo_request(ident, next_seq), &target)
+                    .send_to(&echo_request(ident, next_seq, token), &target)
                     .map_err(|e| {
                         traffic_err(format!("ICMP echo from `{ns_name}` to {dst}: send: {e}"))
                     })?;
@@ -607,6 +634,7 @@ pub fn icmp_echo(
         Ok(EchoResult {
             sent: next_seq - 1,
             answered,
+            token,
         })
     })
 }
@@ -1279,7 +1307,10 @@ mod tests {
 
     #[test]
     fn echo_request_checksums_to_zero() {
-        assert_eq!(internet_checksum(&echo_request(0x1234, 7)), 0);
+        assert_eq!(
+            internet_checksum(&echo_request(0x1234, 7, 0x0102_0304_0506_0708)),
+            0
+        );
     }
 
     #[test]
@@ -1311,13 +1342,17 @@ mod tests {
         let mut pkt = vec![
             0x45, 0, 0, 28, 0, 0, 0, 0, 64, 1, 0, 0, 10, 244, 1, 11, 198, 51, 100, 10,
         ];
-        pkt.extend_from_slice(&echo_request(0xbeef, 3)[..8]);
+        let request = echo_request(0xbeef, 3, 0x0a0b_0c0d_0e0f_1011);
+        pkt.extend_from_slice(&request[..8]);
         let h = parse_icmp(&pkt).unwrap();
         assert_eq!(h.src, Ipv4Addr::new(10, 244, 1, 11));
         assert_eq!(
-            (h.icmp_type, h.ident, h.seq),
-            (ICMP_ECHO_REQUEST, 0xbeef, 3)
+            (h.icmp_type, h.ident, h.seq, h.token),
+            (ICMP_ECHO_REQUEST, 0xbeef, 3, 0),
+            "a header without payload has no token"
         );
+        pkt.extend_from_slice(&request[8..]);
+        assert_eq!(parse_icmp(&pkt).unwrap().token, 0x0a0b_0c0d_0e0f_1011);
         assert!(parse_icmp(&pkt[..20]).is_none());
     }
 

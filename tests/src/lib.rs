@@ -157,7 +157,6 @@ impl Cluster {
     /// saw must come from `expected_source`.
     pub fn check_icmp(&self, pod: PodRef, ident: u16) {
         let want = self.expected(pod);
-        self.icmp.clear();
         let result = self.expect(
             &format!("ICMP echo from {pod}"),
             egress_lab::icmp_echo(
@@ -168,7 +167,7 @@ impl Cluster {
                 Duration::from_secs(5),
             ),
         );
-        let seen = self.icmp.seen();
+        let seen = self.icmp.seen_of(&result);
         if seen.is_empty() {
             self.fail(format!(
                 "ICMP echo from {pod}: the server saw no request (expected source {want}); {} of {} answered",

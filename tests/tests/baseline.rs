@@ -98,11 +98,10 @@ fn pods_leave_through_node_masquerade_without_agents() {
         assert!(cluster.tcp.saw(tcp.observed));
         let udp = egress_lab::udp_probe(&ns, UDP, opts()).unwrap();
         assert_eq!(*udp.observed.ip(), node_ip(pod), "UDP from {pod}: {udp:?}");
-        cluster.icmp.clear();
         let echo =
             egress_lab::icmp_echo(&ns, spec::SERVER_ADDR, 0x77, 3, Duration::from_secs(5)).unwrap();
         assert_eq!(echo.answered.len(), 3, "ping from {pod}: {echo:?}");
-        let seen = cluster.icmp.seen();
+        let seen = cluster.icmp.seen_of(&echo);
         assert!(
             !seen.is_empty() && seen.iter().all(|s| s.src == node_ip(pod)),
             "echo requests from {pod} seen as {seen:?}"

@@ -75,13 +75,14 @@ fn show(lab: &Lab) -> Result<()> {
             ),
             Err(e) => row("udp", Some(format!("error: {e}")), expected.is_none()),
         });
-        icmp.clear();
         let ident = 0x4000 + k as u16;
         let echo = icmp_echo(&ns, spec::SERVER_ADDR, ident, 3, Duration::from_secs(3));
-        let sources: Vec<String> = icmp.seen().iter().map(|s| s.src.to_string()).collect();
-        let seen_ok = !sources.is_empty() && icmp.seen().iter().all(|s| Some(s.src) == expected);
         rows.push(match echo {
             Ok(r) => {
+                let seen_of = icmp.seen_of(&r);
+                let sources: Vec<String> = seen_of.iter().map(|s| s.src.to_string()).collect();
+                let seen_ok =
+                    !sources.is_empty() && seen_of.iter().all(|s| Some(s.src) == expected);
                 let replies = format!("{}/{} replies", r.answered.len(), r.sent);
                 let seen = if sources.is_empty() {
                     format!("nothing ({replies})")
@@ -91,7 +92,7 @@ fn show(lab: &Lab) -> Result<()> {
                 let ok = if expected.is_some() {
                     seen_ok && r.answered.len() == usize::from(r.sent)
                 } else {
-                    icmp.seen().is_empty()
+                    seen_of.is_empty()
                 };
                 row("icmp", Some(seen), ok)
             }
