@@ -3,21 +3,19 @@
 //! assigner notices through missed heartbeats and moves the IP; the new node
 //! claims it only once the dead node's claim has expired.
 
-mod support;
-
 use std::{
     collections::BTreeSet,
     net::{IpAddr, Ipv4Addr},
     time::{Duration, Instant},
 };
 
+use egress_fake_api::FakeApi;
 use egress_k8s::{
     Options,
     facts::{DEFAULT_ASSIGNABLE_LABEL, EgressSubnet},
     heartbeat::HeartbeatConfig,
 };
 use serde_json::{Value, json};
-use support::FakeApi;
 
 const NODES: &str = "/api/v1/nodes";
 const NAMESPACES: &str = "/api/v1/namespaces";

@@ -2,16 +2,14 @@
 //! elected assigner. Create an EgressIP, see the status and events written,
 //! see each node's desired state change, then fail a node over with fencing.
 
-mod support;
-
 use std::{collections::BTreeSet, net::Ipv4Addr, time::Duration};
 
+use egress_fake_api::FakeApi;
 use egress_k8s::{
     AgentLink, Desired, Options,
     facts::{DEFAULT_ASSIGNABLE_LABEL, EgressSubnet, SUBNETS_ANNOTATION},
 };
 use serde_json::{Value, json};
-use support::FakeApi;
 
 const NODES: &str = "/api/v1/nodes";
 const NAMESPACES: &str = "/api/v1/namespaces";

@@ -4,9 +4,6 @@
 //! answering with the API server's JSON shapes (lists, watch events, `Status`
 //! errors).
 
-// Each test crate that includes this module uses a different subset of it.
-#![allow(dead_code)]
-
 use std::{
     collections::BTreeMap,
     convert::Infallible,
@@ -181,9 +178,19 @@ fn selected(obj: &Value, q: &BTreeMap<String, String>) -> bool {
 }
 
 impl FakeApi {
+    /// Serves on an ephemeral loopback port.
     pub async fn start() -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        Self::start_on(listener)
+    }
+
+    /// Serves on `listener`, which may have been bound inside another network
+    /// namespace (the lab binds one on its router so node agents reach it).
+    /// Must be called within a tokio runtime.
+    pub fn start_on(listener: std::net::TcpListener) -> Self {
+        listener.set_nonblocking(true).unwrap();
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
         let (events, _) = broadcast::channel(4096);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let api = Self {
             state: Arc::new(Mutex::new(State::default())),
