@@ -8,6 +8,15 @@
 //! they last saw the lease change, and treat the claim as expired once it has
 //! not changed for the claim lifetime. So clock skew cannot make two nodes
 //! hold one IP; a holder that cannot renew for that long withdraws by itself.
+//!
+//! Reading the others' claims and then writing ours is not atomic: two nodes
+//! that both saw an IP unclaimed (after the status flipped between them)
+//! could both publish it. So each IP also has a lock: a Lease of its own
+//! (`egress-ip-<ip>`) naming its holder, taken only by create or by a replace
+//! conditioned on the resourceVersion that was judged free. The API server
+//! lets exactly one of two racing nodes win; a node publishes a claim only
+//! while it holds the IP's lock, and drops the claim when it sees the lock
+//! name someone else.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -28,6 +37,73 @@ pub const ROLE_CLAIMS: &str = "claims";
 
 pub fn lease_name(node: &str) -> String {
     format!("egress-claims-{node}")
+}
+
+/// Label value of the per-IP lock Leases.
+pub const ROLE_IP_LOCK: &str = "ip-lock";
+/// Annotation on a lock Lease: the egress IP it guards (for operators).
+pub const LOCKED_IP_ANNOTATION: &str = "egress.example.dev/egress-ip";
+
+/// Name of the lock Lease of `ip`: `egress-ip-10-0-0-12`.
+pub fn lock_name(ip: Ipv4Addr) -> String {
+    let [a, b, c, d] = ip.octets();
+    format!("egress-ip-{a}-{b}-{c}-{d}")
+}
+
+/// The holder a lock Lease names, if any.
+pub fn lock_holder(lock: &Lease) -> Option<&str> {
+    lock.spec
+        .as_ref()
+        .and_then(|s| s.holder_identity.as_deref())
+        .filter(|h| !h.is_empty())
+}
+
+/// What a node that wants an IP does with the IP's lock.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LockStep {
+    /// No lock yet: create it naming us (fails if someone else just did).
+    Create,
+    /// Ours already.
+    Held,
+    /// Free (released, or its holder's claim on the IP is no longer live):
+    /// replace it naming us, on condition that it is still this version.
+    Take { resource_version: String },
+    /// Another node holds it with a live claim.
+    Busy { holder: String },
+}
+
+/// Decides, from the lock as last read and the live claims (judged with our
+/// own clock, see [`ClaimTracker`]), how `me` may take the lock.
+///
+/// A holder whose claim on the IP is not live still keeps the lock while the
+/// lock changed within the claim lifetime (`changed_recently`): it may have
+/// just taken it and not yet published its claim.
+pub fn lock_step(
+    lock: Option<&Lease>,
+    me: &str,
+    live_holders: Option<&BTreeSet<String>>,
+    changed_recently: bool,
+) -> LockStep {
+    let Some(lock) = lock else {
+        return LockStep::Create;
+    };
+    match lock_holder(lock) {
+        Some(h) if h == me => LockStep::Held,
+        Some(h) if changed_recently || live_holders.is_some_and(|l| l.contains(h)) => {
+            LockStep::Busy {
+                holder: h.to_string(),
+            }
+        }
+        // A lock without a version cannot be replaced safely: treat it as busy.
+        _ => match &lock.metadata.resource_version {
+            Some(rv) => LockStep::Take {
+                resource_version: rv.clone(),
+            },
+            None => LockStep::Busy {
+                holder: lock_holder(lock).unwrap_or_default().to_string(),
+            },
+        },
+    }
 }
 
 pub fn format_claims(ips: &BTreeSet<Ipv4Addr>) -> String {
@@ -52,18 +128,53 @@ pub struct ClaimView {
     pub draining: BTreeSet<String>,
 }
 
+/// When each Lease was first seen at its current resourceVersion, by the
+/// local monotonic clock.
+#[derive(Debug, Default)]
+pub struct VersionClock {
+    /// Lease name -> (resourceVersion last seen, when it was first seen).
+    seen: HashMap<String, (String, Instant)>,
+}
+
+impl VersionClock {
+    /// Notes `lease` as seen at `now`; returns when it was first seen at its
+    /// current version (`None` for a Lease without name or version).
+    pub fn note(&mut self, lease: &Lease, now: Instant) -> Option<Instant> {
+        let (Some(name), Some(rv)) = (&lease.metadata.name, &lease.metadata.resource_version)
+        else {
+            return None;
+        };
+        let entry = self
+            .seen
+            .entry(name.clone())
+            .or_insert_with(|| (rv.clone(), now));
+        if &entry.0 != rv {
+            *entry = (rv.clone(), now);
+        }
+        Some(entry.1)
+    }
+
+    /// Forgets Leases not in `present`.
+    pub fn retain(&mut self, present: &BTreeSet<String>) {
+        self.seen.retain(|k, _| present.contains(k));
+    }
+
+    fn first_seen(&self) -> impl Iterator<Item = Instant> + '_ {
+        self.seen.values().map(|(_, t)| *t)
+    }
+}
+
 #[derive(Debug)]
 pub struct ClaimTracker {
     ttl: Duration,
-    /// Lease name -> (resourceVersion last seen, when it was first seen).
-    seen: HashMap<String, (String, Instant)>,
+    seen: VersionClock,
 }
 
 impl ClaimTracker {
     pub fn new(ttl: Duration) -> Self {
         Self {
             ttl,
-            seen: HashMap::new(),
+            seen: VersionClock::default(),
         }
     }
 
@@ -72,18 +183,10 @@ impl ClaimTracker {
         let mut view = ClaimView::default();
         let mut present = BTreeSet::new();
         for lease in leases {
-            let (Some(name), Some(rv)) = (&lease.metadata.name, &lease.metadata.resource_version)
-            else {
+            let Some(changed_at) = self.seen.note(lease, now) else {
                 continue;
             };
-            present.insert(name.clone());
-            let entry = self
-                .seen
-                .entry(name.clone())
-                .or_insert_with(|| (rv.clone(), now));
-            if &entry.0 != rv {
-                *entry = (rv.clone(), now);
-            }
+            present.extend(lease.metadata.name.clone());
             let spec = lease.spec.as_ref();
             let declared = spec
                 .and_then(|s| s.lease_duration_seconds)
@@ -93,7 +196,7 @@ impl ClaimTracker {
             let Some(holder) = spec.and_then(|s| s.holder_identity.clone()) else {
                 continue;
             };
-            if now.saturating_duration_since(entry.1) >= ttl {
+            if now.saturating_duration_since(changed_at) >= ttl {
                 continue;
             }
             let annotations = lease.metadata.annotations.as_ref();
@@ -111,7 +214,7 @@ impl ClaimTracker {
                 view.live.entry(ip).or_default().insert(holder.clone());
             }
         }
-        self.seen.retain(|k, _| present.contains(k));
+        self.seen.retain(&present);
         view
     }
 
@@ -119,8 +222,8 @@ impl ClaimTracker {
     /// re-evaluates then.
     pub fn next_expiry(&self, now: Instant) -> Option<Duration> {
         self.seen
-            .values()
-            .map(|(_, t)| (*t + self.ttl).saturating_duration_since(now))
+            .first_seen()
+            .map(|t| (t + self.ttl).saturating_duration_since(now))
             .filter(|d| !d.is_zero())
             .min()
     }
@@ -184,6 +287,61 @@ mod tests {
             t.view(&[&a2], t0 + Duration::from_millis(3500))
                 .live
                 .is_empty()
+        );
+    }
+
+    fn lock(holder: Option<&str>, rv: &str) -> Lease {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": lock_name("10.0.0.12".parse().unwrap()), "resourceVersion": rv},
+            "spec": {"holderIdentity": holder}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn lock_steps() {
+        let live = BTreeSet::from(["node2".to_string()]);
+        assert_eq!(
+            lock_name("10.0.0.12".parse().unwrap()),
+            "egress-ip-10-0-0-12"
+        );
+        assert_eq!(lock_step(None, "node1", None, false), LockStep::Create);
+        assert_eq!(
+            lock_step(Some(&lock(Some("node1"), "5")), "node1", Some(&live), true),
+            LockStep::Held
+        );
+        let busy = LockStep::Busy {
+            holder: "node2".into(),
+        };
+        assert_eq!(
+            lock_step(Some(&lock(Some("node2"), "5")), "node1", Some(&live), false),
+            busy
+        );
+        // node2 took the lock moments ago and has not published its claim yet.
+        assert_eq!(
+            lock_step(Some(&lock(Some("node2"), "5")), "node1", None, true),
+            busy
+        );
+        // node2 no longer claims the IP (expired or released) and the lock is
+        // old: take it, but only if nobody changed the lock since we read it.
+        assert_eq!(
+            lock_step(Some(&lock(Some("node2"), "5")), "node1", None, false),
+            LockStep::Take {
+                resource_version: "5".into()
+            }
+        );
+        // Released locks are free at once, even if released just now.
+        assert_eq!(
+            lock_step(Some(&lock(None, "7")), "node1", Some(&live), true),
+            LockStep::Take {
+                resource_version: "7".into()
+            }
+        );
+        assert_eq!(
+            lock_step(Some(&lock(Some(""), "8")), "node1", None, true),
+            LockStep::Take {
+                resource_version: "8".into()
+            }
         );
     }
 

@@ -508,6 +508,138 @@ async fn fresh_claims(
     Ok(tracker.view(&others, Instant::now()))
 }
 
+/// Whether this node got an IP's lock.
+#[derive(Debug)]
+enum LockOutcome {
+    /// Ours; `replaced` is the lock version we replaced, if we took it over
+    /// (our watch may still show that version for a while: it is not a loss).
+    Acquired {
+        replaced: Option<String>,
+    },
+    Refused(String),
+}
+
+fn lock_lease(namespace: &str, me: &str, ip: Ipv4Addr, previous: Option<&Lease>) -> Lease {
+    let transitions = previous
+        .and_then(|l| l.spec.as_ref())
+        .and_then(|s| s.lease_transitions)
+        .unwrap_or(0);
+    Lease {
+        metadata: ObjectMeta {
+            name: Some(claims::lock_name(ip)),
+            namespace: Some(namespace.to_string()),
+            resource_version: previous.and_then(|l| l.metadata.resource_version.clone()),
+            labels: Some(BTreeMap::from([(
+                claims::ROLE_LABEL.into(),
+                claims::ROLE_IP_LOCK.into(),
+            )])),
+            annotations: Some(BTreeMap::from([(
+                claims::LOCKED_IP_ANNOTATION.into(),
+                ip.to_string(),
+            )])),
+            ..Default::default()
+        },
+        spec: Some(LeaseSpec {
+            holder_identity: Some(me.to_string()),
+            acquire_time: Some(MicroTime(Timestamp::now())),
+            lease_transitions: Some(transitions + i32::from(previous.is_some())),
+            ..Default::default()
+        }),
+    }
+}
+
+/// Takes the lock Lease of `ip` for `me` with a create or a
+/// version-conditioned replace, so that of two nodes racing for one IP
+/// exactly one wins (see [`claims`]).
+async fn acquire_lock(
+    api: &Api<Lease>,
+    namespace: &str,
+    me: &str,
+    ip: Ipv4Addr,
+    clock: &mut claims::VersionClock,
+    ttl: Duration,
+) -> Result<LockOutcome, kube::Error> {
+    let current = api.get_opt(&claims::lock_name(ip)).await?;
+    let now = Instant::now();
+    let changed_recently = current
+        .as_ref()
+        .and_then(|l| clock.note(l, now))
+        .is_some_and(|t| now.saturating_duration_since(t) < ttl);
+    let pp = PostParams::default();
+    // The caller only asks for IPs nobody else has a live claim on.
+    match claims::lock_step(current.as_ref(), me, None, changed_recently) {
+        claims::LockStep::Held => Ok(LockOutcome::Acquired { replaced: None }),
+        claims::LockStep::Busy { holder } => {
+            Ok(LockOutcome::Refused(format!("its lock names {holder}")))
+        }
+        claims::LockStep::Create => {
+            match api.create(&pp, &lock_lease(namespace, me, ip, None)).await {
+                Ok(_) => Ok(LockOutcome::Acquired { replaced: None }),
+                Err(kube::Error::Api(s)) if s.code == 409 => Ok(LockOutcome::Refused(
+                    "another node created its lock first".into(),
+                )),
+                Err(e) => Err(e),
+            }
+        }
+        claims::LockStep::Take { resource_version } => {
+            let lease = lock_lease(namespace, me, ip, current.as_ref());
+            match api.replace(&claims::lock_name(ip), &pp, &lease).await {
+                Ok(_) => Ok(LockOutcome::Acquired {
+                    replaced: Some(resource_version),
+                }),
+                Err(kube::Error::Api(s)) if s.code == 409 => Ok(LockOutcome::Refused(
+                    "another node took its lock first".into(),
+                )),
+                Err(e) => Err(e),
+            }
+        }
+    }
+}
+
+/// Clears our name from the lock of `ip` (after its address is gone and our
+/// claim withdrawn), so that operators and the next holder see it free.
+/// Best effort: a lock whose holder no longer claims the IP is free anyway.
+async fn release_lock(api: &Api<Lease>, me: &str, ip: Ipv4Addr) -> Result<(), kube::Error> {
+    let name = claims::lock_name(ip);
+    let Some(mut lock) = api.get_opt(&name).await? else {
+        return Ok(());
+    };
+    if claims::lock_holder(&lock) != Some(me) {
+        return Ok(());
+    }
+    if let Some(spec) = lock.spec.as_mut() {
+        spec.holder_identity = None;
+    }
+    match api.replace(&name, &PostParams::default(), &lock).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// The locks we hold that our watch shows in someone else's name, ignoring
+/// the version we replaced when we took a lock over (the watch may lag).
+fn lost_locks(
+    locks: &[Arc<Lease>],
+    me: &str,
+    held: &BTreeMap<Ipv4Addr, Option<String>>,
+) -> Vec<(Ipv4Addr, String)> {
+    locks
+        .iter()
+        .filter_map(|lock| {
+            let ip: Ipv4Addr = lock
+                .annotations()
+                .get(claims::LOCKED_IP_ANNOTATION)?
+                .parse()
+                .ok()?;
+            let replaced = held.get(&ip)?;
+            let holder = claims::lock_holder(lock)?;
+            let stale = replaced.is_some() && lock.metadata.resource_version == *replaced;
+            (holder != me && !stale).then(|| (ip, holder.to_string()))
+        })
+        .collect()
+}
+
 /// Keeps only the claims that are published; others lose their egress node
 /// here (they become live on the next round, once the write succeeded).
 fn restrict(mut p: Projection, published: &BTreeSet<Ipv4Addr>) -> Projection {
@@ -576,6 +708,19 @@ async fn node_agent(
         draining: false,
         last_renew: None,
     };
+    let locks = reflect(
+        writer.api.clone(),
+        watcher::Config::default().labels(&format!(
+            "{}={}",
+            claims::ROLE_LABEL,
+            claims::ROLE_IP_LOCK
+        )),
+        notify.clone(),
+    );
+    ready(&locks).await;
+    // IP -> the lock version we replaced to get it (None: created or ours).
+    let mut held_locks: BTreeMap<Ipv4Addr, Option<String>> = BTreeMap::new();
+    let mut lock_clock = claims::VersionClock::default();
     let mut shutting_down_since: Option<Instant> = None;
     let mut was_holding = true;
     loop {
@@ -624,6 +769,16 @@ async fn node_agent(
         // Claim what we want, and keep claiming what is still on an
         // interface until the agent reports it gone.
         let mut to_publish: BTreeSet<Ipv4Addr> = wanted.union(&held).copied().collect();
+        let lock_objs = locks.state();
+        for lock in &lock_objs {
+            lock_clock.note(lock, now);
+        }
+        lock_clock.retain(&lock_objs.iter().map(|l| l.name_any()).collect());
+        for (ip, holder) in lost_locks(&lock_objs, &node_name, &held_locks) {
+            warn!(node = %node_name, %ip, %holder, "the IP's lock names another node: withdrawing it");
+            held_locks.remove(&ip);
+            to_publish.remove(&ip);
+        }
         let published = writer.published.clone().unwrap_or_default();
         let new_claims: Vec<Ipv4Addr> = to_publish.difference(&published).copied().collect();
         if !new_claims.is_empty() {
@@ -645,9 +800,41 @@ async fn node_agent(
                         if let Some(holders) = fresh.live.get(&ip) {
                             info!(node = %node_name, %ip, ?holders, "not claiming yet: still claimed elsewhere");
                             to_publish.remove(&ip);
-                        } else if !confirmed.contains(&ip) && !held.contains(&ip) {
+                            continue;
+                        }
+                        if !confirmed.contains(&ip) && !held.contains(&ip) {
                             info!(node = %node_name, %ip, "not claiming: the status no longer names this node");
                             to_publish.remove(&ip);
+                            continue;
+                        }
+                        let attempt = tokio::time::timeout(
+                            options.claim_renew,
+                            acquire_lock(
+                                &writer.api,
+                                &options.namespace,
+                                &node_name,
+                                ip,
+                                &mut lock_clock,
+                                options.claim_ttl,
+                            ),
+                        )
+                        .await;
+                        match attempt {
+                            Ok(Ok(LockOutcome::Acquired { replaced })) => {
+                                held_locks.insert(ip, replaced);
+                            }
+                            Ok(Ok(LockOutcome::Refused(why))) => {
+                                info!(node = %node_name, %ip, why, "not claiming: lost the IP's lock");
+                                to_publish.remove(&ip);
+                            }
+                            Ok(Err(e)) => {
+                                warn!(node = %node_name, %ip, error = %e, "cannot take the IP's lock; not claiming it");
+                                to_publish.remove(&ip);
+                            }
+                            Err(_) => {
+                                warn!(node = %node_name, %ip, "cannot take the IP's lock: no answer; not claiming it");
+                                to_publish.remove(&ip);
+                            }
                         }
                     }
                 }
@@ -668,6 +855,31 @@ async fn node_agent(
             && let Err(e) = writer.write(&to_publish, draining).await
         {
             warn!(node = %node_name, error = %e, "cannot publish claims");
+        }
+        // Locks of IPs whose claim we have withdrawn (address gone, claims
+        // Lease written without them) are handed back.
+        let withdrawn: Vec<Ipv4Addr> = held_locks
+            .keys()
+            .filter(|ip| {
+                !to_publish.contains(ip)
+                    && writer.published.as_ref().is_some_and(|p| !p.contains(ip))
+            })
+            .copied()
+            .collect();
+        for ip in withdrawn {
+            held_locks.remove(&ip);
+            match tokio::time::timeout(
+                options.claim_renew,
+                release_lock(&writer.api, &node_name, ip),
+            )
+            .await
+            {
+                Ok(Ok(())) => debug!(node = %node_name, %ip, "released the IP's lock"),
+                Ok(Err(e)) => {
+                    warn!(node = %node_name, %ip, error = %e, "cannot release the IP's lock (it is free anyway once our claim is gone)")
+                }
+                Err(_) => warn!(node = %node_name, %ip, "cannot release the IP's lock: no answer"),
+            }
         }
         let now = Instant::now();
         let may_hold = writer.may_hold(now);
@@ -1204,5 +1416,134 @@ mod tests {
                 .to_string()
                 .contains("claim renew")
         );
+    }
+
+    /// Racing nodes against one API server: however the requests
+    /// interleave, exactly one ends up holding the IP's lock.
+    mod locks {
+        use super::super::*;
+        use egress_fake_api::FakeApi;
+
+        const NS: &str = "egress-system";
+
+        const TTL: Duration = Duration::from_secs(10);
+
+        /// `nodes` agents ask for the lock at once; those that knew `seen`
+        /// (the lock as it was) for longer than the claim lifetime treat it
+        /// as old. Returns the winners.
+        async fn race(
+            api: &Api<Lease>,
+            ip: Ipv4Addr,
+            nodes: usize,
+            seen: Option<&Lease>,
+        ) -> Vec<String> {
+            let tasks: Vec<_> = (0..nodes)
+                .map(|i| {
+                    let api = api.clone();
+                    let mut clock = claims::VersionClock::default();
+                    if let Some(lock) = seen {
+                        clock.note(lock, Instant::now() - 2 * TTL);
+                    }
+                    tokio::spawn(async move {
+                        let me = format!("node{i}");
+                        let got = acquire_lock(&api, NS, &me, ip, &mut clock, TTL)
+                            .await
+                            .unwrap();
+                        matches!(got, LockOutcome::Acquired { .. }).then_some(me)
+                    })
+                })
+                .collect();
+            let mut winners = Vec::new();
+            for t in tasks {
+                winners.extend(t.await.unwrap());
+            }
+            winners
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn one_winner_when_creating_and_when_taking_over() {
+            let fake = FakeApi::start().await;
+            let api: Api<Lease> = Api::namespaced(fake.client(), NS);
+            let ip: Ipv4Addr = "10.0.0.12".parse().unwrap();
+
+            let winners = race(&api, ip, 8, None).await;
+            assert_eq!(winners.len(), 1, "creators that won: {winners:?}");
+            let lock = api.get(&claims::lock_name(ip)).await.unwrap();
+            assert_eq!(claims::lock_holder(&lock), Some(winners[0].as_str()));
+
+            // A lock taken just now is respected even though its holder has
+            // not published a claim yet.
+            let late = race(&api, ip, 8, None).await;
+            assert_eq!(late, winners, "only the holder itself holds it");
+
+            // The holder's claim is gone (no live holders are passed) and the
+            // lock is old: everyone races to take it over; the version
+            // precondition lets exactly one other node through.
+            let old = lock.clone();
+            let takers: Vec<String> = race(&api, ip, 8, Some(&old))
+                .await
+                .into_iter()
+                .filter(|w| *w != winners[0])
+                .collect();
+            assert_eq!(takers.len(), 1, "takers that won: {takers:?}");
+            let lock = api.get(&claims::lock_name(ip)).await.unwrap();
+            assert_eq!(claims::lock_holder(&lock), Some(takers[0].as_str()));
+            assert_eq!(lock.spec.as_ref().unwrap().lease_transitions, Some(1));
+
+            // Only the holder can release it; a released lock is free at once.
+            release_lock(&api, &winners[0], ip).await.unwrap();
+            assert_eq!(
+                claims::lock_holder(&api.get(&claims::lock_name(ip)).await.unwrap()),
+                Some(takers[0].as_str())
+            );
+            release_lock(&api, &takers[0], ip).await.unwrap();
+            let lock = api.get(&claims::lock_name(ip)).await.unwrap();
+            assert_eq!(claims::lock_holder(&lock), None);
+            let after_release = race(&api, ip, 8, None).await;
+            assert_eq!(after_release.len(), 1, "{after_release:?}");
+        }
+
+        #[test]
+        fn a_lock_in_another_name_is_lost_unless_it_is_the_version_we_replaced() {
+            let lock = |holder: &str, rv: &str, ip: &str| {
+                Arc::new(
+                    serde_json::from_value::<Lease>(serde_json::json!({
+                        "metadata": {
+                            "name": claims::lock_name(ip.parse().unwrap()),
+                            "resourceVersion": rv,
+                            "annotations": {claims::LOCKED_IP_ANNOTATION: ip}
+                        },
+                        "spec": {"holderIdentity": holder}
+                    }))
+                    .unwrap(),
+                )
+            };
+            let a: Ipv4Addr = "10.0.0.12".parse().unwrap();
+            let b: Ipv4Addr = "10.0.0.13".parse().unwrap();
+            let held = BTreeMap::from([(a, Some("4".to_string())), (b, None)]);
+            // Still showing the version we replaced: the watch lags.
+            assert!(lost_locks(&[lock("node2", "4", "10.0.0.12")], "node1", &held).is_empty());
+            assert_eq!(
+                lost_locks(&[lock("node2", "9", "10.0.0.12")], "node1", &held),
+                vec![(a, "node2".to_string())]
+            );
+            assert_eq!(
+                lost_locks(&[lock("node3", "2", "10.0.0.13")], "node1", &held),
+                vec![(b, "node3".to_string())]
+            );
+            // Ours, released, or not one we hold: nothing lost.
+            assert!(
+                lost_locks(
+                    &[
+                        lock("node1", "9", "10.0.0.12"),
+                        lock("", "3", "10.0.0.13"),
+                        lock("node2", "1", "10.0.0.14"),
+                    ],
+                    "node1",
+                    &held
+                )
+                .is_empty()
+            );
+        }
     }
 }

@@ -247,6 +247,16 @@ async fn dead_egress_node_is_detected_and_its_ip_moves_after_its_claim_expires()
         gap >= CLAIM_TTL,
         "node2 claimed {gap:?} after node1's last renewal"
     );
+    // The IP's lock went from node1 to node2, taken over before node2
+    // published its claim.
+    let lock_holders: Vec<(&str, Instant)> = leases
+        .iter()
+        .filter(|e| e.object["metadata"]["name"] == "egress-ip-172-18-0-100")
+        .filter_map(|e| Some((e.object["spec"]["holderIdentity"].as_str()?, e.at)))
+        .collect();
+    let holders: Vec<&str> = lock_holders.iter().map(|(h, _)| *h).collect();
+    assert_eq!(holders, ["node1", "node2"], "lock history");
+    assert!(lock_holders[1].1 <= first_node2);
 
     // The (fake) agent applied it.
     eventually("node2 reports it held", || {
