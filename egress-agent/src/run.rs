@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use egress_common::{VXLAN_OVERHEAD, maps::programs};
-use egress_k8s::{AgentLink, config::interface_matches};
+use egress_k8s::{AgentLink, config::interface_matches, facts::EgressSubnet};
 use egress_model::{AddressClaim, NodeState};
 use egress_netlink::{ClaimLedger, Netlink};
 use ipnet::Ipv4Net;
@@ -206,8 +206,9 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                 if let Err(e) = agent.sync_pod_interfaces().await {
                     tracing::error!(error = %format!("{e:#}"), "attaching to pod interfaces");
                 }
-                if mode == Mode::Static {
-                    agent.reload_if_changed().await;
+                match mode {
+                    Mode::Static => agent.reload_if_changed().await,
+                    Mode::Kubernetes => agent.refresh_subnets().await,
                 }
                 if handing_over.is_some_and(|t| t.elapsed() > drain) {
                     tracing::warn!("hand-over did not finish in time; exiting anyway");
@@ -349,18 +350,7 @@ impl Agent {
         tokio::task::JoinHandle<Result<(), egress_k8s::Error>>,
         AgentLink,
     )> {
-        let addresses: Vec<(String, Ipv4Net)> = self
-            .netlink
-            .ipv4_addresses()
-            .await?
-            .into_iter()
-            .map(|a| (a.ifname, a.addr))
-            .collect();
-        let mut subnets = self.config.kubernetes.egress_subnets(&addresses);
-        if self.config.kubernetes.egress_interfaces.is_empty() {
-            // By default only the uplink offers egress IPs.
-            subnets.retain(|s| s.interface == uplink);
-        }
+        let subnets = self.egress_subnets(uplink).await?;
         let mut options = self.config.kubernetes.options(subnets)?;
         options.node_addr = self.config.node.address;
         options
@@ -374,6 +364,49 @@ impl Agent {
         tracing::info!(node = %node_name, address = ?self.config.node.address, "Kubernetes mode: waiting for the watches to sync");
         let task = tokio::spawn(egress_k8s::run(client, node_name, options, controller_link));
         Ok((task, agent_link))
+    }
+
+    /// The subnets this node offers for egress IPs, from its interface
+    /// addresses minus the egress IPs it added itself (those are not node
+    /// addresses, and publishing them would make their EgressIPs invalid).
+    async fn egress_subnets(&self, uplink: &str) -> anyhow::Result<Vec<EgressSubnet>> {
+        let ours: BTreeSet<Ipv4Addr> = self.ledger.entries().iter().map(|e| e.ip).collect();
+        let addresses: Vec<(String, Ipv4Net)> = self
+            .netlink
+            .ipv4_addresses()
+            .await?
+            .into_iter()
+            .filter(|a| !ours.contains(&a.addr.addr()))
+            .map(|a| (a.ifname, a.addr))
+            .collect();
+        let mut subnets = self.config.kubernetes.egress_subnets(&addresses);
+        if self.config.kubernetes.egress_interfaces.is_empty() {
+            // By default only the uplink offers egress IPs.
+            subnets.retain(|s| s.interface == uplink);
+        }
+        Ok(subnets)
+    }
+
+    /// Hands the controller this node's subnets when an address was added
+    /// or removed since it last published them.
+    async fn refresh_subnets(&self) {
+        let Some(link) = &self.kube else { return };
+        match self.egress_subnets(&self.uplink).await {
+            Ok(subnets) => {
+                link.subnets.send_if_modified(|cur| {
+                    if cur.as_ref() == Some(&subnets) {
+                        false
+                    } else {
+                        tracing::info!(?subnets, "egress subnets");
+                        *cur = Some(subnets);
+                        true
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "listing addresses for the egress subnets")
+            }
+        }
     }
 
     /// Applies the controller's latest desired state and reports what we hold.

@@ -147,6 +147,7 @@ pub struct Desired {
 pub struct ControllerLink {
     desired: watch::Sender<Option<Desired>>,
     held: watch::Receiver<BTreeSet<Ipv4Addr>>,
+    subnets: watch::Receiver<Option<Vec<EgressSubnet>>>,
     down: watch::Receiver<BTreeSet<String>>,
     shutdown: watch::Receiver<bool>,
 }
@@ -161,6 +162,9 @@ pub struct AgentLink {
     /// after applying `claims`; a claim is released only once its address
     /// is gone from here.
     pub held: watch::Sender<BTreeSet<Ipv4Addr>>,
+    /// This node's egress-capable subnets when they change after start
+    /// (`None`: still [`Options::subnets`]); republished on the Node.
+    pub subnets: watch::Sender<Option<Vec<EgressSubnet>>>,
     /// Node names that failed direct probes (heartbeats): the assigner moves
     /// their IPs away.
     pub down: watch::Sender<BTreeSet<String>>,
@@ -171,18 +175,21 @@ pub struct AgentLink {
 pub fn link() -> (ControllerLink, AgentLink) {
     let (desired_tx, desired_rx) = watch::channel(None);
     let (held_tx, held_rx) = watch::channel(BTreeSet::new());
+    let (subnets_tx, subnets_rx) = watch::channel(None);
     let (down_tx, down_rx) = watch::channel(BTreeSet::new());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     (
         ControllerLink {
             desired: desired_tx,
             held: held_rx,
+            subnets: subnets_rx,
             down: down_rx,
             shutdown: shutdown_rx,
         },
         AgentLink {
             desired: desired_rx,
             held: held_tx,
+            subnets: subnets_tx,
             down: down_tx,
             shutdown: shutdown_tx,
         },
@@ -723,6 +730,7 @@ async fn node_agent(
     let mut lock_clock = claims::VersionClock::default();
     let mut shutting_down_since: Option<Instant> = None;
     let mut was_holding = true;
+    let mut subnets_published = options.subnets.clone();
     loop {
         let now = Instant::now();
         if *link.shutdown.borrow() && shutting_down_since.is_none() {
@@ -769,6 +777,17 @@ async fn node_agent(
         // Claim what we want, and keep claiming what is still on an
         // interface until the agent reports it gone.
         let mut to_publish: BTreeSet<Ipv4Addr> = wanted.union(&held).copied().collect();
+        let subnets = link.subnets.borrow().clone();
+        if let Some(subnets) = subnets
+            && subnets != subnets_published
+        {
+            // A failure is retried on the next round (at most a renewal
+            // period away).
+            match publish_subnets(&client, &node_name, &subnets).await {
+                Ok(()) => subnets_published = subnets,
+                Err(e) => warn!(node = %node_name, error = %e, "cannot republish egress subnets"),
+            }
+        }
         let lock_objs = locks.state();
         for lock in &lock_objs {
             lock_clock.note(lock, now);
@@ -930,6 +949,7 @@ async fn node_agent(
         tokio::select! {
             _ = notify.notified() => {}
             r = link.held.changed() => { if r.is_err() { return Ok(()); } }
+            r = link.subnets.changed() => { if r.is_err() { return Ok(()); } }
             r = link.shutdown.changed() => { if r.is_err() { return Ok(()); } }
             _ = tokio::time::sleep(wake) => {}
         }

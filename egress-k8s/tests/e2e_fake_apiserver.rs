@@ -144,6 +144,26 @@ async fn egressip_lifecycle_against_a_fake_api_server() {
         n1["metadata"]["annotations"][SUBNETS_ANNOTATION],
         r#"[{"interface":"eth0","address":"172.18.0.11/16"}]"#
     );
+    // An address added later (the agent reports it) is republished.
+    let grown = vec![
+        EgressSubnet {
+            interface: "eth0".into(),
+            address: "172.18.0.11/16".parse().unwrap(),
+        },
+        EgressSubnet {
+            interface: "eth1".into(),
+            address: "10.0.5.11/24".parse().unwrap(),
+        },
+    ];
+    agents[0].0.subnets.send_replace(Some(grown));
+    eventually("subnets republished", || {
+        let n1 = api.get(NODES, None, "node1")?;
+        n1["metadata"]["annotations"][SUBNETS_ANNOTATION]
+            .as_str()?
+            .contains("10.0.5.11/24")
+            .then_some(())
+    })
+    .await;
     assert!(
         views[0]
             .borrow()
