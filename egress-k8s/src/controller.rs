@@ -1,6 +1,6 @@
 //! The controller: watches feed the pure functions; one elected agent writes
-//! status; every agent publishes its subnets and claims and emits its node's
-//! desired state.
+//! status; every agent publishes its subnets (again whenever an address comes
+//! or goes) and claims, and emits its node's desired state.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
