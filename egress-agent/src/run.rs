@@ -165,7 +165,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             // the pinned state of a previous run stays as it is. Only this
             // node's own settings (tunnel device, port range) are refreshed.
             agent.reconcile_settings()?;
-            let (task, link) = agent.start_controller(&uplink.name).await?;
+            let (task, link) = agent.start_controller().await?;
             controller = Some(task);
             agent.kube = Some(link);
             NodeState::default()
@@ -345,12 +345,11 @@ impl Agent {
     /// Starts the Kubernetes controller for this node.
     async fn start_controller(
         &self,
-        uplink: &str,
     ) -> anyhow::Result<(
         tokio::task::JoinHandle<Result<(), egress_k8s::Error>>,
         AgentLink,
     )> {
-        let subnets = self.egress_subnets(uplink).await?;
+        let subnets = self.egress_subnets().await?;
         let mut options = self.config.kubernetes.options(subnets)?;
         options.node_addr = self.config.node.address;
         options
@@ -367,31 +366,48 @@ impl Agent {
     }
 
     /// The subnets this node offers for egress IPs, from its interface
-    /// addresses minus the egress IPs it added itself (those are not node
-    /// addresses, and publishing them would make their EgressIPs invalid).
-    async fn egress_subnets(&self, uplink: &str) -> anyhow::Result<Vec<EgressSubnet>> {
+    /// addresses (those `egress_interfaces` names, or by default every
+    /// interface but the tunnel and the pod interfaces), minus addresses in
+    /// the cluster and service networks and the egress IPs the agent added
+    /// itself (those are not node addresses, and publishing them would make
+    /// their EgressIPs invalid).
+    async fn egress_subnets(&self) -> anyhow::Result<Vec<EgressSubnet>> {
         let ours: BTreeSet<Ipv4Addr> = self.ledger.entries().iter().map(|e| e.ip).collect();
+        let k8s = &self.config.kubernetes;
+        let node = &self.config.node;
+        let cluster: Vec<Ipv4Net> = k8s
+            .cluster_cidrs
+            .iter()
+            .chain(&k8s.service_cidrs)
+            .copied()
+            .collect();
+        let not_egress: Vec<String> = node
+            .pod_interfaces
+            .iter()
+            .chain(&node.upstream_interfaces)
+            .chain(std::iter::once(&self.tunnel))
+            .cloned()
+            .collect();
         let addresses: Vec<(String, Ipv4Net)> = self
             .netlink
             .ipv4_addresses()
             .await?
             .into_iter()
             .filter(|a| !ours.contains(&a.addr.addr()))
+            .filter(|a| !cluster.iter().any(|c| c.contains(&a.addr.addr())))
+            .filter(|a| {
+                !k8s.egress_interfaces.is_empty() || !interface_matches(&not_egress, &a.ifname)
+            })
             .map(|a| (a.ifname, a.addr))
             .collect();
-        let mut subnets = self.config.kubernetes.egress_subnets(&addresses);
-        if self.config.kubernetes.egress_interfaces.is_empty() {
-            // By default only the uplink offers egress IPs.
-            subnets.retain(|s| s.interface == uplink);
-        }
-        Ok(subnets)
+        Ok(k8s.egress_subnets(&addresses))
     }
 
     /// Hands the controller this node's subnets when an address was added
     /// or removed since it last published them.
     async fn refresh_subnets(&self) {
         let Some(link) = &self.kube else { return };
-        match self.egress_subnets(&self.uplink).await {
+        match self.egress_subnets().await {
             Ok(subnets) => {
                 link.subnets.send_if_modified(|cur| {
                     if cur.as_ref() == Some(&subnets) {

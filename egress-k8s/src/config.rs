@@ -25,7 +25,8 @@ pub struct KubernetesConfig {
     pub service_cidrs: Vec<Ipv4Net>,
     /// Interfaces whose subnets this node offers for egress IPs (a trailing
     /// `*` matches a prefix). Empty: every interface with an IPv4 address
-    /// except loopback.
+    /// except loopback, the tunnel and the pod interfaces. Addresses in the
+    /// cluster and service networks are never offered.
     pub egress_interfaces: Vec<String>,
     pub claim_ttl_ms: u64,
     pub claim_renew_ms: u64,
