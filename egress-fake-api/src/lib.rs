@@ -249,6 +249,14 @@ impl FakeApi {
         self.store(&mut st, collection, obj, "MODIFIED")
     }
 
+    /// Deletes an object as a client would; `None` if there was none.
+    pub fn delete(&self, collection: &str, namespace: Option<&str>, name: &str) -> Option<Value> {
+        let mut st = self.state.lock().unwrap();
+        let key = (namespace.unwrap_or_default().to_string(), name.to_string());
+        let obj = st.objects.get(collection)?.get(&key)?.clone();
+        Some(self.store(&mut st, collection, obj, "DELETED"))
+    }
+
     /// Makes requests whose path contains `fragment` fail (503) until
     /// [`Self::restore`].
     pub fn cut(&self, fragment: &str) {

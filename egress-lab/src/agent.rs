@@ -97,8 +97,112 @@ struct PolicySection {
     excluded_cidrs: Vec<Ipv4Net>,
 }
 
-/// The static configuration of node `node`'s agent.
+// Kubernetes mode: no cluster nodes and no policies (the agent rejects
+// them), the node's identity from NODE_NAME/NODE_IP, and the [kubernetes]
+// section with the field names of egress_k8s::KubernetesConfig.
+#[derive(Serialize)]
+struct KubernetesConfigFile {
+    instance: String,
+    node: KubernetesNodeSection,
+    cluster: ClusterSection,
+    datapath: spec::DatapathSpec,
+    kubernetes: KubernetesSection,
+}
+
+#[derive(Serialize)]
+struct KubernetesNodeSection {
+    uplink: String,
+    pod_cidr: Ipv4Net,
+    pod_interfaces: Vec<String>,
+    tunnel_interface: String,
+    tunnel_port: u16,
+}
+
+#[derive(Serialize)]
+struct KubernetesSection {
+    namespace: String,
+    cluster_cidrs: Vec<Ipv4Net>,
+    egress_interfaces: Vec<String>,
+    claim_ttl_ms: u64,
+    claim_renew_ms: u64,
+    assigner: bool,
+    leader_ttl_ms: u64,
+    leader_renew_ms: u64,
+    drain_timeout_ms: u64,
+    heartbeat: HeartbeatSection,
+}
+
+#[derive(Serialize)]
+struct HeartbeatSection {
+    port: u16,
+    interval_ms: u64,
+    timeout_ms: u64,
+}
+
+/// Namespace of the agents' claims and leader Leases in Kubernetes mode.
+pub const AGENT_NAMESPACE: &str = "egress-system";
+/// The agents' heartbeat port in Kubernetes mode (each node has its own
+/// network namespace, so all use the same one).
+pub const HEARTBEAT_PORT: u16 = 9471;
+/// The pod network, never translated.
+pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
+
+/// The configuration file of node `node`'s agent: static, or for
+/// `run --kubernetes` when the spec says so.
 pub fn render_config(prefix: &str, spec: &LabSpec, node: u8) -> Result<String> {
+    let mut text = match &spec.kubernetes {
+        None => render_static(prefix, spec, node)?,
+        Some(k) => render_kubernetes(prefix, spec, k, node)?,
+    };
+    if let Some(extra) = &spec.agent_config_extra {
+        text.push('\n');
+        text.push_str(extra);
+        text.push('\n');
+    }
+    Ok(text)
+}
+
+fn render_kubernetes(
+    prefix: &str,
+    spec: &LabSpec,
+    k: &spec::KubernetesSpec,
+    node: u8,
+) -> Result<String> {
+    let file = KubernetesConfigFile {
+        instance: instance_name(prefix, node),
+        node: KubernetesNodeSection {
+            uplink: "eth0".into(),
+            pod_cidr: spec::pod_cidr(node),
+            pod_interfaces: vec!["veth*".into()],
+            tunnel_interface: TUNNEL_INTERFACE.into(),
+            tunnel_port: TUNNEL_PORT,
+        },
+        cluster: ClusterSection {
+            nodes: Vec::new(),
+            excluded_cidrs: spec.excluded_cidrs.clone(),
+        },
+        datapath: spec.datapath,
+        kubernetes: KubernetesSection {
+            namespace: AGENT_NAMESPACE.into(),
+            cluster_cidrs: vec![CLUSTER_CIDR.parse().expect("valid CIDR")],
+            egress_interfaces: vec!["eth0".into()],
+            claim_ttl_ms: k.claim_ttl_ms,
+            claim_renew_ms: k.claim_renew_ms,
+            assigner: true,
+            leader_ttl_ms: k.leader_ttl_ms,
+            leader_renew_ms: k.leader_renew_ms,
+            drain_timeout_ms: k.drain_timeout_ms,
+            heartbeat: HeartbeatSection {
+                port: HEARTBEAT_PORT,
+                interval_ms: k.heartbeat_interval_ms,
+                timeout_ms: k.heartbeat_timeout_ms,
+            },
+        },
+    };
+    toml::to_string(&file).map_err(|e| LabError::Spec(format!("cannot render agent config: {e}")))
+}
+
+fn render_static(prefix: &str, spec: &LabSpec, node: u8) -> Result<String> {
     let file = ConfigFile {
         instance: instance_name(prefix, node),
         node: NodeSection {
@@ -132,14 +236,7 @@ pub fn render_config(prefix: &str, spec: &LabSpec, node: u8) -> Result<String> {
             })
             .collect(),
     };
-    let mut text = toml::to_string(&file)
-        .map_err(|e| LabError::Spec(format!("cannot render agent config: {e}")))?;
-    if let Some(extra) = &spec.agent_config_extra {
-        text.push('\n');
-        text.push_str(extra);
-        text.push('\n');
-    }
-    Ok(text)
+    toml::to_string(&file).map_err(|e| LabError::Spec(format!("cannot render agent config: {e}")))
 }
 
 /// Writes `contents` to `path` through a rename so that a watching agent
@@ -322,6 +419,13 @@ impl Agent {
                 Ok(None) => thread::sleep(Duration::from_millis(20)),
                 Err(e) => return Err(self.error(format!("cannot be waited for: {e}"))),
             }
+        }
+    }
+
+    /// Sends SIGTERM without waiting (see [`Self::stop`] to wait).
+    pub fn terminate(&self) {
+        if let Some(child) = &self.child {
+            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
         }
     }
 

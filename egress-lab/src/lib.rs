@@ -10,6 +10,8 @@
 pub mod agent;
 pub mod error;
 pub mod exec;
+pub mod failover;
+pub mod kubernetes;
 pub mod netns;
 pub mod spec;
 pub mod topology;
@@ -18,7 +20,7 @@ pub mod traffic;
 pub use agent::{Agent, Stats, agent_binary, workspace_root};
 pub use error::{LabError, Result};
 pub use exec::{exec_in, exec_in_timeout};
-pub use spec::{DatapathSpec, LabSpec, PodRef, PolicySpec, Timeouts};
+pub use spec::{DatapathSpec, KubernetesSpec, LabSpec, PodRef, PolicySpec, Timeouts};
 pub use topology::{Lab, Topology, cleanup_prefix};
 pub use traffic::{
     ClientOpts, IcmpObserver, Probe, TcpConn, TcpServer, UdpServer, icmp_echo, tcp_bulk, tcp_many,

@@ -149,6 +149,37 @@ impl Default for DatapathSpec {
     }
 }
 
+/// Kubernetes mode: the agents run `egress-agent run --kubernetes` against an
+/// in-memory API server on the router, and the lab's policies become
+/// `EgressIP` objects. Times in milliseconds, as in the agent's
+/// `[kubernetes]` section; the defaults are the agent's own except the
+/// leader lease and the drain, which are short so that tests start and stop
+/// quickly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct KubernetesSpec {
+    pub claim_ttl_ms: u64,
+    pub claim_renew_ms: u64,
+    pub leader_ttl_ms: u64,
+    pub leader_renew_ms: u64,
+    pub drain_timeout_ms: u64,
+    pub heartbeat_interval_ms: u64,
+    pub heartbeat_timeout_ms: u64,
+}
+
+impl Default for KubernetesSpec {
+    fn default() -> Self {
+        Self {
+            claim_ttl_ms: 2000,
+            claim_renew_ms: 500,
+            leader_ttl_ms: 3000,
+            leader_renew_ms: 500,
+            drain_timeout_ms: 2000,
+            heartbeat_interval_ms: 200,
+            heartbeat_timeout_ms: 1000,
+        }
+    }
+}
+
 /// The shape of a lab. `Default` is the lab of `cargo xtask lab up`.
 #[derive(Clone, Debug)]
 pub struct LabSpec {
@@ -177,6 +208,9 @@ pub struct LabSpec {
     /// TOML appended to every node's generated config (e.g. a
     /// `[kubernetes]` section).
     pub agent_config_extra: Option<String>,
+    /// Run the agents in Kubernetes mode (see [`KubernetesSpec`]); `None`:
+    /// static configuration files.
+    pub kubernetes: Option<KubernetesSpec>,
 }
 
 impl Default for LabSpec {
@@ -200,6 +234,7 @@ impl Default for LabSpec {
             agent_args: Vec::new(),
             agent_env: Vec::new(),
             agent_config_extra: None,
+            kubernetes: None,
         }
     }
 }
@@ -231,6 +266,14 @@ impl LabSpec {
             });
         }
         policies
+    }
+
+    /// The default lab in Kubernetes mode.
+    pub fn kubernetes() -> Self {
+        Self {
+            kubernetes: Some(KubernetesSpec::default()),
+            ..Self::default()
+        }
     }
 
     /// Checks what the addressing plan can express.
@@ -281,8 +324,56 @@ impl LabSpec {
                 }
             }
         }
+        if self.kubernetes.is_some() {
+            self.validate_for_kubernetes()?;
+        }
         Ok(())
     }
+
+    /// What an `EgressIP` can express: pods by label (so one policy per pod),
+    /// and a node to hold the IP; marks and VNIs are static-mode only.
+    fn validate_for_kubernetes(&self) -> Result<()> {
+        let bad = |msg: String| Err(LabError::Spec(format!("Kubernetes mode: {msg}")));
+        let mut owner = std::collections::BTreeMap::new();
+        for p in &self.policies {
+            if p.node.is_none() {
+                return bad(format!(
+                    "policy `{}` has no node: an EgressIP that no node may hold is invalid, not fail-closed, so the lab's expectations would not hold",
+                    p.name
+                ));
+            }
+            if !p.marks.is_empty() || !p.vnis.is_empty() {
+                return bad(format!(
+                    "policy `{}`: marks and VNIs cannot be expressed as an EgressIP",
+                    p.name
+                ));
+            }
+            if !is_dns_label(&p.name) {
+                return bad(format!(
+                    "policy name `{}` must be a DNS label: it names the EgressIP",
+                    p.name
+                ));
+            }
+            for pod in &p.pods {
+                if let Some(first) = owner.insert(*pod, &p.name) {
+                    return bad(format!(
+                        "pod {pod} is in policies `{first}` and `{}`: a pod carries one policy label",
+                        p.name
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
 }
 
 /// Prefixes become parts of namespace names and bpffs directory names.

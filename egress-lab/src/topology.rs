@@ -25,9 +25,16 @@ use serde::Serialize;
 use crate::{
     agent::{self, Agent},
     error::{LabError, Result, io_err},
-    exec, netns,
+    exec,
+    kubernetes::{self, KubeApi},
+    netns,
     spec::{self, LabSpec, PodRef, PolicySpec},
+    traffic::wait_for,
 };
+
+/// How long a Kubernetes-mode lab gets to publish subnets, assign, claim
+/// and program its policies.
+pub const CONVERGE_TIMEOUT: Duration = Duration::from_secs(60);
 
 const BPFFS: &str = "/sys/fs/bpf";
 
@@ -39,6 +46,8 @@ pub struct Lab {
     dir: PathBuf,
     namespaces: Vec<String>,
     agents: BTreeMap<u8, Agent>,
+    /// Kubernetes mode: the API server the agents watch.
+    kube: Option<KubeApi>,
     persistent: bool,
 }
 
@@ -59,6 +68,7 @@ impl Lab {
         let mut lab = Self {
             namespaces: Vec::new(),
             agents: BTreeMap::new(),
+            kube: None,
             persistent: false,
             prefix,
             spec,
@@ -242,10 +252,12 @@ impl Lab {
             )?;
         }
 
+        if spec.kubernetes.is_some() {
+            self.kube = Some(KubeApi::start(&rt, &self.dir, &spec)?);
+        }
         for n in 1..=spec.nodes {
             let mut agent = Agent::new(n, self.instance(n), self.node_ns(n), &self.dir);
-            agent.extra_args = self.spec.agent_args.clone();
-            agent.extra_env = self.spec.agent_env.clone();
+            (agent.extra_args, agent.extra_env) = self.agent_launch(n);
             agent::write_atomically(
                 &agent.config,
                 &agent::render_config(&self.prefix, &self.spec, n)?,
@@ -261,8 +273,41 @@ impl Lab {
         Ok(())
     }
 
+    /// Arguments and environment of node `n`'s agent: the spec's, plus
+    /// what Kubernetes mode needs.
+    fn agent_launch(&self, n: u8) -> (Vec<String>, Vec<(String, String)>) {
+        let mut args = self.spec.agent_args.clone();
+        let mut env = self.spec.agent_env.clone();
+        if let Some(kube) = &self.kube {
+            args.push("--kubernetes".into());
+            env.extend(kube.agent_env(n));
+        }
+        (args, env)
+    }
+
     pub fn prefix(&self) -> &str {
         &self.prefix
+    }
+
+    /// The API server of a Kubernetes-mode lab.
+    pub fn kube(&self) -> Option<&KubeApi> {
+        self.kube.as_ref()
+    }
+
+    fn kube_or_err(&self) -> Result<&KubeApi> {
+        self.kube
+            .as_ref()
+            .ok_or_else(|| LabError::Spec("the lab is not in Kubernetes mode".into()))
+    }
+
+    /// Deletes `pod`'s Pod object (Kubernetes mode): its traffic is then
+    /// nobody's and leaves with its node's address.
+    pub fn delete_pod_object(&mut self, pod: PodRef) -> Result<()> {
+        self.kube_or_err()?;
+        self.kube
+            .as_mut()
+            .expect("checked just above")
+            .delete_pod(pod)
     }
 
     pub fn spec(&self) -> &LabSpec {
@@ -306,6 +351,10 @@ impl Lab {
 
     /// The policy selecting `pod`, if any.
     pub fn policy_of(&self, pod: PodRef) -> Option<&PolicySpec> {
+        if self.kube.as_ref().is_some_and(|k| !k.has_pod(pod)) {
+            // Its Pod object is gone: nothing selects its address.
+            return None;
+        }
         self.spec.policies.iter().find(|p| p.pods.contains(&pod))
     }
 
@@ -333,11 +382,83 @@ impl Lab {
             .ok_or_else(|| LabError::Spec(format!("node {n} does not exist in lab {prefix}")))
     }
 
-    /// Starts every node's agent and waits until each is ready.
+    /// Starts every node's agent and waits until each is ready. In
+    /// Kubernetes mode it then creates the EgressIPs (once every agent has
+    /// published its subnets, so that each can be placed on its node at
+    /// once) and waits until every agent has programmed them.
     pub fn start_agents(&mut self) -> Result<()> {
         agent::agent_binary()?;
         for n in 1..=self.spec.nodes {
             self.start_agent(n)?;
+        }
+        if let Some(kube) = &self.kube {
+            kube.wait_subnets_published(self.spec.nodes, CONVERGE_TIMEOUT)?;
+            kube.apply_policies(&self.spec)?;
+            self.wait_converged(CONVERGE_TIMEOUT)?;
+        }
+        Ok(())
+    }
+
+    /// Kubernetes mode: waits until the cluster does what the spec says:
+    /// every policy's IP assigned to and announced by its node, on that
+    /// node's uplink and no other, and every node's datapath steering the
+    /// policy's existing pods to it (and nothing else).
+    pub fn wait_converged(&self, timeout: Duration) -> Result<()> {
+        let kube = self.kube_or_err()?;
+        wait_for(
+            "the agents program what the Kubernetes objects say",
+            timeout,
+            || self.convergence_gap(kube),
+        )
+    }
+
+    /// What still differs from the spec, or `Ok` when nothing does.
+    fn convergence_gap(&self, kube: &KubeApi) -> std::result::Result<(), String> {
+        let spec = &self.spec;
+        for p in &spec.policies {
+            let holder = p.node.map(kubernetes::node_name);
+            match kube.holder(&p.name, p.egress_ip) {
+                Some((node, true)) if Some(&node) == holder.as_ref() => {}
+                other => {
+                    return Err(format!(
+                        "EgressIP {} status for {}: (node, announced) = {other:?}, want {holder:?} announced",
+                        p.name, p.egress_ip
+                    ));
+                }
+            }
+        }
+        for n in 1..=spec.nodes {
+            let programmed =
+                kubernetes::programmed_policies(self.agent(n)).map_err(|e| e.to_string())?;
+            let wanted: kubernetes::Programmed = spec
+                .policies
+                .iter()
+                .map(|p| {
+                    let pods = p
+                        .pods
+                        .iter()
+                        .filter(|pod| pod.node == n && kube.has_pod(**pod))
+                        .map(|pod| pod.ip())
+                        .collect();
+                    (p.egress_ip, (p.node.map(spec::node_addr), pods))
+                })
+                .collect();
+            if programmed != wanted {
+                return Err(format!(
+                    "node{n} programmed {programmed:?}, want {wanted:?} (egress IP -> (egress node, pods))"
+                ));
+            }
+            let on_uplink =
+                kubernetes::addresses_on(&self.node_ns(n), "eth0").map_err(|e| e.to_string())?;
+            for p in &spec.policies {
+                if on_uplink.contains(&p.egress_ip) != (p.node == Some(n)) {
+                    return Err(format!(
+                        "node{n} eth0 has {on_uplink:?}; {} belongs to {:?}",
+                        p.egress_ip,
+                        p.node.map(kubernetes::node_name)
+                    ));
+                }
+            }
         }
         Ok(())
     }
@@ -387,19 +508,27 @@ impl Lab {
         self.rewrite_configs()
     }
 
+    /// Static mode: rewrites the files the agents watch. Kubernetes mode:
+    /// rewrites the files (read at the next start) and updates the pods'
+    /// labels and the EgressIPs; the agents follow through their watches.
     fn rewrite_configs(&mut self) -> Result<()> {
         for n in 1..=self.spec.nodes {
             let text = agent::render_config(&self.prefix, &self.spec, n)?;
-            let (args, env) = (self.spec.agent_args.clone(), self.spec.agent_env.clone());
+            let (args, env) = self.agent_launch(n);
             let agent = self.agent_mut(n)?;
             agent.extra_args = args;
             agent.extra_env = env;
             agent::write_atomically(&agent.config, &text)?;
         }
+        if let Some(kube) = &self.kube {
+            kube.apply_policies(&self.spec)?;
+        }
         Ok(())
     }
 
     /// Keeps everything in place when the `Lab` is dropped (`lab up`).
+    /// A Kubernetes-mode lab's API server lives in this process and ends
+    /// with it.
     pub fn persist(mut self) {
         self.persistent = true;
         // Nobody owns a persistent lab: the reaper must leave it alone.
@@ -502,8 +631,14 @@ impl Drop for Lab {
             return;
         }
         // Agents first: they detach from interfaces that are about to vanish.
+        // All are asked at once, so that their hand-overs overlap.
+        for agent in self.agents.values() {
+            agent.terminate();
+        }
         let agents = std::mem::take(&mut self.agents);
         drop(agents);
+        // Then the API server, which they talked to until the end.
+        drop(self.kube.take());
         let pins: Vec<PathBuf> = (1..=self.spec.nodes)
             .map(|n| PathBuf::from(BPFFS).join(self.instance(n)))
             .collect();

@@ -1,0 +1,213 @@
+//! The datapath with its state from Kubernetes objects: the agents run
+//! `egress-agent run --kubernetes` against the lab's API server, the lab's
+//! policies are EgressIPs, and the pods are Pod objects. The same traffic
+//! checks as in static mode, then the datapath following changes of the
+//! objects, then failover after a node is cut off.
+
+use std::{net::Ipv4Addr, time::Duration};
+
+use egress_lab::{
+    ClientOpts, LabSpec, PodRef, agent, failover, kubernetes, spec, tcp_probe, traffic::wait_for,
+    workspace_root,
+};
+use egress_tests::{Cluster, TCP, opts};
+
+const EGRESS_A: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 100);
+const EGRESS_B: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 101);
+const EGRESS_C: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 102);
+
+/// How long the agents get to follow a change of the objects.
+const FOLLOW: Duration = Duration::from_secs(20);
+
+#[test]
+fn the_rendered_kubernetes_config_passes_the_agents_check() {
+    let spec = LabSpec::kubernetes();
+    let text = agent::render_config("k8scheck", &spec, 2).unwrap();
+    let v: toml::Value = toml::from_str(&text).unwrap();
+    assert!(v.get("policies").is_none(), "{text}");
+    assert_eq!(v["cluster"]["nodes"].as_array().map(Vec::len), Some(0));
+    assert_eq!(
+        v["kubernetes"]["cluster_cidrs"].as_array().unwrap()[0].as_str(),
+        Some("10.244.0.0/16")
+    );
+    let dir = workspace_root().join("target/lab");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("k8s-check-{}.toml", std::process::id()));
+    std::fs::write(&path, &text).unwrap();
+    let bin = agent::agent_binary().unwrap();
+    let out = std::process::Command::new(&bin)
+        .args(["check", "--kubernetes", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&path);
+    assert!(
+        out.status.success(),
+        "egress-agent check --kubernetes rejected the lab's config: {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn egress_ips_from_kubernetes_translate_locally_steer_and_leave_others_alone() {
+    let c = Cluster::new(LabSpec::kubernetes());
+    let kube = c.lab.kube().expect("Kubernetes mode");
+
+    // The assigner wrote each IP's holder in status, OVN-K style, and the
+    // holder announced it.
+    for (name, ip, node) in [("team-a", EGRESS_A, "node1"), ("team-b", EGRESS_B, "node2")] {
+        let eip = kube.egress_ip(name).expect("EgressIP exists");
+        assert_eq!(
+            eip["status"]["items"],
+            serde_json::json!([{"node": node, "egressIP": ip.to_string()}]),
+            "{eip}"
+        );
+        assert_eq!(kube.holder(name, ip), Some((node.to_owned(), true)));
+    }
+
+    // Local SNAT on the holder.
+    let local = PodRef::new(1, 1);
+    assert_eq!(c.lab.expected_source(local), Some(EGRESS_A));
+    c.check_tcp(local, opts());
+    c.check_udp(local, opts());
+    c.check_icmp(local, 0x4111);
+
+    // Steered through the tunnel from the other nodes, and local on node 2.
+    for (pod, want) in [
+        (PodRef::new(2, 1), EGRESS_A),
+        (PodRef::new(3, 1), EGRESS_A),
+        (PodRef::new(1, 3), EGRESS_B),
+        (PodRef::new(3, 3), EGRESS_B),
+        (PodRef::new(2, 3), EGRESS_B),
+    ] {
+        assert_eq!(c.lab.expected_source(pod), Some(want));
+        c.check_tcp(pod, opts());
+        c.check_udp(pod, opts());
+        c.check_icmp(
+            pod,
+            0x4200 + u16::from(pod.node) * 16 + u16::from(pod.index),
+        );
+    }
+
+    // Pods no EgressIP selects leave as their node.
+    for n in 1..=3 {
+        let pod = PodRef::new(n, 2);
+        assert_eq!(c.lab.expected_source(pod), Some(spec::node_addr(n)));
+        c.check_tcp(pod, opts());
+        c.check_udp(pod, opts());
+        c.check_icmp(pod, 0x4300 + u16::from(n));
+    }
+}
+
+/// Waits until TCP from `pod` leaves with `want`.
+fn wait_for_source(c: &Cluster, pod: PodRef, want: Ipv4Addr, why: &str) {
+    let ns = c.ns(pod);
+    let quick = ClientOpts {
+        timeout: Duration::from_secs(2),
+        ..opts()
+    };
+    let seen = wait_for(
+        &format!("{pod} leaves with {want} after {why}"),
+        FOLLOW,
+        || match tcp_probe(&ns, TCP, quick) {
+            Ok(p) if *p.observed.ip() == want => Ok(p),
+            Ok(p) => Err(format!("server saw {}", p.observed)),
+            Err(e) => Err(e.to_string()),
+        },
+    );
+    c.expect(why, seen);
+}
+
+#[test]
+fn the_datapath_follows_pod_labels_pod_deletion_and_egress_ip_changes() {
+    let mut c = Cluster::new(LabSpec::kubernetes());
+
+    // Relabel: an unselected pod joins team-a, a selected one leaves it.
+    let joining = PodRef::new(3, 2);
+    let leaving = PodRef::new(2, 1);
+    c.check_tcp(joining, opts());
+    let mut policies = c.lab.spec().policies.clone();
+    policies[0].pods.push(joining);
+    policies[0].pods.retain(|p| *p != leaving);
+    let relabelled = c.lab.set_policies(policies);
+    c.expect("relabelling pods", relabelled);
+    wait_for_source(&c, joining, EGRESS_A, "being labelled into team-a");
+    wait_for_source(&c, leaving, spec::node_addr(2), "losing its team-a label");
+    c.check_udp(joining, opts());
+    c.check_udp(leaving, opts());
+
+    // Delete a selected pod's object: nothing selects its address any more.
+    let deleted = PodRef::new(3, 1);
+    c.check_tcp(deleted, opts());
+    let removed = c.lab.delete_pod_object(deleted);
+    c.expect("deleting a Pod object", removed);
+    assert_eq!(c.lab.expected_source(deleted), Some(spec::node_addr(3)));
+    wait_for_source(
+        &c,
+        deleted,
+        spec::node_addr(3),
+        "its Pod object was deleted",
+    );
+
+    // Change team-b's EgressIP: another address, held by another node.
+    let mut policies = c.lab.spec().policies.clone();
+    policies[1].egress_ip = EGRESS_C;
+    policies[1].node = Some(3);
+    let changed = c.lab.set_policies(policies);
+    c.expect("changing team-b's EgressIP", changed);
+    wait_for_source(
+        &c,
+        PodRef::new(1, 3),
+        EGRESS_C,
+        "team-b moved to 172.18.0.102 on node3",
+    );
+    // Everything else settles too: status, addresses, every node's maps.
+    let converged = c.lab.wait_converged(FOLLOW);
+    c.expect("convergence after the change", converged);
+    let kube = c.lab.kube().expect("Kubernetes mode");
+    assert_eq!(
+        kube.holder("team-b", EGRESS_C),
+        Some(("node3".to_owned(), true))
+    );
+    let node2 = c.expect(
+        "node2's addresses",
+        kubernetes::addresses_on(&c.lab.node_ns(2), "eth0"),
+    );
+    assert!(
+        !node2.contains(&EGRESS_B),
+        "node2 still holds the old IP: {node2:?}"
+    );
+    // Now local on node3 and steered from nodes 1 and 2.
+    for pod in [PodRef::new(3, 3), PodRef::new(1, 3), PodRef::new(2, 3)] {
+        assert_eq!(c.lab.expected_source(pod), Some(EGRESS_C));
+        c.check_tcp(pod, opts());
+        c.check_udp(pod, opts());
+    }
+    // team-a was not disturbed.
+    c.check_tcp(PodRef::new(1, 1), opts());
+    c.check_tcp(joining, opts());
+}
+
+#[test]
+fn failover_after_a_link_cut_and_an_agent_crash() {
+    let mut c = Cluster::new(LabSpec {
+        policies: Vec::new(),
+        ..LabSpec::kubernetes()
+    });
+    let report = match failover::measure_failover(&mut c.lab) {
+        Ok(r) => r,
+        Err(e) => c.fail(format!("failover: {e}")),
+    };
+    let summary = report.summary();
+    println!("{summary}");
+    let path = workspace_root().join("target/lab/failover.json");
+    if let Err(e) = report.write_json(&path) {
+        c.fail(format!("writing {}: {e}\n{summary}", path.display()));
+    }
+    assert_ne!(report.new_holder, report.old_holder, "{summary}");
+    assert_eq!(report.leaked, 0, "fail-closed leaked: {summary}");
+    assert!(
+        report.cut_to_first_packet_ms < 10_000,
+        "failover took too long: {summary}"
+    );
+}
