@@ -2,12 +2,13 @@
 //! their state's timeout, releases them from the flow count, and removes
 //! reverse entries left without their forward half.
 
-use std::{collections::HashSet, time::Duration};
+use std::{collections::HashSet, os::fd::AsFd, time::Duration};
 
-use aya::maps::MapError;
-use egress_common::{CtState, FlowKeyV4};
+use aya::maps::IterableMap;
+use egress_common::{CtState, FlowKeyV4, NatEntryV4, RevNatEntryV4, maps as names};
 
 use crate::{
+    batch,
     config::Timeouts,
     maps::{Maps, MapsError, forward_key, reverse_key},
 };
@@ -46,78 +47,88 @@ pub fn expired(
     Duration::from_nanos(now_ns.saturating_sub(last_seen_ns)) > timeouts.for_flow(proto, state)
 }
 
-fn tolerate_missing(r: Result<(), MapError>) -> Result<bool, MapError> {
-    match r {
-        Ok(()) => Ok(true),
-        Err(MapError::KeyNotFound) => Ok(false),
-        Err(e) => Err(e),
-    }
-}
-
 impl Collector {
+    /// One pass over the conntrack maps with batched reads and deletes (a
+    /// handful of bpf(2) calls per few thousand flows).
     pub fn sweep(
         &mut self,
         maps: &mut Maps,
         timeouts: &Timeouts,
         now_ns: u64,
     ) -> Result<SweepReport, MapsError> {
-        let map_err = |name| move |source| MapsError::Map { name, source };
+        let batch_err = |name, op| move |source| MapsError::Batch { name, op, source };
+        // Own copies of the descriptors, so that `maps` stays free for the
+        // flow-count update in between.
+        let fwd = IterableMap::map(&maps.nat_fwd)
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(batch_err(names::NAT_FWD_V4, "dup"))?;
+        let rev = IterableMap::map(&maps.nat_rev)
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(batch_err(names::NAT_REV_V4, "dup"))?;
+        let (fwd_fd, rev_fd) = (fwd.as_fd(), rev.as_fd());
         let mut report = SweepReport::default();
-        // Collect first: deleting while walking a hash map restarts the walk.
-        let flows: Vec<_> = maps
-            .nat_fwd
-            .iter()
-            .collect::<Result<_, _>>()
-            .map_err(map_err(egress_common::maps::NAT_FWD_V4))?;
+        let flows: Vec<(FlowKeyV4, NatEntryV4)> =
+            batch::lookup_all(fwd_fd).map_err(batch_err(names::NAT_FWD_V4, "lookup"))?;
         report.scanned = flows.len();
-        for (key, entry) in &flows {
-            if !expired(
+        let (expired_flows, live): (Vec<_>, Vec<_>) = flows.iter().partition(|(key, entry)| {
+            expired(
                 timeouts,
                 key.proto,
                 CtState::from_u8(entry.state),
                 entry.last_seen_ns,
                 now_ns,
-            ) {
-                continue;
-            }
-            let removed = tolerate_missing(maps.nat_fwd.remove(key))
-                .map_err(map_err(egress_common::maps::NAT_FWD_V4))?;
-            tolerate_missing(maps.nat_rev.remove(&reverse_key(key, entry)))
-                .map_err(map_err(egress_common::maps::NAT_REV_V4))?;
-            if removed {
-                report.expired += 1;
-            }
-        }
+            )
+        });
+        let forward: Vec<FlowKeyV4> = expired_flows.iter().map(|(k, _)| *k).collect();
+        let reverse: Vec<FlowKeyV4> = expired_flows
+            .iter()
+            .map(|(k, e)| reverse_key(k, e))
+            .collect();
+        report.expired =
+            batch::delete_all(fwd_fd, &forward).map_err(batch_err(names::NAT_FWD_V4, "delete"))?;
         if report.expired > 0 {
             maps.add_released(report.expired as u64)?;
         }
+        batch::delete_all(rev_fd, &reverse).map_err(batch_err(names::NAT_REV_V4, "delete"))?;
 
-        let replies: Vec<_> = maps
-            .nat_rev
-            .iter()
-            .collect::<Result<_, _>>()
-            .map_err(map_err(egress_common::maps::NAT_REV_V4))?;
-        let mut orphans = HashSet::new();
-        for (reply, rev) in &replies {
-            match maps.nat_fwd.get(&forward_key(reply, rev), 0) {
-                Ok(_) => {}
-                Err(MapError::KeyNotFound) => {
-                    if self.suspected_orphans.contains(reply) {
-                        if tolerate_missing(maps.nat_rev.remove(reply))
-                            .map_err(map_err(egress_common::maps::NAT_REV_V4))?
-                        {
-                            report.orphans_removed += 1;
-                        }
-                    } else {
-                        orphans.insert(*reply);
-                    }
-                }
-                Err(e) => return Err(map_err(egress_common::maps::NAT_FWD_V4)(e)),
-            }
-        }
-        self.suspected_orphans = orphans;
+        // Orphans: reverse entries whose forward half is not among the live
+        // flows just read. A flow being born gets its reverse half first, so
+        // only a second sighting, a sweep later, counts.
+        let live: HashSet<FlowKeyV4> = live.iter().map(|(k, _)| *k).collect();
+        let replies: Vec<(FlowKeyV4, RevNatEntryV4)> =
+            batch::lookup_all(rev_fd).map_err(batch_err(names::NAT_REV_V4, "lookup"))?;
+        let (orphans, suspects) = find_orphans(&live, &replies, &self.suspected_orphans);
+        report.orphans_removed =
+            batch::delete_all(rev_fd, &orphans).map_err(batch_err(names::NAT_REV_V4, "delete"))?;
+        self.suspected_orphans = suspects;
         Ok(report)
     }
+}
+
+/// Splits the reverse entries without a live forward half into orphans (also
+/// suspected last sweep) and new suspects.
+fn find_orphans(
+    live: &HashSet<FlowKeyV4>,
+    replies: &[(FlowKeyV4, RevNatEntryV4)],
+    suspected: &HashSet<FlowKeyV4>,
+) -> (Vec<FlowKeyV4>, HashSet<FlowKeyV4>) {
+    let mut orphans = Vec::new();
+    let mut suspects = HashSet::new();
+    for (reply, rev) in replies {
+        if live.contains(&forward_key(reply, rev)) {
+            continue;
+        }
+        if suspected.contains(reply) {
+            orphans.push(*reply);
+        } else {
+            suspects.insert(*reply);
+        }
+    }
+    (orphans, suspects)
 }
 
 #[cfg(test)]
@@ -141,5 +152,39 @@ mod tests {
         assert!(expired(&t, proto::UDP, CtState::Open, s, 5 * s));
         // A clock that has not reached last_seen (entry refreshed meanwhile) is not expiry.
         assert!(!expired(&t, proto::UDP, CtState::Open, 9 * s, 5 * s));
+    }
+
+    #[test]
+    fn reverse_entries_without_forward_half_are_orphans_on_the_second_sighting() {
+        let flow = |port: u16| {
+            let key = FlowKeyV4::new([10, 244, 1, 11], [198, 51, 100, 10], port, 8080, proto::TCP);
+            let entry = NatEntryV4 {
+                nat_addr: [172, 18, 0, 100],
+                nat_port: port,
+                ..Default::default()
+            };
+            let reply = reverse_key(&key, &entry);
+            let rev = RevNatEntryV4 {
+                orig_addr: key.src_addr,
+                orig_port: key.src_port,
+                ..Default::default()
+            };
+            assert_eq!(forward_key(&reply, &rev), key);
+            (key, reply, rev)
+        };
+        let (live_key, live_reply, live_rev) = flow(40000);
+        let (_, lone_reply, lone_rev) = flow(40001);
+        let live = HashSet::from([live_key]);
+        let replies = [(live_reply, live_rev), (lone_reply, lone_rev)];
+
+        let (orphans, suspects) = find_orphans(&live, &replies, &HashSet::new());
+        assert!(
+            orphans.is_empty(),
+            "a first sighting may be a flow being born"
+        );
+        assert_eq!(suspects, HashSet::from([lone_reply]));
+        let (orphans, suspects) = find_orphans(&live, &replies, &suspects);
+        assert_eq!(orphans, vec![lone_reply]);
+        assert!(suspects.is_empty());
     }
 }

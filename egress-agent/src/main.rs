@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+mod batch;
 mod config;
 mod gc;
 mod image;

@@ -25,6 +25,12 @@ pub enum MapsError {
         name: &'static str,
         source: MapError,
     },
+    #[error("map {name}: batched {op}: {source}")]
+    Batch {
+        name: &'static str,
+        op: &'static str,
+        source: std::io::Error,
+    },
     #[error(
         "pinned map {path} has {what} {found}, this agent needs {wanted}; remove the old state with \
          `egress-agent reset --instance <instance>` (established connections through it will break)"
