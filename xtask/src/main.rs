@@ -46,6 +46,14 @@ enum Cmd {
         #[arg(long)]
         no_build: bool,
     },
+    /// Measure failover in a three-node Kubernetes-mode lab: cut the egress
+    /// node's link, kill its agent, time the first packet through the new
+    /// holder (also written to target/lab/failover.json).
+    Failover {
+        /// Use the binaries already built.
+        #[arg(long)]
+        no_build: bool,
+    },
     /// Run the benchmark (egress-bench, release build); arguments pass through.
     Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -106,8 +114,29 @@ fn main() -> Result<()> {
             }
             demo::run()
         }
+        Cmd::Failover { no_build } => {
+            if !no_build {
+                build_agent()?;
+            }
+            failover()
+        }
         Cmd::Bench { args } => bench(&args),
     }
+}
+
+/// A lab of its own (unique prefix, removed afterwards) for one failover.
+fn failover() -> Result<()> {
+    let mut lab = egress_lab::Lab::build(egress_lab::LabSpec {
+        policies: Vec::new(),
+        ..egress_lab::LabSpec::kubernetes()
+    })?;
+    lab.start_agents()?;
+    let report = egress_lab::failover::measure_failover(&mut lab)?;
+    let path = root().join("target/lab/failover.json");
+    report.write_json(&path)?;
+    println!("{}", report.summary());
+    println!("(details in {})", path.display());
+    Ok(())
 }
 
 pub fn root() -> PathBuf {
