@@ -62,6 +62,9 @@ pub struct FailoverReport {
     pub cut_to_first_packet_ms: u64,
     /// The assigner noticed (heartbeats) and wrote the new holder in status.
     pub cut_to_status_moved_ms: Option<u64>,
+    /// The old holder's last claim renewal, before the cut: its claim
+    /// expires for the others a claim lifetime after that.
+    pub old_claim_renewed_ms_before_cut: Option<u64>,
     /// The new holder published its claim (after the old one expired).
     pub cut_to_claimed_ms: Option<u64>,
     /// The address appeared on the new holder's uplink.
@@ -84,13 +87,14 @@ impl FailoverReport {
     pub fn summary(&self) -> String {
         let ms = |v: Option<u64>| v.map_or("?".to_owned(), |v| format!("{v} ms"));
         format!(
-            "failover: link cut -> first packet via {}: {} ms (old holder {}, leader {}, sender on {}; status moved {}, claimed {}, address up {}, announced {}; {} of {} datagrams arrived, {} leaked)",
+            "failover: link cut -> first packet via {}: {} ms (old holder {}, leader {}, sender on {}; status moved {}, old claim last renewed {} before the cut, claimed {}, address up {}, announced {}; {} of {} datagrams arrived, {} leaked)",
             self.new_holder,
             self.cut_to_first_packet_ms,
             self.old_holder,
             self.leader,
             self.sender_node,
             ms(self.cut_to_status_moved_ms),
+            ms(self.old_claim_renewed_ms_before_cut),
             ms(self.cut_to_claimed_ms),
             ms(self.cut_to_address_ms),
             ms(self.cut_to_announced_ms),
@@ -408,6 +412,16 @@ pub fn measure_failover(lab: &mut Lab) -> Result<FailoverReport> {
                 .as_str()
                 .is_some_and(|c| c.split(',').any(|s| s == ip.to_string()))
     });
+    let old_claims_lease = format!("egress-claims-{}", kubernetes::node_name(a));
+    let old_renewal = history
+        .iter()
+        .filter(|e| {
+            e.collection == LEASES
+                && e.at <= cut
+                && e.object["metadata"]["name"] == old_claims_lease
+        })
+        .next_back()
+        .map(|e| cut.duration_since(e.at).as_millis() as u64);
     let address_at = netns::join(address_watch, &lab.node_ns(b))?;
 
     let on_uplink = kubernetes::addresses_on(&lab.node_ns(b), "eth0")?;
@@ -427,6 +441,7 @@ pub fn measure_failover(lab: &mut Lab) -> Result<FailoverReport> {
         egress_ip: ip,
         cut_to_first_packet_ms: after(first.at).unwrap_or_default(),
         cut_to_status_moved_ms,
+        old_claim_renewed_ms_before_cut: old_renewal,
         cut_to_claimed_ms: claimed.and_then(|e| after(e.at)),
         cut_to_address_ms: address_at.and_then(after),
         cut_to_announced_ms,
