@@ -488,7 +488,7 @@ max_policies = {max_policies}
 max_pods = 65536
 nat_port_min = 1024
 nat_port_max = 65535
-gc_interval_secs = 1
+# gc_interval_secs: the agent's default (10 s), as shipped.
 
 [datapath.timeouts]
 tcp_syn_sent = 60
