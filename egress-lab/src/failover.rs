@@ -415,12 +415,11 @@ pub fn measure_failover(lab: &mut Lab) -> Result<FailoverReport> {
     let old_claims_lease = format!("egress-claims-{}", kubernetes::node_name(a));
     let old_renewal = history
         .iter()
-        .filter(|e| {
+        .rfind(|e| {
             e.collection == LEASES
                 && e.at <= cut
                 && e.object["metadata"]["name"] == old_claims_lease
         })
-        .next_back()
         .map(|e| cut.duration_since(e.at).as_millis() as u64);
     let address_at = netns::join(address_watch, &lab.node_ns(b))?;
 
