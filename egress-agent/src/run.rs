@@ -19,6 +19,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::{
     config::{AgentConfig, Mode},
     gc::{Collector, monotonic_ns},
+    identity::{self, Candidate, Source},
     image::{DatapathImage, Environment},
     loader::{self, Datapath},
     maps::{Maps, PinLayout},
@@ -91,6 +92,11 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     tracing::info!(instance = %config.instance, node = %config.node.name, address = ?config.node.address, "starting");
 
     let netlink = Netlink::connect().context("opening rtnetlink")?;
+    if mode == Mode::Kubernetes {
+        let choice = node_address(&netlink, &config.node.name, config.node.address).await?;
+        tracing::info!(address = %choice.addr, source = %choice.source, passed_over = ?choice.passed_over, "node address");
+        config.node.address = Some(choice.addr);
+    }
     let uplink_name = match (&config.node.uplink, config.node.address) {
         (Some(name), _) => name.clone(),
         (None, Some(address)) => {
@@ -233,6 +239,107 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         }
     }
     agent.shutdown().await
+}
+
+/// This node's address: the explicit one if set (it must be local), else the
+/// first local one of the Node object's, the host name's, and the
+/// default-route interface's.
+async fn node_address(
+    netlink: &Netlink,
+    node_name: &str,
+    explicit: Option<Ipv4Addr>,
+) -> anyhow::Result<identity::Choice> {
+    let local: Vec<Ipv4Addr> = netlink
+        .ipv4_addresses()
+        .await?
+        .iter()
+        .map(|a| a.addr.addr())
+        .filter(|a| !a.is_loopback())
+        .collect();
+    let mut candidates = vec![Candidate {
+        source: Source::Explicit,
+        found: explicit.ok_or_else(|| "not set".to_string()),
+    }];
+    if explicit.is_none() {
+        candidates.push(Candidate {
+            source: Source::NodeObject,
+            found: node_object_address(node_name).await,
+        });
+        candidates.push(Candidate {
+            source: Source::Hostname,
+            found: hostname_address().await,
+        });
+        candidates.push(Candidate {
+            source: Source::DefaultRoute,
+            found: default_route_address(netlink).await,
+        });
+    }
+    Ok(identity::choose(&candidates, &local)?)
+}
+
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
+
+async fn node_object_address(node_name: &str) -> Result<Ipv4Addr, String> {
+    use k8s_openapi::api::core::v1::Node;
+    let lookup = async {
+        let client = kube::Client::try_default()
+            .await
+            .map_err(|e| format!("no Kubernetes client: {e}"))?;
+        let node = kube::Api::<Node>::all(client)
+            .get(node_name)
+            .await
+            .map_err(|e| format!("reading Node {node_name:?}: {e}"))?;
+        let addresses = node.status.and_then(|s| s.addresses).unwrap_or_default();
+        ["InternalIP", "ExternalIP"]
+            .iter()
+            .find_map(|kind| {
+                addresses
+                    .iter()
+                    .filter(|a| a.type_ == *kind)
+                    .find_map(|a| a.address.parse().ok())
+            })
+            .ok_or_else(|| format!("Node {node_name:?} has no IPv4 InternalIP or ExternalIP"))
+    };
+    tokio::time::timeout(LOOKUP_TIMEOUT, lookup)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {LOOKUP_TIMEOUT:?}")))
+}
+
+async fn hostname_address() -> Result<Ipv4Addr, String> {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map_err(|e| format!("reading the host name: {e}"))?
+        .trim()
+        .to_string();
+    let resolved =
+        tokio::time::timeout(LOOKUP_TIMEOUT, tokio::net::lookup_host((host.as_str(), 0)))
+            .await
+            .map_err(|_| format!("{host:?}: no answer within {LOOKUP_TIMEOUT:?}"))?
+            .map_err(|e| format!("{host:?} does not resolve: {e}"))?;
+    resolved
+        .filter_map(|a| match a.ip() {
+            std::net::IpAddr::V4(v4) if !v4.is_loopback() => Some(v4),
+            _ => None,
+        })
+        .next()
+        .ok_or_else(|| format!("{host:?} resolves to no IPv4 address but loopback"))
+}
+
+async fn default_route_address(netlink: &Netlink) -> Result<Ipv4Addr, String> {
+    let ifindex = netlink
+        .default_route_ifindex()
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| "no IPv4 default route".to_string())?;
+    netlink
+        .ipv4_addresses()
+        .await
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .find(|a| a.ifindex == ifindex)
+        .map(|a| a.addr.addr())
+        .ok_or_else(|| {
+            format!("the default-route interface (ifindex {ifindex}) has no IPv4 address")
+        })
 }
 
 /// The addresses a static configuration makes this node hold.

@@ -36,6 +36,7 @@ mod error;
 mod events;
 mod ledger;
 mod link;
+mod route;
 
 pub use addr::{Claim, InterfaceAddress};
 pub use error::{Error, Result};

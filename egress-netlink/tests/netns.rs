@@ -468,3 +468,22 @@ fn link_events_report_new_and_removed_veths() {
         );
     });
 }
+
+#[test]
+fn default_route_interface_is_the_lowest_metric_default_of_the_main_table() {
+    Netns::new().run(|| async {
+        two_subnets();
+        let nl = Netlink::connect().unwrap();
+        let links = nl.links().await.unwrap();
+        let index = |name: &str| links.iter().find(|l| l.name == name).unwrap().index;
+        assert_eq!(nl.default_route_ifindex().await.unwrap(), Some(index("a0")));
+        ip("route del default");
+        assert_eq!(nl.default_route_ifindex().await.unwrap(), None);
+        // A default in another table does not count.
+        ip("route add default via 10.1.0.2 dev a0 table 100");
+        assert_eq!(nl.default_route_ifindex().await.unwrap(), None);
+        ip("route add default via 10.1.0.2 dev a0 metric 200");
+        ip("route add default via 10.2.0.2 dev b0 metric 100");
+        assert_eq!(nl.default_route_ifindex().await.unwrap(), Some(index("b0")));
+    });
+}
