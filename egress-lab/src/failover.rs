@@ -268,8 +268,12 @@ fn watch_for_address(
 
 /// Runs the failover in `lab` (Kubernetes mode, three nodes or more, agents
 /// started, no policies of its own): sets up the egress IP, cuts its holder
-/// off, and reports. `lab`'s holder node is left cut off with its agent dead.
-pub fn measure_failover(lab: &mut Lab) -> Result<FailoverReport> {
+/// off `after_renewal` after it last renewed its claim, and reports. The
+/// new holder waits until that claim expires, a claim lifetime after the
+/// renewal, so `Duration::ZERO` measures the longest failover and
+/// `claim_renew_ms` the shortest. `lab`'s holder node is left cut off with
+/// its agent dead.
+pub fn measure_failover(lab: &mut Lab, after_renewal: Duration) -> Result<FailoverReport> {
     let nodes = lab.spec().nodes;
     let k8s = lab
         .spec()
@@ -352,6 +356,28 @@ pub fn measure_failover(lab: &mut Lab) -> Result<FailoverReport> {
     )?;
 
     let address_watch = watch_for_address(&lab.node_ns(b), "eth0", ip, Duration::from_secs(30))?;
+    let old_claims_lease = format!("egress-claims-{}", kubernetes::node_name(a));
+    let api = lab.kube().expect("checked above").api();
+    let renewed_after = |since: Instant| {
+        api.history().into_iter().rfind(|e| {
+            e.collection == LEASES
+                && e.at > since
+                && e.object["metadata"]["name"] == old_claims_lease
+        })
+    };
+    let watching = Instant::now();
+    let renewal = loop {
+        if let Some(e) = renewed_after(watching) {
+            break e.at;
+        }
+        if watching.elapsed() > Duration::from_millis(k8s.claim_renew_ms) * 4 {
+            return Err(LabError::Traffic(format!(
+                "{old_claims_lease} was not renewed within four renewal periods"
+            )));
+        }
+        thread::sleep(Duration::from_millis(2));
+    };
+    thread::sleep((renewal + after_renewal).saturating_duration_since(Instant::now()));
     let cut = Instant::now();
     exec::exec_in(
         &lab.router_ns(),
@@ -412,7 +438,6 @@ pub fn measure_failover(lab: &mut Lab) -> Result<FailoverReport> {
                 .as_str()
                 .is_some_and(|c| c.split(',').any(|s| s == ip.to_string()))
     });
-    let old_claims_lease = format!("egress-claims-{}", kubernetes::node_name(a));
     let old_renewal = history
         .iter()
         .rfind(|e| {

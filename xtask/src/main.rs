@@ -53,6 +53,10 @@ enum Cmd {
         /// Use the binaries already built.
         #[arg(long)]
         no_build: bool,
+        /// Cut this long after the holder's last claim renewal: 0 gives the
+        /// longest failover, `claim_renew_ms` (500) the shortest.
+        #[arg(long, default_value_t = 0)]
+        after_renewal_ms: u64,
     },
     /// Run the benchmark (egress-bench, release build); arguments pass through.
     Bench {
@@ -114,24 +118,27 @@ fn main() -> Result<()> {
             }
             demo::run()
         }
-        Cmd::Failover { no_build } => {
+        Cmd::Failover {
+            no_build,
+            after_renewal_ms,
+        } => {
             if !no_build {
                 build_agent()?;
             }
-            failover()
+            failover(std::time::Duration::from_millis(after_renewal_ms))
         }
         Cmd::Bench { args } => bench(&args),
     }
 }
 
 /// A lab of its own (unique prefix, removed afterwards) for one failover.
-fn failover() -> Result<()> {
+fn failover(after_renewal: std::time::Duration) -> Result<()> {
     let mut lab = egress_lab::Lab::build(egress_lab::LabSpec {
         policies: Vec::new(),
         ..egress_lab::LabSpec::kubernetes()
     })?;
     lab.start_agents()?;
-    let report = egress_lab::failover::measure_failover(&mut lab)?;
+    let report = egress_lab::failover::measure_failover(&mut lab, after_renewal)?;
     let path = root().join("target/lab/failover.json");
     report.write_json(&path)?;
     println!("{}", report.summary());
