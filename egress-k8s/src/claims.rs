@@ -31,6 +31,10 @@ pub const CLAIMED_ANNOTATION: &str = "egress.example.dev/claimed-ips";
 /// Annotation on a claims Lease: `"true"` while the node shuts down and hands
 /// its IPs over; the assigner moves them away.
 pub const DRAINING_ANNOTATION: &str = "egress.example.dev/draining";
+/// Annotation on a claims Lease: its holder's claim lifetime in
+/// milliseconds. `leaseDurationSeconds` (whole seconds) says the same for
+/// operators but would round a 1.5 s lifetime up to 2 s.
+pub const CLAIM_TTL_ANNOTATION: &str = "egress.example.dev/claim-ttl-ms";
 /// Label selecting the claims Leases.
 pub const ROLE_LABEL: &str = "egress.example.dev/role";
 pub const ROLE_CLAIMS: &str = "claims";
@@ -159,8 +163,8 @@ impl VersionClock {
         self.seen.retain(|k, _| present.contains(k));
     }
 
-    fn first_seen(&self) -> impl Iterator<Item = Instant> + '_ {
-        self.seen.values().map(|(_, t)| *t)
+    fn first_seen(&self, name: &str) -> Option<Instant> {
+        self.seen.get(name).map(|(_, t)| *t)
     }
 }
 
@@ -168,6 +172,29 @@ impl VersionClock {
 pub struct ClaimTracker {
     ttl: Duration,
     seen: VersionClock,
+    /// Lease name -> the lifetime its claims are judged by.
+    lifetimes: HashMap<String, Duration>,
+}
+
+/// The lifetime of the claims in `lease`: the longer of ours and the one its
+/// holder declares (agents of a rollout may be configured differently).
+fn lifetime(lease: &Lease, ours: Duration) -> Duration {
+    let declared_ms = lease
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(CLAIM_TTL_ANNOTATION))
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(Duration::from_millis);
+    let declared = declared_ms.unwrap_or_else(|| {
+        lease
+            .spec
+            .as_ref()
+            .and_then(|s| s.lease_duration_seconds)
+            .map(|s| Duration::from_secs(s.max(0) as u64))
+            .unwrap_or_default()
+    });
+    ours.max(declared)
 }
 
 impl ClaimTracker {
@@ -175,6 +202,7 @@ impl ClaimTracker {
         Self {
             ttl,
             seen: VersionClock::default(),
+            lifetimes: HashMap::new(),
         }
     }
 
@@ -186,13 +214,13 @@ impl ClaimTracker {
             let Some(changed_at) = self.seen.note(lease, now) else {
                 continue;
             };
-            present.extend(lease.metadata.name.clone());
+            let Some(name) = lease.metadata.name.clone() else {
+                continue;
+            };
+            let ttl = lifetime(lease, self.ttl);
+            self.lifetimes.insert(name.clone(), ttl);
+            present.insert(name);
             let spec = lease.spec.as_ref();
-            let declared = spec
-                .and_then(|s| s.lease_duration_seconds)
-                .map(|s| Duration::from_secs(s.max(0) as u64))
-                .unwrap_or_default();
-            let ttl = self.ttl.max(declared);
             let Some(holder) = spec.and_then(|s| s.holder_identity.clone()) else {
                 continue;
             };
@@ -215,15 +243,17 @@ impl ClaimTracker {
             }
         }
         self.seen.retain(&present);
+        self.lifetimes.retain(|k, _| present.contains(k));
         view
     }
 
     /// When the next live claim would expire if nothing changes: the caller
     /// re-evaluates then.
     pub fn next_expiry(&self, now: Instant) -> Option<Duration> {
-        self.seen
-            .first_seen()
-            .map(|t| (t + self.ttl).saturating_duration_since(now))
+        self.lifetimes
+            .iter()
+            .filter_map(|(name, ttl)| Some(self.seen.first_seen(name)? + *ttl))
+            .map(|t| t.saturating_duration_since(now))
             .filter(|d| !d.is_zero())
             .min()
     }
@@ -343,6 +373,41 @@ mod tests {
                 resource_version: "8".into()
             }
         );
+    }
+
+    #[test]
+    fn a_declared_lifetime_in_milliseconds_is_used_exactly_and_drives_the_next_wake_up() {
+        let mut t = ClaimTracker::new(Duration::from_secs(1));
+        let t0 = Instant::now();
+        let mut a = lease("node1", "1", "172.18.0.100", false);
+        // leaseDurationSeconds would say 2 (rounded up); the annotation says 1.5 s.
+        a.spec.as_mut().unwrap().lease_duration_seconds = Some(2);
+        a.metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .insert(CLAIM_TTL_ANNOTATION.into(), "1500".into());
+        assert_eq!(t.view(&[&a], t0).live.len(), 1);
+        assert_eq!(
+            t.next_expiry(t0 + Duration::from_millis(1000)),
+            Some(Duration::from_millis(500))
+        );
+        assert_eq!(
+            t.view(&[&a], t0 + Duration::from_millis(1499)).live.len(),
+            1
+        );
+        assert!(
+            t.view(&[&a], t0 + Duration::from_millis(1500))
+                .live
+                .is_empty()
+        );
+        // Without the annotation the whole seconds count.
+        let mut t = ClaimTracker::new(Duration::from_secs(1));
+        let b = lease("node2", "1", "172.18.0.101", false);
+        let mut b2 = b.clone();
+        b2.spec.as_mut().unwrap().lease_duration_seconds = Some(3);
+        t.view(&[&b2], t0);
+        assert_eq!(t.next_expiry(t0), Some(Duration::from_secs(3)));
     }
 
     #[test]

@@ -98,8 +98,8 @@ impl Default for Options {
             global_excluded: BTreeSet::new(),
             node_addr: None,
             subnets: Vec::new(),
-            claim_ttl: Duration::from_secs(2),
-            claim_renew: Duration::from_millis(500),
+            claim_ttl: Duration::from_millis(1500),
+            claim_renew: Duration::from_millis(300),
             assigner: true,
             leader_lease: "egress-assigner".into(),
             leader_ttl: Duration::from_secs(15),
@@ -401,6 +401,10 @@ impl ClaimWriter {
                         claims::format_claims(ips),
                     ),
                     (claims::DRAINING_ANNOTATION.into(), draining.to_string()),
+                    (
+                        claims::CLAIM_TTL_ANNOTATION.into(),
+                        self.ttl.as_millis().to_string(),
+                    ),
                 ])),
                 ..Default::default()
             },
@@ -443,8 +447,28 @@ impl ClaimWriter {
             .map(|t| t + self.ttl.saturating_sub(self.renew))
     }
 
+    /// Nothing claimed and not draining: there is nothing to keep live, so
+    /// the Lease is not renewed (on a large cluster only the few nodes that
+    /// hold IPs write every renewal period).
+    fn idle(&self) -> bool {
+        !self.draining && self.published.as_ref().is_some_and(BTreeSet::is_empty)
+    }
+
     fn may_hold(&self, now: Instant) -> bool {
-        self.withdraw_at().is_some_and(|deadline| now < deadline)
+        self.idle() || self.withdraw_at().is_some_and(|deadline| now < deadline)
+    }
+
+    /// How long until the next renewal is due; a failed renewal is retried
+    /// after a quarter period rather than at once.
+    fn until_renewal(&self, now: Instant) -> Duration {
+        if self.idle() {
+            return Duration::MAX;
+        }
+        self.last_renew
+            .map_or(Duration::ZERO, |t| {
+                (t + self.renew).saturating_duration_since(now)
+            })
+            .max(self.renew / 4)
     }
 }
 
@@ -865,9 +889,10 @@ async fn node_agent(
                 }
             }
         }
-        let renew_due = writer
-            .last_renew
-            .is_none_or(|t| now.saturating_duration_since(t) >= options.claim_renew);
+        let renew_due = !writer.idle()
+            && writer
+                .last_renew
+                .is_none_or(|t| now.saturating_duration_since(t) >= options.claim_renew);
         if (writer.published.as_ref() != Some(&to_publish)
             || writer.draining != draining
             || renew_due)
@@ -939,13 +964,17 @@ async fn node_agent(
 
         let until_withdrawal = writer
             .withdraw_at()
+            .filter(|_| !writer.idle())
             .map(|d| d.saturating_duration_since(now))
             .filter(|d| !d.is_zero())
             .unwrap_or(Duration::MAX);
-        let wake = options
-            .claim_renew
+        // Renewals are paced from the last one, not from whenever the loop
+        // last woke up, so that they do not drift towards twice the period.
+        let wake = writer
+            .until_renewal(now)
             .min(tracker.next_expiry(now).unwrap_or(Duration::MAX))
-            .min(until_withdrawal);
+            .min(until_withdrawal)
+            .min(Duration::from_secs(60));
         tokio::select! {
             _ = notify.notified() => {}
             r = link.held.changed() => { if r.is_err() { return Ok(()); } }

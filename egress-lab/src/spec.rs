@@ -169,8 +169,8 @@ pub struct KubernetesSpec {
 impl Default for KubernetesSpec {
     fn default() -> Self {
         Self {
-            claim_ttl_ms: 2000,
-            claim_renew_ms: 500,
+            claim_ttl_ms: 1500,
+            claim_renew_ms: 300,
             leader_ttl_ms: 3000,
             leader_renew_ms: 500,
             drain_timeout_ms: 2000,

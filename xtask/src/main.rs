@@ -54,7 +54,7 @@ enum Cmd {
         #[arg(long)]
         no_build: bool,
         /// Cut this long after the holder's last claim renewal: 0 gives the
-        /// longest failover, `claim_renew_ms` (500) the shortest.
+        /// longest failover, `claim_renew_ms` (300) the shortest.
         #[arg(long, default_value_t = 0)]
         after_renewal_ms: u64,
     },
