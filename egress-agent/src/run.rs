@@ -185,11 +185,13 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         .attach(programs::TUNNEL_INGRESS, &agent.tunnel)?;
     agent.sync_pod_interfaces().await?;
     agent.check_mtu(&desired).await;
-    if let Some(ready) = &agent.options.ready_file {
-        std::fs::write(ready, b"ready\n")
-            .with_context(|| format!("writing {}", ready.display()))?;
+    // In Kubernetes mode the agent is ready once it has applied the state of
+    // the synced watches, not before (the DaemonSet's startup probe).
+    let mut ready_pending = true;
+    if mode == Mode::Static {
+        agent.mark_ready()?;
+        ready_pending = false;
     }
-    tracing::info!("datapath ready");
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -224,6 +226,10 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             changed = desired_changed(&mut agent.kube) => {
                 if changed {
                     agent.apply_kubernetes().await;
+                    if ready_pending {
+                        agent.mark_ready()?;
+                        ready_pending = false;
+                    }
                 }
             }
             outcome = finished(&mut controller) => {
@@ -530,6 +536,16 @@ impl Agent {
                 tracing::error!(error = %format!("{e:#}"), "listing addresses for the egress subnets")
             }
         }
+    }
+
+    /// Writes the ready file, if one was asked for.
+    fn mark_ready(&self) -> anyhow::Result<()> {
+        if let Some(ready) = &self.options.ready_file {
+            std::fs::write(ready, b"ready\n")
+                .with_context(|| format!("writing {}", ready.display()))?;
+        }
+        tracing::info!("datapath ready");
+        Ok(())
     }
 
     /// Applies the controller's latest desired state and reports what we hold.
