@@ -164,6 +164,9 @@ pub struct KubernetesSpec {
     pub drain_timeout_ms: u64,
     pub heartbeat_interval_ms: u64,
     pub heartbeat_timeout_ms: u64,
+    /// Give the agents `NODE_IP` as the DaemonSet does; without it they find
+    /// their address themselves (the Node object's, first).
+    pub node_ip_env: bool,
 }
 
 impl Default for KubernetesSpec {
@@ -176,6 +179,7 @@ impl Default for KubernetesSpec {
             drain_timeout_ms: 2000,
             heartbeat_interval_ms: 200,
             heartbeat_timeout_ms: 1000,
+            node_ip_env: true,
         }
     }
 }

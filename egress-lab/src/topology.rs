@@ -280,7 +280,12 @@ impl Lab {
         let mut env = self.spec.agent_env.clone();
         if let Some(kube) = &self.kube {
             args.push("--kubernetes".into());
-            env.extend(kube.agent_env(n));
+            let with_node_ip = self.spec.kubernetes.is_some_and(|k| k.node_ip_env);
+            env.extend(
+                kube.agent_env(n)
+                    .into_iter()
+                    .filter(|(k, _)| with_node_ip || k != "NODE_IP"),
+            );
         }
         (args, env)
     }

@@ -214,3 +214,29 @@ fn failover_after_a_link_cut_and_an_agent_crash() {
         "failover took too long: {summary}"
     );
 }
+
+#[test]
+fn without_node_ip_each_agent_takes_its_address_from_its_node_object() {
+    let mut spec = LabSpec::kubernetes();
+    spec.kubernetes
+        .as_mut()
+        .expect("Kubernetes mode")
+        .node_ip_env = false;
+    let c = Cluster::new(spec);
+    for n in 1..=3u8 {
+        let log = std::fs::read_to_string(&c.lab.agent(n).log).unwrap();
+        let line = log
+            .lines()
+            .find(|l| l.contains("node address"))
+            .unwrap_or_else(|| panic!("node{n}'s agent logged no node address:\n{log}"));
+        assert!(
+            line.contains(&format!("address={}", spec::node_addr(n)))
+                && line.contains("source=the Node object's address"),
+            "node{n}: {line}"
+        );
+    }
+    // The addresses found drive the datapath: local SNAT on node1 and
+    // steering from node2 to node1 both work.
+    c.check_tcp(PodRef::new(1, 1), opts());
+    c.check_tcp(PodRef::new(2, 1), opts());
+}
