@@ -16,7 +16,7 @@ use egress_common::{
 use crate::{
     classify::{self, Selected},
     conntrack::{self, Direction},
-    csum::{self, L4Csum, set_ipv4_addr, set_l4_u16},
+    csum::{self, HeaderEdit},
     fib, icmp,
     maps::{FLOW_COUNT, NAT_FWD_V4, NAT_REV_V4},
     parse::{ICMP_ID, IP_DST, IP_SRC, Ipv4, L4},
@@ -221,38 +221,45 @@ fn claim_port(
     Err(DropReason::NatPortsExhausted)
 }
 
-/// Rewrites a pod's packet to leave from the egress IP.
+/// The header changes that make a pod's packet leave from the egress IP,
+/// forwarded by this node.
 #[inline(always)]
-pub fn rewrite_source(
-    ctx: &TcContext,
-    ip: &Ipv4,
-    l4: &L4,
-    nat: &NatEntryV4,
-) -> Result<(), DropReason> {
-    let csum = L4Csum::for_proto(ip.proto, ip.l4_off);
-    match *l4 {
-        L4::Ports { sport, .. } => set_l4_u16(ctx, ip.l4_off, sport, nat.nat_port, csum)?,
-        L4::Echo { id, .. } => set_l4_u16(ctx, ip.l4_off + ICMP_ID, id, nat.nat_port, csum)?,
-        L4::IcmpError => {}
+pub fn source_edit(ip: &Ipv4, l4: &L4, nat: &NatEntryV4) -> HeaderEdit {
+    let (port_off, old_port, new_port) = match *l4 {
+        L4::Ports { sport, .. } => (0, sport, nat.nat_port),
+        L4::Echo { id, .. } => (ICMP_ID, id, nat.nat_port),
+        L4::IcmpError => (0, 0, 0),
+    };
+    HeaderEdit {
+        addr_field: IP_SRC,
+        old_addr: ip.src,
+        new_addr: nat.nat_addr,
+        port_off,
+        old_port,
+        new_port,
+        decrement_ttl: true,
+        macs: None,
     }
-    set_ipv4_addr(ctx, IP_SRC, ip.src, nat.nat_addr, Some(csum))
 }
 
-/// Restores a reply's destination to the pod.
+/// The header changes that restore a reply's destination to the pod.
 #[inline(always)]
-pub fn rewrite_destination(
-    ctx: &TcContext,
-    ip: &Ipv4,
-    l4: &L4,
-    rev: &RevNatEntryV4,
-) -> Result<(), DropReason> {
-    let csum = L4Csum::for_proto(ip.proto, ip.l4_off);
-    match *l4 {
-        L4::Ports { dport, .. } => set_l4_u16(ctx, ip.l4_off + 2, dport, rev.orig_port, csum)?,
-        L4::Echo { id, .. } => set_l4_u16(ctx, ip.l4_off + ICMP_ID, id, rev.orig_port, csum)?,
-        L4::IcmpError => {}
+pub fn destination_edit(ip: &Ipv4, l4: &L4, rev: &RevNatEntryV4) -> HeaderEdit {
+    let (port_off, old_port, new_port) = match *l4 {
+        L4::Ports { dport, .. } => (2, dport, rev.orig_port),
+        L4::Echo { id, .. } => (ICMP_ID, id, rev.orig_port),
+        L4::IcmpError => (0, 0, 0),
+    };
+    HeaderEdit {
+        addr_field: IP_DST,
+        old_addr: ip.dst,
+        new_addr: rev.orig_addr,
+        port_off,
+        old_port,
+        new_port,
+        decrement_ttl: false,
+        macs: None,
     }
-    set_ipv4_addr(ctx, IP_DST, ip.dst, rev.orig_addr, Some(csum))
 }
 
 /// Looks up a reply's translation and records the packet in the flow's conntrack state.
@@ -296,36 +303,60 @@ pub fn snat_and_forward(
     cfg: &DatapathConfig,
     honour_exclusions: bool,
 ) -> Result<Option<i32>, DropReason> {
-    let nat_addr = match forward_key(ip, l4) {
-        Some(key) => {
-            let Some(entry) = translation(
-                &key,
-                sel,
-                origin_node,
-                tcp_flags(l4),
-                cfg,
-                honour_exclusions,
-            )?
-            else {
-                return Ok(None);
-            };
-            rewrite_source(ctx, ip, l4, &entry)?;
-            entry.nat_addr
+    let Some(key) = forward_key(ip, l4) else {
+        if honour_exclusions && classify::is_excluded(sel.id, ip.dst) {
+            return Ok(None);
         }
-        None => {
-            if honour_exclusions && classify::is_excluded(sel.id, ip.dst) {
-                return Ok(None);
-            }
-            let translated = match l4 {
-                L4::IcmpError => icmp::translate_outbound(ctx, ip)?,
-                _ => None,
-            };
-            translated.ok_or(DropReason::UnsupportedProtocol)?.nat_addr
-        }
+        let translated = match l4 {
+            L4::IcmpError => icmp::translate_outbound(ctx, ip)?,
+            _ => None,
+        };
+        let nat_addr = translated.ok_or(DropReason::UnsupportedProtocol)?.nat_addr;
+        // The ICMP module rewrote the addresses; what is left is routing.
+        let edit = HeaderEdit {
+            addr_field: IP_SRC,
+            old_addr: ip.src,
+            new_addr: ip.src,
+            port_off: 0,
+            old_port: 0,
+            new_port: 0,
+            decrement_ttl: true,
+            macs: None,
+        };
+        return forward(ctx, ip, edit, nat_addr, sel.id).map(Some);
     };
-    csum::decrement_ttl(ctx, ip.ttl, ip.proto)?;
-    stats::count_egress(sel.id, ctx.len());
+    let Some(entry) = translation(
+        &key,
+        sel,
+        origin_node,
+        tcp_flags(l4),
+        cfg,
+        honour_exclusions,
+    )?
+    else {
+        return Ok(None);
+    };
+    forward(ctx, ip, source_edit(ip, l4, &entry), entry.nat_addr, sel.id).map(Some)
+}
+
+/// Routes a translated packet (source `src`), applies `edit` with the next
+/// hop's MACs, counts it and redirects it.
+#[inline(always)]
+pub fn forward(
+    ctx: &TcContext,
+    ip: &Ipv4,
+    mut edit: HeaderEdit,
+    src: [u8; 4],
+    policy_id: u32,
+) -> Result<i32, DropReason> {
     // SAFETY: reading a field of the context the kernel handed us.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    fib::redirect(ctx, nat_addr, ip.dst, ifindex).map(Some)
+    let hop = fib::lookup(ctx, src, ip.dst, ifindex);
+    edit.macs = match &hop {
+        Ok(hop) => hop.macs,
+        Err(_) => None,
+    };
+    csum::apply(ctx, ip, &edit)?;
+    stats::count_egress(policy_id, ctx.len());
+    Ok(fib::send(&hop?))
 }
