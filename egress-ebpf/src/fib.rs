@@ -12,9 +12,10 @@ use aya_ebpf::{
     helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
-use egress_common::DropReason;
+use egress_common::{DropReason, NEXT_HOP_STAMP_SHIFT, NEXT_HOP_TTL_NS, NextHopV4};
 
 const AF_INET: u8 = 2;
+const ETH_HLEN: u32 = 14;
 
 /// Where the FIB sends a packet.
 #[derive(Clone, Copy)]
@@ -25,6 +26,8 @@ pub struct NextHop {
     pub macs: Option<[u8; 12]>,
     /// The gateway (or the destination itself), network order.
     pub ipv4_nh: u32,
+    /// The egress device's MTU.
+    pub mtu: u16,
 }
 
 /// Routes the packet from `src` to `dst` as if it had arrived on `ifindex`.
@@ -52,8 +55,13 @@ pub fn lookup(
             0,
         )
     };
-    // SAFETY: reading the union member the lookup filled for AF_INET.
-    let ipv4_nh = unsafe { params.__bindgen_anon_4.ipv4_dst };
+    // SAFETY: reading the union members the lookup filled for AF_INET.
+    let (ipv4_nh, mtu) = unsafe {
+        (
+            params.__bindgen_anon_4.ipv4_dst,
+            params.__bindgen_anon_1.mtu_result,
+        )
+    };
     match rc as u32 {
         BPF_FIB_LKUP_RET_SUCCESS => {
             let mut macs = [0u8; 12];
@@ -63,16 +71,69 @@ pub fn lookup(
                 ifindex: params.ifindex,
                 macs: Some(macs),
                 ipv4_nh,
+                mtu,
             })
         }
         BPF_FIB_LKUP_RET_NO_NEIGH => Ok(NextHop {
             ifindex: params.ifindex,
             macs: None,
             ipv4_nh,
+            mtu,
         }),
         BPF_FIB_LKUP_RET_FRAG_NEEDED => Err(DropReason::MtuExceeded),
         _ => Err(DropReason::FibLookupFailed),
     }
+}
+
+/// `lookup`, answered from a flow's `cache` while the cached answer is
+/// younger than `NEXT_HOP_TTL_NS` and the packet fits the device without
+/// GSO (bigger ones get the kernel's own MTU check); refills the cache
+/// after a complete lookup. `now_ns` is the coarse monotonic clock.
+///
+/// The cache is written without a lock: two CPUs refreshing it at the same
+/// moment could mix two answers for a packet, which only matters if the
+/// route changed in between, and then only for that packet.
+#[inline(always)]
+pub fn cached_lookup(
+    ctx: &TcContext,
+    cache: *mut NextHopV4,
+    src: [u8; 4],
+    dst: [u8; 4],
+    ifindex: u32,
+    now_ns: u64,
+) -> Result<NextHop, DropReason> {
+    let now = ((now_ns >> NEXT_HOP_STAMP_SHIFT) as u32) | 1;
+    // SAFETY: the caller's pointer comes from a successful map lookup and
+    // stays valid for this program run; the value is plain data.
+    let cached = unsafe { *cache };
+    // SAFETY: reading fields of the context the kernel handed us.
+    let gso_size = unsafe { (*ctx.skb.skb).gso_size };
+    if cached.stamp != 0
+        && now.wrapping_sub(cached.stamp) < (NEXT_HOP_TTL_NS >> NEXT_HOP_STAMP_SHIFT) as u32
+        && gso_size == 0
+        && ctx.len() <= cached.mtu as u32 + ETH_HLEN
+    {
+        return Ok(NextHop {
+            ifindex: cached.ifindex,
+            macs: Some(cached.macs),
+            ipv4_nh: 0,
+            mtu: cached.mtu,
+        });
+    }
+    let hop = lookup(ctx, src, dst, ifindex)?;
+    if let Some(macs) = hop.macs {
+        // SAFETY: as above.
+        unsafe {
+            *cache = NextHopV4 {
+                macs,
+                mtu: hop.mtu,
+                _pad: 0,
+                ifindex: hop.ifindex,
+                stamp: now,
+            }
+        };
+    }
+    Ok(hop)
 }
 
 /// Sends the packet to `hop`; its MACs must already be in the frame when

@@ -9,8 +9,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use egress_common::{
-    DatapathConfig, DropReason, FlowKeyV4, NAT_PORT_PROBES, NatEntryV4, RevNatEntryV4, ct_flags,
-    flow_count,
+    DatapathConfig, DropReason, FlowKeyV4, NAT_PORT_PROBES, NatEntryV4, NextHopV4, RevNatEntryV4,
+    ct_flags, flow_count,
 };
 
 use crate::{
@@ -69,7 +69,7 @@ pub fn translation(
     tcp: u8,
     cfg: &DatapathConfig,
     honour_exclusions: bool,
-) -> Result<Option<NatEntryV4>, DropReason> {
+) -> Result<Option<Translation>, DropReason> {
     let now = conntrack::now();
     let mut stale: Option<NatEntryV4> = None;
     if let Some(entry) = NAT_FWD_V4.get_ptr_mut(key) {
@@ -79,7 +79,10 @@ pub fn translation(
         let current = *entry;
         if current.nat_addr == sel.policy.egress_addr && current.policy_id == sel.id {
             conntrack::update(entry, key.proto, Direction::Original, tcp, now);
-            return Ok(Some(current));
+            return Ok(Some(Translation {
+                entry: current,
+                hop: Some(&raw mut entry.hop),
+            }));
         }
         stale = Some(current);
     }
@@ -95,6 +98,7 @@ pub fn translation(
         orig_port: key.src_port,
         _pad: 0,
         policy_id: sel.id,
+        hop: NextHopV4::default(),
     };
     let nat_port = match claim_port(key, sel.policy.egress_addr, &rev, cfg) {
         Ok(port) => port,
@@ -118,6 +122,7 @@ pub fn translation(
         policy_id: sel.id,
         created_ns: now,
         last_seen_ns: now,
+        hop: NextHopV4::default(),
     };
     let reply = reply_of(key, sel.policy.egress_addr, nat_port);
     if let Some(old) = stale {
@@ -131,10 +136,21 @@ pub fn translation(
         unreserve_flow();
         let theirs = NAT_FWD_V4.get_ptr(key).ok_or(DropReason::RewriteFailed)?;
         // SAFETY: pointer from a successful lookup.
-        return Ok(Some(unsafe { *theirs }));
+        return Ok(Some(Translation {
+            entry: unsafe { *theirs },
+            hop: None,
+        }));
     }
     stats::count_new_flow(sel.id);
-    Ok(Some(entry))
+    Ok(Some(Translation { entry, hop: None }))
+}
+
+/// A flow's translation, and its entry's next-hop cache when the entry was
+/// found rather than made by this packet.
+#[derive(Clone, Copy)]
+pub struct Translation {
+    pub entry: NatEntryV4,
+    pub hop: Option<*mut NextHopV4>,
 }
 
 /// The reply tuple of `key` once its source is `nat_addr:nat_port`.
@@ -264,10 +280,10 @@ pub fn destination_edit(ip: &Ipv4, l4: &L4, rev: &RevNatEntryV4) -> HeaderEdit {
 
 /// Looks up a reply's translation and records the packet in the flow's conntrack state.
 #[inline(always)]
-pub fn reverse(key: &FlowKeyV4, tcp: u8) -> Option<RevNatEntryV4> {
-    let rev = NAT_REV_V4.get_ptr(key)?;
-    // SAFETY: pointer from a successful lookup.
-    let rev = unsafe { *rev };
+pub fn reverse(key: &FlowKeyV4, tcp: u8) -> Option<(RevNatEntryV4, *mut NextHopV4)> {
+    let ptr = NAT_REV_V4.get_ptr_mut(key)?;
+    // SAFETY: pointer from a successful lookup; valid for this program run.
+    let (rev, hop) = unsafe { (*ptr, &raw mut (*ptr).hop) };
     let fwd = FlowKeyV4::new(
         rev.orig_addr,
         key.src_addr,
@@ -285,7 +301,7 @@ pub fn reverse(key: &FlowKeyV4, tcp: u8) -> Option<RevNatEntryV4> {
             conntrack::now(),
         );
     }
-    Some(rev)
+    Some((rev, hop))
 }
 
 /// Translates a selected packet's source to its policy's egress IP and
@@ -323,9 +339,9 @@ pub fn snat_and_forward(
             decrement_ttl: true,
             macs: None,
         };
-        return forward(ctx, ip, edit, nat_addr, sel.id).map(Some);
+        return forward(ctx, ip, edit, nat_addr, sel.id, None).map(Some);
     };
-    let Some(entry) = translation(
+    let Some(Translation { entry, hop }) = translation(
         &key,
         sel,
         origin_node,
@@ -336,11 +352,13 @@ pub fn snat_and_forward(
     else {
         return Ok(None);
     };
-    forward(ctx, ip, source_edit(ip, l4, &entry), entry.nat_addr, sel.id).map(Some)
+    let edit = source_edit(ip, l4, &entry);
+    forward(ctx, ip, edit, entry.nat_addr, sel.id, hop).map(Some)
 }
 
-/// Routes a translated packet (source `src`), applies `edit` with the next
-/// hop's MACs, counts it and redirects it.
+/// Routes a translated packet (source `src`; through the flow's next-hop
+/// cache when there is one), applies `edit` with the next hop's MACs, counts
+/// it and redirects it.
 #[inline(always)]
 pub fn forward(
     ctx: &TcContext,
@@ -348,10 +366,16 @@ pub fn forward(
     mut edit: HeaderEdit,
     src: [u8; 4],
     policy_id: u32,
+    cache: Option<*mut NextHopV4>,
 ) -> Result<i32, DropReason> {
     // SAFETY: reading a field of the context the kernel handed us.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let hop = fib::lookup(ctx, src, ip.dst, ifindex);
+    let hop = match cache {
+        Some(cache) => {
+            fib::cached_lookup(ctx, cache, src, ip.dst, ifindex, conntrack::coarse_now())
+        }
+        None => fib::lookup(ctx, src, ip.dst, ifindex),
+    };
     edit.macs = match &hop {
         Ok(hop) => hop.macs,
         Err(_) => None,

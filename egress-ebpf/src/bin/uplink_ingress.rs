@@ -8,7 +8,7 @@ mod program {
     use aya_ebpf::{macros::classifier, programs::TcContext};
     use egress_common::DropReason;
     use egress_ebpf::{
-        Blame, Dropped, action,
+        Blame, Dropped, action, conntrack,
         csum::{self, HeaderEdit},
         fib, icmp,
         maps::{self, EGRESS_ADDRS_V4},
@@ -47,12 +47,12 @@ mod program {
         };
         // The reply's own translation, applied below together with the
         // forwarding edits; ICMP errors are translated by their module.
-        let (rev, mut edit) = match nat::reply_key(&ip, &l4) {
+        let (rev, mut edit, cache) = match nat::reply_key(&ip, &l4) {
             Some(key) => {
-                let Some(rev) = nat::reverse(&key, nat::tcp_flags(&l4)) else {
+                let Some((rev, cache)) = nat::reverse(&key, nat::tcp_flags(&l4)) else {
                     return Ok(action::OK);
                 };
-                (rev, nat::destination_edit(&ip, &l4, &rev))
+                (rev, nat::destination_edit(&ip, &l4, &rev), Some(cache))
             }
             None => match l4 {
                 L4::IcmpError => match icmp::translate_inbound(ctx, &ip).blame(owner)? {
@@ -68,6 +68,7 @@ mod program {
                             decrement_ttl: false,
                             macs: None,
                         },
+                        None,
                     ),
                     None => return Ok(action::OK),
                 },
@@ -85,7 +86,17 @@ mod program {
             }
             // SAFETY: reading a field of the context the kernel handed us.
             let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-            let hop = fib::lookup(ctx, ip.src, rev.orig_addr, ifindex);
+            let hop = match cache {
+                Some(cache) => fib::cached_lookup(
+                    ctx,
+                    cache,
+                    ip.src,
+                    rev.orig_addr,
+                    ifindex,
+                    conntrack::coarse_now(),
+                ),
+                None => fib::lookup(ctx, ip.src, rev.orig_addr, ifindex),
+            };
             edit.decrement_ttl = true;
             edit.macs = match &hop {
                 Ok(hop) => hop.macs,
