@@ -130,7 +130,7 @@ pub struct NatEntryV4 {
     /// `ct_flags` bits.
     pub flags: u8,
     pub policy_id: u32,
-    /// `bpf_ktime_get_ns()` at creation (CLOCK_MONOTONIC).
+    /// `bpf_ktime_get_coarse_ns()` at creation (CLOCK_MONOTONIC, tick resolution).
     pub created_ns: u64,
     /// Last packet in either direction, at most ~1 s stale (see `LAST_SEEN_GRANULARITY_NS`).
     pub last_seen_ns: u64,

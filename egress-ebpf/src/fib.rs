@@ -85,10 +85,18 @@ pub fn lookup(
     }
 }
 
+/// A flow entry's next-hop cache, and the time (`conntrack::now`) the packet
+/// was seen.
+#[derive(Clone, Copy)]
+pub struct HopCache {
+    pub slot: *mut NextHopV4,
+    pub now_ns: u64,
+}
+
 /// `lookup`, answered from a flow's `cache` while the cached answer is
 /// younger than `NEXT_HOP_TTL_NS` and the packet fits the device without
 /// GSO (bigger ones get the kernel's own MTU check); refills the cache
-/// after a complete lookup. `now_ns` is the coarse monotonic clock.
+/// after a complete lookup.
 ///
 /// The cache is written without a lock: two CPUs refreshing it at the same
 /// moment could mix two answers for a packet, which only matters if the
@@ -96,16 +104,15 @@ pub fn lookup(
 #[inline(always)]
 pub fn cached_lookup(
     ctx: &TcContext,
-    cache: *mut NextHopV4,
+    cache: &HopCache,
     src: [u8; 4],
     dst: [u8; 4],
     ifindex: u32,
-    now_ns: u64,
 ) -> Result<NextHop, DropReason> {
-    let now = ((now_ns >> NEXT_HOP_STAMP_SHIFT) as u32) | 1;
+    let now = ((cache.now_ns >> NEXT_HOP_STAMP_SHIFT) as u32) | 1;
     // SAFETY: the caller's pointer comes from a successful map lookup and
     // stays valid for this program run; the value is plain data.
-    let cached = unsafe { *cache };
+    let cached = unsafe { *cache.slot };
     // SAFETY: reading fields of the context the kernel handed us.
     let gso_size = unsafe { (*ctx.skb.skb).gso_size };
     if cached.stamp != 0
@@ -124,7 +131,7 @@ pub fn cached_lookup(
     if let Some(macs) = hop.macs {
         // SAFETY: as above.
         unsafe {
-            *cache = NextHopV4 {
+            *cache.slot = NextHopV4 {
                 macs,
                 mtu: hop.mtu,
                 _pad: 0,

@@ -17,7 +17,8 @@ use crate::{
     classify::{self, Selected},
     conntrack::{self, Direction},
     csum::{self, HeaderEdit},
-    fib, icmp,
+    fib::{self, HopCache},
+    icmp,
     maps::{FLOW_COUNT, NAT_FWD_V4, NAT_REV_V4},
     parse::{ICMP_ID, IP_DST, IP_SRC, Ipv4, L4},
     stats,
@@ -81,7 +82,10 @@ pub fn translation(
             conntrack::update(entry, key.proto, Direction::Original, tcp, now);
             return Ok(Some(Translation {
                 entry: current,
-                hop: Some(&raw mut entry.hop),
+                hop: Some(HopCache {
+                    slot: &raw mut entry.hop,
+                    now_ns: now,
+                }),
             }));
         }
         stale = Some(current);
@@ -150,7 +154,7 @@ pub fn translation(
 #[derive(Clone, Copy)]
 pub struct Translation {
     pub entry: NatEntryV4,
-    pub hop: Option<*mut NextHopV4>,
+    pub hop: Option<HopCache>,
 }
 
 /// The reply tuple of `key` once its source is `nat_addr:nat_port`.
@@ -280,10 +284,19 @@ pub fn destination_edit(ip: &Ipv4, l4: &L4, rev: &RevNatEntryV4) -> HeaderEdit {
 
 /// Looks up a reply's translation and records the packet in the flow's conntrack state.
 #[inline(always)]
-pub fn reverse(key: &FlowKeyV4, tcp: u8) -> Option<(RevNatEntryV4, *mut NextHopV4)> {
+pub fn reverse(key: &FlowKeyV4, tcp: u8) -> Option<(RevNatEntryV4, HopCache)> {
     let ptr = NAT_REV_V4.get_ptr_mut(key)?;
+    let now = conntrack::now();
     // SAFETY: pointer from a successful lookup; valid for this program run.
-    let (rev, hop) = unsafe { (*ptr, &raw mut (*ptr).hop) };
+    let (rev, hop) = unsafe {
+        (
+            *ptr,
+            HopCache {
+                slot: &raw mut (*ptr).hop,
+                now_ns: now,
+            },
+        )
+    };
     let fwd = FlowKeyV4::new(
         rev.orig_addr,
         key.src_addr,
@@ -298,7 +311,7 @@ pub fn reverse(key: &FlowKeyV4, tcp: u8) -> Option<(RevNatEntryV4, *mut NextHopV
             key.proto,
             Direction::Reply,
             tcp,
-            conntrack::now(),
+            now,
         );
     }
     Some((rev, hop))
@@ -366,14 +379,12 @@ pub fn forward(
     mut edit: HeaderEdit,
     src: [u8; 4],
     policy_id: u32,
-    cache: Option<*mut NextHopV4>,
+    cache: Option<HopCache>,
 ) -> Result<i32, DropReason> {
     // SAFETY: reading a field of the context the kernel handed us.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let hop = match cache {
-        Some(cache) => {
-            fib::cached_lookup(ctx, cache, src, ip.dst, ifindex, conntrack::coarse_now())
-        }
+        Some(cache) => fib::cached_lookup(ctx, &cache, src, ip.dst, ifindex),
         None => fib::lookup(ctx, src, ip.dst, ifindex),
     };
     edit.macs = match &hop {

@@ -8,7 +8,7 @@ mod program {
     use aya_ebpf::{macros::classifier, programs::TcContext};
     use egress_common::DropReason;
     use egress_ebpf::{
-        Blame, Dropped, action, conntrack,
+        Blame, Dropped, action,
         csum::{self, HeaderEdit},
         fib, icmp,
         maps::{self, EGRESS_ADDRS_V4},
@@ -87,14 +87,7 @@ mod program {
             // SAFETY: reading a field of the context the kernel handed us.
             let ifindex = unsafe { (*ctx.skb.skb).ifindex };
             let hop = match cache {
-                Some(cache) => fib::cached_lookup(
-                    ctx,
-                    cache,
-                    ip.src,
-                    rev.orig_addr,
-                    ifindex,
-                    conntrack::coarse_now(),
-                ),
+                Some(cache) => fib::cached_lookup(ctx, &cache, ip.src, rev.orig_addr, ifindex),
                 None => fib::lookup(ctx, ip.src, rev.orig_addr, ifindex),
             };
             edit.decrement_ttl = true;
