@@ -342,11 +342,7 @@ mod tests {
         // The datapath's edit: new source address and TTL - 1.
         let (old, new) = ([10, 244, 64, 2], [172, 18, 128, 2]);
         let mut c = csum_replace4(check, old, new);
-        c = csum_replace2(
-            c,
-            u16::from_be_bytes([64, 6]),
-            u16::from_be_bytes([63, 6]),
-        );
+        c = csum_replace2(c, u16::from_be_bytes([64, 6]), u16::from_be_bytes([63, 6]));
         h[12..16].copy_from_slice(&new);
         h[8] = 63;
         assert_eq!(c, full(&h));
