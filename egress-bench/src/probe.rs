@@ -132,9 +132,14 @@ pub struct ProgTestArgs {
     /// Index of the policy/pod whose packets are crafted.
     #[arg(long, default_value_t = 0)]
     pub policy_index: u32,
-    /// Runs per packet kind for single-run (fresh packet) medians.
-    #[arg(long, default_value_t = 2000)]
+    /// Single runs (fresh packet each) of the established forward packet, of
+    /// the reply and of the empty program, interleaved: the medians the
+    /// per-packet figures come from.
+    #[arg(long, default_value_t = 1_000_000)]
     pub samples: u32,
+    /// Single runs of first packets of new flows (each creates a flow).
+    #[arg(long, default_value_t = 2000)]
+    pub new_flow_samples: u32,
     /// `repeat` of the one batched run per kind (the bpftool-style figure).
     #[arg(long, default_value_t = 1_000_000)]
     pub repeat: u32,
@@ -142,6 +147,8 @@ pub struct ProgTestArgs {
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ProgTestResult {
+    /// Single runs behind each of `empty_ns`, `established_fwd_ns`, `reply_rev_ns`.
+    pub samples: u32,
     /// Test-run time of an empty TC program, per single run.
     pub empty_ns: f64,
     /// Medians of single runs on fresh packets, minus `empty_ns`.
@@ -162,6 +169,11 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
+fn median_u32(v: &mut [u32]) -> f64 {
+    v.sort_unstable();
+    f64::from(v[v.len() / 2])
+}
+
 fn p99(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v[(v.len() * 99 / 100).min(v.len() - 1)]
@@ -177,13 +189,11 @@ pub fn prog_test(a: &ProgTestArgs) -> Result<ProgTestResult> {
     let empty = empty_tc_prog()?;
     let pod = pod_addr(POD1_BASE, a.policy_index);
     let samples = a.samples.max(10);
-    let mut res = ProgTestResult::default();
-
+    let mut res = ProgTestResult {
+        samples,
+        ..Default::default()
+    };
     let probe = tcp_frame(pod, SERVER, 1, 1, TCP_ACK, 0);
-    let mut e: Vec<f64> = (0..samples)
-        .map(|_| bpf::test_run(&empty, &probe, 1).map(|r| f64::from(r.duration_ns)))
-        .collect::<Result<_>>()?;
-    res.empty_ns = median(&mut e);
 
     // One flow brought to Established through the programs themselves.
     let (sport, dport) = (40_000u16, 8000u16);
@@ -206,21 +216,32 @@ pub fn prog_test(a: &ProgTestArgs) -> Result<ProgTestResult> {
 
     let est = tcp_frame(pod, SERVER, sport, dport, TCP_ACK, 64);
     let reply = tcp_frame(SERVER, nat_addr, dport, nat_port, TCP_ACK, 64);
-    let mut fwd_v = Vec::new();
-    let mut rev_v = Vec::new();
+    // Interleaved, so that drift in machine load shifts all three alike; the
+    // empty program's median is subtracted from the others'.
+    let cap = samples as usize;
+    let (mut e, mut fwd_v, mut rev_v) = (
+        Vec::with_capacity(cap),
+        Vec::with_capacity(cap),
+        Vec::with_capacity(cap),
+    );
+    let (mut est_ret, mut reply_ret) = (0, 0);
     for _ in 0..samples {
+        e.push(bpf::test_run(&empty, &probe, 1)?.duration_ns);
         let r = bpf::test_run(&fwd, &est, 1)?;
-        res.retvals.insert("established".into(), r.retval);
-        fwd_v.push(f64::from(r.duration_ns) - res.empty_ns);
+        est_ret = r.retval;
+        fwd_v.push(r.duration_ns);
         let r = bpf::test_run(&rev, &reply, 1)?;
-        res.retvals.insert("reply".into(), r.retval);
-        rev_v.push(f64::from(r.duration_ns) - res.empty_ns);
+        reply_ret = r.retval;
+        rev_v.push(r.duration_ns);
     }
-    res.established_fwd_ns = median(&mut fwd_v);
-    res.reply_rev_ns = median(&mut rev_v);
+    res.retvals.insert("established".into(), est_ret);
+    res.retvals.insert("reply".into(), reply_ret);
+    res.empty_ns = median_u32(&mut e);
+    res.established_fwd_ns = median_u32(&mut fwd_v) - res.empty_ns;
+    res.reply_rev_ns = median_u32(&mut rev_v) - res.empty_ns;
 
     let mut new_v = Vec::new();
-    for k in 0..samples {
+    for k in 0..a.new_flow_samples.max(10) {
         let sp = 10_000 + (k % 50_000) as u16;
         let dp = 20_000 + (k / 50_000) as u16;
         let syn = tcp_frame(pod, SERVER, sp, dp, TCP_SYN, 0);

@@ -1037,7 +1037,10 @@ fn control_plane(ctx: &Ctx, active: &Active, m: &mut BTreeMap<String, f64>) -> R
 
 fn prog(ctx: &Ctx, active: &Active, m: &mut BTreeMap<String, f64>) -> Result<()> {
     let inst = active.agent_instance("node1");
-    let samples = if ctx.args.quick { "200" } else { "2000" };
+    // The issue asks for ≥ 1,000,000 packets behind the per-packet figures:
+    // single runs on fresh packets (see probe::ProgTestArgs), a few seconds.
+    let samples = if ctx.args.quick { "200" } else { "1000000" };
+    let new_flow_samples = if ctx.args.quick { "200" } else { "2000" };
     let repeat = if ctx.args.quick { "100000" } else { "1000000" };
     let r: ProgTestResult = ctx.json(in_ns(
         &ctx.topo.node1,
@@ -1050,10 +1053,13 @@ fn prog(ctx: &Ctx, active: &Active, m: &mut BTreeMap<String, f64>) -> Result<()>
             &(active.n - 1).to_string(),
             "--samples",
             samples,
+            "--new-flow-samples",
+            new_flow_samples,
             "--repeat",
             repeat,
         ],
     ))?;
+    m.insert("samples".into(), f64::from(r.samples));
     m.insert("empty_ns".into(), r.empty_ns);
     m.insert("established_fwd_ns".into(), r.established_fwd_ns);
     m.insert("reply_rev_ns".into(), r.reply_rev_ns);

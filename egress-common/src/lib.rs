@@ -130,11 +130,39 @@ pub struct NatEntryV4 {
     /// `ct_flags` bits.
     pub flags: u8,
     pub policy_id: u32,
-    /// `bpf_ktime_get_ns()` at creation (CLOCK_MONOTONIC).
+    /// `bpf_ktime_get_coarse_ns()` at creation (CLOCK_MONOTONIC, tick resolution).
     pub created_ns: u64,
     /// Last packet in either direction, at most ~1 s stale (see `LAST_SEEN_GRANULARITY_NS`).
     pub last_seen_ns: u64,
+    /// Where this node forwards the flow's translated packets (the datapath's cache).
+    pub hop: NextHopV4,
 }
+
+/// A FIB answer cached in a flow entry, so that a flow's packets skip
+/// `bpf_fib_lookup` (the most expensive step of the established path).
+/// Valid for `NEXT_HOP_TTL_NS` after the lookup, and only for packets that
+/// fit `mtu` without GSO; the datapath then looks up again. Only complete
+/// answers (neighbour resolved) are cached. The bound is what a change of
+/// route, neighbour MAC, MTU or link state can take to reach a live flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NextHopV4 {
+    /// Destination then source MAC.
+    pub macs: [u8; 12],
+    /// MTU of `ifindex` at lookup time.
+    pub mtu: u16,
+    pub _pad: u16,
+    /// Egress device.
+    pub ifindex: u32,
+    /// Coarse monotonic time of the lookup in units of `2^NEXT_HOP_STAMP_SHIFT`
+    /// ns, bit 0 set; 0: nothing cached.
+    pub stamp: u32,
+}
+
+/// How long a cached next hop is used before the FIB is asked again.
+pub const NEXT_HOP_TTL_NS: u64 = 1_000_000_000;
+/// `NextHopV4::stamp` is nanoseconds shifted right by this (~1 ms units).
+pub const NEXT_HOP_STAMP_SHIFT: u32 = 20;
 
 /// Reverse NAT entry, keyed by the reply tuple (`server -> egress IP`).
 /// The atomic `BPF_NOEXIST` insert of this entry is what claims a NAT port.
@@ -149,6 +177,8 @@ pub struct RevNatEntryV4 {
     pub orig_port: u16,
     pub _pad: u16,
     pub policy_id: u32,
+    /// Where this node delivers the replies (to a local pod; unused for steered ones).
+    pub hop: NextHopV4,
 }
 
 /// `PolicyV4::flags` bits.
@@ -406,6 +436,7 @@ mod user {
     unsafe impl aya::Pod for FlowKeyV4 {}
     unsafe impl aya::Pod for NatEntryV4 {}
     unsafe impl aya::Pod for RevNatEntryV4 {}
+    unsafe impl aya::Pod for NextHopV4 {}
     unsafe impl aya::Pod for PolicyV4 {}
     unsafe impl aya::Pod for PodPolicyV4 {}
     unsafe impl aya::Pod for ExclusionKeyV4 {}
@@ -424,8 +455,9 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<FlowKeyV4>(), 16);
-        assert_eq!(size_of::<NatEntryV4>(), 32);
-        assert_eq!(size_of::<RevNatEntryV4>(), 16);
+        assert_eq!(size_of::<NatEntryV4>(), 56);
+        assert_eq!(size_of::<NextHopV4>(), 24);
+        assert_eq!(size_of::<RevNatEntryV4>(), 40);
         assert_eq!(size_of::<PolicyV4>(), 16);
         assert_eq!(size_of::<PodPolicyV4>(), 8);
         assert_eq!(size_of::<ExclusionKeyV4>(), 8);

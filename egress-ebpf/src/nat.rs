@@ -9,15 +9,16 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use egress_common::{
-    DatapathConfig, DropReason, FlowKeyV4, NAT_PORT_PROBES, NatEntryV4, RevNatEntryV4, ct_flags,
-    flow_count,
+    DatapathConfig, DropReason, FlowKeyV4, NAT_PORT_PROBES, NatEntryV4, NextHopV4, RevNatEntryV4,
+    ct_flags, flow_count,
 };
 
 use crate::{
     classify::{self, Selected},
     conntrack::{self, Direction},
-    csum::{self, L4Csum, set_ipv4_addr, set_l4_u16},
-    fib, icmp,
+    csum::{self, HeaderEdit},
+    fib::{self, HopCache},
+    icmp,
     maps::{FLOW_COUNT, NAT_FWD_V4, NAT_REV_V4},
     parse::{ICMP_ID, IP_DST, IP_SRC, Ipv4, L4},
     stats,
@@ -69,7 +70,7 @@ pub fn translation(
     tcp: u8,
     cfg: &DatapathConfig,
     honour_exclusions: bool,
-) -> Result<Option<NatEntryV4>, DropReason> {
+) -> Result<Option<Translation>, DropReason> {
     let now = conntrack::now();
     let mut stale: Option<NatEntryV4> = None;
     if let Some(entry) = NAT_FWD_V4.get_ptr_mut(key) {
@@ -79,7 +80,13 @@ pub fn translation(
         let current = *entry;
         if current.nat_addr == sel.policy.egress_addr && current.policy_id == sel.id {
             conntrack::update(entry, key.proto, Direction::Original, tcp, now);
-            return Ok(Some(current));
+            return Ok(Some(Translation {
+                entry: current,
+                hop: Some(HopCache {
+                    slot: &raw mut entry.hop,
+                    now_ns: now,
+                }),
+            }));
         }
         stale = Some(current);
     }
@@ -95,6 +102,7 @@ pub fn translation(
         orig_port: key.src_port,
         _pad: 0,
         policy_id: sel.id,
+        hop: NextHopV4::default(),
     };
     let nat_port = match claim_port(key, sel.policy.egress_addr, &rev, cfg) {
         Ok(port) => port,
@@ -118,6 +126,7 @@ pub fn translation(
         policy_id: sel.id,
         created_ns: now,
         last_seen_ns: now,
+        hop: NextHopV4::default(),
     };
     let reply = reply_of(key, sel.policy.egress_addr, nat_port);
     if let Some(old) = stale {
@@ -131,10 +140,21 @@ pub fn translation(
         unreserve_flow();
         let theirs = NAT_FWD_V4.get_ptr(key).ok_or(DropReason::RewriteFailed)?;
         // SAFETY: pointer from a successful lookup.
-        return Ok(Some(unsafe { *theirs }));
+        return Ok(Some(Translation {
+            entry: unsafe { *theirs },
+            hop: None,
+        }));
     }
     stats::count_new_flow(sel.id);
-    Ok(Some(entry))
+    Ok(Some(Translation { entry, hop: None }))
+}
+
+/// A flow's translation, and its entry's next-hop cache when the entry was
+/// found rather than made by this packet.
+#[derive(Clone, Copy)]
+pub struct Translation {
+    pub entry: NatEntryV4,
+    pub hop: Option<HopCache>,
 }
 
 /// The reply tuple of `key` once its source is `nat_addr:nat_port`.
@@ -221,46 +241,62 @@ fn claim_port(
     Err(DropReason::NatPortsExhausted)
 }
 
-/// Rewrites a pod's packet to leave from the egress IP.
+/// The header changes that make a pod's packet leave from the egress IP,
+/// forwarded by this node.
 #[inline(always)]
-pub fn rewrite_source(
-    ctx: &TcContext,
-    ip: &Ipv4,
-    l4: &L4,
-    nat: &NatEntryV4,
-) -> Result<(), DropReason> {
-    let csum = L4Csum::for_proto(ip.proto, ip.l4_off);
-    match *l4 {
-        L4::Ports { sport, .. } => set_l4_u16(ctx, ip.l4_off, sport, nat.nat_port, csum)?,
-        L4::Echo { id, .. } => set_l4_u16(ctx, ip.l4_off + ICMP_ID, id, nat.nat_port, csum)?,
-        L4::IcmpError => {}
+pub fn source_edit(ip: &Ipv4, l4: &L4, nat: &NatEntryV4) -> HeaderEdit {
+    let (port_off, old_port, new_port) = match *l4 {
+        L4::Ports { sport, .. } => (0, sport, nat.nat_port),
+        L4::Echo { id, .. } => (ICMP_ID, id, nat.nat_port),
+        L4::IcmpError => (0, 0, 0),
+    };
+    HeaderEdit {
+        addr_field: IP_SRC,
+        old_addr: ip.src,
+        new_addr: nat.nat_addr,
+        port_off,
+        old_port,
+        new_port,
+        decrement_ttl: true,
+        macs: None,
     }
-    set_ipv4_addr(ctx, IP_SRC, ip.src, nat.nat_addr, Some(csum))
 }
 
-/// Restores a reply's destination to the pod.
+/// The header changes that restore a reply's destination to the pod.
 #[inline(always)]
-pub fn rewrite_destination(
-    ctx: &TcContext,
-    ip: &Ipv4,
-    l4: &L4,
-    rev: &RevNatEntryV4,
-) -> Result<(), DropReason> {
-    let csum = L4Csum::for_proto(ip.proto, ip.l4_off);
-    match *l4 {
-        L4::Ports { dport, .. } => set_l4_u16(ctx, ip.l4_off + 2, dport, rev.orig_port, csum)?,
-        L4::Echo { id, .. } => set_l4_u16(ctx, ip.l4_off + ICMP_ID, id, rev.orig_port, csum)?,
-        L4::IcmpError => {}
+pub fn destination_edit(ip: &Ipv4, l4: &L4, rev: &RevNatEntryV4) -> HeaderEdit {
+    let (port_off, old_port, new_port) = match *l4 {
+        L4::Ports { dport, .. } => (2, dport, rev.orig_port),
+        L4::Echo { id, .. } => (ICMP_ID, id, rev.orig_port),
+        L4::IcmpError => (0, 0, 0),
+    };
+    HeaderEdit {
+        addr_field: IP_DST,
+        old_addr: ip.dst,
+        new_addr: rev.orig_addr,
+        port_off,
+        old_port,
+        new_port,
+        decrement_ttl: false,
+        macs: None,
     }
-    set_ipv4_addr(ctx, IP_DST, ip.dst, rev.orig_addr, Some(csum))
 }
 
 /// Looks up a reply's translation and records the packet in the flow's conntrack state.
 #[inline(always)]
-pub fn reverse(key: &FlowKeyV4, tcp: u8) -> Option<RevNatEntryV4> {
-    let rev = NAT_REV_V4.get_ptr(key)?;
-    // SAFETY: pointer from a successful lookup.
-    let rev = unsafe { *rev };
+pub fn reverse(key: &FlowKeyV4, tcp: u8) -> Option<(RevNatEntryV4, HopCache)> {
+    let ptr = NAT_REV_V4.get_ptr_mut(key)?;
+    let now = conntrack::now();
+    // SAFETY: pointer from a successful lookup; valid for this program run.
+    let (rev, hop) = unsafe {
+        (
+            *ptr,
+            HopCache {
+                slot: &raw mut (*ptr).hop,
+                now_ns: now,
+            },
+        )
+    };
     let fwd = FlowKeyV4::new(
         rev.orig_addr,
         key.src_addr,
@@ -275,10 +311,10 @@ pub fn reverse(key: &FlowKeyV4, tcp: u8) -> Option<RevNatEntryV4> {
             key.proto,
             Direction::Reply,
             tcp,
-            conntrack::now(),
+            now,
         );
     }
-    Some(rev)
+    Some((rev, hop))
 }
 
 /// Translates a selected packet's source to its policy's egress IP and
@@ -296,36 +332,66 @@ pub fn snat_and_forward(
     cfg: &DatapathConfig,
     honour_exclusions: bool,
 ) -> Result<Option<i32>, DropReason> {
-    let nat_addr = match forward_key(ip, l4) {
-        Some(key) => {
-            let Some(entry) = translation(
-                &key,
-                sel,
-                origin_node,
-                tcp_flags(l4),
-                cfg,
-                honour_exclusions,
-            )?
-            else {
-                return Ok(None);
-            };
-            rewrite_source(ctx, ip, l4, &entry)?;
-            entry.nat_addr
+    let Some(key) = forward_key(ip, l4) else {
+        if honour_exclusions && classify::is_excluded(sel.id, ip.dst) {
+            return Ok(None);
         }
-        None => {
-            if honour_exclusions && classify::is_excluded(sel.id, ip.dst) {
-                return Ok(None);
-            }
-            let translated = match l4 {
-                L4::IcmpError => icmp::translate_outbound(ctx, ip)?,
-                _ => None,
-            };
-            translated.ok_or(DropReason::UnsupportedProtocol)?.nat_addr
-        }
+        let translated = match l4 {
+            L4::IcmpError => icmp::translate_outbound(ctx, ip)?,
+            _ => None,
+        };
+        let nat_addr = translated.ok_or(DropReason::UnsupportedProtocol)?.nat_addr;
+        // The ICMP module rewrote the addresses; what is left is routing.
+        let edit = HeaderEdit {
+            addr_field: IP_SRC,
+            old_addr: ip.src,
+            new_addr: ip.src,
+            port_off: 0,
+            old_port: 0,
+            new_port: 0,
+            decrement_ttl: true,
+            macs: None,
+        };
+        return forward(ctx, ip, edit, nat_addr, sel.id, None).map(Some);
     };
-    csum::decrement_ttl(ctx, ip.ttl, ip.proto)?;
-    stats::count_egress(sel.id, ctx.len());
+    let Some(Translation { entry, hop }) = translation(
+        &key,
+        sel,
+        origin_node,
+        tcp_flags(l4),
+        cfg,
+        honour_exclusions,
+    )?
+    else {
+        return Ok(None);
+    };
+    let edit = source_edit(ip, l4, &entry);
+    forward(ctx, ip, edit, entry.nat_addr, sel.id, hop).map(Some)
+}
+
+/// Routes a translated packet (source `src`; through the flow's next-hop
+/// cache when there is one), applies `edit` with the next hop's MACs, counts
+/// it and redirects it.
+#[inline(always)]
+pub fn forward(
+    ctx: &TcContext,
+    ip: &Ipv4,
+    mut edit: HeaderEdit,
+    src: [u8; 4],
+    policy_id: u32,
+    cache: Option<HopCache>,
+) -> Result<i32, DropReason> {
     // SAFETY: reading a field of the context the kernel handed us.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    fib::redirect(ctx, nat_addr, ip.dst, ifindex).map(Some)
+    let hop = match cache {
+        Some(cache) => fib::cached_lookup(ctx, &cache, src, ip.dst, ifindex),
+        None => fib::lookup(ctx, src, ip.dst, ifindex),
+    };
+    edit.macs = match &hop {
+        Ok(hop) => hop.macs,
+        Err(_) => None,
+    };
+    csum::apply(ctx, ip, &edit)?;
+    stats::count_egress(policy_id, ctx.len());
+    Ok(fib::send(&hop?))
 }

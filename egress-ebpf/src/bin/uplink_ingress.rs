@@ -6,12 +6,14 @@
 #[cfg(target_arch = "bpf")]
 mod program {
     use aya_ebpf::{macros::classifier, programs::TcContext};
-    use egress_common::{DropReason, RevNatEntryV4};
+    use egress_common::DropReason;
     use egress_ebpf::{
-        Blame, Dropped, action, csum, fib, icmp,
+        Blame, Dropped, action,
+        csum::{self, HeaderEdit},
+        fib, icmp,
         maps::{self, EGRESS_ADDRS_V4},
         mss, nat,
-        parse::{self, L4, tcp_flags},
+        parse::{self, IP_DST, L4, tcp_flags},
         stats, tunnel, verdict,
     };
 
@@ -43,36 +45,62 @@ mod program {
         let Ok(l4) = parse::l4(ctx, &ip) else {
             return Ok(action::OK);
         };
-        let rev: RevNatEntryV4 = match nat::reply_key(&ip, &l4) {
+        // The reply's own translation, applied below together with the
+        // forwarding edits; ICMP errors are translated by their module.
+        let (rev, mut edit, cache) = match nat::reply_key(&ip, &l4) {
             Some(key) => {
-                let Some(rev) = nat::reverse(&key, nat::tcp_flags(&l4)) else {
+                let Some((rev, cache)) = nat::reverse(&key, nat::tcp_flags(&l4)) else {
                     return Ok(action::OK);
                 };
-                nat::rewrite_destination(ctx, &ip, &l4, &rev).blame(rev.policy_id)?;
-                rev
+                (rev, nat::destination_edit(&ip, &l4, &rev), Some(cache))
             }
             None => match l4 {
                 L4::IcmpError => match icmp::translate_inbound(ctx, &ip).blame(owner)? {
-                    Some(rev) => rev,
+                    Some(rev) => (
+                        rev,
+                        HeaderEdit {
+                            addr_field: IP_DST,
+                            old_addr: ip.dst,
+                            new_addr: ip.dst,
+                            port_off: 0,
+                            old_port: 0,
+                            new_port: 0,
+                            decrement_ttl: false,
+                            macs: None,
+                        },
+                        None,
+                    ),
                     None => return Ok(action::OK),
                 },
                 _ => return Ok(action::OK),
             },
         };
         let id = rev.policy_id;
-        stats::count_reply(id, ctx.len());
         if rev.origin_node == [0; 4] {
             if ip.ttl <= 1 {
+                stats::count_reply(id, ctx.len());
                 return Err(Dropped {
                     policy_id: id,
                     reason: DropReason::Malformed,
                 });
             }
-            csum::decrement_ttl(ctx, ip.ttl, ip.proto).blame(id)?;
             // SAFETY: reading a field of the context the kernel handed us.
             let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-            return fib::redirect(ctx, ip.src, rev.orig_addr, ifindex).blame(id);
+            let hop = match cache {
+                Some(cache) => fib::cached_lookup(ctx, &cache, ip.src, rev.orig_addr, ifindex),
+                None => fib::lookup(ctx, ip.src, rev.orig_addr, ifindex),
+            };
+            edit.decrement_ttl = true;
+            edit.macs = match &hop {
+                Ok(hop) => hop.macs,
+                Err(_) => None,
+            };
+            csum::apply(ctx, &ip, &edit).blame(id)?;
+            stats::count_reply(id, ctx.len());
+            return hop.map(|hop| fib::send(&hop)).blame(id);
         }
+        csum::apply(ctx, &ip, &edit).blame(id)?;
+        stats::count_reply(id, ctx.len());
         let cfg = maps::config().ok_or(DropReason::NoEgressNode).blame(id)?;
         if cfg.tunnel_mss != 0 && nat::tcp_flags(&l4) & tcp_flags::SYN != 0 {
             // The server must not send segments that overflow the tunnel back.
