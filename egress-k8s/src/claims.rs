@@ -54,7 +54,7 @@ pub fn lock_name(ip: Ipv4Addr) -> String {
     format!("egress-ip-{a}-{b}-{c}-{d}")
 }
 
-/// The holder a lock Lease names, if any.
+/// The holder a Lease names, if any (lock, claims or leader Lease alike).
 pub fn lock_holder(lock: &Lease) -> Option<&str> {
     lock.spec
         .as_ref()

@@ -627,25 +627,34 @@ async fn acquire_lock(
     }
 }
 
+/// Clears `me` as the holder of the Lease `name`, with a replace conditioned
+/// on the version read, so that a Lease someone else took meanwhile is left
+/// alone. `Ok(true)` when we released it.
+async fn release_lease(api: &Api<Lease>, name: &str, me: &str) -> Result<bool, kube::Error> {
+    let Some(mut lease) = api.get_opt(name).await? else {
+        return Ok(false);
+    };
+    if claims::lock_holder(&lease) != Some(me) {
+        return Ok(false);
+    }
+    if let Some(spec) = lease.spec.as_mut() {
+        spec.holder_identity = None;
+    }
+    match api.replace(name, &PostParams::default(), &lease).await {
+        Ok(_) => Ok(true),
+        // Someone else took it meanwhile: nothing to release.
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// Clears our name from the lock of `ip` (after its address is gone and our
 /// claim withdrawn), so that operators and the next holder see it free.
 /// Best effort: a lock whose holder no longer claims the IP is free anyway.
 async fn release_lock(api: &Api<Lease>, me: &str, ip: Ipv4Addr) -> Result<(), kube::Error> {
-    let name = claims::lock_name(ip);
-    let Some(mut lock) = api.get_opt(&name).await? else {
-        return Ok(());
-    };
-    if claims::lock_holder(&lock) != Some(me) {
-        return Ok(());
-    }
-    if let Some(spec) = lock.spec.as_mut() {
-        spec.holder_identity = None;
-    }
-    match api.replace(&name, &PostParams::default(), &lock).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
-        Err(e) => Err(e),
-    }
+    release_lease(api, &claims::lock_name(ip), me)
+        .await
+        .map(drop)
 }
 
 /// The locks we hold that our watch shows in someone else's name, ignoring
@@ -1037,28 +1046,10 @@ async fn release_leadership(
     options: &Options,
 ) -> Result<(), kube::Error> {
     let api: Api<Lease> = Api::namespaced(client.clone(), &options.namespace);
-    let Some(mut lease) = api.get_opt(&options.leader_lease).await? else {
-        return Ok(());
-    };
-    let Some(spec) = lease.spec.as_mut() else {
-        return Ok(());
-    };
-    if spec.holder_identity.as_deref() != Some(me) {
-        return Ok(());
+    if release_lease(&api, &options.leader_lease, me).await? {
+        info!(identity = %me, "released the assigner lease");
     }
-    spec.holder_identity = None;
-    match api
-        .replace(&options.leader_lease, &PostParams::default(), &lease)
-        .await
-    {
-        Ok(_) => {
-            info!(identity = %me, "released the assigner lease");
-            Ok(())
-        }
-        // Someone else took it meanwhile: nothing to release.
-        Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
-        Err(e) => Err(e),
-    }
+    Ok(())
 }
 
 /// One acquire-or-renew round. Ownership changes hands only through a
