@@ -39,6 +39,22 @@ struct State {
     history: Vec<WatchEvent>,
 }
 
+impl State {
+    fn object(&self, collection: &str, namespace: &str, name: &str) -> Option<&Value> {
+        self.objects
+            .get(collection)?
+            .get(&(namespace.to_string(), name.to_string()))
+    }
+}
+
+fn not_found(collection: &str, name: &str) -> Response {
+    status_error(
+        StatusCode::NOT_FOUND,
+        "NotFound",
+        format!("{collection} \"{name}\" not found"),
+    )
+}
+
 #[derive(Clone)]
 pub struct FakeApi {
     state: Arc<Mutex<State>>,
@@ -220,9 +236,7 @@ impl FakeApi {
 
     pub fn get(&self, collection: &str, namespace: Option<&str>, name: &str) -> Option<Value> {
         let st = self.state.lock().unwrap();
-        st.objects
-            .get(collection)?
-            .get(&(namespace.unwrap_or_default().to_string(), name.to_string()))
+        st.object(collection, namespace.unwrap_or_default(), name)
             .cloned()
     }
 
@@ -243,8 +257,10 @@ impl FakeApi {
         patch: Value,
     ) -> Value {
         let mut st = self.state.lock().unwrap();
-        let key = (namespace.unwrap_or_default().to_string(), name.to_string());
-        let mut obj = st.objects[collection][&key].clone();
+        let mut obj = st
+            .object(collection, namespace.unwrap_or_default(), name)
+            .unwrap_or_else(|| panic!("patch: {collection} {name:?} does not exist"))
+            .clone();
         merge_patch(&mut obj, &patch);
         self.store(&mut st, collection, obj, "MODIFIED")
     }
@@ -252,8 +268,9 @@ impl FakeApi {
     /// Deletes an object as a client would; `None` if there was none.
     pub fn delete(&self, collection: &str, namespace: Option<&str>, name: &str) -> Option<Value> {
         let mut st = self.state.lock().unwrap();
-        let key = (namespace.unwrap_or_default().to_string(), name.to_string());
-        let obj = st.objects.get(collection)?.get(&key)?.clone();
+        let obj = st
+            .object(collection, namespace.unwrap_or_default(), name)?
+            .clone();
         Some(self.store(&mut st, collection, obj, "DELETED"))
     }
 
@@ -407,17 +424,9 @@ impl FakeApi {
                     "items": items
                 }))
             }
-            (Method::GET, Some(name)) => match st
-                .objects
-                .get(&t.collection)
-                .and_then(|m| m.get(&(ns, name.clone())))
-            {
+            (Method::GET, Some(name)) => match st.object(&t.collection, &ns, name) {
                 Some(o) => ok(o.clone()),
-                None => status_error(
-                    StatusCode::NOT_FOUND,
-                    "NotFound",
-                    format!("{} \"{name}\" not found", t.collection),
-                ),
+                None => not_found(&t.collection, name),
             },
             (Method::POST, None) => {
                 let mut obj: Value = serde_json::from_slice(&body).unwrap();
@@ -435,11 +444,7 @@ impl FakeApi {
                         format!("{prefix}{}", st.rv + 1)
                     });
                 obj["metadata"]["name"] = json!(name);
-                if st
-                    .objects
-                    .get(&t.collection)
-                    .is_some_and(|m| m.contains_key(&(ns, name.clone())))
-                {
+                if st.object(&t.collection, &ns, &name).is_some() {
                     return status_error(
                         StatusCode::CONFLICT,
                         "AlreadyExists",
@@ -454,18 +459,8 @@ impl FakeApi {
                     .unwrap()
             }
             (Method::PUT, Some(name)) => {
-                let key = (ns, name.clone());
-                let Some(cur) = st
-                    .objects
-                    .get(&t.collection)
-                    .and_then(|m| m.get(&key))
-                    .cloned()
-                else {
-                    return status_error(
-                        StatusCode::NOT_FOUND,
-                        "NotFound",
-                        format!("\"{name}\" not found"),
-                    );
+                let Some(cur) = st.object(&t.collection, &ns, name).cloned() else {
+                    return not_found(&t.collection, name);
                 };
                 let mut obj: Value = serde_json::from_slice(&body).unwrap();
                 if let Some(rv) = obj["metadata"]["resourceVersion"].as_str()
@@ -485,18 +480,8 @@ impl FakeApi {
                 ok(stored)
             }
             (Method::PATCH, Some(name)) => {
-                let key = (ns, name.clone());
-                let Some(mut obj) = st
-                    .objects
-                    .get(&t.collection)
-                    .and_then(|m| m.get(&key))
-                    .cloned()
-                else {
-                    return status_error(
-                        StatusCode::NOT_FOUND,
-                        "NotFound",
-                        format!("{} \"{name}\" not found", t.collection),
-                    );
+                let Some(mut obj) = st.object(&t.collection, &ns, name).cloned() else {
+                    return not_found(&t.collection, name);
                 };
                 let mut patch: Value = serde_json::from_slice(&body).unwrap();
                 if t.status {
@@ -518,18 +503,8 @@ impl FakeApi {
                 ok(self.store(&mut st, &t.collection, obj, "MODIFIED"))
             }
             (Method::DELETE, Some(name)) => {
-                let key = (ns, name.clone());
-                let Some(obj) = st
-                    .objects
-                    .get(&t.collection)
-                    .and_then(|m| m.get(&key))
-                    .cloned()
-                else {
-                    return status_error(
-                        StatusCode::NOT_FOUND,
-                        "NotFound",
-                        format!("\"{name}\" not found"),
-                    );
+                let Some(obj) = st.object(&t.collection, &ns, name).cloned() else {
+                    return not_found(&t.collection, name);
                 };
                 ok(self.store(&mut st, &t.collection, obj, "DELETED"))
             }
