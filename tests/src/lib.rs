@@ -152,6 +152,15 @@ impl Cluster {
         probe
     }
 
+    /// `pod` is expected to leave as `want`, and does over TCP, UDP and ICMP
+    /// echo (identifier `icmp_ident`), each checked on the server's side.
+    pub fn check_leaves_as(&self, pod: PodRef, want: Ipv4Addr, icmp_ident: u16) {
+        assert_eq!(self.lab.expected_source(pod), Some(want), "{pod}");
+        self.check_tcp(pod, opts());
+        self.check_udp(pod, opts());
+        self.check_icmp(pod, icmp_ident);
+    }
+
     /// ICMP echo from `pod` with identifier `ident`: every request must be
     /// answered (with the pod's own identifier) and every request the server
     /// saw must come from `expected_source`.

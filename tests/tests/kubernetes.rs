@@ -67,10 +67,7 @@ fn egress_ips_from_kubernetes_translate_locally_steer_and_leave_others_alone() {
 
     // Local SNAT on the holder.
     let local = PodRef::new(1, 1);
-    assert_eq!(c.lab.expected_source(local), Some(EGRESS_A));
-    c.check_tcp(local, opts());
-    c.check_udp(local, opts());
-    c.check_icmp(local, 0x4111);
+    c.check_leaves_as(local, EGRESS_A, 0x4111);
 
     // Steered through the tunnel from the other nodes, and local on node 2.
     for (pod, want) in [
@@ -80,11 +77,9 @@ fn egress_ips_from_kubernetes_translate_locally_steer_and_leave_others_alone() {
         (PodRef::new(3, 3), EGRESS_B),
         (PodRef::new(2, 3), EGRESS_B),
     ] {
-        assert_eq!(c.lab.expected_source(pod), Some(want));
-        c.check_tcp(pod, opts());
-        c.check_udp(pod, opts());
-        c.check_icmp(
+        c.check_leaves_as(
             pod,
+            want,
             0x4200 + u16::from(pod.node) * 16 + u16::from(pod.index),
         );
     }
@@ -92,10 +87,7 @@ fn egress_ips_from_kubernetes_translate_locally_steer_and_leave_others_alone() {
     // Pods no EgressIP selects leave as their node.
     for n in 1..=3 {
         let pod = PodRef::new(n, 2);
-        assert_eq!(c.lab.expected_source(pod), Some(spec::node_addr(n)));
-        c.check_tcp(pod, opts());
-        c.check_udp(pod, opts());
-        c.check_icmp(pod, 0x4300 + u16::from(n));
+        c.check_leaves_as(pod, spec::node_addr(n), 0x4300 + u16::from(n));
     }
 }
 

@@ -20,10 +20,7 @@ const EGRESS_B: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 101);
 fn selected_pod_on_the_egress_node_leaves_with_the_egress_ip() {
     let c = Cluster::new(LabSpec::default());
     let pod = PodRef::new(1, 1);
-    assert_eq!(c.lab.expected_source(pod), Some(EGRESS_A));
-    c.check_tcp(pod, opts());
-    c.check_udp(pod, opts());
-    c.check_icmp(pod, 0x1111);
+    c.check_leaves_as(pod, EGRESS_A, 0x1111);
 }
 
 #[test]
@@ -38,11 +35,9 @@ fn selected_pods_on_other_nodes_are_steered_to_the_egress_node() {
         // ... and node 2 translates its own pod locally.
         (PodRef::new(2, 3), EGRESS_B),
     ] {
-        assert_eq!(c.lab.expected_source(pod), Some(want));
-        c.check_tcp(pod, opts());
-        c.check_udp(pod, opts());
-        c.check_icmp(
+        c.check_leaves_as(
             pod,
+            want,
             0x2000 + u16::from(pod.node) * 16 + u16::from(pod.index),
         );
     }
@@ -53,10 +48,7 @@ fn unselected_pods_leave_with_their_node_address() {
     let c = Cluster::new(LabSpec::default());
     for n in 1..=3 {
         let pod = PodRef::new(n, 2);
-        assert_eq!(c.lab.expected_source(pod), Some(spec::node_addr(n)));
-        c.check_tcp(pod, opts());
-        c.check_udp(pod, opts());
-        c.check_icmp(pod, 0x3000 + u16::from(n));
+        c.check_leaves_as(pod, spec::node_addr(n), 0x3000 + u16::from(n));
     }
 }
 
