@@ -12,7 +12,7 @@ use anyhow::{Context as _, bail};
 use egress_common::{VXLAN_OVERHEAD, maps::programs};
 use egress_k8s::{AgentLink, config::interface_matches, facts::EgressSubnet};
 use egress_model::{AddressClaim, NodeState};
-use egress_netlink::{ClaimLedger, Netlink};
+use egress_netlink::{ClaimLedger, InterfaceAddress, Netlink};
 use ipnet::Ipv4Net;
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -255,9 +255,8 @@ async fn node_address(
     node_name: &str,
     explicit: Option<Ipv4Addr>,
 ) -> anyhow::Result<identity::Choice> {
-    let local: Vec<Ipv4Addr> = netlink
-        .ipv4_addresses()
-        .await?
+    let addresses = netlink.ipv4_addresses().await?;
+    let local: Vec<Ipv4Addr> = addresses
         .iter()
         .map(|a| a.addr.addr())
         .filter(|a| !a.is_loopback())
@@ -277,7 +276,7 @@ async fn node_address(
         });
         candidates.push(Candidate {
             source: Source::DefaultRoute,
-            found: default_route_address(netlink).await,
+            found: default_route_address(netlink, &addresses).await,
         });
     }
     Ok(identity::choose(&candidates, &local)?)
@@ -330,17 +329,17 @@ async fn hostname_address() -> Result<Ipv4Addr, String> {
         .ok_or_else(|| format!("{host:?} resolves to no IPv4 address but loopback"))
 }
 
-async fn default_route_address(netlink: &Netlink) -> Result<Ipv4Addr, String> {
+async fn default_route_address(
+    netlink: &Netlink,
+    addresses: &[InterfaceAddress],
+) -> Result<Ipv4Addr, String> {
     let ifindex = netlink
         .default_route_ifindex()
         .await
         .map_err(|e| e.to_string())?
         .ok_or_else(|| "no IPv4 default route".to_string())?;
-    netlink
-        .ipv4_addresses()
-        .await
-        .map_err(|e| e.to_string())?
-        .into_iter()
+    addresses
+        .iter()
         .find(|a| a.ifindex == ifindex)
         .map(|a| a.addr.addr())
         .ok_or_else(|| {
