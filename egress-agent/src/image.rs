@@ -16,6 +16,8 @@ pub struct Environment {
     pub max_flows: u64,
     /// MSS that fits the tunnel: underlay MTU - VXLAN overhead - IP/TCP headers.
     pub tunnel_mss: u16,
+    /// UDP port of the tunnel.
+    pub tunnel_port: u16,
 }
 
 /// An exclusion as stored in the LPM trie: (policy id or 0, network, prefix length).
@@ -43,8 +45,11 @@ impl DatapathImage {
                 nat_port_min: env.nat_port_min,
                 nat_port_max: env.nat_port_max,
                 tunnel_mss: env.tunnel_mss,
-                _pad: 0,
+                tunnel_port: env.tunnel_port,
                 max_flows: env.max_flows,
+                max_flows_per_pod: 0,
+                flags: 0,
+                claims_valid_until_ns: u64::MAX,
             },
             ..Default::default()
         };
@@ -126,6 +131,7 @@ mod tests {
             nat_port_max: 65535,
             max_flows: 1000,
             tunnel_mss: 1410,
+            tunnel_port: 4789,
         }
     }
 

@@ -132,6 +132,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         tunnel_mss: tunnel_mtu
             .saturating_sub(IP_TCP_HEADERS)
             .min(u32::from(u16::MAX)) as u16,
+        tunnel_port: config.node.tunnel_port,
     };
     tracing::info!(uplink = %uplink.name, uplink_mtu = uplink.mtu, tunnel = %tunnel.name, tunnel_mss = env.tunnel_mss, "interfaces");
 

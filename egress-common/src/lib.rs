@@ -261,9 +261,19 @@ pub struct DatapathConfig {
     pub nat_port_max: u16,
     /// MSS written into SYNs steered through the tunnel (0 disables clamping).
     pub tunnel_mss: u16,
-    pub _pad: u16,
+    /// UDP port of the tunnel: pods may not send to it on a cluster node.
+    pub tunnel_port: u16,
     /// New flows are refused once this many are live.
     pub max_flows: u64,
+    /// New flows of one pod are refused once it has this many live (0: no cap).
+    pub max_flows_per_pod: u32,
+    /// `config_flags` bits.
+    pub flags: u32,
+    /// Policies held here (`policy_flags::LOCAL`) translate only while the
+    /// coarse monotonic clock is below this: the node's claim on its egress
+    /// IPs lapses by itself when the agent stops renewing it. `u64::MAX`
+    /// when the egress IPs are not leased (static configuration).
+    pub claims_valid_until_ns: u64,
 }
 
 /// Indexes of the `flow_count` array. Kept apart so that each has one writer:
@@ -301,10 +311,29 @@ pub enum DropReason {
     Malformed = 9,
     /// A packet rewrite helper failed.
     RewriteFailed = 10,
+    /// A packet to an egress IP (or a tunnel reply to a pod) that matches no flow.
+    NoFlow = 11,
+    /// A packet on a pod's interface whose source address is not that pod's.
+    InvalidSource = 12,
+    /// A pod's packet to the tunnel port of a cluster node.
+    TunnelFromPod = 13,
+    /// A tunnel arrival whose inner source is not a pod of the sending node
+    /// that the VNI's policy selects.
+    PodNotSelected = 14,
+    /// A tunnel reply from a node that is not the flow's egress node.
+    WrongTunnelPeer = 15,
+    /// The pod is at `max_flows_per_pod`: new flow refused.
+    PodFlowLimit = 16,
+    /// The node's claim on the egress IP has lapsed (not renewed in time).
+    ClaimExpired = 17,
+    /// TTL exhausted (an ICMP time exceeded is sent back).
+    TtlExceeded = 18,
+    /// The IP total length disagrees with the frame.
+    BadLength = 19,
 }
 
 impl DropReason {
-    pub const COUNT: usize = 11;
+    pub const COUNT: usize = 20;
     pub const ALL: [Self; Self::COUNT] = [
         Self::NoEgressNode,
         Self::UnknownTunnelPeer,
@@ -317,6 +346,15 @@ impl DropReason {
         Self::Fragment,
         Self::Malformed,
         Self::RewriteFailed,
+        Self::NoFlow,
+        Self::InvalidSource,
+        Self::TunnelFromPod,
+        Self::PodNotSelected,
+        Self::WrongTunnelPeer,
+        Self::PodFlowLimit,
+        Self::ClaimExpired,
+        Self::TtlExceeded,
+        Self::BadLength,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -332,6 +370,15 @@ impl DropReason {
             Self::Fragment => "fragment",
             Self::Malformed => "malformed",
             Self::RewriteFailed => "rewrite_failed",
+            Self::NoFlow => "no_flow",
+            Self::InvalidSource => "invalid_source",
+            Self::TunnelFromPod => "tunnel_from_pod",
+            Self::PodNotSelected => "pod_not_selected",
+            Self::WrongTunnelPeer => "wrong_tunnel_peer",
+            Self::PodFlowLimit => "pod_flow_limit",
+            Self::ClaimExpired => "claim_expired",
+            Self::TtlExceeded => "ttl_exceeded",
+            Self::BadLength => "bad_length",
         }
     }
 }
@@ -352,6 +399,15 @@ pub struct DropCounters {
     pub fragment: u64,
     pub malformed: u64,
     pub rewrite_failed: u64,
+    pub no_flow: u64,
+    pub invalid_source: u64,
+    pub tunnel_from_pod: u64,
+    pub pod_not_selected: u64,
+    pub wrong_tunnel_peer: u64,
+    pub pod_flow_limit: u64,
+    pub claim_expired: u64,
+    pub ttl_exceeded: u64,
+    pub bad_length: u64,
 }
 
 impl DropCounters {
@@ -369,6 +425,15 @@ impl DropCounters {
             DropReason::Fragment => &mut self.fragment,
             DropReason::Malformed => &mut self.malformed,
             DropReason::RewriteFailed => &mut self.rewrite_failed,
+            DropReason::NoFlow => &mut self.no_flow,
+            DropReason::InvalidSource => &mut self.invalid_source,
+            DropReason::TunnelFromPod => &mut self.tunnel_from_pod,
+            DropReason::PodNotSelected => &mut self.pod_not_selected,
+            DropReason::WrongTunnelPeer => &mut self.wrong_tunnel_peer,
+            DropReason::PodFlowLimit => &mut self.pod_flow_limit,
+            DropReason::ClaimExpired => &mut self.claim_expired,
+            DropReason::TtlExceeded => &mut self.ttl_exceeded,
+            DropReason::BadLength => &mut self.bad_length,
         }
     }
 
@@ -462,7 +527,7 @@ mod tests {
         assert_eq!(size_of::<PodPolicyV4>(), 8);
         assert_eq!(size_of::<ExclusionKeyV4>(), 8);
         assert_eq!(size_of::<NodeV4>(), 8);
-        assert_eq!(size_of::<DatapathConfig>(), 24);
+        assert_eq!(size_of::<DatapathConfig>(), 40);
         assert_eq!(size_of::<DropCounters>(), 8 * DropReason::COUNT);
         assert_eq!(size_of::<PolicyStats>(), 8 * (6 + DropReason::COUNT));
         assert!(align_of::<NatEntryV4>() <= 8);

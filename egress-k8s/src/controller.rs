@@ -146,6 +146,7 @@ pub struct Desired {
 /// The controller's end of the link with the agent.
 pub struct ControllerLink {
     desired: watch::Sender<Option<Desired>>,
+    fence: watch::Sender<Option<Instant>>,
     held: watch::Receiver<BTreeSet<Ipv4Addr>>,
     subnets: watch::Receiver<Option<Vec<EgressSubnet>>>,
     down: watch::Receiver<BTreeSet<String>>,
@@ -158,6 +159,12 @@ pub struct AgentLink {
     /// nor announce anything before (after a restart it would GARP stale
     /// state). Then every change.
     pub desired: watch::Receiver<Option<Desired>>,
+    /// Until when this node may hold and translate for the egress IPs it
+    /// claims: past this instant others may take them over, so the
+    /// datapath and the addresses must have let go by then without the
+    /// agent's help. Moves forward with every claim renewal; `None` while
+    /// the node holds nothing.
+    pub fence: watch::Receiver<Option<Instant>>,
     /// The agent reports the egress IPs actually present on its interfaces
     /// after applying `claims`; a claim is released only once its address
     /// is gone from here.
@@ -174,6 +181,7 @@ pub struct AgentLink {
 
 pub fn link() -> (ControllerLink, AgentLink) {
     let (desired_tx, desired_rx) = watch::channel(None);
+    let (fence_tx, fence_rx) = watch::channel(None);
     let (held_tx, held_rx) = watch::channel(BTreeSet::new());
     let (subnets_tx, subnets_rx) = watch::channel(None);
     let (down_tx, down_rx) = watch::channel(BTreeSet::new());
@@ -181,6 +189,7 @@ pub fn link() -> (ControllerLink, AgentLink) {
     (
         ControllerLink {
             desired: desired_tx,
+            fence: fence_tx,
             held: held_rx,
             subnets: subnets_rx,
             down: down_rx,
@@ -188,6 +197,7 @@ pub fn link() -> (ControllerLink, AgentLink) {
         },
         AgentLink {
             desired: desired_rx,
+            fence: fence_rx,
             held: held_tx,
             subnets: subnets_tx,
             down: down_tx,
@@ -954,6 +964,14 @@ async fn node_agent(
             state: projection.state,
             claims: projection.claims,
         };
+        let fence = (may_hold && !drain_expired && !desired.claims.is_empty())
+            .then(|| writer.withdraw_at())
+            .flatten();
+        link.fence.send_if_modified(|cur| {
+            let changed = *cur != fence;
+            *cur = fence;
+            changed
+        });
         link.desired.send_if_modified(|cur| {
             if cur.as_ref() == Some(&desired) {
                 false
