@@ -18,6 +18,10 @@ pub struct Environment {
     pub tunnel_mss: u16,
     /// UDP port of the tunnel.
     pub tunnel_port: u16,
+    /// Until when (CLOCK_MONOTONIC ns) LOCAL policies may translate: the
+    /// agent's latest fence, never a default, so that reconciling cannot
+    /// overwrite a newer stamp with a stale one.
+    pub claims_valid_until_ns: u64,
 }
 
 /// An exclusion as stored in the LPM trie: (policy id or 0, network, prefix length).
@@ -49,7 +53,7 @@ impl DatapathImage {
                 max_flows: env.max_flows,
                 max_flows_per_pod: 0,
                 flags: 0,
-                claims_valid_until_ns: u64::MAX,
+                claims_valid_until_ns: env.claims_valid_until_ns,
             },
             ..Default::default()
         };
@@ -135,6 +139,7 @@ mod tests {
             max_flows: 1000,
             tunnel_mss: 1410,
             tunnel_port: 4789,
+            claims_valid_until_ns: 77,
         }
     }
 
@@ -227,6 +232,7 @@ mod tests {
         assert_eq!(image.nodes[&[172, 18, 0, 12]].is_self, 0);
         assert_eq!(image.config.node_addr, [172, 18, 0, 11]);
         assert_eq!(image.config.tunnel_mss, 1410);
+        assert_eq!(image.config.claims_valid_until_ns, 77);
     }
 
     #[test]
