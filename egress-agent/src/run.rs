@@ -102,6 +102,15 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             );
         }
     }
+    // A ready file left by the previous agent (it lives on the host) must
+    // not pass this one's startup probe before it has applied anything.
+    if let Some(ready) = &options.ready_file {
+        match std::fs::remove_file(ready) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", ready.display())),
+        }
+    }
     let config_mtime = std::fs::metadata(&options.config)
         .and_then(|m| m.modified())
         .ok();

@@ -324,9 +324,9 @@ impl Lab {
         )
     }
 
-    /// Gives `pod` its interface pair again, configured as at build time,
-    /// in the order a CNI plugin follows: the pair, the pod side, then the
-    /// node side's address, state and route.
+    /// Gives `pod` its interface pair again, configured as at build time:
+    /// the pair, the node side (address, state, route), then the pod side,
+    /// so that the pod's first packet finds its gateway answering at once.
     pub fn plug_pod(&self, pod: PodRef) -> Result<()> {
         let n = pod.node;
         let host = pod.host_interface();
@@ -334,10 +334,15 @@ impl Lab {
         let pns = self.pod_ns(pod);
         exec::ip_batch(
             Some(&node),
-            &[format!(
-                "link add {host} mtu {m} type veth peer name eth0 mtu {m} netns {pns}",
-                m = self.spec.pod_mtu
-            )],
+            &[
+                format!(
+                    "link add {host} mtu {m} type veth peer name eth0 mtu {m} netns {pns}",
+                    m = self.spec.pod_mtu
+                ),
+                format!("addr add {}/32 dev {host}", spec::pod_gateway(n)),
+                format!("link set {host} up"),
+                format!("route add {}/32 dev {host}", pod.ip()),
+            ],
         )?;
         exec::ip_batch(
             Some(&pns),
@@ -348,14 +353,6 @@ impl Lab {
                     "route add default via {} dev eth0 onlink",
                     spec::pod_gateway(n)
                 ),
-            ],
-        )?;
-        exec::ip_batch(
-            Some(&node),
-            &[
-                format!("addr add {}/32 dev {host}", spec::pod_gateway(n)),
-                format!("link set {host} up"),
-                format!("route add {}/32 dev {host}", pod.ip()),
             ],
         )
     }

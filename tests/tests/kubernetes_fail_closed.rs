@@ -156,13 +156,11 @@ fn a_stopped_holder_lets_go_of_its_ip_when_its_claim_lapses() {
     // The old holder's own pod: once a's claim lapses nothing of it may
     // leave with the egress IP through a (b's pod path goes through b).
     let pod_on_a = PodRef::new(a, 1);
-    c.expect(
-        "the policy",
-        c.lab.set_policies(vec![PolicySpec {
-            name: "stopped".into(),
-            ..PolicySpec::new(1, ip, Some(a), vec![pod_on_a])
-        }]),
-    );
+    let set = c.lab.set_policies(vec![PolicySpec {
+        name: "stopped".into(),
+        ..PolicySpec::new(1, ip, Some(a), vec![pod_on_a])
+    }]);
+    c.expect("the policy", set);
     c.expect("convergence", c.lab.wait_converged(FOLLOW));
     let kube = c.lab.kube().expect("Kubernetes mode");
     kube.api().patch(
