@@ -2,7 +2,13 @@
 //! their state's timeout, releases them from the flow count, and removes
 //! reverse entries left without their forward half.
 
-use std::{collections::HashSet, os::fd::AsFd, time::Duration};
+use std::{
+    collections::HashSet,
+    os::fd::AsFd,
+    sync::mpsc,
+    thread::{self, JoinHandle},
+    time::Duration,
+};
 
 use aya::maps::IterableMap;
 use egress_common::{CtState, FlowKeyV4, NatEntryV4, RevNatEntryV4, maps as names};
@@ -10,8 +16,76 @@ use egress_common::{CtState, FlowKeyV4, NatEntryV4, RevNatEntryV4, maps as names
 use crate::{
     batch,
     config::Timeouts,
-    maps::{Maps, MapsError, forward_key, reverse_key},
+    maps::{Maps, MapsError, PinLayout, forward_key, reverse_key},
 };
+
+/// The collector on a thread of its own with its own map handles: a sweep
+/// of a full NAT map takes a while, and the agent's reconciling and the
+/// Kubernetes controller's claim renewals must not wait for it.
+pub struct Background {
+    settings: Option<mpsc::Sender<(Timeouts, Duration)>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Background {
+    /// Sweeps every `interval` until dropped.
+    pub fn start(
+        layout: &PinLayout,
+        timeouts: Timeouts,
+        interval: Duration,
+    ) -> Result<Self, MapsError> {
+        let mut maps = Maps::open(layout)?;
+        let (tx, rx) = mpsc::channel::<(Timeouts, Duration)>();
+        let thread = thread::Builder::new()
+            .name("egress-gc".into())
+            .spawn(move || {
+                let mut collector = Collector::default();
+                let (mut timeouts, mut interval) = (timeouts, interval);
+                loop {
+                    match rx.recv_timeout(interval) {
+                        Ok(new) => (timeouts, interval) = new,
+                        Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                        Err(mpsc::RecvTimeoutError::Timeout) => {
+                            match collector.sweep(&mut maps, &timeouts, monotonic_ns()) {
+                                Ok(r) if r.expired > 0 || r.orphans_removed > 0 => {
+                                    tracing::debug!(
+                                        scanned = r.scanned,
+                                        expired = r.expired,
+                                        orphans = r.orphans_removed,
+                                        "conntrack swept"
+                                    )
+                                }
+                                Ok(_) => {}
+                                Err(e) => tracing::error!(error = %e, "conntrack sweep failed"),
+                            }
+                        }
+                    }
+                }
+            })
+            .map_err(|source| MapsError::Thread { source })?;
+        Ok(Self {
+            settings: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// New timeouts or interval (a reloaded configuration).
+    pub fn update(&self, timeouts: Timeouts, interval: Duration) {
+        if let Some(tx) = &self.settings {
+            let _ = tx.send((timeouts, interval));
+        }
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        // Closing the channel ends the thread after its current sweep.
+        drop(self.settings.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SweepReport {

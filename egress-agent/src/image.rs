@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use egress_common::{DatapathConfig, NodeV4, PodPolicyV4, PolicyV4, policy_flags};
-use egress_model::{FailurePolicy, NodeState};
+use egress_model::{FailurePolicy, NO_USABLE_IP, NodeState};
 
 /// Facts about this node that the desired state does not carry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -18,6 +18,10 @@ pub struct Environment {
     pub tunnel_mss: u16,
     /// UDP port of the tunnel.
     pub tunnel_port: u16,
+    /// Until when (CLOCK_MONOTONIC ns) LOCAL policies may translate: the
+    /// agent's latest fence, never a default, so that reconciling cannot
+    /// overwrite a newer stamp with a stale one.
+    pub claims_valid_until_ns: u64,
 }
 
 /// An exclusion as stored in the LPM trie: (policy id or 0, network, prefix length).
@@ -49,7 +53,7 @@ impl DatapathImage {
                 max_flows: env.max_flows,
                 max_flows_per_pod: 0,
                 flags: 0,
-                claims_valid_until_ns: u64::MAX,
+                claims_valid_until_ns: env.claims_valid_until_ns,
             },
             ..Default::default()
         };
@@ -86,8 +90,11 @@ impl DatapathImage {
                     _reserved: 0,
                 },
             );
-            // The policy's own id is the VNI that steers its traffic here.
-            image.vnis.insert(*id, *id);
+            // The policy's own id is the VNI that steers its traffic here;
+            // the reserved slot steers nowhere.
+            if *id != NO_USABLE_IP {
+                image.vnis.insert(*id, *id);
+            }
             for net in &policy.excluded {
                 image
                     .exclusions
@@ -132,6 +139,7 @@ mod tests {
             max_flows: 1000,
             tunnel_mss: 1410,
             tunnel_port: 4789,
+            claims_valid_until_ns: 77,
         }
     }
 
@@ -224,5 +232,22 @@ mod tests {
         assert_eq!(image.nodes[&[172, 18, 0, 12]].is_self, 0);
         assert_eq!(image.config.node_addr, [172, 18, 0, 11]);
         assert_eq!(image.config.tunnel_mss, 1410);
+        assert_eq!(image.config.claims_valid_until_ns, 77);
+    }
+
+    #[test]
+    fn the_no_usable_ip_slot_drops_and_steers_nowhere() {
+        let mut s = state();
+        s.policies.insert(NO_USABLE_IP, PolicyState::no_usable_ip());
+        s.pods.insert(Ipv4Addr::new(10, 244, 1, 9), NO_USABLE_IP);
+        let image = DatapathImage::from_state(&s, &env());
+        let slot = image.policies[&NO_USABLE_IP];
+        // Active, not local, not fail-open, no egress node: pod_ingress
+        // drops its pods' external traffic as no_egress_node.
+        assert_eq!(slot.flags & !policy_flags::CLAMP_MSS, policy_flags::ACTIVE);
+        assert_eq!(slot.egress_node, [0; 4]);
+        assert!(!image.vnis.contains_key(&NO_USABLE_IP));
+        assert!(!image.egress_addrs.values().any(|id| *id == NO_USABLE_IP));
+        assert_eq!(image.pods[&[10, 244, 1, 9]].policy_id, NO_USABLE_IP);
     }
 }

@@ -31,6 +31,8 @@ pub enum MapsError {
         op: &'static str,
         source: std::io::Error,
     },
+    #[error("starting the conntrack collector's thread: {source}")]
+    Thread { source: std::io::Error },
     #[error(
         "pinned map {path} has {what} {found}, this agent needs {wanted}; remove the old state with \
          `egress-agent reset --instance <instance>` (established connections through it will break)"
@@ -198,6 +200,17 @@ impl Maps {
             ));
         }
         Ok(image)
+    }
+
+    /// Moves the claim-validity stamp only: one write of the `config` entry,
+    /// everything else in it as it is.
+    pub fn set_claims_valid_until(&mut self, ns: u64) -> Result<()> {
+        let mut config = self.config.get(&0, 0).map_err(err(names::CONFIG))?;
+        if config.claims_valid_until_ns != ns {
+            config.claims_valid_until_ns = ns;
+            self.config.set(0, config, 0).map_err(err(names::CONFIG))?;
+        }
+        Ok(())
     }
 
     /// Writes what differs between `current` (read from the maps) and

@@ -38,9 +38,9 @@ mod ledger;
 mod link;
 mod route;
 
-pub use addr::{Claim, InterfaceAddress};
+pub use addr::{Claim, InterfaceAddress, Lifetime};
 pub use error::{Error, Result};
-pub use events::{LinkEvent, LinkEvents};
+pub use events::{AddressEvent, AddressEvents, LinkEvent, LinkEvents};
 pub use ledger::{ClaimLedger, LedgerEntry};
 pub use link::Link;
 
@@ -94,6 +94,8 @@ mod tests {
         send(nl.claim_tracked(ledger, ip, None));
         send(nl.release_tracked(ledger, ip));
         send(nl.link_events());
+        send(nl.address_events());
+        send(nl.refresh_lifetimes(ledger, Lifetime::Forever));
         send(nl.clone());
     }
 }
