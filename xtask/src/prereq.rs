@@ -9,7 +9,7 @@ use crate::run;
 
 /// Debian packages: LLVM for bpf-linker, and the tools the lab, tests,
 /// demo and benchmark call.
-const PACKAGES: [&str; 11] = [
+const PACKAGES: [&str; 12] = [
     "llvm-22-dev",
     "libpolly-22-dev",
     "libzstd-dev",
@@ -21,6 +21,7 @@ const PACKAGES: [&str; 11] = [
     "nftables",
     "tcpdump",
     "ethtool",
+    "iputils-arping",
 ];
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
