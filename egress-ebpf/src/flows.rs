@@ -147,9 +147,12 @@ pub fn created(key: &FlowKeyV4, admitted: &Admitted) {
 /// flow can take its place. True when one was reclaimed.
 #[inline(always)]
 fn reclaim_unreplied(seq: u64, cfg: &DatapathConfig) -> bool {
-    // The slot `seq` is written next: it holds the oldest key of the ring.
+    // Once the ring has wrapped, the slot `seq` (written next) holds its
+    // oldest key; before that, slot 0 does.
+    let slots = u64::from(UNREPLIED_RING_SLOTS);
+    let oldest = if seq >= slots { seq } else { 0 };
     for i in 0..u64::from(RECLAIM_PROBES) {
-        let slot = ((seq + i) % u64::from(UNREPLIED_RING_SLOTS)) as u32;
+        let slot = ((oldest + i) % slots) as u32;
         let Some(key) = UNREPLIED_RING.get(slot) else {
             continue;
         };

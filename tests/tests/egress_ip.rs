@@ -98,10 +98,10 @@ fn packets_to_an_egress_ip_without_a_flow_are_dropped_unless_configured() {
     }
 
     // The operator may let pings through...
-    c.expect(
-        "enable answer_ping_on_egress_ips",
-        c.lab.update_spec(|s| s.datapath.answer_ping_on_egress_ips = true),
-    );
+    let updated = c
+        .lab
+        .update_spec(|s| s.datapath.answer_ping_on_egress_ips = true);
+    c.expect("enable answer_ping_on_egress_ips", updated);
     let answered = wait_for("pings to the egress IP answered", Duration::from_secs(10), || {
         match pings_answered(&c, EGRESS_A, 0x4e02) {
             0 => Err("no answer".to_owned()),
@@ -113,10 +113,10 @@ fn packets_to_an_egress_ip_without_a_flow_are_dropped_unless_configured() {
         c.fail("answer_ping_on_egress_ips let TCP through too");
     }
     // ...or turn the no_flow drop off altogether.
-    c.expect(
-        "enable pass_unmatched_to_egress_ips",
-        c.lab.update_spec(|s| s.datapath.pass_unmatched_to_egress_ips = true),
-    );
+    let updated = c
+        .lab
+        .update_spec(|s| s.datapath.pass_unmatched_to_egress_ips = true);
+    c.expect("enable pass_unmatched_to_egress_ips", updated);
     let refused = wait_for("the host answers TCP on the egress IP", Duration::from_secs(10), || {
         tcp_answered(&c, EGRESS_A, 22).ok_or_else(|| "no answer".to_owned())
     });
