@@ -139,20 +139,39 @@ fn exhausted_ttl_and_bad_lengths_are_answered_or_dropped_not_forwarded() {
     // A reply whose TTL runs out at node1: the server hears "time exceeded"
     // from the egress IP it sent to.
     let local = PodRef::new(1, 1);
-    let probe = c.check_udp(local, opts());
+    let traffic = |e: std::io::Error| egress_lab::LabError::Traffic(e.to_string());
+    let server = c.expect(
+        "UDP socket on the server",
+        egress_lab::netns::in_netns(&c.lab.server_ns(), move || {
+            let s = std::net::UdpSocket::bind(SocketAddrV4::new(spec::SERVER_ADDR, 9098))
+                .map_err(traffic)?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))
+                .map_err(traffic)?;
+            Ok(s)
+        }),
+    );
+    c.expect(
+        "UDP from the local pod",
+        udp_send(
+            &c.ns(local),
+            SocketAddrV4::new(local.ip(), 43210),
+            SocketAddrV4::new(spec::SERVER_ADDR, 9098),
+            b"hello".to_vec(),
+        ),
+    );
+    let mut buf = [0u8; 64];
+    let (_, observed) = server
+        .recv_from(&mut buf)
+        .unwrap_or_else(|e| c.fail(format!("the server got nothing from {local}: {e}")));
+    if observed.ip() != std::net::IpAddr::V4(EGRESS_A) {
+        c.fail(format!("{local} reached the server as {observed}"));
+    }
     let seen = egress_tests::capture(&c.lab.server_ns(), "icmp[icmptype] == 11", || {
-        let to = probe.observed;
-        let sent = egress_lab::netns::in_netns(&c.lab.server_ns(), move || {
-            let s = std::net::UdpSocket::bind(SocketAddrV4::new(spec::SERVER_ADDR, 0))
-                .map_err(|e| egress_lab::LabError::Traffic(e.to_string()))?;
-            // The router takes one: node1 gets TTL 1.
-            s.set_ttl(2)
-                .map_err(|e| egress_lab::LabError::Traffic(e.to_string()))?;
-            s.send_to(b"late", to)
-                .map_err(|e| egress_lab::LabError::Traffic(e.to_string()))?;
-            Ok(())
-        });
-        c.expect("UDP with TTL 2 from the server", sent);
+        // The router takes one: node1 gets TTL 1.
+        server.set_ttl(2).unwrap_or_else(|e| c.fail(e));
+        server
+            .send_to(b"late", observed)
+            .unwrap_or_else(|e| c.fail(e));
     });
     if !seen.contains(&format!("{EGRESS_A} > {}", spec::SERVER_ADDR)) {
         c.fail(format!("the server got no time-exceeded from {EGRESS_A}: {seen:?}"));
