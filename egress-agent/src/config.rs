@@ -723,7 +723,7 @@ mod tests {
         assert_eq!(secs(proto::UDP, CtState::Open), 7);
         assert_eq!(secs(proto::TCP, CtState::Reset), 7);
         assert_eq!(
-            invalid_field(&EXAMPLE.replace("[datapath.timeouts]", "[datapath.timeouts]\nunreplied = 0")),
+            invalid_field(&EXAMPLE.replace("unreplied = 30", "unreplied = 0")),
             "datapath.timeouts.unreplied"
         );
     }

@@ -22,9 +22,7 @@ use std::{
 };
 
 use aya::maps::{IterableMap, MapError};
-use egress_common::{
-    CtState, FlowKeyV4, NatEntryV4, PodFlowsV4, RevNatEntryV4, maps as names,
-};
+use egress_common::{CtState, FlowKeyV4, NatEntryV4, PodFlowsV4, RevNatEntryV4, maps as names};
 
 use crate::{
     batch,
@@ -68,6 +66,10 @@ pub fn monotonic_ns() -> u64 {
 
 /// `instant` (std's and tokio's `Instant` are CLOCK_MONOTONIC on Linux) on
 /// the datapath's clock, for `Maps::set_claims_valid_until`.
+#[allow(
+    dead_code,
+    reason = "for the claim fence of Kubernetes mode, which the agent's node loop writes"
+)]
 pub fn monotonic_ns_at(instant: Instant) -> u64 {
     let now = Instant::now();
     let base = monotonic_ns();
@@ -131,9 +133,7 @@ pub fn plan_pods(
         let created = before.get(&pod).map_or(0, |c| c.created);
         let now = after.get(&pod).copied().unwrap_or_default();
         let n = live.get(&pod).copied().unwrap_or(0);
-        let quiet = n == 0
-            && now.created == created
-            && previous.get(&pod) == Some(&created);
+        let quiet = n == 0 && now.created == created && previous.get(&pod) == Some(&created);
         if quiet || (n == 0 && !before.contains_key(&pod) && !after.contains_key(&pod)) {
             plan.remove.push(pod);
             continue;
@@ -333,7 +333,14 @@ mod tests {
         let s = 1_000_000_000;
         let r = egress_common::ct_flags::SEEN_REPLY;
         assert!(!expired(&t, proto::TCP, CtState::Established, r, 0, 10 * s));
-        assert!(expired(&t, proto::TCP, CtState::Established, r, 0, 10 * s + 1));
+        assert!(expired(
+            &t,
+            proto::TCP,
+            CtState::Established,
+            r,
+            0,
+            10 * s + 1
+        ));
         assert!(expired(&t, proto::TCP, CtState::SynSent, 0, 0, 3 * s));
         assert!(expired(&t, proto::UDP, CtState::Open, r, s, 5 * s));
         // A clock that has not reached last_seen (entry refreshed meanwhile) is not expiry.

@@ -341,6 +341,10 @@ impl Maps {
     /// write, without a reconcile. The caller keeps
     /// `Environment::claims_valid_until_ns` equal, so that the next
     /// reconcile writes the same value.
+    #[allow(
+        dead_code,
+        reason = "for the claim fence of Kubernetes mode, which the agent's node loop writes"
+    )]
     pub fn set_claims_valid_until(&mut self, ns: u64) -> Result<()> {
         let mut config = self.config.get(&0, 0).map_err(err(names::CONFIG))?;
         if config.claims_valid_until_ns != ns {

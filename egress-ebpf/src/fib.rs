@@ -54,12 +54,7 @@ impl From<NoHop> for DropReason {
 
 /// Routes the packet from `src` to `dst` as if it had arrived on `ifindex`.
 #[inline(always)]
-pub fn lookup(
-    ctx: &TcContext,
-    src: [u8; 4],
-    dst: [u8; 4],
-    ifindex: u32,
-) -> Result<NextHop, NoHop> {
+pub fn lookup(ctx: &TcContext, src: [u8; 4], dst: [u8; 4], ifindex: u32) -> Result<NextHop, NoHop> {
     // SAFETY: plain C struct; all-zero is its documented initial state.
     let mut params: bpf_fib_lookup = unsafe { mem::zeroed() };
     params.family = AF_INET;

@@ -99,8 +99,12 @@ pub fn admit(pod: [u8; 4], cfg: &DatapathConfig) -> Result<Admitted, DropReason>
         // No room for one more pod's counters: the table of pods is full.
         let ptr = pod_counters(pod).ok_or(DropReason::FlowTableFull)?;
         // SAFETY: pointer from a successful lookup, fields are aligned u64s.
-        let (created, reclaimed) =
-            unsafe { (read(&raw const (*ptr).created), read(&raw const (*ptr).reclaimed)) };
+        let (created, reclaimed) = unsafe {
+            (
+                read(&raw const (*ptr).created),
+                read(&raw const (*ptr).reclaimed),
+            )
+        };
         let released = match POD_RELEASED_V4.get_ptr(pod) {
             Some(r) => read(r),
             None => 0,
@@ -118,10 +122,7 @@ pub fn admit(pod: [u8; 4], cfg: &DatapathConfig) -> Result<Admitted, DropReason>
     if live >= cfg.max_flows && !reclaim_unreplied(seq, cfg) {
         return Err(DropReason::FlowTableFull);
     }
-    Ok(Admitted {
-        pod: counters,
-        seq,
-    })
+    Ok(Admitted { pod: counters, seq })
 }
 
 /// Counts a flow whose forward entry `key` is now in the table, and

@@ -283,11 +283,18 @@ pub fn build_error(f: &mut [u8; ERROR_FRAME_LEN], kind: ErrorKind, from: [u8; 4]
 /// `build_error` makes harmless. The frame is built in a per-CPU scratch
 /// buffer (the BPF stack is too small for it next to the rest).
 #[inline(always)]
-pub fn into_error(ctx: &TcContext, ip: &Ipv4, kind: ErrorKind, from: [u8; 4]) -> Result<(), DropReason> {
+pub fn into_error(
+    ctx: &TcContext,
+    ip: &Ipv4,
+    kind: ErrorKind,
+    from: [u8; 4],
+) -> Result<(), DropReason> {
     if ip.l4_off != IP_OFF + 20 {
         return Err(DropReason::Malformed);
     }
-    let buf = ICMP_SCRATCH.get_ptr_mut(0).ok_or(DropReason::RewriteFailed)?;
+    let buf = ICMP_SCRATCH
+        .get_ptr_mut(0)
+        .ok_or(DropReason::RewriteFailed)?;
     // SAFETY: helper on the context the kernel handed us; it only resizes
     // the packet (growing zero-fills), and no packet pointer is held across it.
     let rc = unsafe { bpf_skb_change_tail(ctx.skb.skb, TRIMMED_LEN as u32, 0) };
@@ -359,7 +366,11 @@ mod tests {
         frame[start + offset..start + offset + 2].copy_from_slice(&(!folded).to_be_bytes());
     }
 
-    fn error_frame(orig: &[u8; TRIMMED_LEN], kind: ErrorKind, from: [u8; 4]) -> [u8; ERROR_FRAME_LEN] {
+    fn error_frame(
+        orig: &[u8; TRIMMED_LEN],
+        kind: ErrorKind,
+        from: [u8; 4],
+    ) -> [u8; ERROR_FRAME_LEN] {
         // Whatever a previous packet left in the scratch buffer.
         let mut f = [0xa5u8; ERROR_FRAME_LEN];
         f[OFFENDING_AT..].copy_from_slice(orig);
@@ -391,7 +402,11 @@ mod tests {
 
     #[test]
     fn time_exceeded_has_type_11() {
-        let f = error_frame(&offending(proto::TCP), ErrorKind::TimeExceeded, [1, 2, 3, 4]);
+        let f = error_frame(
+            &offending(proto::TCP),
+            ErrorKind::TimeExceeded,
+            [1, 2, 3, 4],
+        );
         assert_eq!((f[34], f[35]), (11, 0));
         assert_eq!(&f[38..42], &[0; 4]);
         assert!(icmp_checksum_holds(&f));

@@ -57,8 +57,7 @@ pub static POD_FLOWS_V4: HashMap<[u8; 4], PodFlowsV4, { DEFAULT_MAX_PODS as usiz
     HashMap::new();
 
 #[btf_map(name = "pod_released_v4")]
-pub static POD_RELEASED_V4: HashMap<[u8; 4], u64, { DEFAULT_MAX_PODS as usize }> =
-    HashMap::new();
+pub static POD_RELEASED_V4: HashMap<[u8; 4], u64, { DEFAULT_MAX_PODS as usize }> = HashMap::new();
 
 #[btf_map(name = "unreplied_ring")]
 pub static UNREPLIED_RING: Array<FlowKeyV4, { UNREPLIED_RING_SLOTS as usize }> = Array::new();

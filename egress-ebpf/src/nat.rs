@@ -334,7 +334,17 @@ pub fn snat_and_forward(
         }) if ip.dont_fragment => {
             let kind = icmp::ErrorKind::FragNeeded { mtu };
             let from = cfg.node_addr;
-            bounce(ctx, ip, kind, from, origin_node, sel.id, cfg, DropReason::MtuExceeded).map(Some)
+            bounce(
+                ctx,
+                ip,
+                kind,
+                from,
+                origin_node,
+                sel.id,
+                cfg,
+                DropReason::MtuExceeded,
+            )
+            .map(Some)
         }
         Err(e) => Err(e.reason),
     }

@@ -196,7 +196,13 @@ fn lone_acks_stay_unreplied_and_expire_after_the_unreplied_timeout() {
     let server = SocketAddrV4::new(spec::SERVER_ADDR, BLACK_HOLE_PORT);
     c.expect(
         "lone ACKs",
-        tcp_raw_segments(&c.ns(pod), SocketAddrV4::new(pod.ip(), 20000), server, 0x10, ACKS),
+        tcp_raw_segments(
+            &c.ns(pod),
+            SocketAddrV4::new(pod.ip(), 20000),
+            server,
+            0x10,
+            ACKS,
+        ),
     );
     let sent = Instant::now();
     let ours = |c: &Cluster| -> Vec<serde_json::Value> {
@@ -225,7 +231,9 @@ fn lone_acks_stay_unreplied_and_expire_after_the_unreplied_timeout() {
     );
     let after = c.expect("expiry", gone);
     if after < Duration::from_secs(3) {
-        c.fail(format!("entries expired after {after:?}, before their 4 s timeout"));
+        c.fail(format!(
+            "entries expired after {after:?}, before their 4 s timeout"
+        ));
     }
     // A real connection to a server that answers is Established.
     let conn = c.expect("TCP connection", TcpConn::open(&c.ns(pod), TCP, opts()));
@@ -255,14 +263,22 @@ fn unreplied_flows_make_room_and_pods_are_capped() {
     // One pod cannot take the table: its 13th flow is refused...
     c.expect(
         "lone ACKs from the local pod",
-        tcp_raw_segments(&c.ns(local), SocketAddrV4::new(local.ip(), 21000), server, 0x10, 15),
+        tcp_raw_segments(
+            &c.ns(local),
+            SocketAddrV4::new(local.ip(), 21000),
+            server,
+            0x10,
+            15,
+        ),
     );
-    let counted = wait_for("pod_flow_limit counts", Duration::from_secs(5), || {
-        match drops(&c, 1, "pod_flow_limit") {
+    let counted = wait_for(
+        "pod_flow_limit counts",
+        Duration::from_secs(5),
+        || match drops(&c, 1, "pod_flow_limit") {
             n if n >= 3 => Ok(n),
             n => Err(format!("pod_flow_limit = {n}")),
-        }
-    });
+        },
+    );
     c.expect("pod_flow_limit", counted);
     let (live, entries, _) = flow_counts(&c);
     if live != u64::from(PER_POD) || entries != u64::from(PER_POD) {
@@ -274,14 +290,22 @@ fn unreplied_flows_make_room_and_pods_are_capped() {
     // until the table is full of unreplied ones.
     c.expect(
         "lone ACKs from the remote pod",
-        tcp_raw_segments(&c.ns(remote), SocketAddrV4::new(remote.ip(), 22000), server, 0x10, 8),
+        tcp_raw_segments(
+            &c.ns(remote),
+            SocketAddrV4::new(remote.ip(), 22000),
+            server,
+            0x10,
+            8,
+        ),
     );
-    let full = wait_for("the table fills", Duration::from_secs(5), || {
-        match flow_counts(&c) {
+    let full = wait_for(
+        "the table fills",
+        Duration::from_secs(5),
+        || match flow_counts(&c) {
             (live, _, _) if live >= MAX_FLOWS => Ok(()),
             (live, entries, _) => Err(format!("{live} live, {entries} entries")),
-        }
-    });
+        },
+    );
     c.expect("full table", full);
     let before = drops(&c, 1, "flow_table_full");
 
@@ -295,7 +319,9 @@ fn unreplied_flows_make_room_and_pods_are_capped() {
         ));
     }
     if live > MAX_FLOWS || entries > MAX_FLOWS {
-        c.fail(format!("table over its size: {live} live, {entries} entries"));
+        c.fail(format!(
+            "table over its size: {live} live, {entries} entries"
+        ));
     }
     if drops(&c, 1, "flow_table_full") != before {
         c.fail("flow_table_full counted although an unreplied flow could be reclaimed");
@@ -331,7 +357,10 @@ fn flow_counts_are_reconciled_with_the_entries() {
         },
     );
     if let Ok(p) = refused {
-        c.fail(format!("a 4th flow beyond the pod's cap of 3 left as {}", p.observed));
+        c.fail(format!(
+            "a 4th flow beyond the pod's cap of 3 left as {}",
+            p.observed
+        ));
     }
 
     // Remove every NAT entry behind the agent's back.
@@ -340,7 +369,11 @@ fn flow_counts_are_reconciled_with_the_entries() {
         let path = format!("{maps}/{map}");
         let dump = c.expect(
             "bpftool map dump",
-            egress_lab::exec_in(&c.lab.node_ns(1), "bpftool", &["-j", "map", "dump", "pinned", &path]),
+            egress_lab::exec_in(
+                &c.lab.node_ns(1),
+                "bpftool",
+                &["-j", "map", "dump", "pinned", &path],
+            ),
         );
         let entries: Vec<serde_json::Value> = serde_json::from_str(&dump.stdout)
             .unwrap_or_else(|e| c.fail(format!("bpftool dump: {e}: {}", dump.stdout)));
@@ -352,9 +385,15 @@ fn flow_counts_are_reconciled_with_the_entries() {
                 .map(|b| b.as_str().unwrap_or_default().to_owned())
                 .collect();
             let mut args = vec!["map", "delete", "pinned", path.as_str(), "key", "hex"];
-            let hex: Vec<String> = key.iter().map(|b| b.trim_start_matches("0x").to_owned()).collect();
+            let hex: Vec<String> = key
+                .iter()
+                .map(|b| b.trim_start_matches("0x").to_owned())
+                .collect();
             args.extend(hex.iter().map(String::as_str));
-            c.expect("bpftool map delete", egress_lab::exec_in(&c.lab.node_ns(1), "bpftool", &args));
+            c.expect(
+                "bpftool map delete",
+                egress_lab::exec_in(&c.lab.node_ns(1), "bpftool", &args),
+            );
         }
     }
     let reconciled = wait_for(

@@ -12,7 +12,9 @@ use std::{
 
 use egress_common::DatapathConfig;
 use egress_lab::{
-    ClientOpts, LabSpec, PodRef, TcpConn, exec::run_unchecked, icmp_echo, netns, spec,
+    ClientOpts, LabSpec, PodRef, TcpConn,
+    exec::run_unchecked,
+    icmp_echo, netns, spec,
     traffic::{udp_send, wait_for},
     udp_probe,
 };
@@ -61,7 +63,10 @@ fn arp_replies(c: &Cluster, ip: Ipv4Addr) -> u32 {
 fn tcp_answered(c: &Cluster, ip: Ipv4Addr, port: u16) -> Option<bool> {
     let to = SocketAddrV4::new(ip, port);
     let outcome = netns::in_netns(&c.lab.router_ns(), move || {
-        Ok(TcpStream::connect_timeout(&to.into(), Duration::from_secs(2)))
+        Ok(TcpStream::connect_timeout(
+            &to.into(),
+            Duration::from_secs(2),
+        ))
     });
     match c.expect("connect from the router", outcome) {
         Ok(_) => Some(true),
@@ -102,12 +107,14 @@ fn packets_to_an_egress_ip_without_a_flow_are_dropped_unless_configured() {
         .lab
         .update_spec(|s| s.datapath.answer_ping_on_egress_ips = true);
     c.expect("enable answer_ping_on_egress_ips", updated);
-    let answered = wait_for("pings to the egress IP answered", Duration::from_secs(10), || {
-        match pings_answered(&c, EGRESS_A, 0x4e02) {
+    let answered = wait_for(
+        "pings to the egress IP answered",
+        Duration::from_secs(10),
+        || match pings_answered(&c, EGRESS_A, 0x4e02) {
             0 => Err("no answer".to_owned()),
             n => Ok(n),
-        }
-    });
+        },
+    );
     c.expect("ping", answered);
     if tcp_answered(&c, EGRESS_A, 22).is_some() {
         c.fail("answer_ping_on_egress_ips let TCP through too");
@@ -117,9 +124,11 @@ fn packets_to_an_egress_ip_without_a_flow_are_dropped_unless_configured() {
         .lab
         .update_spec(|s| s.datapath.pass_unmatched_to_egress_ips = true);
     c.expect("enable pass_unmatched_to_egress_ips", updated);
-    let refused = wait_for("the host answers TCP on the egress IP", Duration::from_secs(10), || {
-        tcp_answered(&c, EGRESS_A, 22).ok_or_else(|| "no answer".to_owned())
-    });
+    let refused = wait_for(
+        "the host answers TCP on the egress IP",
+        Duration::from_secs(10),
+        || tcp_answered(&c, EGRESS_A, 22).ok_or_else(|| "no answer".to_owned()),
+    );
     c.expect("host answer", refused);
     // Translated traffic was never affected.
     c.check_tcp(PodRef::new(1, 1), opts());
@@ -134,7 +143,10 @@ fn set_claims_valid_until(c: &Cluster, n: u8, ns: u64) {
     let key = ["key", "0", "0", "0", "0"];
     let mut lookup = vec!["-j", "map", "lookup", "pinned", &path];
     lookup.extend(key);
-    let out = c.expect("bpftool map lookup", egress_lab::exec_in(&node, "bpftool", &lookup));
+    let out = c.expect(
+        "bpftool map lookup",
+        egress_lab::exec_in(&node, "bpftool", &lookup),
+    );
     let v: serde_json::Value = serde_json::from_str(&out.stdout)
         .unwrap_or_else(|e| c.fail(format!("bpftool lookup: {e}: {}", out.stdout)));
     let mut value: Vec<u8> = v["value"]
@@ -154,7 +166,10 @@ fn set_claims_valid_until(c: &Cluster, n: u8, ns: u64) {
     update.extend(key);
     update.extend(["value", "hex"]);
     update.extend(hex.iter().map(String::as_str));
-    c.expect("bpftool map update", egress_lab::exec_in(&node, "bpftool", &update));
+    c.expect(
+        "bpftool map update",
+        egress_lab::exec_in(&node, "bpftool", &update),
+    );
 }
 
 fn node_has_address(c: &Cluster, n: u8, ip: Ipv4Addr) -> bool {
@@ -191,7 +206,9 @@ fn a_lapsed_claim_stops_translation_replies_and_arp() {
     }
     let seen = c.udp.seen();
     if !seen.is_empty() {
-        c.fail(format!("the server saw {seen:?} after node1's claim lapsed"));
+        c.fail(format!(
+            "the server saw {seen:?} after node1's claim lapsed"
+        ));
     }
     let after_sends = wait_drops_above(&c, "claim_expired", before + 1);
     // Replies (anything to the egress IP) are dropped too.
@@ -211,7 +228,9 @@ fn a_lapsed_claim_stops_translation_replies_and_arp() {
     }
     let replies = arp_replies(&c, EGRESS_A);
     if replies != 0 {
-        c.fail(format!("{replies} ARP replies for the egress IP after the claim lapsed"));
+        c.fail(format!(
+            "{replies} ARP replies for the egress IP after the claim lapsed"
+        ));
     }
 
     // Renewed: everything works again, the held connection included.

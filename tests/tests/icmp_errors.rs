@@ -124,11 +124,12 @@ fn exhausted_ttl_and_bad_lengths_are_answered_or_dropped_not_forwarded() {
     // Total length beyond the frame: dropped, counted.
     let before = drops(&c, "bad_length");
     from_node2(45101, steered(&c, 64, 200, 41101));
-    let counted = wait_for("bad_length counts", Duration::from_secs(5), || {
-        match drops(&c, "bad_length") {
-            n if n > before => Ok(n),
-            n => Err(format!("still {n}")),
-        }
+    let counted = wait_for("bad_length counts", Duration::from_secs(5), || match drops(
+        &c,
+        "bad_length",
+    ) {
+        n if n > before => Ok(n),
+        n => Err(format!("still {n}")),
     });
     c.expect("bad_length", counted);
     std::thread::sleep(Duration::from_millis(300));
@@ -174,6 +175,8 @@ fn exhausted_ttl_and_bad_lengths_are_answered_or_dropped_not_forwarded() {
             .unwrap_or_else(|e| c.fail(e));
     });
     if !seen.contains(&format!("{EGRESS_A} > {}", spec::SERVER_ADDR)) {
-        c.fail(format!("the server got no time-exceeded from {EGRESS_A}: {seen:?}"));
+        c.fail(format!(
+            "the server got no time-exceeded from {EGRESS_A}: {seen:?}"
+        ));
     }
 }

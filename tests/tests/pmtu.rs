@@ -121,14 +121,52 @@ fn narrow_path_from_node1(c: &Cluster) {
             egress_lab::exec_in(ns, args[0], &args[1..]),
         );
     };
-    run(&router, &["ip", "link", "add", "dpnarrow", "type", "veth", "peer", "name", "dpnarrow", "netns", &node1]);
-    run(&router, &["ip", "addr", "add", "192.0.2.2/30", "dev", "dpnarrow"]);
-    run(&router, &["ip", "link", "set", "dpnarrow", "mtu", "1300", "up"]);
+    run(
+        &router,
+        &[
+            "ip", "link", "add", "dpnarrow", "type", "veth", "peer", "name", "dpnarrow", "netns",
+            &node1,
+        ],
+    );
+    run(
+        &router,
+        &["ip", "addr", "add", "192.0.2.2/30", "dev", "dpnarrow"],
+    );
+    run(
+        &router,
+        &["ip", "link", "set", "dpnarrow", "mtu", "1300", "up"],
+    );
     // Replies go back through the node network: no reverse-path check here.
-    run(&router, &["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.dpnarrow.rp_filter=0"]);
-    run(&node1, &["ip", "addr", "add", "192.0.2.1/30", "dev", "dpnarrow"]);
-    run(&node1, &["ip", "link", "set", "dpnarrow", "mtu", "1300", "up"]);
-    run(&node1, &["ip", "route", "replace", "198.51.100.0/24", "via", "192.0.2.2", "dev", "dpnarrow"]);
+    run(
+        &router,
+        &[
+            "sysctl",
+            "-qw",
+            "net.ipv4.conf.all.rp_filter=0",
+            "net.ipv4.conf.dpnarrow.rp_filter=0",
+        ],
+    );
+    run(
+        &node1,
+        &["ip", "addr", "add", "192.0.2.1/30", "dev", "dpnarrow"],
+    );
+    run(
+        &node1,
+        &["ip", "link", "set", "dpnarrow", "mtu", "1300", "up"],
+    );
+    run(
+        &node1,
+        &[
+            "ip",
+            "route",
+            "replace",
+            "198.51.100.0/24",
+            "via",
+            "192.0.2.2",
+            "dev",
+            "dpnarrow",
+        ],
+    );
 }
 
 #[test]
@@ -139,7 +177,9 @@ fn the_egress_node_sends_fragmentation_needed_for_what_it_cannot_forward() {
     }
     narrow_path_from_node1(&c);
     let stats = || c.expect("stats", c.lab.agent(1).stats());
-    let before = stats().drops(1, "mtu_exceeded").unwrap_or_else(|e| c.fail(e));
+    let before = stats()
+        .drops(1, "mtu_exceeded")
+        .unwrap_or_else(|e| c.fail(e));
     // A local pod gets the error out of its own interface; a pod on node 2
     // through the tunnel, quoting its own untranslated packet.
     for pod in [PodRef::new(1, 1), PodRef::new(2, 1)] {
@@ -154,7 +194,9 @@ fn the_egress_node_sends_fragmentation_needed_for_what_it_cannot_forward() {
             ));
         }
     }
-    let after = stats().drops(1, "mtu_exceeded").unwrap_or_else(|e| c.fail(e));
+    let after = stats()
+        .drops(1, "mtu_exceeded")
+        .unwrap_or_else(|e| c.fail(e));
     if after < before + 2 {
         c.fail(format!("mtu_exceeded went from {before} to {after}"));
     }

@@ -19,7 +19,9 @@ fn steal_udp(c: &Cluster, ns: &str, dev: &str, port: u16, sink: &str) {
             exec_in(ns, args[0], &args[1..]),
         );
     };
-    run(&["ip", "link", "add", sink, "type", "veth", "peer", "name", &peer]);
+    run(&[
+        "ip", "link", "add", sink, "type", "veth", "peer", "name", &peer,
+    ]);
     run(&["ip", "link", "set", sink, "up"]);
     run(&["ip", "link", "set", &peer, "up"]);
     run(&["tc", "qdisc", "add", "dev", dev, "clsact"]);
@@ -34,7 +36,11 @@ fn steal_udp(c: &Cluster, ns: &str, dev: &str, port: u16, sink: &str) {
 fn stolen(c: &Cluster, ns: &str, dev: &str) -> u64 {
     let out = c.expect(
         "tc filter show",
-        exec_in(ns, "tc", &["-s", "-j", "filter", "show", "dev", dev, "ingress"]),
+        exec_in(
+            ns,
+            "tc",
+            &["-s", "-j", "filter", "show", "dev", dev, "ingress"],
+        ),
     );
     let v: serde_json::Value = serde_json::from_str(&out.stdout)
         .unwrap_or_else(|e| c.fail(format!("tc -j: {e}: {}", out.stdout)));

@@ -82,8 +82,7 @@ mod program {
         if now >= cfg.claims_valid_until_ns {
             // This node's claim on the egress IP lapsed: it may no longer
             // send with it. Cluster destinations never needed it.
-            if classify::is_excluded(id, ip.dst)
-                || sel.policy.flags & policy_flags::FAIL_OPEN != 0
+            if classify::is_excluded(id, ip.dst) || sel.policy.flags & policy_flags::FAIL_OPEN != 0
             {
                 return Ok(action::PASS);
             }
