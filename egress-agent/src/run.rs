@@ -150,19 +150,14 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("node.tunnel_interface {:?}", config.node.tunnel_interface))?;
     let tunnel_mtu = uplink.mtu.saturating_sub(u32::from(VXLAN_OVERHEAD));
-    let env = Environment {
-        tunnel_ifindex: tunnel.index,
-        nat_port_min: config.datapath.nat_port_min,
-        nat_port_max: config.datapath.nat_port_max,
-        max_flows: u64::from(config.datapath.max_flows),
-        tunnel_mss: tunnel_mtu
+    let env = Environment::new(
+        &config.datapath,
+        tunnel.index,
+        tunnel_mtu
             .saturating_sub(IP_TCP_HEADERS)
             .min(u32::from(u16::MAX)) as u16,
-        tunnel_port: config.node.tunnel_port,
-        // Static mode never expires; Kubernetes mode replaces this with the
-        // pinned stamp (the previous agent's last fence) before any write.
-        claims_valid_until_ns: u64::MAX,
-    };
+        config.node.tunnel_port,
+    );
     tracing::info!(uplink = %uplink.name, uplink_mtu = uplink.mtu, tunnel = %tunnel.name, tunnel_mss = env.tunnel_mss, "interfaces");
 
     loader::ensure_bpffs()?;
@@ -955,6 +950,8 @@ impl Agent {
             return;
         }
         let desired = new.node_state();
+        let env = self.env;
+        self.env = env.with_settings(&new.datapath);
         let outcome = self.apply(&desired, &static_claims(&desired)).await;
         match outcome {
             Ok(()) => {
@@ -964,6 +961,7 @@ impl Agent {
                 self.config = new;
             }
             Err(e) => {
+                self.env = env;
                 tracing::error!(error = %format!("{e:#}"), "applying the reloaded configuration failed")
             }
         }
