@@ -84,10 +84,13 @@ fn pods_of_egress_ips_without_a_usable_ip_fail_closed() {
         let held = wait_for(&format!("{pod} ({name}) is held closed"), FOLLOW, || {
             let stats = c.lab.agent(pod.node).stats().map_err(|e| e.to_string())?;
             let before = stats.drops(0, "no_egress_node")?;
+            // To another port than the stream's: until the selection is
+            // applied these probes still leave as the node, which is not
+            // what the receiver below judges.
             let _ = egress_lab::traffic::udp_send(
                 &c.ns(*pod),
                 SocketAddrV4::new(pod.ip(), 40000),
-                to,
+                SocketAddrV4::new(spec::SERVER_ADDR, STREAM_PORT + 1),
                 vec![0; 8],
             );
             thread::sleep(Duration::from_millis(100));
