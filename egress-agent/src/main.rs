@@ -3,16 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-
-mod batch;
-mod config;
-mod gc;
-mod identity;
-mod image;
-mod inspect;
-mod loader;
-mod maps;
-mod run;
+use egress_agent::{config, inspect, loader, maps, run};
 
 #[derive(Parser)]
 #[command(

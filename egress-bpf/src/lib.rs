@@ -1,7 +1,9 @@
-//! The few bpf(2) commands the benchmark needs on the agent's pinned objects,
-//! issued directly: control-plane timings must not include a process start,
-//! and `BPF_PROG_TEST_RUN` with `repeat = 1` per distinct packet is how
-//! first-packet cost is measured.
+//! The few bpf(2) commands issued directly on the agent's pinned objects.
+//! The benchmark needs them raw: control-plane timings must not include a
+//! process start, and `BPF_PROG_TEST_RUN` with `repeat = 1` per distinct
+//! packet is how first-packet cost is measured. The `BPF_PROG_TEST_RUN`
+//! suite (egress-testrun) runs packets through the programs with the same
+//! command (aya has no test-run API).
 
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -115,18 +117,76 @@ pub struct TestRun {
 /// Ethernet header on). Runs in the caller's network namespace, which is
 /// what the program's FIB lookups see.
 pub fn test_run(prog: &OwnedFd, pkt: &[u8], repeat: u32) -> Result<TestRun> {
+    let run = test_run_skb(prog, pkt, &SkbContext::default(), repeat)?;
+    Ok(TestRun {
+        retval: run.retval,
+        duration_ns: run.duration_ns,
+    })
+}
+
+/// Size of `struct __sk_buff` (linux/bpf.h) as of Linux 6.x.
+const SK_BUFF_SIZE: usize = 192;
+const SK_BUFF_MARK: usize = 8;
+const SK_BUFF_INGRESS_IFINDEX: usize = 36;
+const SK_BUFF_IFINDEX: usize = 40;
+
+/// The `__sk_buff` fields `BPF_PROG_TEST_RUN` lets a caller set for a TC
+/// program (the kernel rejects any other non-zero field with `EINVAL`).
+/// Tunnel metadata is not among them: it lives in the skb's metadata dst,
+/// which `__sk_buff` does not expose.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SkbContext {
+    /// `skb->dev`: the device the packet arrived on (0: the namespace's
+    /// loopback). It must exist in the caller's network namespace.
+    pub ifindex: u32,
+    pub mark: u32,
+}
+
+/// The outcome of one `BPF_PROG_TEST_RUN` of a TC program.
+#[derive(Clone, Debug)]
+pub struct SkbRun {
+    /// The program's return value (a TC action, as the kernel returned it).
+    pub retval: u32,
+    pub duration_ns: u32,
+    /// The frame after the program's rewrites.
+    pub packet: Vec<u8>,
+    /// `skb->mark` after the run.
+    pub mark: u32,
+}
+
+/// `BPF_PROG_TEST_RUN` of a TC program with `pkt` (from the Ethernet header
+/// on) and the given `__sk_buff` fields; returns the rewritten frame.
+pub fn test_run_skb(prog: &OwnedFd, pkt: &[u8], ctx: &SkbContext, repeat: u32) -> Result<SkbRun> {
+    // Room for programs that grow the packet (encapsulation, options).
     let mut out = vec![0u8; pkt.len() + 256];
+    let mut ctx_in = [0u8; SK_BUFF_SIZE];
+    ctx_in[SK_BUFF_MARK..SK_BUFF_MARK + 4].copy_from_slice(&ctx.mark.to_ne_bytes());
+    ctx_in[SK_BUFF_INGRESS_IFINDEX..SK_BUFF_INGRESS_IFINDEX + 4]
+        .copy_from_slice(&ctx.ifindex.to_ne_bytes());
+    ctx_in[SK_BUFF_IFINDEX..SK_BUFF_IFINDEX + 4].copy_from_slice(&ctx.ifindex.to_ne_bytes());
+    let mut ctx_out = [0u8; SK_BUFF_SIZE];
     let mut a = Attr::new();
     a.put_u32(0, prog.as_raw_fd() as u32)
         .put_u32(8, pkt.len() as u32)
         .put_u32(12, out.len() as u32)
         .put_u64(16, pkt.as_ptr() as u64)
         .put_u64(24, out.as_mut_ptr() as u64)
-        .put_u32(32, repeat);
+        .put_u32(32, repeat)
+        .put_u32(40, SK_BUFF_SIZE as u32)
+        .put_u32(44, SK_BUFF_SIZE as u32)
+        .put_u64(48, ctx_in.as_ptr() as u64)
+        .put_u64(56, ctx_out.as_mut_ptr() as u64);
     sys_bpf(BPF_PROG_TEST_RUN, &mut a).context("BPF_PROG_TEST_RUN")?;
-    Ok(TestRun {
+    out.truncate(a.get_u32(12) as usize);
+    Ok(SkbRun {
         retval: a.get_u32(4),
         duration_ns: a.get_u32(36),
+        packet: out,
+        mark: u32::from_ne_bytes(
+            ctx_out[SK_BUFF_MARK..SK_BUFF_MARK + 4]
+                .try_into()
+                .expect("4 bytes"),
+        ),
     })
 }
 
