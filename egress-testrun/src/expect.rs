@@ -94,3 +94,10 @@ pub fn spoofed_source_invariant() -> &'static str {
 pub fn known_hole(invariant: &str) -> bool {
     invariant == "spoofed_source"
 }
+
+/// A packet from outside to an egress IP held here that matches no flow:
+/// passed to the node's stack today; dp-core drops it (`no_flow`) unless
+/// configured otherwise.
+pub fn uplink_no_flow() -> (Verdict, Option<DropReason>) {
+    (Verdict::Pass, None)
+}

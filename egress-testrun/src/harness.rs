@@ -258,6 +258,30 @@ impl Harness {
         Ok(())
     }
 
+    /// Writes a flow as the datapath would have made it (both entries and
+    /// the created count): the setup step for flows a test run cannot make,
+    /// such as those of pods steered here through the tunnel.
+    pub fn insert_flow(&mut self, key: &FlowKeyV4, entry: &NatEntryV4) -> Result<()> {
+        let rev = RevNatEntryV4 {
+            orig_addr: key.src_addr,
+            origin_node: entry.origin_node,
+            orig_port: key.src_port,
+            policy_id: entry.policy_id,
+            ..Default::default()
+        };
+        let reply = egress_agent::maps::reverse_key(key, entry);
+        self.maps.nat_rev.insert(reply, rev, 0)?;
+        self.maps.nat_fwd.insert(key, entry, 0)?;
+        let created = self
+            .maps
+            .flow_count
+            .get(&egress_common::flow_count::CREATED, 0)?;
+        self.maps
+            .flow_count
+            .set(egress_common::flow_count::CREATED, created + 1, 0)?;
+        Ok(())
+    }
+
     /// A policy's counters summed over CPUs.
     pub fn stats(&self, policy: u32) -> Result<PolicyStats> {
         Ok(self.maps.policy_stats(policy)?)
