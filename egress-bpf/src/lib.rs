@@ -16,6 +16,8 @@ const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
 const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_PROG_LOAD: libc::c_long = 5;
 
 /// Big enough for every `union bpf_attr` variant used here; the kernel
 /// requires the unused tail to be zero.
@@ -129,6 +131,7 @@ const SK_BUFF_SIZE: usize = 192;
 const SK_BUFF_MARK: usize = 8;
 const SK_BUFF_INGRESS_IFINDEX: usize = 36;
 const SK_BUFF_IFINDEX: usize = 40;
+const SK_BUFF_CB: usize = 48;
 
 /// The `__sk_buff` fields `BPF_PROG_TEST_RUN` lets a caller set for a TC
 /// program (the kernel rejects any other non-zero field with `EINVAL`).
@@ -140,6 +143,8 @@ pub struct SkbContext {
     /// loopback). It must exist in the caller's network namespace.
     pub ifindex: u32,
     pub mark: u32,
+    /// `skb->cb`: scratch space handed to the program (the tunnel injector's arguments).
+    pub cb: [u32; 5],
 }
 
 /// The outcome of one `BPF_PROG_TEST_RUN` of a TC program.
@@ -164,6 +169,10 @@ pub fn test_run_skb(prog: &OwnedFd, pkt: &[u8], ctx: &SkbContext, repeat: u32) -
     ctx_in[SK_BUFF_INGRESS_IFINDEX..SK_BUFF_INGRESS_IFINDEX + 4]
         .copy_from_slice(&ctx.ifindex.to_ne_bytes());
     ctx_in[SK_BUFF_IFINDEX..SK_BUFF_IFINDEX + 4].copy_from_slice(&ctx.ifindex.to_ne_bytes());
+    for (i, word) in ctx.cb.iter().enumerate() {
+        let at = SK_BUFF_CB + 4 * i;
+        ctx_in[at..at + 4].copy_from_slice(&word.to_ne_bytes());
+    }
     let mut ctx_out = [0u8; SK_BUFF_SIZE];
     let mut a = Attr::new();
     a.put_u32(0, prog.as_raw_fd() as u32)
@@ -188,6 +197,135 @@ pub fn test_run_skb(prog: &OwnedFd, pkt: &[u8], ctx: &SkbContext, repeat: u32) -
                 .expect("4 bytes"),
         ),
     })
+}
+
+/// A TC program that gives a packet tunnel metadata and tail-calls the
+/// program under test, as the VXLAN device's receive path would have set it:
+/// `BPF_PROG_TEST_RUN` cannot pass tunnel metadata itself (`__sk_buff` has no
+/// field for the skb's metadata dst), but a program can set it with
+/// `bpf_skb_set_tunnel_key` before a tail call, which keeps the skb. Its
+/// arguments come in `skb->cb`: see [`TunnelInjector::context`].
+pub struct TunnelInjector {
+    pub prog: OwnedFd,
+    _prog_array: OwnedFd,
+}
+
+/// Return values of the injector itself (the target's otherwise).
+pub const INJECTOR_SET_KEY_FAILED: u32 = 99;
+pub const INJECTOR_TAIL_CALL_FAILED: u32 = 98;
+
+impl TunnelInjector {
+    /// Loads the injector with `target` (a TC program) as its tail call.
+    pub fn load(target: &OwnedFd) -> Result<Self> {
+        let prog_array = map_create(3 /* BPF_MAP_TYPE_PROG_ARRAY */, 4, 4, 1)?;
+        let prog = load_sched_cls(&injector_insns(prog_array.as_raw_fd()))?;
+        update(
+            &prog_array,
+            &0u32.to_ne_bytes(),
+            &(target.as_raw_fd() as u32).to_ne_bytes(),
+        )
+        .context("putting the target program in the injector's prog array")?;
+        Ok(Self {
+            prog,
+            _prog_array: prog_array,
+        })
+    }
+
+    /// The `skb->cb` words that make the injector set VNI `vni` and outer
+    /// source `remote` (what `bpf_skb_get_tunnel_key` then reports as the
+    /// remote end).
+    pub fn context(ifindex: u32, vni: u32, remote: [u8; 4]) -> SkbContext {
+        SkbContext {
+            ifindex,
+            mark: 0,
+            cb: [vni, u32::from_be_bytes(remote), 0, 0, 0],
+        }
+    }
+}
+
+/// One BPF instruction: opcode, dst and src registers, offset, immediate.
+fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> [u8; 8] {
+    let mut i = [0u8; 8];
+    i[0] = code;
+    i[1] = (src << 4) | dst;
+    i[2..4].copy_from_slice(&off.to_le_bytes());
+    i[4..8].copy_from_slice(&imm.to_le_bytes());
+    i
+}
+
+/// r6 = ctx; key = {tunnel_id: cb[0], local_ipv4: cb[1], ttl 64} on the
+/// stack; bpf_skb_set_tunnel_key(ctx, &key, 44, 0); tail call prog_array[0].
+/// (The kernel stores `local_ipv4` as the key's source address, which is
+/// what the receiving side's `bpf_skb_get_tunnel_key` returns as `remote_ipv4`.)
+fn injector_insns(prog_array_fd: i32) -> Vec<u8> {
+    const KEY: i16 = -48;
+    const KEY_SIZE: i32 = 44;
+    const SKB_SET_TUNNEL_KEY: i32 = 21;
+    const TAIL_CALL: i32 = 12;
+    let mut p = Vec::new();
+    p.push(insn(0xbf, 6, 1, 0, 0)); // r6 = r1
+    p.push(insn(0x61, 2, 1, SK_BUFF_CB as i16, 0)); // r2 = cb[0]
+    p.push(insn(0x61, 3, 1, SK_BUFF_CB as i16 + 4, 0)); // r3 = cb[1]
+    for word in 0..KEY_SIZE as i16 / 4 {
+        p.push(insn(0x62, 10, 0, KEY + 4 * word, 0)); // *(u32 *)(r10 + off) = 0
+    }
+    p.push(insn(0x63, 10, 2, KEY, 0)); // tunnel_id
+    p.push(insn(0x63, 10, 3, KEY + 28, 0)); // local_ipv4
+    p.push(insn(0x62, 10, 0, KEY + 20, 64 << 8)); // tunnel_tos 0, tunnel_ttl 64
+    p.push(insn(0xbf, 1, 6, 0, 0)); // r1 = ctx
+    p.push(insn(0xbf, 2, 10, 0, 0)); // r2 = r10
+    p.push(insn(0x07, 2, 0, 0, KEY as i32)); // r2 += KEY
+    p.push(insn(0xb7, 3, 0, 0, KEY_SIZE)); // r3 = 44
+    p.push(insn(0xb7, 4, 0, 0, 0)); // r4 = 0
+    p.push(insn(0x85, 0, 0, 0, SKB_SET_TUNNEL_KEY));
+    p.push(insn(0x15, 0, 0, 2, 0)); // if r0 == 0 goto +2
+    p.push(insn(0xb7, 0, 0, 0, INJECTOR_SET_KEY_FAILED as i32));
+    p.push(insn(0x95, 0, 0, 0, 0));
+    p.push(insn(0xbf, 1, 6, 0, 0)); // r1 = ctx
+    p.push(insn(0x18, 2, 1, 0, prog_array_fd)); // r2 = map (BPF_PSEUDO_MAP_FD)
+    p.push(insn(0, 0, 0, 0, 0));
+    p.push(insn(0xb7, 3, 0, 0, 0)); // r3 = 0
+    p.push(insn(0x85, 0, 0, 0, TAIL_CALL));
+    p.push(insn(0xb7, 0, 0, 0, INJECTOR_TAIL_CALL_FAILED as i32));
+    p.push(insn(0x95, 0, 0, 0, 0));
+    p.concat()
+}
+
+fn map_create(map_type: u32, key_size: u32, value_size: u32, max_entries: u32) -> Result<OwnedFd> {
+    let mut a = Attr::new();
+    a.put_u32(0, map_type)
+        .put_u32(4, key_size)
+        .put_u32(8, value_size)
+        .put_u32(12, max_entries);
+    let fd = sys_bpf(BPF_MAP_CREATE, &mut a).context("BPF_MAP_CREATE")?;
+    // SAFETY: the kernel just returned this fd to us and nobody else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Loads raw instructions as a TC (`BPF_PROG_TYPE_SCHED_CLS`) program; the
+/// verifier's log is in the error.
+fn load_sched_cls(insns: &[u8]) -> Result<OwnedFd> {
+    let license = c"GPL";
+    let mut log = vec![0u8; 64 * 1024];
+    let mut a = Attr::new();
+    a.put_u32(0, 3)
+        .put_u32(4, (insns.len() / 8) as u32)
+        .put_u64(8, insns.as_ptr() as u64)
+        .put_u64(16, license.as_ptr() as u64)
+        .put_u32(24, 1)
+        .put_u32(28, log.len() as u32)
+        .put_u64(32, log.as_mut_ptr() as u64);
+    match sys_bpf(BPF_PROG_LOAD, &mut a) {
+        // SAFETY: the kernel just returned this fd to us and nobody else owns it.
+        Ok(fd) => Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) }),
+        Err(e) => {
+            let end = log.iter().position(|b| *b == 0).unwrap_or(log.len());
+            bail!(
+                "BPF_PROG_LOAD: {e}\n{}",
+                String::from_utf8_lossy(&log[..end])
+            )
+        }
+    }
 }
 
 pub fn possible_cpus() -> Result<usize> {

@@ -7,7 +7,10 @@
 //!   frame becomes `bad_length` ([`pod_bad_length`]); a lone TCP ACK opens an
 //!   unreplied flow ([`first_ack_state`]).
 //! - dp-identity: steered flows enter the flow table without a reverse twin,
-//!   flagged STEERED ([`needs_reverse_twin`]).
+//!   flagged STEERED ([`needs_reverse_twin`]); a pod's packet with another
+//!   pod's address is dropped ([`spoofed_source_invariant`]); tunnel
+//!   arrivals are checked against the sender's pods and live flows
+//!   ([`tunnel_unsolicited_to_pod`], [`tunnel_foreign_inner_source`]).
 
 use egress_common::{CtState, DropReason, NatEntryV4};
 
@@ -100,4 +103,19 @@ pub fn known_hole(invariant: &str) -> bool {
 /// configured otherwise.
 pub fn uplink_no_flow() -> (Verdict, Option<DropReason>) {
     (Verdict::Pass, None)
+}
+
+/// A tunnel packet from a cluster node to a local selected pod that matches
+/// no flow of that pod: delivered today (issue 7); dp-identity drops it
+/// (`no_flow`).
+pub fn tunnel_unsolicited_to_pod() -> (Verdict, Option<DropReason>) {
+    (Verdict::Redirect, None)
+}
+
+/// A tunnel arrival whose inner source is not a pod of the sending node:
+/// translated today (issue 7); dp-identity drops it (`pod_not_selected`).
+/// (The world's `NodeState` will then also have to say which pods node2
+/// hosts, however dp-identity carries that.)
+pub fn tunnel_foreign_inner_source() -> (Verdict, Option<DropReason>) {
+    (Verdict::Redirect, None)
 }

@@ -269,14 +269,14 @@ impl Generator {
     /// The next packet and where it enters.
     fn next(&mut self, flows: &crate::Flows) -> (Ingress, Vec<u8>) {
         let (ingress, frame) = if self.chance(55) {
-            self.from_pod()
+            self.pod_packet()
         } else {
-            (Ingress::Uplink, self.from_outside(flows))
+            (Ingress::Uplink, self.outside_packet(flows))
         };
         (ingress, self.mutate(frame))
     }
 
-    fn from_pod(&mut self) -> (Ingress, Frame) {
+    fn pod_packet(&mut self) -> (Ingress, Frame) {
         let pod = self.pick(&PODS);
         // Mostly its own address; sometimes a neighbour's or a stranger's.
         let src = if self.chance(90) {
@@ -326,7 +326,7 @@ impl Generator {
         (Ingress::Pod(pod), frame)
     }
 
-    fn from_outside(&mut self, flows: &crate::Flows) -> Frame {
+    fn outside_packet(&mut self, flows: &crate::Flows) -> Frame {
         let mut live: Vec<(&FlowKeyV4, &NatEntryV4)> = flows.fwd.iter().collect();
         live.sort_by_key(|(k, _)| (k.src_addr, k.dst_addr, k.src_port, k.dst_port, k.proto));
         let roll = self.rng.u8(..100);

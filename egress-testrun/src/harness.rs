@@ -20,7 +20,7 @@ use egress_agent::{
     loader::{self, Datapath},
     maps::{Maps, PinLayout},
 };
-use egress_bpf::SkbContext;
+use egress_bpf::{SkbContext, TunnelInjector};
 use egress_common::{
     DatapathConfig, FlowKeyV4, NatEntryV4, PolicyStats, RevNatEntryV4, maps::programs,
 };
@@ -79,6 +79,7 @@ pub fn settings() -> DatapathSettings {
 pub struct Harness {
     // Field order: the programs and maps close before the pins and the
     // namespace go.
+    injector: TunnelInjector,
     progs: HashMap<Program, OwnedFd>,
     maps: Maps,
     _datapath: Datapath,
@@ -121,6 +122,8 @@ impl Harness {
             let fd = egress_bpf::obj_get(&layout.progs().join(prog.name()))?;
             progs.insert(prog, fd);
         }
+        let injector = TunnelInjector::load(&progs[&Program::TunnelIngress])
+            .context("loading the tunnel-metadata injector")?;
         std::mem::forget(pins);
         let env = Environment {
             tunnel_ifindex: ifindexes[world::TUNNEL],
@@ -131,6 +134,7 @@ impl Harness {
             tunnel_port: world::TUNNEL_PORT,
         };
         let mut harness = Self {
+            injector,
             progs,
             maps,
             _datapath: datapath,
@@ -187,12 +191,30 @@ impl Harness {
 
     /// Runs `packet` through `prog` as if it had arrived on `ifindex`.
     pub fn run_on(&self, prog: Program, ifindex: u32, mark: u32, packet: &[u8]) -> Result<Outcome> {
+        self.test_run(
+            &self.progs[&prog],
+            prog.name(),
+            &SkbContext {
+                ifindex,
+                mark,
+                ..Default::default()
+            },
+            packet,
+        )
+    }
+
+    fn test_run(
+        &self,
+        prog: &OwnedFd,
+        name: &str,
+        ctx: &SkbContext,
+        packet: &[u8],
+    ) -> Result<Outcome> {
         if std::thread::current().id() != self.thread {
             bail!("a harness runs packets on the thread that made it (its namespace's)");
         }
-        let run =
-            egress_bpf::test_run_skb(&self.progs[&prog], packet, &SkbContext { ifindex, mark }, 1)
-                .with_context(|| format!("{} on a {}-byte frame", prog.name(), packet.len()))?;
+        let run = egress_bpf::test_run_skb(prog, packet, ctx, 1)
+            .with_context(|| format!("{name} on a {}-byte frame", packet.len()))?;
         Ok(Outcome {
             retval: run.retval,
             verdict: Verdict::from_retval(run.retval),
@@ -225,8 +247,35 @@ impl Harness {
         )
     }
 
-    /// A packet on the tunnel device. `BPF_PROG_TEST_RUN` gives it no
-    /// tunnel metadata (see the tunnel_ingress tests).
+    /// A packet decapsulated by the tunnel device from outer source
+    /// `remote` with `vni`: the metadata is set by a program that then
+    /// tail-calls tunnel_ingress ([`TunnelInjector`]).
+    pub fn tunnel_ingress_from(
+        &self,
+        remote: Ipv4Addr,
+        vni: u32,
+        packet: &[u8],
+    ) -> Result<Outcome> {
+        let ctx = TunnelInjector::context(self.ifindex(world::TUNNEL), vni, remote.octets());
+        let out = self.test_run(
+            &self.injector.prog,
+            "tunnel metadata + tunnel_ingress",
+            &ctx,
+            packet,
+        )?;
+        match out.retval {
+            egress_bpf::INJECTOR_SET_KEY_FAILED => {
+                bail!("bpf_skb_set_tunnel_key failed in the injector")
+            }
+            egress_bpf::INJECTOR_TAIL_CALL_FAILED => {
+                bail!("the injector's tail call to tunnel_ingress failed")
+            }
+            _ => Ok(out),
+        }
+    }
+
+    /// A packet on the tunnel device as `BPF_PROG_TEST_RUN` alone delivers
+    /// it: without tunnel metadata.
     pub fn tunnel_ingress(&self, packet: &[u8]) -> Result<Outcome> {
         self.run_on(
             Program::TunnelIngress,
