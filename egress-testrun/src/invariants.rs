@@ -59,7 +59,7 @@ impl Ingress {
 
 /// Destinations a policy never translates (as the node's `NodeState` says).
 pub fn excluded(policy: u32, dst: Ipv4Addr) -> bool {
-    let state = world::node_state();
+    let state = world::shared_node_state();
     let hit = |net: &Ipv4Net| net.contains(&dst);
     state.nodes.contains(&dst)
         || state.global_excluded.iter().any(hit)
@@ -112,7 +112,7 @@ fn credential(pod: Pod, input: &[u8], out: &Outcome) -> Option<Violation> {
     let (Ok(before), Ok(after)) = (check::view(input), check::view(&out.packet)) else {
         return None;
     };
-    let state = world::node_state();
+    let state = world::shared_node_state();
     let policy_of = |ip: Ipv4Addr| state.pods.get(&ip).copied();
     // Lent out: the egress IP on a packet its pod did not send on its own interface.
     if let Some((&id, _)) = state

@@ -149,9 +149,10 @@ pub fn node_state() -> NodeState {
     s
 }
 
-/// The egress IP a policy's traffic must leave with.
-pub fn egress_ip(policy: u32) -> Option<Ipv4Addr> {
-    node_state().policies.get(&policy).map(|p| p.egress_ip)
+/// [`node_state`], built once: the fuzz target's invariants consult it per packet.
+pub fn shared_node_state() -> &'static NodeState {
+    static STATE: std::sync::OnceLock<NodeState> = std::sync::OnceLock::new();
+    STATE.get_or_init(node_state)
 }
 
 /// The local pod with this address.
