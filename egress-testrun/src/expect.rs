@@ -95,7 +95,25 @@ pub fn spoofed_source_invariant() -> &'static str {
 /// Invariants whose violations are known holes that pending work closes:
 /// reported, but they do not fail a run.
 pub fn known_hole(invariant: &str) -> bool {
-    invariant == "spoofed_source"
+    matches!(
+        invariant,
+        "spoofed_source" | "tunnel_spoof" | "tunnel_unsolicited"
+    )
+}
+
+/// A cluster node's tunnel arrival that is not its selected pod under its
+/// policy's VNI leaves with the egress IP today (issue 7, "tunnel
+/// spoofing"); dp-identity drops it (`pod_not_selected`). Return
+/// `"credential"` once it lands.
+pub fn tunnel_spoof_invariant() -> &'static str {
+    "tunnel_spoof"
+}
+
+/// A cluster node's tunnel packet to a local selected pod without a flow of
+/// the pod's is delivered today; dp-identity drops it (`no_flow`). Return
+/// `"credential"` once it lands.
+pub fn tunnel_unsolicited_invariant() -> &'static str {
+    "tunnel_unsolicited"
 }
 
 /// A packet from outside to an egress IP held here that matches no flow:

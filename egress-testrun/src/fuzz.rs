@@ -1,6 +1,8 @@
 //! The datapath fuzz target: a seeded, self-contained mutational generator
-//! feeding pod_ingress and uplink_ingress interleaved, so that replies,
-//! ICMP errors and forged packets meet the flows earlier packets created,
+//! feeding pod_ingress, uplink_ingress and (through the tunnel-metadata
+//! injector, with forged outer sources and VNIs too) tunnel_ingress
+//! interleaved, so that replies, ICMP errors and forged packets meet the
+//! flows earlier packets created,
 //! with the [`invariants`](crate::invariants) checked after every packet.
 //!
 //! Deterministic for a seed, except where the datapath itself draws a
@@ -151,6 +153,7 @@ pub fn run(seed: u64, limits: Limits) -> Result<Summary> {
         let out = match ingress {
             Ingress::Pod(pod) => harness.pod_ingress(pod, &frame)?,
             Ingress::Uplink => harness.uplink_ingress(&frame)?,
+            Ingress::Tunnel { remote, vni } => harness.tunnel_ingress_from(remote, vni, &frame)?,
         };
         let program = ingress.program().name();
         *summary
@@ -161,7 +164,7 @@ pub fn run(seed: u64, limits: Limits) -> Result<Summary> {
             generator.remember(&out.packet);
         }
         flows = harness.flows()?;
-        let mut found = invariants::check_packet(ingress, &frame, &out);
+        let mut found = invariants::check_packet(ingress, &frame, &out, &flows);
         found.extend(invariants::check_tables(&flows, harness.live_flows()?));
         if out.verdict == Verdict::Drop {
             let after = drop_totals(&harness)?;
@@ -181,10 +184,7 @@ pub fn run(seed: u64, limits: Limits) -> Result<Summary> {
                     seed,
                     packet: summary.packets,
                     program,
-                    ingress: match ingress {
-                        Ingress::Pod(p) => p.interface.to_string(),
-                        Ingress::Uplink => world::UPLINK.to_string(),
-                    },
+                    ingress: ingress.describe(),
                     frame: hex(&frame),
                     violation,
                 });
@@ -268,10 +268,13 @@ impl Generator {
 
     /// The next packet and where it enters.
     fn next(&mut self, flows: &crate::Flows) -> (Ingress, Vec<u8>) {
-        let (ingress, frame) = if self.chance(55) {
+        let roll = self.rng.u8(..100);
+        let (ingress, frame) = if roll < 50 {
             self.pod_packet()
-        } else {
+        } else if roll < 85 {
             (Ingress::Uplink, self.outside_packet(flows))
+        } else {
+            self.tunnel_packet()
         };
         (ingress, self.mutate(frame))
     }
@@ -324,6 +327,43 @@ impl Generator {
         };
         let frame = frame.macs(pod.mac, pod.host_mac);
         (Ingress::Pod(pod), frame)
+    }
+
+    /// What another node (or something posing as one) sends through the tunnel.
+    fn tunnel_packet(&mut self) -> (Ingress, Frame) {
+        let remote = if self.chance(80) {
+            world::NODE2
+        } else {
+            self.pick(&[world::STRANGER, world::NODE])
+        };
+        let vni = if self.chance(70) {
+            world::LOCAL_POLICY
+        } else {
+            self.pick(&[
+                world::STEERED_POLICY,
+                world::ORPHAN_CLOSED_POLICY,
+                world::ORPHAN_OPEN_POLICY,
+                4242,
+            ])
+        };
+        let server = self.pick(&[world::SERVER, world::SERVER2]);
+        let (src, dst) = match self.rng.u8(..4) {
+            // node2's selected pod, steered here.
+            0 | 1 => (world::REMOTE_POD, server),
+            // A reply node2 translated back for one of our pods.
+            2 => (server, self.pick(&PODS).ip),
+            // Someone else's address inside.
+            _ => (
+                self.pick(&[world::POD_LOCAL.ip, SOMEWHERE, world::CLUSTER_PEER]),
+                self.pick(&[server, world::POD_LOCAL.ip]),
+            ),
+        };
+        let frame = match self.rng.u8(..3) {
+            0 => Frame::tcp(src, self.port(), dst, self.port(), self.tcp_flags()),
+            1 => Frame::udp(src, self.port(), dst, self.port()),
+            _ => Frame::echo_request(src, dst, self.port()),
+        };
+        (Ingress::Tunnel { remote, vni }, frame)
     }
 
     fn outside_packet(&mut self, flows: &crate::Flows) -> Frame {

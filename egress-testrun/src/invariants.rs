@@ -7,7 +7,9 @@
 //!    destination is excluded (cluster, service, node, policy exclusions), or
 //!    it is steered unchanged to the node that holds the egress IP. No packet
 //!    leaves pod_ingress with an egress IP as source unless a pod of that
-//!    policy sent it on its own interface.
+//!    policy sent it on its own interface. A tunnel arrival leaves with an
+//!    egress IP only as the sending node's selected pod under its policy's
+//!    VNI, and reaches a local pod only as a reply of that pod's flow.
 //! 2. **Checksums verify** on every frame that leaves: the IPv4 header
 //!    checksum always, the transport one when the packet is complete, the
 //!    quoted header of ICMP errors, each whenever the input's verified.
@@ -46,6 +48,11 @@ pub enum Ingress {
     /// pod_ingress on this pod's host-side interface.
     Pod(Pod),
     Uplink,
+    /// tunnel_ingress, decapsulated from `remote` with `vni`.
+    Tunnel {
+        remote: Ipv4Addr,
+        vni: u32,
+    },
 }
 
 impl Ingress {
@@ -53,6 +60,15 @@ impl Ingress {
         match self {
             Self::Pod(_) => Program::PodIngress,
             Self::Uplink => Program::UplinkIngress,
+            Self::Tunnel { .. } => Program::TunnelIngress,
+        }
+    }
+
+    pub fn describe(self) -> String {
+        match self {
+            Self::Pod(p) => p.interface.to_string(),
+            Self::Uplink => world::UPLINK.to_string(),
+            Self::Tunnel { remote, vni } => format!("{} from {remote} VNI {vni}", world::TUNNEL),
         }
     }
 }
@@ -91,7 +107,12 @@ pub fn kernel_would_forward(frame: &[u8]) -> bool {
 }
 
 /// Invariants 1 and 2 for one packet.
-pub fn check_packet(ingress: Ingress, input: &[u8], out: &Outcome) -> Vec<Violation> {
+pub fn check_packet(
+    ingress: Ingress,
+    input: &[u8],
+    out: &Outcome,
+    flows: &Flows,
+) -> Vec<Violation> {
     let mut found = Vec::new();
     let leaves = match out.verdict {
         expect::Verdict::Redirect => true,
@@ -101,11 +122,75 @@ pub fn check_packet(ingress: Ingress, input: &[u8], out: &Outcome) -> Vec<Violat
     if !leaves {
         return found;
     }
-    if let Ingress::Pod(pod) = ingress {
-        found.extend(credential(pod, input, out));
+    match ingress {
+        Ingress::Pod(pod) => found.extend(credential(pod, input, out)),
+        Ingress::Tunnel { remote, vni } => {
+            found.extend(tunnel_trust(remote, vni, input, out, flows))
+        }
+        Ingress::Uplink => {}
     }
     found.extend(checksums(input, &out.packet));
     found
+}
+
+/// A tunnel arrival may leave with an egress IP only when it is the known
+/// selected pod of the node that sent it, under its policy's VNI; and may
+/// reach a local pod only as a reply of that pod's own flow.
+fn tunnel_trust(
+    remote: Ipv4Addr,
+    vni: u32,
+    input: &[u8],
+    out: &Outcome,
+    flows: &Flows,
+) -> Option<Violation> {
+    let (Ok(before), Ok(after)) = (check::view(input), check::view(&out.packet)) else {
+        return None;
+    };
+    let state = world::shared_node_state();
+    let node = state.nodes.contains(&remote);
+    if let Some((&id, _)) = state
+        .policies
+        .iter()
+        .find(|(_, p)| p.egress_ip == after.src && after.src != before.src)
+    {
+        let genuine = remote == world::NODE2
+            && before.src == world::REMOTE_POD
+            && id == world::LOCAL_POLICY
+            && vni == id;
+        if !genuine {
+            return Some(violation(
+                if node {
+                    expect::tunnel_spoof_invariant()
+                } else {
+                    "credential"
+                },
+                format!(
+                    "{}→{} from {remote} (VNI {vni}) left with policy {id}'s egress IP {}",
+                    before.src, before.dst, after.src
+                ),
+            ));
+        }
+    }
+    if let Some(pod) = world::pod_by_ip(after.dst) {
+        let own_flow = flows
+            .fwd
+            .keys()
+            .any(|k| k.src_addr == pod.ip.octets() && k.dst_addr == after.src.octets());
+        if !own_flow {
+            return Some(violation(
+                if node {
+                    expect::tunnel_unsolicited_invariant()
+                } else {
+                    "credential"
+                },
+                format!(
+                    "{}→{} from {remote} (VNI {vni}) was delivered to pod {} without a flow of its",
+                    before.src, before.dst, pod.ip
+                ),
+            ));
+        }
+    }
+    None
 }
 
 fn credential(pod: Pod, input: &[u8], out: &Outcome) -> Option<Violation> {
