@@ -28,7 +28,7 @@ use egress_model::NodeState;
 
 use crate::{
     expect::Verdict,
-    netns::{PREFIX, TestNetns},
+    netns::TestNetns,
     world::{self, Pod},
 };
 
@@ -361,18 +361,4 @@ impl Drop for Harness {
             eprintln!("removing {}: {e}", self.layout.root.display());
         }
     }
-}
-
-/// The addresses of a frame's IPv4 header, for messages.
-pub fn addresses(frame: &[u8]) -> Option<(Ipv4Addr, Ipv4Addr)> {
-    let ip = frame.get(14..34)?;
-    Some((
-        Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
-        Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
-    ))
-}
-
-/// Namespaces and pins a killed run may have left behind.
-pub fn leftovers_hint() -> String {
-    format!("leftovers of killed runs: `ip netns list | grep {PREFIX}`, /sys/fs/bpf/{PREFIX}-*")
 }
