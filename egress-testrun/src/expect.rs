@@ -7,7 +7,7 @@
 //!   frame becomes `bad_length` ([`pod_bad_length`]); a lone TCP ACK opens an
 //!   unreplied flow ([`first_ack_state`]).
 //! - dp-identity: steered flows enter the flow table without a reverse twin,
-//!   flagged STEERED ([`needs_reverse_twin`]); a pod's packet with another
+//!   flagged STEERED ([`needs_reverse_twin`], [`steered_flow_entries`]); a pod's packet with another
 //!   pod's address is dropped ([`spoofed_source_invariant`]); tunnel
 //!   arrivals are checked against the sender's pods and live flows
 //!   ([`tunnel_unsolicited_to_pod`], [`tunnel_foreign_inner_source`]).
@@ -71,8 +71,9 @@ pub fn pod_ttl_expired() -> Option<DropReason> {
 }
 
 /// A selected pod's packet whose IP total length exceeds the frame: today
-/// the datapath does not compare them and translates it (the kernel's
-/// `ip_rcv` drops it later); dp-core drops it with `bad_length`.
+/// the datapath does not compare them and translates and redirects it
+/// (past the kernel's `ip_rcv` checks; the receiver discards it); dp-core
+/// drops it with `bad_length`.
 pub fn pod_bad_length() -> Option<DropReason> {
     None
 }
@@ -136,4 +137,10 @@ pub fn tunnel_unsolicited_to_pod() -> (Verdict, Option<DropReason>) {
 /// hosts, however dp-identity carries that.)
 pub fn tunnel_foreign_inner_source() -> (Verdict, Option<DropReason>) {
     (Verdict::Redirect, None)
+}
+
+/// Flow entries a steered packet leaves on the pod's node: none today;
+/// dp-identity's STEERED entry (one, without a reverse twin).
+pub fn steered_flow_entries() -> usize {
+    0
 }

@@ -66,6 +66,8 @@ pub struct Summary {
     pub verdicts: BTreeMap<(&'static str, String), u64>,
     /// Drops by reason over all policies.
     pub drops: BTreeMap<&'static str, u64>,
+    /// The first frame dropped for each reason, and where it entered.
+    pub drop_samples: BTreeMap<&'static str, (String, String)>,
     pub flows_at_end: usize,
     /// Broken invariants (the first few of each kind are kept in full).
     pub findings: Vec<Finding>,
@@ -100,6 +102,10 @@ impl Summary {
         let _ = writeln!(s, "drops by reason:");
         for (reason, n) in &self.drops {
             let _ = writeln!(s, "  {reason:<20} {n}");
+        }
+        let _ = writeln!(s, "first frame dropped for each reason:");
+        for (reason, (ingress, frame)) in &self.drop_samples {
+            let _ = writeln!(s, "  {reason:<20} {ingress}: {frame}");
         }
         if self.violations.is_empty() {
             let _ = writeln!(s, "invariant violations: none");
@@ -172,6 +178,10 @@ pub fn run(seed: u64, limits: Limits) -> Result<Summary> {
                 let d = after.drops.get(reason) - before.drops.get(reason);
                 if d > 0 {
                     *summary.drops.entry(reason.name()).or_default() += d;
+                    summary
+                        .drop_samples
+                        .entry(reason.name())
+                        .or_insert_with(|| (ingress.describe(), hex(&frame)));
                 }
             }
             before = after;

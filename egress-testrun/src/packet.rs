@@ -286,14 +286,57 @@ pub mod raw {
             return;
         }
         frame[IP_CSUM..IP_CSUM + 2].copy_from_slice(&[0, 0]);
+        // etherparse sums native-endian words: its result is in native order.
         let sum = etherparse::checksum::Sum16BitWords::new()
             .add_slice(&frame[IP..end])
             .ones_complement();
-        frame[IP_CSUM..IP_CSUM + 2].copy_from_slice(&sum.to_be_bytes());
+        frame[IP_CSUM..IP_CSUM + 2].copy_from_slice(&sum.to_ne_bytes());
     }
 
     pub fn set_total_len(frame: &mut [u8], len: u16) {
         frame[IP_TOTAL_LEN..IP_TOTAL_LEN + 2].copy_from_slice(&len.to_be_bytes());
         fix_ip_checksum(frame);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::check;
+
+    #[test]
+    fn built_frames_have_valid_checksums() {
+        let (a, b) = (
+            Ipv4Addr::new(10, 244, 1, 11),
+            Ipv4Addr::new(198, 51, 100, 10),
+        );
+        for frame in [
+            Frame::tcp(a, 40000, b, 80, tcp::SYN).mss(1460).build(),
+            Frame::udp(a, 5000, b, 53)
+                .ip_options(&[7, 7, 4, 0, 0, 0, 0])
+                .build(),
+            Frame::udp(a, 5000, b, 53).no_udp_checksum().build(),
+            Frame::echo_request(a, b, 7).build(),
+        ] {
+            check::all_checksums_ok(&frame).unwrap();
+        }
+        let about = Frame::udp(a, 5000, b, 53).build();
+        check::all_checksums_ok(&Frame::frag_needed(b, a, 1400, &about).build()).unwrap();
+    }
+
+    #[test]
+    fn raw_checksum_fix_matches_a_correct_sender() {
+        let good = Frame::tcp(
+            Ipv4Addr::new(10, 244, 1, 11),
+            1,
+            Ipv4Addr::new(198, 51, 100, 10),
+            2,
+            tcp::ACK,
+        )
+        .build();
+        let mut frame = good.clone();
+        frame[raw::IP_CSUM] ^= 0xff;
+        raw::fix_ip_checksum(&mut frame);
+        assert_eq!(frame, good);
     }
 }

@@ -232,7 +232,9 @@ fn steered_packet_keeps_its_addresses_and_is_redirected() {
         TUNNEL_MSS
     );
     check::all_checksums_ok(&out.packet).unwrap();
-    assert_no_flows(&h);
+    let flows = h.flows().unwrap();
+    assert_eq!(flows.fwd.len(), expect::steered_flow_entries(), "{flows:?}");
+    assert!(flows.rev.is_empty(), "nothing comes back here: {flows:?}");
     let stats = h.stats(STEERED_POLICY).unwrap();
     assert_eq!(
         (stats.steered_packets, stats.egress_packets, stats.new_flows),
@@ -295,6 +297,29 @@ fn later_fragment_of_selected_traffic_is_dropped() {
         .build();
     let out = h.pod_ingress(POD_LOCAL, &pkt).unwrap();
     assert_dropped(&h, &out, LOCAL_POLICY, DropReason::Fragment);
+}
+
+#[test]
+fn total_length_beyond_the_frame() {
+    let h = Harness::node().unwrap();
+    let mut pkt = Frame::udp(POD_LOCAL.ip, 5000, SERVER, 53).build();
+    let claimed = (pkt.len() - raw::IP + 100) as u16;
+    raw::set_total_len(&mut pkt, claimed);
+    assert_eq!(
+        check::ip_checksum_ok(&pkt),
+        Some(true),
+        "a sender's valid header"
+    );
+    let out = h.pod_ingress(POD_LOCAL, &pkt).unwrap();
+    match expect::pod_bad_length() {
+        // Translated as it is; the receiver discards it (never with another source).
+        None => {
+            assert_eq!(out.verdict, Verdict::Redirect);
+            assert_eq!(check::view(&out.packet).unwrap().src, LOCAL_EGRESS);
+            assert_eq!(check::ip_checksum_ok(&out.packet), Some(true));
+        }
+        Some(reason) => assert_dropped(&h, &out, LOCAL_POLICY, reason),
+    }
 }
 
 #[test]
