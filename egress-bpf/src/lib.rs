@@ -155,7 +155,7 @@ pub struct SkbRun {
     pub duration_ns: u32,
     /// The frame after the program's rewrites.
     pub packet: Vec<u8>,
-    /// `skb->mark` after the run.
+    /// `skb->mark` after the run (0 when run without a context).
     pub mark: u32,
 }
 
@@ -180,11 +180,15 @@ pub fn test_run_skb(prog: &OwnedFd, pkt: &[u8], ctx: &SkbContext, repeat: u32) -
         .put_u32(12, out.len() as u32)
         .put_u64(16, pkt.as_ptr() as u64)
         .put_u64(24, out.as_mut_ptr() as u64)
-        .put_u32(32, repeat)
-        .put_u32(40, SK_BUFF_SIZE as u32)
-        .put_u32(44, SK_BUFF_SIZE as u32)
-        .put_u64(48, ctx_in.as_ptr() as u64)
-        .put_u64(56, ctx_out.as_mut_ptr() as u64);
+        .put_u32(32, repeat);
+    // Without a context the run is exactly the benchmark's historical one.
+    let with_ctx = ctx.ifindex != 0 || ctx.mark != 0 || ctx.cb != [0; 5];
+    if with_ctx {
+        a.put_u32(40, SK_BUFF_SIZE as u32)
+            .put_u32(44, SK_BUFF_SIZE as u32)
+            .put_u64(48, ctx_in.as_ptr() as u64)
+            .put_u64(56, ctx_out.as_mut_ptr() as u64);
+    }
     sys_bpf(BPF_PROG_TEST_RUN, &mut a).context("BPF_PROG_TEST_RUN")?;
     out.truncate(a.get_u32(12) as usize);
     Ok(SkbRun {
