@@ -88,6 +88,20 @@ enum Cmd {
         #[arg(long, default_value_t = 20)]
         seconds: u64,
     },
+    /// Run the datapath fuzz target (egress-testrun, release build): mutated
+    /// packets through pod_ingress and uplink_ingress with invariants checked
+    /// after each; prints packets, verdicts, drops and violations with reproducers.
+    Fuzz {
+        /// Seconds to run.
+        #[arg(long, default_value_t = 60)]
+        duration: u64,
+        /// The generator's seed (default: from the clock; printed).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Stop after this many packets instead (replays a finding).
+        #[arg(long)]
+        packets: Option<u64>,
+    },
     /// Run the benchmark (egress-bench, release build); arguments pass through.
     Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -178,6 +192,11 @@ fn main() -> Result<()> {
             measure::renewal_jitter(flows, seconds)
         }
         Cmd::Bench { args } => bench(&args),
+        Cmd::Fuzz {
+            duration,
+            seed,
+            packets,
+        } => fuzz(duration, seed, packets),
     }
 }
 
@@ -357,6 +376,29 @@ fn parse_test_result(line: &str) -> Option<(u64, u64)> {
 /// The benchmark's quick mode, which CI runs so that the harness keeps working.
 fn bench_smoke() -> Result<()> {
     run(cargo().args(["run", "-p", "egress-bench", "--", "run", "--quick"]))
+}
+
+fn fuzz(duration: u64, seed: Option<u64>, packets: Option<u64>) -> Result<()> {
+    prereq::ensure_all()?;
+    let mut cmd = cargo();
+    cmd.args([
+        "run",
+        "--release",
+        "-p",
+        "egress-testrun",
+        "--bin",
+        "egress-fuzz",
+        "--",
+    ])
+    .args(["--duration", &duration.to_string()])
+    .env("PATH", prereq::path_with_llvm());
+    if let Some(seed) = seed {
+        cmd.args(["--seed", &seed.to_string()]);
+    }
+    if let Some(packets) = packets {
+        cmd.args(["--packets", &packets.to_string()]);
+    }
+    run(&mut cmd)
 }
 
 fn bench(args: &[String]) -> Result<()> {
