@@ -9,6 +9,7 @@ use std::{collections::BTreeSet, path::PathBuf};
 use egress_k8s::{KubernetesConfig, crd::EgressIP};
 use k8s_openapi::{
     api::{
+        admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding},
         apps::v1::DaemonSet,
         core::v1::{ConfigMap, Namespace, ServiceAccount},
         rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding},
@@ -129,12 +130,18 @@ fn every_manifest_is_schema_valid() {
                 "ConfigMap" => drop(strict::<ConfigMap>(file, &doc)),
                 "DaemonSet" => drop(strict::<DaemonSet>(file, &doc)),
                 "CustomResourceDefinition" => drop(strict::<CustomResourceDefinition>(file, &doc)),
+                "ValidatingAdmissionPolicy" => {
+                    drop(strict::<ValidatingAdmissionPolicy>(file, &doc))
+                }
+                "ValidatingAdmissionPolicyBinding" => {
+                    drop(strict::<ValidatingAdmissionPolicyBinding>(file, &doc))
+                }
                 other => panic!("{file}: unexpected kind {other}"),
             }
             kinds.insert(kind);
         }
     }
-    assert_eq!(kinds.len(), 9, "{kinds:?}");
+    assert_eq!(kinds.len(), 11, "{kinds:?}");
 }
 
 fn one<T: DeserializeOwned + Serialize>(file: &str, kind: &str) -> T {

@@ -175,7 +175,16 @@ pub fn to_cel(v: &serde_json::Value) -> Value {
 /// bool. An evaluation error is an error, as it is for the API server (a
 /// rule that errors denies).
 pub fn eval(rule: &str, vars: &[(&str, &serde_json::Value)]) -> Result<bool, String> {
-    let program = Program::compile(rule).map_err(|e| format!("{rule}: does not compile: {e}"))?;
+    let vars: Vec<(&str, Value)> = vars.iter().map(|(n, v)| (*n, to_cel(v))).collect();
+    match eval_value(rule, &vars)? {
+        Value::Bool(b) => Ok(b),
+        other => Err(format!("{rule}: yields {other:?}, not a bool")),
+    }
+}
+
+/// Evaluates `expr` to a value, with `vars` bound.
+pub fn eval_value(expr: &str, vars: &[(&str, Value)]) -> Result<Value, String> {
+    let program = Program::compile(expr).map_err(|e| format!("{expr}: does not compile: {e}"))?;
     let mut ctx = Context::default();
     for (name, value) in [
         ("isIP", is_ip as fn(This<Arc<String>>) -> bool),
@@ -188,13 +197,9 @@ pub fn eval(rule: &str, vars: &[(&str, &serde_json::Value)]) -> Result<bool, Str
     ctx.add_function("family", family).unwrap();
     ctx.add_function("prefixLength", prefix_length).unwrap();
     for (name, value) in vars {
-        ctx.add_variable_from_value(*name, to_cel(value));
+        ctx.add_variable_from_value(*name, value.clone());
     }
-    match program.execute(&ctx) {
-        Ok(Value::Bool(b)) => Ok(b),
-        Ok(other) => Err(format!("{rule}: yields {other:?}, not a bool")),
-        Err(e) => Err(format!("{rule}: {e}")),
-    }
+    program.execute(&ctx).map_err(|e| format!("{expr}: {e}"))
 }
 
 /// The examples of the Kubernetes reference hold in this harness.
