@@ -22,7 +22,7 @@ use crate::{
     identity::{self, Candidate, Source},
     image::{DatapathImage, Environment},
     loader::{self, Datapath},
-    maps::{Maps, PinLayout},
+    maps::{ApplyOutcome, Maps, PinLayout},
 };
 
 pub struct Options {
@@ -164,7 +164,10 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let desired = match mode {
         Mode::Static => {
             let desired = agent.config.node_state();
-            agent.apply(&desired, &static_claims(&desired)).await?;
+            agent
+                .apply(&desired, &static_claims(&desired))
+                .await?
+                .all_applied()?;
             desired
         }
         Mode::Kubernetes => {
@@ -189,6 +192,9 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     // In Kubernetes mode the agent is ready once it has applied the state of
     // the synced watches, not before (the DaemonSet's startup probe).
     let mut ready_pending = true;
+    // Kubernetes mode: the last apply left policies unprogrammed; retried
+    // every second, and the agent is not ready until none is.
+    let mut apply_incomplete = false;
     if mode == Mode::Static {
         agent.mark_ready()?;
         ready_pending = false;
@@ -219,6 +225,13 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                     Mode::Static => agent.reload_if_changed().await,
                     Mode::Kubernetes => agent.refresh_subnets().await,
                 }
+                if apply_incomplete {
+                    apply_incomplete = !agent.apply_kubernetes().await;
+                    if ready_pending && !apply_incomplete {
+                        agent.mark_ready()?;
+                        ready_pending = false;
+                    }
+                }
                 if handing_over.is_some_and(|t| t.elapsed() > drain) {
                     tracing::warn!("hand-over did not finish in time; exiting anyway");
                     break;
@@ -226,8 +239,8 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             }
             changed = desired_changed(&mut agent.kube) => {
                 if changed {
-                    agent.apply_kubernetes().await;
-                    if ready_pending {
+                    apply_incomplete = !agent.apply_kubernetes().await;
+                    if ready_pending && !apply_incomplete {
                         agent.mark_ready()?;
                         ready_pending = false;
                     }
@@ -383,23 +396,30 @@ async fn finished(
 }
 
 impl Agent {
-    fn reconcile(&mut self, desired: &NodeState) -> anyhow::Result<()> {
+    fn reconcile(&mut self, desired: &NodeState) -> anyhow::Result<ApplyOutcome> {
         let current = self.maps.read_image()?;
         let image = DatapathImage::from_state(desired, &self.env);
-        let report = self.maps.apply(&current, &image)?;
-        if !report.is_empty() {
+        let outcome = self.maps.apply(&current, &image)?;
+        if !outcome.report.is_empty() {
             tracing::info!(
-                written = report.written,
-                removed = report.removed,
+                written = outcome.report.written,
+                removed = outcome.report.removed,
                 "datapath maps reconciled"
             );
         }
-        Ok(())
+        for (id, error) in &outcome.failed {
+            tracing::error!(policy = id, %error, "policy not programmed (the others are)");
+        }
+        Ok(outcome)
     }
 
     /// Makes the datapath and the node's addresses match `desired`.
     /// Addresses first: a policy becomes local only once its IP is here.
-    async fn apply(&mut self, desired: &NodeState, claims: &[AddressClaim]) -> anyhow::Result<()> {
+    async fn apply(
+        &mut self,
+        desired: &NodeState,
+        claims: &[AddressClaim],
+    ) -> anyhow::Result<ApplyOutcome> {
         self.claim(claims).await?;
         self.reconcile(desired)
     }
@@ -465,6 +485,9 @@ impl Agent {
         let subnets = self.egress_subnets().await?;
         let mut options = self.config.kubernetes.options(subnets)?;
         options.node_addr = self.config.node.address;
+        // Policy ids index this node's policy array: the assigner keeps
+        // them below the (cluster-wide) max_policies.
+        options.plan.max_policies = self.config.datapath.max_policies;
         options
             .global_excluded
             .extend(self.config.cluster.excluded_cidrs.iter().map(|n| n.trunc()));
@@ -548,22 +571,35 @@ impl Agent {
         Ok(())
     }
 
-    /// Applies the controller's latest desired state and reports what we hold.
-    async fn apply_kubernetes(&mut self) {
+    /// Applies the controller's latest desired state and reports what we
+    /// hold and what the datapath holds; true once every policy is applied.
+    async fn apply_kubernetes(&mut self) -> bool {
         let Some(desired) = self
             .kube
             .as_mut()
             .and_then(|k| k.desired.borrow_and_update().clone())
         else {
-            return;
+            return false;
         };
-        if let Err(e) = self.apply(&desired.state, &desired.claims).await {
-            tracing::error!(error = %format!("{e:#}"), "applying the desired state from Kubernetes");
-        }
+        let outcome = self.apply(&desired.state, &desired.claims).await;
+        let complete = match outcome {
+            Ok(outcome) => {
+                let complete = outcome.failed.is_empty();
+                if let Some(k) = &self.kube {
+                    k.applied.send_replace(Some(outcome.into()));
+                }
+                complete
+            }
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "applying the desired state from Kubernetes");
+                false
+            }
+        };
         let held = self.held_addresses(&desired.claims).await;
         if let Some(k) = &self.kube {
             let _ = k.held.send(held);
         }
+        complete
     }
 
     /// Which of the claimed or recorded egress IPs are on our interfaces now.
@@ -707,7 +743,10 @@ impl Agent {
             return;
         }
         let desired = new.node_state();
-        let outcome = self.apply(&desired, &static_claims(&desired)).await;
+        let outcome = self
+            .apply(&desired, &static_claims(&desired))
+            .await
+            .and_then(|o| Ok(o.all_applied()?));
         match outcome {
             Ok(()) => {
                 tracing::info!(policies = new.policies.len(), "configuration reloaded");

@@ -41,8 +41,10 @@ use crate::{
     crd::{EgressIP, EgressIPStatus, condition},
     facts::{EgressSubnet, NodeInfo, PodInfo, SUBNETS_ANNOTATION, subnets_annotation_value},
     heartbeat::{self, HeartbeatConfig},
+    ids,
     plan::{self, PlanConfig},
     project::{self, Projection},
+    report::{self, DatapathReport},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -148,6 +150,7 @@ pub struct ControllerLink {
     desired: watch::Sender<Option<Desired>>,
     fence: watch::Sender<Option<Instant>>,
     held: watch::Receiver<BTreeSet<Ipv4Addr>>,
+    applied: watch::Receiver<Option<DatapathReport>>,
     subnets: watch::Receiver<Option<Vec<EgressSubnet>>>,
     down: watch::Receiver<BTreeSet<String>>,
     shutdown: watch::Receiver<bool>,
@@ -169,6 +172,10 @@ pub struct AgentLink {
     /// after applying `claims`; a claim is released only once its address
     /// is gone from here.
     pub held: watch::Sender<BTreeSet<Ipv4Addr>>,
+    /// The agent reports what its datapath holds after each apply, and the
+    /// policies it failed to program; published in the claims Lease for the
+    /// assigner (policy-id quarantine, `Applied` conditions).
+    pub applied: watch::Sender<Option<DatapathReport>>,
     /// This node's egress-capable subnets when they change after start
     /// (`None`: still [`Options::subnets`]); republished on the Node.
     pub subnets: watch::Sender<Option<Vec<EgressSubnet>>>,
@@ -183,6 +190,7 @@ pub fn link() -> (ControllerLink, AgentLink) {
     let (desired_tx, desired_rx) = watch::channel(None);
     let (fence_tx, fence_rx) = watch::channel(None);
     let (held_tx, held_rx) = watch::channel(BTreeSet::new());
+    let (applied_tx, applied_rx) = watch::channel(None);
     let (subnets_tx, subnets_rx) = watch::channel(None);
     let (down_tx, down_rx) = watch::channel(BTreeSet::new());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -191,6 +199,7 @@ pub fn link() -> (ControllerLink, AgentLink) {
             desired: desired_tx,
             fence: fence_tx,
             held: held_rx,
+            applied: applied_rx,
             subnets: subnets_rx,
             down: down_rx,
             shutdown: shutdown_rx,
@@ -199,6 +208,7 @@ pub fn link() -> (ControllerLink, AgentLink) {
             desired: desired_rx,
             fence: fence_rx,
             held: held_tx,
+            applied: applied_tx,
             subnets: subnets_tx,
             down: down_tx,
             shutdown: shutdown_tx,
@@ -371,6 +381,9 @@ struct ClaimWriter {
     published: Option<BTreeSet<Ipv4Addr>>,
     draining: bool,
     last_renew: Option<Instant>,
+    /// The agent's latest datapath report, and the one last written.
+    report: Option<DatapathReport>,
+    published_report: Option<DatapathReport>,
 }
 
 impl ClaimWriter {
@@ -397,7 +410,8 @@ impl ClaimWriter {
     ) -> Result<(), kube::Error> {
         let name = claims::lease_name(&self.node);
         let now = MicroTime(Timestamp::now());
-        let lease = Lease {
+        let report = self.report.clone();
+        let mut lease = Lease {
             metadata: ObjectMeta {
                 name: Some(name.clone()),
                 namespace: Some(self.namespace.clone()),
@@ -425,6 +439,9 @@ impl ClaimWriter {
                 ..Default::default()
             }),
         };
+        if let (Some(r), Some(a)) = (&report, lease.metadata.annotations.as_mut()) {
+            a.extend(r.annotations());
+        }
         let started = Instant::now();
         match self
             .api
@@ -445,6 +462,7 @@ impl ClaimWriter {
         }
         self.published = Some(ips.clone());
         self.draining = draining;
+        self.published_report = report;
         Ok(())
     }
 
@@ -757,6 +775,8 @@ async fn node_agent(
         published: None,
         draining: false,
         last_renew: None,
+        report: None,
+        published_report: None,
     };
     let locks = reflect(
         writer.api.clone(),
@@ -912,8 +932,10 @@ async fn node_agent(
             && writer
                 .last_renew
                 .is_none_or(|t| now.saturating_duration_since(t) >= options.claim_renew);
+        writer.report = link.applied.borrow().clone();
         if (writer.published.as_ref() != Some(&to_publish)
             || writer.draining != draining
+            || writer.published_report != writer.report
             || renew_due)
             && let Err(e) = writer.write(&to_publish, draining).await
         {
@@ -1005,6 +1027,7 @@ async fn node_agent(
         tokio::select! {
             _ = notify.notified() => {}
             r = link.held.changed() => { if r.is_err() { return Ok(()); } }
+            r = link.applied.changed() => { if r.is_err() { return Ok(()); } }
             r = link.subnets.changed() => { if r.is_err() { return Ok(()); } }
             r = link.shutdown.changed() => { if r.is_err() { return Ok(()); } }
             _ = tokio::time::sleep(wake) => {}
@@ -1198,6 +1221,24 @@ fn events_for(old: Option<&EgressIPStatus>, new: &EgressIPStatus) -> Vec<Event> 
                 secondary: None,
             });
         }
+        if let Some(c) = ip
+            .conditions
+            .iter()
+            .find(|c| c.type_ == condition::APPLIED && c.reason == "ApplyFailed")
+            && before.is_none_or(|b| {
+                !b.conditions
+                    .iter()
+                    .any(|o| o.type_ == c.type_ && o.message == c.message)
+            })
+        {
+            out.push(Event {
+                type_: EventType::Warning,
+                reason: c.reason.clone(),
+                note: Some(c.message.clone()),
+                action: "Apply".into(),
+                secondary: None,
+            });
+        }
         for t in [condition::CONFLICT, condition::INVALID] {
             if let Some((reason, message, _)) = condition_is(Some(new), &ip.egress_ip, t)
                 && condition_is(old, &ip.egress_ip, t).is_none_or(|(r, _, _)| r != reason)
@@ -1215,7 +1256,7 @@ fn events_for(old: Option<&EgressIPStatus>, new: &EgressIPStatus) -> Vec<Event> 
             && let Some(c) = ip.conditions.iter().find(|c| {
                 c.type_ == condition::ASSIGNED
                     && c.status == "False"
-                    && c.reason == "NoAvailableNode"
+                    && (c.reason == "NoAvailableNode" || c.reason == "NoPolicyId")
             })
             && before.is_none_or(|b| {
                 !b.conditions
@@ -1337,7 +1378,14 @@ async fn assign_loop(
             &unavailable,
             &options.plan,
         );
-        let ids = plan::allocate_ids(&checked, &prev_ids);
+        // What every node's datapath holds: released ids stay out of reuse
+        // until no node holds them, and failures go into `Applied`.
+        let reports = report::node_reports(&lease_refs, &node_list);
+        let space = ids::IdSpace::new(options.plan.max_policies, report::held_ids(&reports));
+        let ids = plan::allocate_ids(&checked, &prev_ids, &space);
+        let wanted = checked.iter().map(|c| c.valid_ips().count()).sum::<usize>();
+        let shortage = (ids.len() < wanted).then(|| ids::shortage(&ids, &space));
+        let apply_failures = report::failures(&reports);
         let selection = plan::select_pods(&checked, &namespaces_by_name(&namespaces), &pod_list);
         let stamp = Timestamp::now();
         for c in &checked {
@@ -1352,6 +1400,8 @@ async fn assign_loop(
                 selection: &selection,
                 previous: eip.status.as_ref(),
                 now: stamp,
+                shortage: shortage.as_ref(),
+                apply_failures: &apply_failures,
             });
             if eip.status.as_ref() == Some(&status) {
                 continue;

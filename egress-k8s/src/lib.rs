@@ -8,6 +8,9 @@
 //! - [`controller`]: watches, leader election, status writing and the node
 //!   agent's loop; [`run`] is the entry point of the agent's Kubernetes mode.
 //! - [`heartbeat`]: direct UDP liveness probes between agents.
+//! - [`ids`], [`report`]: policy ids bounded by what the datapath holds and
+//!   quarantined until every node released them; what each node's datapath
+//!   holds and failed to program.
 
 pub mod claims;
 pub mod config;
@@ -15,8 +18,10 @@ pub mod controller;
 pub mod crd;
 pub mod facts;
 pub mod heartbeat;
+pub mod ids;
 pub mod plan;
 pub mod project;
+pub mod report;
 pub mod selector;
 
 pub use config::KubernetesConfig;
