@@ -24,7 +24,7 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Client, Resource, ResourceExt,
-    api::{Patch, PatchParams, PostParams},
+    api::{DynamicObject, Patch, PatchParams, PostParams},
     runtime::{
         WatchStreamExt,
         events::{Event, EventType, Recorder, Reporter},
@@ -39,6 +39,7 @@ use tracing::{debug, info, warn};
 use crate::{
     claims::{self, ClaimTracker},
     crd::{EgressIP, EgressIPStatus, condition},
+    decode,
     facts::{EgressSubnet, NodeInfo, PodInfo, SUBNETS_ANNOTATION, subnets_annotation_value},
     heartbeat::{self, HeartbeatConfig},
     ids,
@@ -242,8 +243,23 @@ where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + Hash + Clone,
 {
-    let (reader, writer) = reflector::store();
-    let kind = K::kind(&K::DynamicType::default()).to_string();
+    reflect_with(api, config, notify, K::DynamicType::default())
+}
+
+/// [`reflect`] for objects whose type is known at run time.
+fn reflect_with<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    notify: Arc<Notify>,
+    dyntype: K::DynamicType,
+) -> Reflected<K>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Eq + Hash + Clone,
+{
+    let kind = K::kind(&dyntype).to_string();
+    let writer = reflector::store::Writer::new(dyntype);
+    let reader = writer.as_reader();
     let stream = reflector::reflector(writer, watcher(api, config).default_backoff());
     let task = tokio::spawn(async move {
         stream
@@ -289,8 +305,16 @@ fn nodes_info(store: &Store<Node>) -> Vec<NodeInfo> {
     v
 }
 
-fn eips_of(store: &Store<EgressIP>) -> Vec<EgressIP> {
-    store.state().iter().map(|e| (**e).clone()).collect()
+/// EgressIPs as raw objects, each decoded on its own ([`decode`]): one that
+/// does not deserialize must not keep the watch from syncing the others.
+fn reflect_egressips(client: &Client, notify: Arc<Notify>) -> Reflected<DynamicObject> {
+    let ar = decode::api_resource();
+    reflect_with(
+        Api::all_with(client.clone(), &ar),
+        watcher::Config::default(),
+        notify,
+        ar,
+    )
 }
 
 /// Runs the Kubernetes mode for `node_name` until `shutdown` is set (then
@@ -729,7 +753,8 @@ async fn node_agent(
 ) -> Result<(), Error> {
     let notify = Arc::new(Notify::new());
     let eip_api: Api<EgressIP> = Api::all(client.clone());
-    let eips = reflect(eip_api.clone(), watcher::Config::default(), notify.clone());
+    let eips = reflect_egressips(&client, notify.clone());
+    let mut decoder = decode::Decoder::default();
     let nodes = reflect(
         Api::<Node>::all(client.clone()),
         watcher::Config::default(),
@@ -807,7 +832,7 @@ async fn node_agent(
             .filter(|l| l.metadata.name.as_deref() != Some(claims::lease_name(&node_name).as_str()))
             .collect();
         let view = tracker.view(&others, now);
-        let eip_list = eips_of(&eips);
+        let eip_list = decode::snapshot(&mut decoder, &eips.state()).good;
         let node_list = nodes_info(&nodes);
         let ns = namespaces_by_name(&namespaces);
         let pod_list: Vec<PodInfo> = pods
@@ -1284,7 +1309,9 @@ async fn assign_loop(
 ) {
     let notify = Arc::new(Notify::new());
     let eip_api: Api<EgressIP> = Api::all(client.clone());
-    let eips = reflect(eip_api.clone(), watcher::Config::default(), notify.clone());
+    let raw_eip_api: Api<DynamicObject> = Api::all_with(client.clone(), &decode::api_resource());
+    let eips = reflect_egressips(&client, notify.clone());
+    let mut decoder = decode::Decoder::default();
     let nodes = reflect(
         Api::<Node>::all(client.clone()),
         watcher::Config::default(),
@@ -1339,7 +1366,8 @@ async fn assign_loop(
     let (mut down_open, mut probe_open) = (true, true);
     loop {
         let now = Instant::now();
-        let eip_list = eips_of(&eips);
+        let decoded = decode::snapshot(&mut decoder, &eips.state());
+        let eip_list = decoded.good;
         let node_list = nodes_info(&nodes);
         let lease_objs = leases.state();
         let lease_refs: Vec<&Lease> = lease_objs.iter().map(|l| &**l).collect();
@@ -1426,6 +1454,7 @@ async fn assign_loop(
                 Err(e) => warn!(egressip = %c.name, error = %e, "cannot write status"),
             }
         }
+        decode::report_malformed(&raw_eip_api, &recorder, &decoded.bad).await;
         let wake = Duration::from_secs(1)
             .min(tracker.next_expiry(Instant::now()).unwrap_or(Duration::MAX));
         tokio::select! {

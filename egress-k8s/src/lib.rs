@@ -16,6 +16,7 @@ pub mod claims;
 pub mod config;
 pub mod controller;
 pub mod crd;
+pub mod decode;
 pub mod facts;
 pub mod heartbeat;
 pub mod ids;
