@@ -17,7 +17,7 @@ use ipnet::Ipv4Net;
 use k8s_openapi::{
     api::{
         coordination::v1::{Lease, LeaseSpec},
-        core::v1::{Namespace, Node, Pod},
+        core::v1::{Namespace, Node},
     },
     apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta},
     jiff::Timestamp,
@@ -44,6 +44,7 @@ use crate::{
     heartbeat::{self, HeartbeatConfig},
     ids,
     plan::{self, PlanConfig},
+    pods,
     project::{self, Projection},
     report::{self, DatapathReport},
 };
@@ -765,8 +766,8 @@ async fn node_agent(
         watcher::Config::default(),
         notify.clone(),
     );
-    let pods = reflect(
-        Api::<Pod>::all(client.clone()),
+    let pods = pods::PodStore::watch(
+        client.clone(),
         watcher::Config::default().fields(&format!("spec.nodeName={node_name}")),
         notify.clone(),
     );
@@ -783,7 +784,7 @@ async fn node_agent(
     ready(&eips).await;
     ready(&nodes).await;
     ready(&namespaces).await;
-    ready(&pods).await;
+    pods.ready().await;
     ready(&leases).await;
     info!(node = %node_name, "watches synced");
 
@@ -835,11 +836,7 @@ async fn node_agent(
         let eip_list = decode::snapshot(&mut decoder, &eips.state()).good;
         let node_list = nodes_info(&nodes);
         let ns = namespaces_by_name(&namespaces);
-        let pod_list: Vec<PodInfo> = pods
-            .state()
-            .iter()
-            .filter_map(|p| PodInfo::from_pod(p))
-            .collect();
+        let pod_list: Vec<PodInfo> = pods.snapshot();
         let draining = shutting_down_since.is_some();
         let project = |may_hold: bool| {
             project::project(&project::ProjectInput {
@@ -1322,11 +1319,8 @@ async fn assign_loop(
         watcher::Config::default(),
         notify.clone(),
     );
-    let pods = reflect(
-        Api::<Pod>::all(client.clone()),
-        watcher::Config::default(),
-        notify.clone(),
-    );
+    // Every pod of the cluster, kept as PodInfo only (pods.rs).
+    let pods = pods::PodStore::watch(client.clone(), watcher::Config::default(), notify.clone());
     let leases = reflect(
         Api::<Lease>::namespaced(client.clone(), &options.namespace),
         watcher::Config::default().labels(&format!(
@@ -1339,7 +1333,7 @@ async fn assign_loop(
     ready(&eips).await;
     ready(&nodes).await;
     ready(&namespaces).await;
-    ready(&pods).await;
+    pods.ready().await;
     ready(&leases).await;
     info!(identity = %me, "assigner synced");
     let recorder = Recorder::new(
@@ -1392,11 +1386,7 @@ async fn assign_loop(
         let mut unavailable = down.borrow().clone();
         unavailable.extend(probe_down.borrow_and_update().iter().cloned());
         unavailable.extend(view.draining.iter().cloned());
-        let pod_list: Vec<PodInfo> = pods
-            .state()
-            .iter()
-            .filter_map(|p| PodInfo::from_pod(p))
-            .collect();
+        let pod_list: Vec<PodInfo> = pods.snapshot();
         let checked = plan::check_all(&eip_list, &node_list, &options.plan);
         let (prev_nodes, prev_ids) = plan::previous_from_status(&eip_list);
         let assignments = plan::assign(

@@ -21,6 +21,7 @@ pub mod facts;
 pub mod heartbeat;
 pub mod ids;
 pub mod plan;
+pub mod pods;
 pub mod project;
 pub mod report;
 pub mod selector;
