@@ -29,7 +29,7 @@ use crate::{
     identity::{self, Candidate, Source},
     image::{DatapathImage, Environment},
     loader::{self, Datapath},
-    maps::{Maps, PinLayout},
+    maps::{ApplyOutcome, Maps, PinLayout},
 };
 
 pub struct Options {
@@ -216,7 +216,10 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let desired = match mode {
         Mode::Static => {
             let desired = agent.config.node_state();
-            agent.apply(&desired, &static_claims(&desired)).await?;
+            agent
+                .apply(&desired, &static_claims(&desired))
+                .await?
+                .all_applied()?;
             desired
         }
         Mode::Kubernetes => {
@@ -241,6 +244,9 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     // In Kubernetes mode the agent is ready once it has applied the state of
     // the synced watches, not before (the DaemonSet's startup probe).
     let mut ready_pending = true;
+    // Kubernetes mode: the last apply left policies unprogrammed; retried
+    // every second, and the agent is not ready until none is.
+    let mut apply_incomplete = false;
     if mode == Mode::Static {
         agent.mark_ready()?;
         ready_pending = false;
@@ -250,6 +256,8 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     // The static file is re-read when it changes (its mtime, once a second).
     let mut reload = tokio::time::interval(Duration::from_secs(1));
+    // A Kubernetes-mode apply that left policies unprogrammed is retried.
+    let mut retry = tokio::time::interval(Duration::from_secs(1));
     // Set once SIGTERM asked the controller to stop (in Kubernetes mode).
     let mut stopping: Option<tokio::time::Instant> = None;
     let stop_timeout =
@@ -275,6 +283,13 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                 }
             }
             _ = reload.tick(), if mode == Mode::Static => agent.reload_if_changed().await,
+            _ = retry.tick(), if apply_incomplete => {
+                apply_incomplete = !agent.apply_kubernetes().await;
+                if ready_pending && !apply_incomplete {
+                    agent.mark_ready()?;
+                    ready_pending = false;
+                }
+            }
             _ = sleep_until(stop_deadline) => {
                 tracing::warn!("the Kubernetes controller did not stop in time; exiting anyway");
                 break;
@@ -282,8 +297,8 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             event = from_controller(&mut agent.kube) => match event {
                 FromController::Fence => agent.apply_fence().await,
                 FromController::Desired => {
-                    agent.apply_kubernetes().await;
-                    if ready_pending {
+                    apply_incomplete = !agent.apply_kubernetes().await;
+                    if ready_pending && !apply_incomplete {
                         agent.mark_ready()?;
                         ready_pending = false;
                     }
@@ -550,29 +565,36 @@ async fn finished(
 }
 
 impl Agent {
-    fn reconcile(&mut self, desired: &NodeState) -> anyhow::Result<()> {
+    fn reconcile(&mut self, desired: &NodeState) -> anyhow::Result<ApplyOutcome> {
         // Map dumps and writes are blocking system calls, thousands of them
         // at scale: off the runtime's worker, so the controller's renewals
         // keep running on the others meanwhile.
         let (maps, env) = (&mut self.maps, &self.env);
-        let report = tokio::task::block_in_place(|| {
+        let outcome = tokio::task::block_in_place(|| {
             let current = maps.read_image()?;
             let image = DatapathImage::from_state(desired, env);
             maps.apply(&current, &image)
         })?;
-        if !report.is_empty() {
+        if !outcome.report.is_empty() {
             tracing::info!(
-                written = report.written,
-                removed = report.removed,
+                written = outcome.report.written,
+                removed = outcome.report.removed,
                 "datapath maps reconciled"
             );
         }
-        Ok(())
+        for (id, error) in &outcome.failed {
+            tracing::error!(policy = id, %error, "policy not programmed (the others are)");
+        }
+        Ok(outcome)
     }
 
     /// Makes the datapath and the node's addresses match `desired`.
     /// Addresses first: a policy becomes local only once its IP is here.
-    async fn apply(&mut self, desired: &NodeState, claims: &[AddressClaim]) -> anyhow::Result<()> {
+    async fn apply(
+        &mut self,
+        desired: &NodeState,
+        claims: &[AddressClaim],
+    ) -> anyhow::Result<ApplyOutcome> {
         self.claim(claims).await?;
         self.reconcile(desired)
     }
@@ -638,6 +660,9 @@ impl Agent {
         let subnets = self.egress_subnets().await?;
         let mut options = self.config.kubernetes.options(subnets)?;
         options.node_addr = self.config.node.address;
+        // Policy ids index this node's policy array: the assigner keeps
+        // them below the (cluster-wide) max_policies.
+        options.plan.max_policies = self.config.datapath.max_policies;
         options
             .global_excluded
             .extend(self.config.cluster.excluded_cidrs.iter().map(|n| n.trunc()));
@@ -749,8 +774,9 @@ impl Agent {
         }
     }
 
-    /// Applies the controller's latest desired state and reports what we hold.
-    async fn apply_kubernetes(&mut self) {
+    /// Applies the controller's latest desired state and reports what we
+    /// hold and what the datapath holds; true once every policy is applied.
+    async fn apply_kubernetes(&mut self) -> bool {
         // The fence of this state first: new claims get its lifetime, and
         // LOCAL policies appear with a valid stamp.
         self.apply_fence().await;
@@ -759,15 +785,27 @@ impl Agent {
             .as_mut()
             .and_then(|k| k.desired.borrow_and_update().clone())
         else {
-            return;
+            return false;
         };
-        if let Err(e) = self.apply(&desired.state, &desired.claims).await {
-            tracing::error!(error = %format!("{e:#}"), "applying the desired state from Kubernetes");
-        }
+        let outcome = self.apply(&desired.state, &desired.claims).await;
+        let complete = match outcome {
+            Ok(outcome) => {
+                let complete = outcome.failed.is_empty();
+                if let Some(k) = &self.kube {
+                    k.applied.send_replace(Some(outcome.into()));
+                }
+                complete
+            }
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "applying the desired state from Kubernetes");
+                false
+            }
+        };
         let held = self.held_addresses(&desired.claims).await;
         if let Some(k) = &self.kube {
             let _ = k.held.send(held);
         }
+        complete
     }
 
     /// Which of the claimed or recorded egress IPs are on our interfaces now.
@@ -952,7 +990,10 @@ impl Agent {
         let desired = new.node_state();
         let env = self.env;
         self.env = env.with_settings(&new.datapath);
-        let outcome = self.apply(&desired, &static_claims(&desired)).await;
+        let outcome = self
+            .apply(&desired, &static_claims(&desired))
+            .await
+            .and_then(|o| Ok(o.all_applied()?));
         match outcome {
             Ok(()) => {
                 tracing::info!(policies = new.policies.len(), "configuration reloaded");

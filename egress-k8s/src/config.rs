@@ -119,6 +119,7 @@ impl KubernetesConfig {
             namespace: self.namespace.clone(),
             plan: PlanConfig {
                 assignable_label: self.assignable_label.clone(),
+                ..PlanConfig::default()
             },
             global_excluded: self
                 .cluster_cidrs

@@ -17,14 +17,14 @@ use ipnet::Ipv4Net;
 use k8s_openapi::{
     api::{
         coordination::v1::{Lease, LeaseSpec},
-        core::v1::{Namespace, Node, Pod},
+        core::v1::{Namespace, Node},
     },
     apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta},
     jiff::Timestamp,
 };
 use kube::{
     Api, Client, Resource, ResourceExt,
-    api::{Patch, PatchParams, PostParams},
+    api::{DynamicObject, Patch, PatchParams, PostParams},
     runtime::{
         WatchStreamExt,
         events::{Event, EventType, Recorder, Reporter},
@@ -39,10 +39,14 @@ use tracing::{debug, info, warn};
 use crate::{
     claims::{self, ClaimTracker},
     crd::{EgressIP, EgressIPStatus, condition},
+    decode,
     facts::{EgressSubnet, NodeInfo, PodInfo, SUBNETS_ANNOTATION, subnets_annotation_value},
     heartbeat::{self, HeartbeatConfig},
+    ids,
     plan::{self, PlanConfig},
+    pods,
     project::{self, Projection},
+    report::{self, DatapathReport},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -148,6 +152,7 @@ pub struct ControllerLink {
     desired: watch::Sender<Option<Desired>>,
     fence: watch::Sender<Option<Instant>>,
     held: watch::Receiver<BTreeSet<Ipv4Addr>>,
+    applied: watch::Receiver<Option<DatapathReport>>,
     subnets: watch::Receiver<Option<Vec<EgressSubnet>>>,
     down: watch::Receiver<BTreeSet<String>>,
     shutdown: watch::Receiver<bool>,
@@ -169,6 +174,10 @@ pub struct AgentLink {
     /// after applying `claims`; a claim is released only once its address
     /// is gone from here.
     pub held: watch::Sender<BTreeSet<Ipv4Addr>>,
+    /// The agent reports what its datapath holds after each apply, and the
+    /// policies it failed to program; published in the claims Lease for the
+    /// assigner (policy-id quarantine, `Applied` conditions).
+    pub applied: watch::Sender<Option<DatapathReport>>,
     /// This node's egress-capable subnets when they change after start
     /// (`None`: still [`Options::subnets`]); republished on the Node.
     pub subnets: watch::Sender<Option<Vec<EgressSubnet>>>,
@@ -183,6 +192,7 @@ pub fn link() -> (ControllerLink, AgentLink) {
     let (desired_tx, desired_rx) = watch::channel(None);
     let (fence_tx, fence_rx) = watch::channel(None);
     let (held_tx, held_rx) = watch::channel(BTreeSet::new());
+    let (applied_tx, applied_rx) = watch::channel(None);
     let (subnets_tx, subnets_rx) = watch::channel(None);
     let (down_tx, down_rx) = watch::channel(BTreeSet::new());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -191,6 +201,7 @@ pub fn link() -> (ControllerLink, AgentLink) {
             desired: desired_tx,
             fence: fence_tx,
             held: held_rx,
+            applied: applied_rx,
             subnets: subnets_rx,
             down: down_rx,
             shutdown: shutdown_rx,
@@ -199,6 +210,7 @@ pub fn link() -> (ControllerLink, AgentLink) {
             desired: desired_rx,
             fence: fence_rx,
             held: held_tx,
+            applied: applied_tx,
             subnets: subnets_tx,
             down: down_tx,
             shutdown: shutdown_tx,
@@ -232,8 +244,23 @@ where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + Hash + Clone,
 {
-    let (reader, writer) = reflector::store();
-    let kind = K::kind(&K::DynamicType::default()).to_string();
+    reflect_with(api, config, notify, K::DynamicType::default())
+}
+
+/// [`reflect`] for objects whose type is known at run time.
+fn reflect_with<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    notify: Arc<Notify>,
+    dyntype: K::DynamicType,
+) -> Reflected<K>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Eq + Hash + Clone,
+{
+    let kind = K::kind(&dyntype).to_string();
+    let writer = reflector::store::Writer::new(dyntype);
+    let reader = writer.as_reader();
     let stream = reflector::reflector(writer, watcher(api, config).default_backoff());
     let task = tokio::spawn(async move {
         stream
@@ -279,8 +306,16 @@ fn nodes_info(store: &Store<Node>) -> Vec<NodeInfo> {
     v
 }
 
-fn eips_of(store: &Store<EgressIP>) -> Vec<EgressIP> {
-    store.state().iter().map(|e| (**e).clone()).collect()
+/// EgressIPs as raw objects, each decoded on its own ([`decode`]): one that
+/// does not deserialize must not keep the watch from syncing the others.
+fn reflect_egressips(client: &Client, notify: Arc<Notify>) -> Reflected<DynamicObject> {
+    let ar = decode::api_resource();
+    reflect_with(
+        Api::all_with(client.clone(), &ar),
+        watcher::Config::default(),
+        notify,
+        ar,
+    )
 }
 
 /// Runs the Kubernetes mode for `node_name` until `shutdown` is set (then
@@ -371,6 +406,9 @@ struct ClaimWriter {
     published: Option<BTreeSet<Ipv4Addr>>,
     draining: bool,
     last_renew: Option<Instant>,
+    /// The agent's latest datapath report, and the one last written.
+    report: Option<DatapathReport>,
+    published_report: Option<DatapathReport>,
 }
 
 impl ClaimWriter {
@@ -397,7 +435,8 @@ impl ClaimWriter {
     ) -> Result<(), kube::Error> {
         let name = claims::lease_name(&self.node);
         let now = MicroTime(Timestamp::now());
-        let lease = Lease {
+        let report = self.report.clone();
+        let mut lease = Lease {
             metadata: ObjectMeta {
                 name: Some(name.clone()),
                 namespace: Some(self.namespace.clone()),
@@ -425,6 +464,9 @@ impl ClaimWriter {
                 ..Default::default()
             }),
         };
+        if let (Some(r), Some(a)) = (&report, lease.metadata.annotations.as_mut()) {
+            a.extend(r.annotations());
+        }
         let started = Instant::now();
         match self
             .api
@@ -445,6 +487,7 @@ impl ClaimWriter {
         }
         self.published = Some(ips.clone());
         self.draining = draining;
+        self.published_report = report;
         Ok(())
     }
 
@@ -711,7 +754,8 @@ async fn node_agent(
 ) -> Result<(), Error> {
     let notify = Arc::new(Notify::new());
     let eip_api: Api<EgressIP> = Api::all(client.clone());
-    let eips = reflect(eip_api.clone(), watcher::Config::default(), notify.clone());
+    let eips = reflect_egressips(&client, notify.clone());
+    let mut decoder = decode::Decoder::default();
     let nodes = reflect(
         Api::<Node>::all(client.clone()),
         watcher::Config::default(),
@@ -722,8 +766,8 @@ async fn node_agent(
         watcher::Config::default(),
         notify.clone(),
     );
-    let pods = reflect(
-        Api::<Pod>::all(client.clone()),
+    let pods = pods::PodStore::watch(
+        client.clone(),
         watcher::Config::default().fields(&format!("spec.nodeName={node_name}")),
         notify.clone(),
     );
@@ -740,7 +784,7 @@ async fn node_agent(
     ready(&eips).await;
     ready(&nodes).await;
     ready(&namespaces).await;
-    ready(&pods).await;
+    pods.ready().await;
     ready(&leases).await;
     info!(node = %node_name, "watches synced");
 
@@ -757,6 +801,8 @@ async fn node_agent(
         published: None,
         draining: false,
         last_renew: None,
+        report: None,
+        published_report: None,
     };
     let locks = reflect(
         writer.api.clone(),
@@ -787,14 +833,10 @@ async fn node_agent(
             .filter(|l| l.metadata.name.as_deref() != Some(claims::lease_name(&node_name).as_str()))
             .collect();
         let view = tracker.view(&others, now);
-        let eip_list = eips_of(&eips);
+        let eip_list = decode::snapshot(&mut decoder, &eips.state()).good;
         let node_list = nodes_info(&nodes);
         let ns = namespaces_by_name(&namespaces);
-        let pod_list: Vec<PodInfo> = pods
-            .state()
-            .iter()
-            .filter_map(|p| PodInfo::from_pod(p))
-            .collect();
+        let pod_list: Vec<PodInfo> = pods.snapshot();
         let draining = shutting_down_since.is_some();
         let project = |may_hold: bool| {
             project::project(&project::ProjectInput {
@@ -912,8 +954,10 @@ async fn node_agent(
             && writer
                 .last_renew
                 .is_none_or(|t| now.saturating_duration_since(t) >= options.claim_renew);
+        writer.report = link.applied.borrow().clone();
         if (writer.published.as_ref() != Some(&to_publish)
             || writer.draining != draining
+            || writer.published_report != writer.report
             || renew_due)
             && let Err(e) = writer.write(&to_publish, draining).await
         {
@@ -1005,6 +1049,7 @@ async fn node_agent(
         tokio::select! {
             _ = notify.notified() => {}
             r = link.held.changed() => { if r.is_err() { return Ok(()); } }
+            r = link.applied.changed() => { if r.is_err() { return Ok(()); } }
             r = link.subnets.changed() => { if r.is_err() { return Ok(()); } }
             r = link.shutdown.changed() => { if r.is_err() { return Ok(()); } }
             _ = tokio::time::sleep(wake) => {}
@@ -1198,6 +1243,24 @@ fn events_for(old: Option<&EgressIPStatus>, new: &EgressIPStatus) -> Vec<Event> 
                 secondary: None,
             });
         }
+        if let Some(c) = ip
+            .conditions
+            .iter()
+            .find(|c| c.type_ == condition::APPLIED && c.reason == "ApplyFailed")
+            && before.is_none_or(|b| {
+                !b.conditions
+                    .iter()
+                    .any(|o| o.type_ == c.type_ && o.message == c.message)
+            })
+        {
+            out.push(Event {
+                type_: EventType::Warning,
+                reason: c.reason.clone(),
+                note: Some(c.message.clone()),
+                action: "Apply".into(),
+                secondary: None,
+            });
+        }
         for t in [condition::CONFLICT, condition::INVALID] {
             if let Some((reason, message, _)) = condition_is(Some(new), &ip.egress_ip, t)
                 && condition_is(old, &ip.egress_ip, t).is_none_or(|(r, _, _)| r != reason)
@@ -1215,7 +1278,7 @@ fn events_for(old: Option<&EgressIPStatus>, new: &EgressIPStatus) -> Vec<Event> 
             && let Some(c) = ip.conditions.iter().find(|c| {
                 c.type_ == condition::ASSIGNED
                     && c.status == "False"
-                    && c.reason == "NoAvailableNode"
+                    && (c.reason == "NoAvailableNode" || c.reason == "NoPolicyId")
             })
             && before.is_none_or(|b| {
                 !b.conditions
@@ -1243,7 +1306,9 @@ async fn assign_loop(
 ) {
     let notify = Arc::new(Notify::new());
     let eip_api: Api<EgressIP> = Api::all(client.clone());
-    let eips = reflect(eip_api.clone(), watcher::Config::default(), notify.clone());
+    let raw_eip_api: Api<DynamicObject> = Api::all_with(client.clone(), &decode::api_resource());
+    let eips = reflect_egressips(&client, notify.clone());
+    let mut decoder = decode::Decoder::default();
     let nodes = reflect(
         Api::<Node>::all(client.clone()),
         watcher::Config::default(),
@@ -1254,11 +1319,8 @@ async fn assign_loop(
         watcher::Config::default(),
         notify.clone(),
     );
-    let pods = reflect(
-        Api::<Pod>::all(client.clone()),
-        watcher::Config::default(),
-        notify.clone(),
-    );
+    // Every pod of the cluster, kept as PodInfo only (pods.rs).
+    let pods = pods::PodStore::watch(client.clone(), watcher::Config::default(), notify.clone());
     let leases = reflect(
         Api::<Lease>::namespaced(client.clone(), &options.namespace),
         watcher::Config::default().labels(&format!(
@@ -1271,7 +1333,7 @@ async fn assign_loop(
     ready(&eips).await;
     ready(&nodes).await;
     ready(&namespaces).await;
-    ready(&pods).await;
+    pods.ready().await;
     ready(&leases).await;
     info!(identity = %me, "assigner synced");
     let recorder = Recorder::new(
@@ -1298,7 +1360,8 @@ async fn assign_loop(
     let (mut down_open, mut probe_open) = (true, true);
     loop {
         let now = Instant::now();
-        let eip_list = eips_of(&eips);
+        let decoded = decode::snapshot(&mut decoder, &eips.state());
+        let eip_list = decoded.good;
         let node_list = nodes_info(&nodes);
         let lease_objs = leases.state();
         let lease_refs: Vec<&Lease> = lease_objs.iter().map(|l| &**l).collect();
@@ -1323,11 +1386,7 @@ async fn assign_loop(
         let mut unavailable = down.borrow().clone();
         unavailable.extend(probe_down.borrow_and_update().iter().cloned());
         unavailable.extend(view.draining.iter().cloned());
-        let pod_list: Vec<PodInfo> = pods
-            .state()
-            .iter()
-            .filter_map(|p| PodInfo::from_pod(p))
-            .collect();
+        let pod_list: Vec<PodInfo> = pods.snapshot();
         let checked = plan::check_all(&eip_list, &node_list, &options.plan);
         let (prev_nodes, prev_ids) = plan::previous_from_status(&eip_list);
         let assignments = plan::assign(
@@ -1337,7 +1396,14 @@ async fn assign_loop(
             &unavailable,
             &options.plan,
         );
-        let ids = plan::allocate_ids(&checked, &prev_ids);
+        // What every node's datapath holds: released ids stay out of reuse
+        // until no node holds them, and failures go into `Applied`.
+        let reports = report::node_reports(&lease_refs, &node_list);
+        let space = ids::IdSpace::new(options.plan.max_policies, report::held_ids(&reports));
+        let ids = plan::allocate_ids(&checked, &prev_ids, &space);
+        let wanted = checked.iter().map(|c| c.valid_ips().count()).sum::<usize>();
+        let shortage = (ids.len() < wanted).then(|| ids::shortage(&ids, &space));
+        let apply_failures = report::failures(&reports);
         let selection = plan::select_pods(&checked, &namespaces_by_name(&namespaces), &pod_list);
         let stamp = Timestamp::now();
         for c in &checked {
@@ -1352,6 +1418,8 @@ async fn assign_loop(
                 selection: &selection,
                 previous: eip.status.as_ref(),
                 now: stamp,
+                shortage: shortage.as_ref(),
+                apply_failures: &apply_failures,
             });
             if eip.status.as_ref() == Some(&status) {
                 continue;
@@ -1376,6 +1444,7 @@ async fn assign_loop(
                 Err(e) => warn!(egressip = %c.name, error = %e, "cannot write status"),
             }
         }
+        decode::report_malformed(&raw_eip_api, &recorder, &decoded.bad).await;
         let wake = Duration::from_secs(1)
             .min(tracker.next_expiry(Instant::now()).unwrap_or(Duration::MAX));
         tokio::select! {

@@ -102,6 +102,13 @@ enum Cmd {
         #[arg(long)]
         packets: Option<u64>,
     },
+    /// Measure the assigner's pod store at N realistic pods served by
+    /// egress-fake-api: retained heap and RSS with full Pod objects (as
+    /// before) and with the slim PodInfo store (egress-k8s/src/pods.rs).
+    AssignerMemory {
+        #[arg(long, default_value_t = 20_000)]
+        pods: usize,
+    },
     /// Run the benchmark (egress-bench, release build); arguments pass through.
     Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -197,6 +204,17 @@ fn main() -> Result<()> {
             seed,
             packets,
         } => fuzz(duration, seed, packets),
+        Cmd::AssignerMemory { pods } => run(cargo().args([
+            "run",
+            "--release",
+            "-p",
+            "egress-k8s",
+            "--example",
+            "assigner_memory",
+            "--",
+            "--pods",
+            &pods.to_string(),
+        ])),
     }
 }
 
