@@ -16,6 +16,8 @@ use egress_common::{
     PolicyStats, PolicyV4, RevNatEntryV4, flow_count, maps as names, policy_flags,
 };
 
+use egress_model::NO_USABLE_IP;
+
 use crate::image::{DatapathImage, Exclusion};
 
 #[derive(Debug, thiserror::Error)]
@@ -428,8 +430,9 @@ fn describe(failed: &BTreeMap<u32, String>) -> String {
 /// A failure confined to one policy (its array slot, its egress address,
 /// exclusions or VNIs, or a pod or mark pointing at it) does not stop the
 /// others: that policy is reported in [`ApplyOutcome::failed`], its slot is
-/// cleared if it held an older meaning, and its pods and marks get no entry
-/// (never a stale one pointing at another policy). A failure of what every
+/// cleared if it held an older meaning, and its pods and marks point at the
+/// reserved drop slot when it is fail-closed, or get no entry when it is
+/// fail-open (never a stale one pointing at another policy). A failure of what every
 /// policy depends on (the config entry, the node list, the global
 /// exclusions) is an error, and nothing after it is written.
 pub fn reconcile(
@@ -441,6 +444,7 @@ pub fn reconcile(
         maps,
         out: ApplyOutcome::default(),
         uncleared: BTreeSet::new(),
+        sink_written: false,
     };
     if current.config != desired.config {
         run.global(Write::Config(desired.config))?;
@@ -495,22 +499,37 @@ pub fn reconcile(
             }
         }
     }
+    // Pods and marks of a policy that could not be programmed: those of a
+    // fail-closed policy go to the reserved drop slot (their traffic must
+    // not leave with the node's address meanwhile), the others lose their
+    // entry (they leave as the node, as fail-open says).
     for (k, id) in &desired.marks {
-        let w = if run.failed(*id) {
-            current
+        let id = if run.failed(*id) {
+            run.sink(*id, current, desired)
+        } else {
+            Some(*id)
+        };
+        let w = match id {
+            Some(id) => (current.marks.get(k) != Some(&id)).then_some(Write::Mark(*k, Some(id))),
+            None => current
                 .marks
                 .contains_key(k)
-                .then_some(Write::Mark(*k, None))
-        } else {
-            (current.marks.get(k) != Some(id)).then_some(Write::Mark(*k, Some(*id)))
+                .then_some(Write::Mark(*k, None)),
         };
-        run.owned(*id, w);
+        run.owned(desired.marks[k], w);
     }
     for (k, v) in &desired.pods {
-        let w = if run.failed(v.policy_id) {
-            current.pods.contains_key(k).then_some(Write::Pod(*k, None))
+        let id = if run.failed(v.policy_id) {
+            run.sink(v.policy_id, current, desired)
         } else {
-            (current.pods.get(k) != Some(v)).then_some(Write::Pod(*k, Some(*v)))
+            Some(v.policy_id)
+        };
+        let w = match id {
+            Some(policy_id) => {
+                let v = PodPolicyV4 { policy_id, ..*v };
+                (current.pods.get(k) != Some(&v)).then_some(Write::Pod(*k, Some(v)))
+            }
+            None => current.pods.contains_key(k).then_some(Write::Pod(*k, None)),
         };
         run.owned(v.policy_id, w);
     }
@@ -543,9 +562,8 @@ pub fn reconcile(
         }
     }
     for id in current.policies.keys() {
-        if !desired.policies.contains_key(id)
-            && let Err(e) = run.write(Write::Policy(*id, None))
-        {
+        let wanted = desired.policies.contains_key(id) || (*id == NO_USABLE_IP && run.sink_written);
+        if !wanted && let Err(e) = run.write(Write::Policy(*id, None)) {
             run.uncleared.insert(*id);
             run.fail(*id, e);
         }
@@ -586,6 +604,8 @@ struct Run<'m, M: ControlMaps> {
     out: ApplyOutcome,
     /// Failed policies whose slot could not be cleared: still present.
     uncleared: BTreeSet<u32>,
+    /// The reserved drop slot holds pods or marks of failed policies.
+    sink_written: bool,
 }
 
 impl<M: ControlMaps> Run<'_, M> {
@@ -625,7 +645,46 @@ impl<M: ControlMaps> Run<'_, M> {
     fn failed(&self, id: u32) -> bool {
         self.out.failed.contains_key(&id)
     }
+
+    /// Where the pods and marks of the failed policy `id` point instead:
+    /// the reserved drop slot when `id` is fail-closed (written active here
+    /// if the desired image does not have it already), `None` (no entry)
+    /// when it is fail-open or the slot cannot be written either.
+    fn sink(&mut self, id: u32, current: &DatapathImage, desired: &DatapathImage) -> Option<u32> {
+        let fail_open = desired
+            .policies
+            .get(&id)
+            .is_some_and(|p| p.flags & policy_flags::FAIL_OPEN != 0);
+        if fail_open || self.failed(NO_USABLE_IP) {
+            return None;
+        }
+        if !self.sink_written {
+            let slot = desired
+                .policies
+                .get(&NO_USABLE_IP)
+                .copied()
+                .unwrap_or(DROP_SLOT);
+            if current.policies.get(&NO_USABLE_IP) != Some(&slot)
+                && !desired.policies.contains_key(&NO_USABLE_IP)
+                && let Err(e) = self.write(Write::Policy(NO_USABLE_IP, Some(slot)))
+            {
+                self.fail(NO_USABLE_IP, e);
+                return None;
+            }
+            self.sink_written = true;
+        }
+        Some(NO_USABLE_IP)
+    }
 }
+
+/// The reserved slot's meaning when the desired image has none: active, no
+/// egress node, not fail-open, so pod_ingress drops as `no_egress_node`.
+const DROP_SLOT: PolicyV4 = PolicyV4 {
+    egress_addr: [0; 4],
+    egress_node: [0; 4],
+    flags: policy_flags::ACTIVE,
+    _reserved: 0,
+};
 
 /// The reply tuple of a forward entry: where its reverse entry lives.
 pub fn reverse_key(key: &FlowKeyV4, entry: &NatEntryV4) -> FlowKeyV4 {
@@ -804,22 +863,45 @@ mod tests {
         assert!(out.failed[&5].contains("max_entries"), "{}", out.failed[&5]);
         assert_eq!(out.present, BTreeSet::from([1, 2]));
         let got = &maps.image;
-        assert_eq!(got.policies.keys().copied().collect::<Vec<_>>(), [1, 2]);
-        assert_eq!(got.pods.len(), 2, "the pods of 1 and 2 are mapped");
-        assert!(
-            !got.pods.contains_key(&[10, 244, 1, 5]),
-            "no entry for 5's pod"
+        assert_eq!(
+            got.policies.keys().copied().collect::<Vec<_>>(),
+            [NO_USABLE_IP, 1, 2]
+        );
+        assert_eq!(got.policies[&NO_USABLE_IP], DROP_SLOT);
+        assert_eq!(
+            got.pods[&[10, 244, 1, 5]].policy_id,
+            NO_USABLE_IP,
+            "5 is fail-closed: its pod is dropped, never let out as the node"
         );
         assert!(got.exclusions.contains(&(0, [10, 244, 0, 0], 16)));
         assert!(got.exclusions.contains(&(2, [192, 0, 2, 0], 24)));
         assert_eq!(got.vnis, BTreeMap::from([(1, 1), (2, 2)]));
-        // Everything but policy 5 is what was asked.
+        // Everything but policy 5 is what was asked; 5's pod is held closed.
         let mut expected = want.clone();
         expected.policies.remove(&5);
+        expected.policies.insert(NO_USABLE_IP, DROP_SLOT);
         expected.vnis.remove(&5);
-        expected.pods.remove(&[10, 244, 1, 5]);
+        expected.pods.get_mut(&[10, 244, 1, 5]).unwrap().policy_id = NO_USABLE_IP;
         expected.exclusions.remove(&(5, [192, 0, 2, 0], 24));
         assert_eq!(*got, expected);
+
+        // Fixed on the next reconcile: the pod goes to 5, the slot is cleared.
+        let mut maps = Model::new(got.clone(), 4096);
+        let current = got.clone();
+        let out = reconcile(&mut maps, &current, &want).unwrap();
+        assert!(out.failed.is_empty(), "{:?}", out.failed);
+        assert_eq!(maps.image, want);
+    }
+
+    #[test]
+    fn pods_of_a_failed_fail_open_policy_get_no_entry() {
+        let mut want = desired(&[(5, [172, 18, 0, 105])], &[([10, 244, 1, 5], 5)]);
+        want.policies.get_mut(&5).unwrap().flags |= policy_flags::FAIL_OPEN;
+        let mut maps = Model::new(DatapathImage::default(), 4);
+        let out = reconcile(&mut maps, &DatapathImage::default(), &want).unwrap();
+        assert!(out.failed.contains_key(&5));
+        assert!(maps.image.pods.is_empty(), "{:?}", maps.image.pods);
+        assert!(maps.image.policies.is_empty());
     }
 
     #[test]
@@ -840,9 +922,10 @@ mod tests {
         maps.fail = Some(Write::Exclusion((2, [198, 51, 100, 0], 24), true));
         let out = reconcile(&mut maps, &before, &after).unwrap();
         assert_eq!(out.failed.keys().copied().collect::<Vec<_>>(), [2]);
-        assert!(
-            !maps.image.pods.contains_key(&[10, 244, 1, 7]),
-            "the pod is neither left on policy 1 nor put on the failed 2"
+        assert_eq!(
+            maps.image.pods[&[10, 244, 1, 7]].policy_id,
+            NO_USABLE_IP,
+            "the pod is neither left on policy 1 nor put on the failed 2: held closed"
         );
         assert!(
             !maps.image.policies.contains_key(&2),
