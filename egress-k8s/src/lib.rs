@@ -5,8 +5,9 @@
 //!   functions from cluster objects to decisions (validation, placement,
 //!   policy ids, status, claim liveness) and to one node's
 //!   [`egress_model::NodeState`].
-//! - [`controller`]: watches, leader election, status writing and the node
-//!   agent's loop; [`run`] is the entry point of the agent's Kubernetes mode.
+//! - [`controller`]: the I/O around them, one module per role (watches,
+//!   leader election, assigner, node session, leases); [`run`] is the entry
+//!   point of the agent's Kubernetes mode.
 //! - [`heartbeat`]: direct UDP liveness probes between agents.
 
 pub mod claims;

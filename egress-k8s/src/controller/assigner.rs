@@ -1,0 +1,358 @@
+//! The assigner: the elected agent places the EgressIPs' IPs on nodes,
+//! allocates policy ids and writes status and events.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::{
+    api::{
+        coordination::v1::Lease,
+        core::v1::{Namespace, Node, Pod},
+    },
+    jiff::Timestamp,
+};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::{Patch, PatchParams},
+    runtime::{
+        events::{Event, EventType, Recorder, Reporter},
+        watcher,
+    },
+};
+use tokio::sync::{Notify, watch};
+use tracing::{debug, info, warn};
+
+use super::{
+    AbortOnDrop, Options,
+    watches::{eips_of, namespaces_by_name, nodes_info, ready, reflect},
+};
+use crate::{
+    claims::{self, ClaimTracker},
+    crd::{EgressIP, EgressIPStatus, condition},
+    facts::PodInfo,
+    heartbeat, plan,
+};
+
+/// The status as a merge patch: absent fields are explicitly cleared.
+fn status_patch(status: &EgressIPStatus) -> serde_json::Value {
+    let mut v = serde_json::to_value(status).expect("status serializes");
+    let obj = v.as_object_mut().expect("status is an object");
+    for key in ["items", "ips", "conditions", "observedGeneration"] {
+        obj.entry(key).or_insert(serde_json::Value::Null);
+    }
+    serde_json::json!({ "status": v })
+}
+
+fn condition_is(
+    status: Option<&EgressIPStatus>,
+    ip: &str,
+    type_: &str,
+) -> Option<(String, String, String)> {
+    status?
+        .ips
+        .iter()
+        .find(|s| s.egress_ip == ip)?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == "True")
+        .map(|c| (c.reason.clone(), c.message.clone(), c.type_.clone()))
+}
+
+/// Events for what changed between two statuses of one resource.
+fn events_for(old: Option<&EgressIPStatus>, new: &EgressIPStatus) -> Vec<Event> {
+    let mut out = Vec::new();
+    for c in new.conditions.iter().filter(|c| c.status == "True") {
+        let was = old.is_some_and(|o| {
+            o.conditions
+                .iter()
+                .any(|p| p.type_ == c.type_ && p.status == "True" && p.reason == c.reason)
+        });
+        if !was {
+            out.push(Event {
+                type_: EventType::Warning,
+                reason: c.reason.clone(),
+                note: Some(c.message.clone()),
+                action: "Validate".into(),
+                secondary: None,
+            });
+        }
+    }
+    for ip in &new.ips {
+        let before = old.and_then(|o| o.ips.iter().find(|s| s.egress_ip == ip.egress_ip));
+        let old_node = before.and_then(|b| b.node.clone());
+        if ip.node != old_node
+            && let Some(n) = &ip.node
+        {
+            // Distinct reasons: the recorder folds events with the same
+            // reason into one series and keeps the first note.
+            let (reason, note) = match &old_node {
+                Some(o) => (
+                    "Moved",
+                    format!("{} moved from node {o} to node {n}", ip.egress_ip),
+                ),
+                None => ("Assigned", format!("{} assigned to node {n}", ip.egress_ip)),
+            };
+            out.push(Event {
+                type_: EventType::Normal,
+                reason: reason.into(),
+                note: Some(note),
+                action: "Assign".into(),
+                secondary: None,
+            });
+        }
+        for t in [condition::CONFLICT, condition::INVALID] {
+            if let Some((reason, message, _)) = condition_is(Some(new), &ip.egress_ip, t)
+                && condition_is(old, &ip.egress_ip, t).is_none_or(|(r, _, _)| r != reason)
+            {
+                out.push(Event {
+                    type_: EventType::Warning,
+                    reason,
+                    note: Some(message),
+                    action: "Validate".into(),
+                    secondary: None,
+                });
+            }
+        }
+        if ip.node.is_none()
+            && let Some(c) = ip.conditions.iter().find(|c| {
+                c.type_ == condition::ASSIGNED
+                    && c.status == "False"
+                    && c.reason == "NoAvailableNode"
+            })
+            && before.is_none_or(|b| {
+                !b.conditions
+                    .iter()
+                    .any(|o| o.type_ == c.type_ && o.reason == c.reason)
+            })
+        {
+            out.push(Event {
+                type_: EventType::Warning,
+                reason: c.reason.clone(),
+                note: Some(c.message.clone()),
+                action: "Assign".into(),
+                secondary: None,
+            });
+        }
+    }
+    out
+}
+
+pub(super) async fn assign_loop(
+    client: Client,
+    me: String,
+    options: Options,
+    down: watch::Receiver<BTreeSet<String>>,
+) {
+    let notify = Arc::new(Notify::new());
+    let eip_api: Api<EgressIP> = Api::all(client.clone());
+    let eips = reflect(eip_api.clone(), watcher::Config::default(), notify.clone());
+    let nodes = reflect(
+        Api::<Node>::all(client.clone()),
+        watcher::Config::default(),
+        notify.clone(),
+    );
+    let namespaces = reflect(
+        Api::<Namespace>::all(client.clone()),
+        watcher::Config::default(),
+        notify.clone(),
+    );
+    let pods = reflect(
+        Api::<Pod>::all(client.clone()),
+        watcher::Config::default(),
+        notify.clone(),
+    );
+    let leases = reflect(
+        Api::<Lease>::namespaced(client.clone(), &options.namespace),
+        watcher::Config::default().labels(&format!(
+            "{}={}",
+            claims::ROLE_LABEL,
+            claims::ROLE_CLAIMS
+        )),
+        notify.clone(),
+    );
+    ready(&eips).await;
+    ready(&nodes).await;
+    ready(&namespaces).await;
+    ready(&pods).await;
+    ready(&leases).await;
+    info!(identity = %me, "assigner synced");
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "egress-assigner".into(),
+            instance: Some(me.clone()),
+        },
+    );
+    let mut tracker = ClaimTracker::new(options.claim_ttl);
+    let mut down = down;
+    let (targets_tx, targets_rx) = watch::channel(BTreeMap::new());
+    let (probe_down_tx, mut probe_down) = watch::channel(BTreeSet::new());
+    let prober = options.heartbeat.clone().map(|hb| {
+        tokio::spawn(async move {
+            if let Err(e) = heartbeat::probe(hb, targets_rx, probe_down_tx).await {
+                warn!(error = %e, "heartbeat prober stopped");
+            }
+        })
+    });
+    // Aborting the assigner task drops this guard and stops the prober.
+    let _prober = AbortOnDrop(prober);
+    // A closed channel stays "changed" forever: stop selecting on it.
+    let (mut down_open, mut probe_open) = (true, true);
+    loop {
+        let now = Instant::now();
+        let eip_list = eips_of(&eips);
+        let node_list = nodes_info(&nodes);
+        let lease_objs = leases.state();
+        let lease_refs: Vec<&Lease> = lease_objs.iter().map(|l| &**l).collect();
+        let view = tracker.view(&lease_refs, now);
+        if let Some(hb) = &options.heartbeat {
+            let targets: BTreeMap<String, std::net::SocketAddr> = node_list
+                .iter()
+                .filter(|n| n.labels.contains_key(&options.plan.assignable_label))
+                .filter_map(|n| {
+                    Some((
+                        n.name.clone(),
+                        std::net::SocketAddr::new(n.address?.into(), hb.port),
+                    ))
+                })
+                .collect();
+            targets_tx.send_if_modified(|cur| {
+                let changed = *cur != targets;
+                *cur = targets;
+                changed
+            });
+        }
+        let mut unavailable = down.borrow().clone();
+        unavailable.extend(probe_down.borrow_and_update().iter().cloned());
+        unavailable.extend(view.draining.iter().cloned());
+        let pod_list: Vec<PodInfo> = pods
+            .state()
+            .iter()
+            .filter_map(|p| PodInfo::from_pod(p))
+            .collect();
+        let checked = plan::check_all(&eip_list, &node_list, &options.plan);
+        let (prev_nodes, prev_ids) = plan::previous_from_status(&eip_list);
+        let assignments = plan::assign(
+            &checked,
+            &node_list,
+            &prev_nodes,
+            &unavailable,
+            &options.plan,
+        );
+        let ids = plan::allocate_ids(&checked, &prev_ids);
+        let selection = plan::select_pods(&checked, &namespaces_by_name(&namespaces), &pod_list);
+        let stamp = Timestamp::now();
+        for c in &checked {
+            let Some(eip) = eip_list.iter().find(|e| e.name_any() == c.name) else {
+                continue;
+            };
+            let status = plan::build_status(&plan::StatusInput {
+                checked: c,
+                assignments: &assignments,
+                ids: &ids,
+                claims: &view.live,
+                selection: &selection,
+                previous: eip.status.as_ref(),
+                now: stamp,
+            });
+            if eip.status.as_ref() == Some(&status) {
+                continue;
+            }
+            match eip_api
+                .patch_status(
+                    &c.name,
+                    &PatchParams::default(),
+                    &Patch::Merge(status_patch(&status)),
+                )
+                .await
+            {
+                Ok(_) => {
+                    debug!(egressip = %c.name, "status written");
+                    let reference = eip.object_ref(&());
+                    for ev in events_for(eip.status.as_ref(), &status) {
+                        if let Err(e) = recorder.publish(&ev, &reference).await {
+                            warn!(egressip = %c.name, error = %e, "cannot publish event");
+                        }
+                    }
+                }
+                Err(e) => warn!(egressip = %c.name, error = %e, "cannot write status"),
+            }
+        }
+        let wake = Duration::from_secs(1)
+            .min(tracker.next_expiry(Instant::now()).unwrap_or(Duration::MAX));
+        tokio::select! {
+            _ = notify.notified() => {}
+            r = down.changed(), if down_open => down_open = r.is_ok(),
+            r = probe_down.changed(), if probe_open => probe_open = r.is_ok(),
+            _ = tokio::time::sleep(wake) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(v: serde_json::Value) -> EgressIPStatus {
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn cond(t: &str, st: &str, reason: &str) -> serde_json::Value {
+        serde_json::json!({"type": t, "status": st, "reason": reason, "message": format!("{reason} details"),
+            "lastTransitionTime": "2026-05-01T12:00:00Z"})
+    }
+
+    #[test]
+    fn events_report_assignments_moves_and_new_problems_once() {
+        let assigned = status(
+            serde_json::json!({"ips": [{"egressIP": "172.18.0.100", "node": "node1", "policyId": 1,
+            "conditions": [cond("Assigned", "True", "Assigned")]}]}),
+        );
+        let reasons = |evs: Vec<Event>| {
+            evs.into_iter()
+                .map(|e| (e.reason, e.note.unwrap()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            reasons(events_for(None, &assigned)),
+            [(
+                "Assigned".to_string(),
+                "172.18.0.100 assigned to node node1".to_string()
+            )]
+        );
+        assert!(events_for(Some(&assigned), &assigned).is_empty());
+        let moved = status(
+            serde_json::json!({"ips": [{"egressIP": "172.18.0.100", "node": "node2", "policyId": 1,
+            "conditions": [cond("Assigned", "True", "Assigned")]}]}),
+        );
+        assert_eq!(reasons(events_for(Some(&assigned), &moved))[0].0, "Moved");
+
+        let bad = status(serde_json::json!({
+            "conditions": [cond("Conflict", "True", "PodsSelectedByOlderEgressIP")],
+            "ips": [{"egressIP": "172.18.0.11", "conditions": [cond("Conflict", "True", "NodeAddress"), cond("Invalid", "False", "Valid")]},
+                    {"egressIP": "172.18.0.101", "conditions": [cond("Assigned", "False", "NoAvailableNode")]}]}));
+        let r = reasons(events_for(None, &bad));
+        let names: Vec<&str> = r.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "PodsSelectedByOlderEgressIP",
+                "NodeAddress",
+                "NoAvailableNode"
+            ]
+        );
+        assert!(events_for(Some(&bad), &bad).is_empty());
+    }
+
+    #[test]
+    fn status_patch_clears_absent_fields() {
+        let p = status_patch(&EgressIPStatus::default());
+        assert_eq!(p["status"]["ips"], serde_json::Value::Null);
+        assert!(p["status"].as_object().unwrap().contains_key("ips"));
+        assert!(p["status"].as_object().unwrap().contains_key("conditions"));
+        assert_eq!(p["status"]["items"], serde_json::json!([]));
+    }
+}

@@ -1,0 +1,100 @@
+//! The reflectors (watch + cache) that feed the pure functions, and the
+//! views of their stores those functions take.
+
+use std::{collections::BTreeMap, fmt::Debug, hash::Hash, sync::Arc};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Namespace, Node};
+use kube::{
+    Api, Resource, ResourceExt,
+    runtime::{
+        WatchStreamExt,
+        reflector::{self, Store},
+        watcher,
+    },
+};
+use serde::de::DeserializeOwned;
+use tokio::sync::Notify;
+use tracing::warn;
+
+use super::AbortOnDrop;
+use crate::{crd::EgressIP, facts::NodeInfo};
+
+/// A reflector's store, and its task: dropping this stops the watch, so
+/// that dropping [`run`]'s future stops everything it started.
+pub(super) struct Reflected<K: Resource + Clone + 'static>
+where
+    K::DynamicType: Eq + Hash + Clone,
+{
+    store: Store<K>,
+    _task: AbortOnDrop,
+}
+
+impl<K: Resource + Clone + 'static> std::ops::Deref for Reflected<K>
+where
+    K::DynamicType: Eq + Hash + Clone,
+{
+    type Target = Store<K>;
+    fn deref(&self) -> &Store<K> {
+        &self.store
+    }
+}
+
+/// A reflector whose changes wake `notify`.
+pub(super) fn reflect<K>(api: Api<K>, config: watcher::Config, notify: Arc<Notify>) -> Reflected<K>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + Hash + Clone,
+{
+    let (reader, writer) = reflector::store();
+    let kind = K::kind(&K::DynamicType::default()).to_string();
+    let stream = reflector::reflector(writer, watcher(api, config).default_backoff());
+    let task = tokio::spawn(async move {
+        stream
+            .for_each(|ev| {
+                if let Err(e) = ev {
+                    warn!(kind, error = %e, "watch failed; retrying with backoff");
+                }
+                notify.notify_one();
+                futures::future::ready(())
+            })
+            .await;
+    });
+    Reflected {
+        store: reader,
+        _task: AbortOnDrop(Some(task)),
+    }
+}
+
+pub(super) async fn ready<K>(store: &Store<K>)
+where
+    K: Resource + Clone + 'static,
+    K::DynamicType: Eq + Hash + Clone,
+{
+    // The writer lives as long as the reflector task, which outlives this wait.
+    let _ = store.wait_until_ready().await;
+}
+
+pub(super) fn namespaces_by_name(
+    store: &Store<Namespace>,
+) -> BTreeMap<String, BTreeMap<String, String>> {
+    store
+        .state()
+        .iter()
+        .map(|n| (n.name_any(), n.labels().clone()))
+        .collect()
+}
+
+pub(super) fn nodes_info(store: &Store<Node>) -> Vec<NodeInfo> {
+    let mut v: Vec<NodeInfo> = store
+        .state()
+        .iter()
+        .filter_map(|n| NodeInfo::from_node(n))
+        .collect();
+    v.sort_by(|a, b| a.name.cmp(&b.name));
+    v
+}
+
+pub(super) fn eips_of(store: &Store<EgressIP>) -> Vec<EgressIP> {
+    store.state().iter().map(|e| (**e).clone()).collect()
+}
