@@ -16,9 +16,11 @@ pub mod controller;
 pub mod crd;
 pub mod facts;
 pub mod heartbeat;
+pub mod leaving;
 pub mod plan;
 pub mod project;
 pub mod selector;
+pub mod session;
 
 pub use config::KubernetesConfig;
 pub use controller::{AgentLink, Desired, Error, Options, link, run};

@@ -1,5 +1,19 @@
 //! The assigner: the elected agent places the EgressIPs' IPs on nodes,
-//! allocates policy ids and writes status and events.
+//! allocates policy ids and writes status and events. Standbys run it too,
+//! without writing, so that a new leader acts at once (see
+//! [`super::election`]).
+//!
+//! Failure detection has no single observer. A node is unavailable for
+//! egress IPs when:
+//! - its claims Lease lists IPs but has not changed for its lifetime (it
+//!   stopped renewing while holding: dead, stopped, or cut off from the API
+//!   server, and then it has withdrawn by itself). The lapse is confirmed
+//!   with a fresh read of the Leases before it is acted on, so that the
+//!   assigner's own lagging watch cannot fail the cluster over;
+//! - or it does not answer heartbeats and its Lease is not live either
+//!   (an idle node, or one that never claimed), so that the assigner's own
+//!   lost UDP port cannot move any IP that its holder still renews;
+//! - or it is draining (hand-over on shutdown), not Ready, or cordoned.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -27,13 +41,15 @@ use tracing::{debug, info, warn};
 
 use super::{
     AbortOnDrop, Options,
+    leases::list_claims,
     watches::{eips_of, namespaces_by_name, nodes_info, ready, reflect},
 };
 use crate::{
-    claims::{self, ClaimTracker},
+    claims::{self, ClaimTracker, ClaimView},
     crd::{EgressIP, EgressIPStatus, condition},
-    facts::PodInfo,
-    heartbeat, plan,
+    facts::{NodeInfo, PodInfo},
+    heartbeat::{self, Target},
+    plan,
 };
 
 /// The status as a merge patch: absent fields are explicitly cleared.
@@ -140,11 +156,27 @@ fn events_for(old: Option<&EgressIPStatus>, new: &EgressIPStatus) -> Vec<Event> 
     out
 }
 
+/// The nodes that may not hold egress IPs now (see the module's doc):
+/// `silent` failed heartbeats.
+pub(super) fn unavailable(view: &ClaimView, silent: &BTreeSet<String>) -> BTreeSet<String> {
+    let mut out: BTreeSet<String> = silent
+        .iter()
+        .filter(|n| !view.live_nodes.contains(*n))
+        .cloned()
+        .collect();
+    out.extend(view.lapsed.iter().cloned());
+    out.extend(view.draining.iter().cloned());
+    out
+}
+
+/// Runs the assigner; it writes only while `lead` says until when this
+/// agent holds the leader Lease.
 pub(super) async fn assign_loop(
     client: Client,
     me: String,
     options: Options,
     down: watch::Receiver<BTreeSet<String>>,
+    mut lead: watch::Receiver<Option<Instant>>,
 ) {
     let notify = Arc::new(Notify::new());
     let eip_api: Api<EgressIP> = Api::all(client.clone());
@@ -164,8 +196,9 @@ pub(super) async fn assign_loop(
         watcher::Config::default(),
         notify.clone(),
     );
+    let lease_api = Api::<Lease>::namespaced(client.clone(), &options.namespace);
     let leases = reflect(
-        Api::<Lease>::namespaced(client.clone(), &options.namespace),
+        lease_api.clone(),
         watcher::Config::default().labels(&format!(
             "{}={}",
             claims::ROLE_LABEL,
@@ -199,23 +232,45 @@ pub(super) async fn assign_loop(
     });
     // Aborting the assigner task drops this guard and stops the prober.
     let _prober = AbortOnDrop(prober);
+    // Lapses already confirmed with a fresh read.
+    let mut confirmed_lapsed: BTreeSet<String> = BTreeSet::new();
     // A closed channel stays "changed" forever: stop selecting on it.
-    let (mut down_open, mut probe_open) = (true, true);
+    let (mut down_open, mut probe_open, mut lead_open) = (true, true, true);
     loop {
         let now = Instant::now();
         let eip_list = eips_of(&eips);
         let node_list = nodes_info(&nodes);
         let lease_objs = leases.state();
         let lease_refs: Vec<&Lease> = lease_objs.iter().map(|l| &**l).collect();
-        let view = tracker.view(&lease_refs, now);
+        let mut view = tracker.view(&lease_refs, now);
+        if !view.lapsed.is_subset(&confirmed_lapsed) {
+            // Our watch may lag behind their renewals: ask the server.
+            match list_claims(&lease_api, options.claim_renew).await {
+                Ok(fresh) => {
+                    let refs: Vec<&Lease> = fresh.iter().collect();
+                    view = tracker.view(&refs, Instant::now());
+                    for n in view.lapsed.difference(&confirmed_lapsed) {
+                        warn!(node = %n, "node stopped renewing its claims: moving its egress IPs");
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "cannot confirm lapsed claims with a fresh read; not acting on them yet");
+                    view.lapsed.retain(|n| confirmed_lapsed.contains(n));
+                }
+            }
+        }
+        confirmed_lapsed.clone_from(&view.lapsed);
         if let Some(hb) = &options.heartbeat {
-            let targets: BTreeMap<String, std::net::SocketAddr> = node_list
+            let targets: BTreeMap<String, Target> = node_list
                 .iter()
                 .filter(|n| n.labels.contains_key(&options.plan.assignable_label))
                 .filter_map(|n| {
                     Some((
                         n.name.clone(),
-                        std::net::SocketAddr::new(n.address?.into(), hb.port),
+                        Target {
+                            addr: std::net::SocketAddr::new(n.address?.into(), hb.port),
+                            sources: n.addresses.iter().map(|a| (*a).into()).collect(),
+                        },
                     ))
                 })
                 .collect();
@@ -225,69 +280,100 @@ pub(super) async fn assign_loop(
                 changed
             });
         }
-        let mut unavailable = down.borrow().clone();
-        unavailable.extend(probe_down.borrow_and_update().iter().cloned());
-        unavailable.extend(view.draining.iter().cloned());
-        let pod_list: Vec<PodInfo> = pods
-            .state()
-            .iter()
-            .filter_map(|p| PodInfo::from_pod(p))
-            .collect();
-        let checked = plan::check_all(&eip_list, &node_list, &options.plan);
-        let (prev_nodes, prev_ids) = plan::previous_from_status(&eip_list);
-        let assignments = plan::assign(
-            &checked,
-            &node_list,
-            &prev_nodes,
-            &unavailable,
-            &options.plan,
-        );
-        let ids = plan::allocate_ids(&checked, &prev_ids);
-        let selection = plan::select_pods(&checked, &namespaces_by_name(&namespaces), &pod_list);
-        let stamp = Timestamp::now();
-        for c in &checked {
-            let Some(eip) = eip_list.iter().find(|e| e.name_any() == c.name) else {
-                continue;
-            };
-            let status = plan::build_status(&plan::StatusInput {
-                checked: c,
-                assignments: &assignments,
-                ids: &ids,
-                claims: &view.live,
-                selection: &selection,
-                previous: eip.status.as_ref(),
-                now: stamp,
-            });
-            if eip.status.as_ref() == Some(&status) {
-                continue;
-            }
-            match eip_api
-                .patch_status(
-                    &c.name,
-                    &PatchParams::default(),
-                    &Patch::Merge(status_patch(&status)),
-                )
-                .await
-            {
-                Ok(_) => {
-                    debug!(egressip = %c.name, "status written");
-                    let reference = eip.object_ref(&());
-                    for ev in events_for(eip.status.as_ref(), &status) {
-                        if let Err(e) = recorder.publish(&ev, &reference).await {
-                            warn!(egressip = %c.name, error = %e, "cannot publish event");
-                        }
-                    }
-                }
-                Err(e) => warn!(egressip = %c.name, error = %e, "cannot write status"),
-            }
+        let mut silent = down.borrow().clone();
+        silent.extend(probe_down.borrow_and_update().iter().cloned());
+        let unavailable = unavailable(&view, &silent);
+        let lead_until = *lead.borrow_and_update();
+        let leading = lead_until.is_some_and(|u| Instant::now() < u);
+        if leading {
+            let pod_list: Vec<PodInfo> = pods
+                .state()
+                .iter()
+                .filter_map(|p| PodInfo::from_pod(p))
+                .collect();
+            write_statuses(
+                &eip_api,
+                &recorder,
+                &eip_list,
+                &node_list,
+                &pod_list,
+                &namespaces_by_name(&namespaces),
+                &view,
+                &unavailable,
+                &options,
+            )
+            .await;
         }
+        let until_lead_ends = lead_until.filter(|_| leading).map_or(Duration::MAX, |u| {
+            u.saturating_duration_since(Instant::now())
+        });
         let wake = Duration::from_secs(1)
-            .min(tracker.next_expiry(Instant::now()).unwrap_or(Duration::MAX));
+            .min(tracker.next_expiry(Instant::now()).unwrap_or(Duration::MAX))
+            .min(until_lead_ends);
         tokio::select! {
             _ = notify.notified() => {}
             r = down.changed(), if down_open => down_open = r.is_ok(),
             r = probe_down.changed(), if probe_open => probe_open = r.is_ok(),
+            r = lead.changed(), if lead_open => lead_open = r.is_ok(),
             _ = tokio::time::sleep(wake) => {}
+        }
+    }
+}
+
+/// Places the IPs, allocates ids, and writes every status that changed
+/// (with its events).
+#[allow(clippy::too_many_arguments)]
+async fn write_statuses(
+    eip_api: &Api<EgressIP>,
+    recorder: &Recorder,
+    eip_list: &[EgressIP],
+    node_list: &[NodeInfo],
+    pod_list: &[PodInfo],
+    namespaces: &BTreeMap<String, BTreeMap<String, String>>,
+    view: &ClaimView,
+    unavailable: &BTreeSet<String>,
+    options: &Options,
+) {
+    let checked = plan::check_all(eip_list, node_list, &options.plan);
+    let (prev_nodes, prev_ids) = plan::previous_from_status(eip_list);
+    let assignments = plan::assign(&checked, node_list, &prev_nodes, unavailable, &options.plan);
+    let ids = plan::allocate_ids(&checked, &prev_ids);
+    let selection = plan::select_pods(&checked, namespaces, pod_list);
+    let stamp = Timestamp::now();
+    for c in &checked {
+        let Some(eip) = eip_list.iter().find(|e| e.name_any() == c.name) else {
+            continue;
+        };
+        let status = plan::build_status(&plan::StatusInput {
+            checked: c,
+            assignments: &assignments,
+            ids: &ids,
+            claims: &view.live,
+            selection: &selection,
+            previous: eip.status.as_ref(),
+            now: stamp,
+        });
+        if eip.status.as_ref() == Some(&status) {
+            continue;
+        }
+        match eip_api
+            .patch_status(
+                &c.name,
+                &PatchParams::default(),
+                &Patch::Merge(status_patch(&status)),
+            )
+            .await
+        {
+            Ok(_) => {
+                debug!(egressip = %c.name, "status written");
+                let reference = eip.object_ref(&());
+                for ev in events_for(eip.status.as_ref(), &status) {
+                    if let Err(e) = recorder.publish(&ev, &reference).await {
+                        warn!(egressip = %c.name, error = %e, "cannot publish event");
+                    }
+                }
+            }
+            Err(e) => warn!(egressip = %c.name, error = %e, "cannot write status"),
         }
     }
 }
@@ -354,5 +440,37 @@ mod tests {
         assert!(p["status"].as_object().unwrap().contains_key("ips"));
         assert!(p["status"].as_object().unwrap().contains_key("conditions"));
         assert_eq!(p["status"]["items"], serde_json::json!([]));
+    }
+
+    fn view(live: &[&str], lapsed: &[&str], draining: &[&str]) -> ClaimView {
+        let set = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
+        ClaimView {
+            live_nodes: set(live),
+            lapsed: set(lapsed),
+            draining: set(draining),
+            ..ClaimView::default()
+        }
+    }
+
+    #[test]
+    fn silence_alone_never_takes_ips_from_a_node_that_renews() {
+        let all_silent: BTreeSet<String> = ["node1", "node2", "node3"].map(String::from).into();
+        // The assigner's own heartbeat port is dead: every node is silent.
+        // node1 and node2 renew their claims: they keep their IPs; node3
+        // holds nothing and says nothing: no new IP goes to it.
+        let v = view(&["node1", "node2"], &[], &[]);
+        assert_eq!(
+            unavailable(&v, &all_silent),
+            BTreeSet::from(["node3".to_string()])
+        );
+    }
+
+    #[test]
+    fn a_lapsed_holder_is_down_even_if_something_answers_for_it() {
+        let v = view(&["node2"], &["node1"], &["node3"]);
+        assert_eq!(
+            unavailable(&v, &BTreeSet::new()),
+            BTreeSet::from(["node1".to_string(), "node3".to_string()])
+        );
     }
 }

@@ -1,11 +1,11 @@
-//! The Lease writes: this node's claims Lease, the per-IP locks (taken with
-//! a create or a version-conditioned replace, released by their holder),
-//! and fresh reads of the other nodes' claims.
+//! The Lease requests of the node session: this node's claims Lease, the
+//! per-IP locks (taken with a create or a version-conditioned replace,
+//! released by their holder), and fresh reads of the other nodes' claims.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     net::Ipv4Addr,
-    sync::Arc,
+    sync::Mutex,
     time::{Duration, Instant},
 };
 
@@ -15,12 +15,14 @@ use k8s_openapi::{
     jiff::Timestamp,
 };
 use kube::{
-    Api, ResourceExt,
-    api::{Patch, PatchParams, PostParams},
+    Api,
+    api::{ListParams, Patch, PatchParams, PostParams},
 };
-use tracing::info;
 
-use crate::claims::{self, ClaimTracker};
+use crate::{
+    claims::{self, ClaimTracker},
+    session::ClaimsWrite,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub(super) enum RequestError {
@@ -30,149 +32,144 @@ pub(super) enum RequestError {
     Timeout(Duration),
 }
 
+/// Runs `request` for at most `limit`: kube retries unavailable servers with
+/// backoff, and a request stuck that long must count as failed rather than
+/// hold up what depends on it.
+pub(super) async fn bounded<T>(
+    limit: Duration,
+    request: impl Future<Output = Result<T, kube::Error>>,
+) -> Result<T, RequestError> {
+    tokio::time::timeout(limit, request)
+        .await
+        .map_err(|_| RequestError::Timeout(limit))?
+        .map_err(RequestError::Kube)
+}
+
+/// Writes this node's claims Lease.
+#[derive(Clone)]
 pub(super) struct ClaimWriter {
     pub(super) api: Api<Lease>,
     pub(super) namespace: String,
     pub(super) node: String,
     pub(super) ttl: Duration,
-    pub(super) renew: Duration,
+    /// Bounds each write (half a renewal period: a stuck write delays the
+    /// next attempt by at most that much).
     pub(super) timeout: Duration,
-    pub(super) published: Option<BTreeSet<Ipv4Addr>>,
-    pub(super) draining: bool,
-    pub(super) last_renew: Option<Instant>,
+    /// This agent takes part in the assigner election.
+    pub(super) assigner: bool,
 }
 
 impl ClaimWriter {
-    /// Writes the claims Lease; `Ok` means the claims are visible to others.
-    /// Bounded by the renewal period: kube retries unavailable servers with
-    /// backoff, and a write stuck that long must count as a failed renewal
-    /// rather than stall the loop that withdraws our IPs.
-    pub(super) async fn write(
-        &mut self,
-        ips: &BTreeSet<Ipv4Addr>,
-        draining: bool,
-    ) -> Result<(), RequestError> {
-        let limit = self.timeout;
-        tokio::time::timeout(limit, self.write_unbounded(ips, draining))
-            .await
-            .map_err(|_| RequestError::Timeout(limit))?
-            .map_err(RequestError::Kube)
+    /// Writes the claims Lease as `w` says; `Ok` means the claims are
+    /// visible to others. Their lifetime counts from when this was called:
+    /// the server may have applied it at any point since.
+    pub(super) async fn write(&self, w: &ClaimsWrite) -> Result<(), RequestError> {
+        bounded(self.timeout, self.write_unbounded(w)).await
     }
 
-    async fn write_unbounded(
-        &mut self,
-        ips: &BTreeSet<Ipv4Addr>,
-        draining: bool,
-    ) -> Result<(), kube::Error> {
+    fn annotations(&self, w: &ClaimsWrite) -> BTreeMap<String, Option<String>> {
+        BTreeMap::from([
+            (
+                claims::CLAIMED_ANNOTATION.into(),
+                Some(claims::format_claims(&w.ips)),
+            ),
+            (
+                claims::DRAINING_ANNOTATION.into(),
+                Some(w.draining.to_string()),
+            ),
+            (
+                claims::CLAIM_TTL_ANNOTATION.into(),
+                Some(self.ttl.as_millis().to_string()),
+            ),
+            (
+                claims::RESTART_GRACE_ANNOTATION.into(),
+                w.restart_grace.map(|g| g.as_millis().to_string()),
+            ),
+            (
+                claims::ASSIGNER_ANNOTATION.into(),
+                Some(self.assigner.to_string()),
+            ),
+        ])
+    }
+
+    async fn write_unbounded(&self, w: &ClaimsWrite) -> Result<(), kube::Error> {
         let name = claims::lease_name(&self.node);
-        let now = MicroTime(Timestamp::now());
-        let lease = Lease {
-            metadata: ObjectMeta {
-                name: Some(name.clone()),
-                namespace: Some(self.namespace.clone()),
-                labels: Some(BTreeMap::from([(
-                    claims::ROLE_LABEL.into(),
-                    claims::ROLE_CLAIMS.into(),
-                )])),
-                annotations: Some(BTreeMap::from([
-                    (
-                        claims::CLAIMED_ANNOTATION.into(),
-                        claims::format_claims(ips),
-                    ),
-                    (claims::DRAINING_ANNOTATION.into(), draining.to_string()),
-                    (
-                        claims::CLAIM_TTL_ANNOTATION.into(),
-                        self.ttl.as_millis().to_string(),
-                    ),
-                ])),
-                ..Default::default()
-            },
-            spec: Some(LeaseSpec {
-                holder_identity: Some(self.node.clone()),
-                lease_duration_seconds: Some(self.ttl.as_secs_f64().ceil() as i32),
-                renew_time: Some(now),
-                ..Default::default()
-            }),
+        let annotations = self.annotations(w);
+        let spec = LeaseSpec {
+            holder_identity: Some(self.node.clone()),
+            lease_duration_seconds: Some(self.ttl.as_secs_f64().ceil() as i32),
+            renew_time: Some(MicroTime(Timestamp::now())),
+            ..Default::default()
         };
-        let started = Instant::now();
+        // A merge patch, so that an absent annotation (no restart grace) is
+        // removed: `null` in the patch.
+        let patch = serde_json::json!({
+            "metadata": {
+                "labels": {claims::ROLE_LABEL: claims::ROLE_CLAIMS},
+                "annotations": annotations,
+            },
+            "spec": spec,
+        });
         match self
             .api
-            .patch(&name, &PatchParams::default(), &Patch::Merge(&lease))
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
         {
-            Ok(_) => {}
+            Ok(_) => Ok(()),
             Err(kube::Error::Api(s)) if s.code == 404 => {
-                self.api.create(&PostParams::default(), &lease).await?;
+                let lease = Lease {
+                    metadata: ObjectMeta {
+                        name: Some(name),
+                        namespace: Some(self.namespace.clone()),
+                        labels: Some(BTreeMap::from([(
+                            claims::ROLE_LABEL.into(),
+                            claims::ROLE_CLAIMS.into(),
+                        )])),
+                        annotations: Some(
+                            annotations
+                                .into_iter()
+                                .filter_map(|(k, v)| Some((k, v?)))
+                                .collect(),
+                        ),
+                        ..Default::default()
+                    },
+                    spec: Some(spec),
+                };
+                self.api
+                    .create(&PostParams::default(), &lease)
+                    .await
+                    .map(drop)
             }
-            Err(e) => return Err(e),
+            Err(e) => Err(e),
         }
-        // The renewal counts from when it was sent: the server may have
-        // applied it at any point since.
-        self.last_renew = Some(started);
-        if self.published.as_ref() != Some(ips) || self.draining != draining {
-            info!(node = %self.node, claims = %claims::format_claims(ips), draining, "published claims");
-        }
-        self.published = Some(ips.clone());
-        self.draining = draining;
-        Ok(())
-    }
-
-    /// Others may take our IPs `ttl` after they last saw our Lease change,
-    /// which is no earlier than when we sent the renewal. We give up one
-    /// renewal period before that, so that the agent has time to remove the
-    /// addresses before anyone else can claim them.
-    pub(super) fn withdraw_at(&self) -> Option<Instant> {
-        self.last_renew
-            .map(|t| t + self.ttl.saturating_sub(self.renew))
-    }
-
-    /// Nothing claimed and not draining: there is nothing to keep live, so
-    /// the Lease is not renewed (on a large cluster only the few nodes that
-    /// hold IPs write every renewal period).
-    pub(super) fn idle(&self) -> bool {
-        !self.draining && self.published.as_ref().is_some_and(BTreeSet::is_empty)
-    }
-
-    pub(super) fn may_hold(&self, now: Instant) -> bool {
-        self.idle() || self.withdraw_at().is_some_and(|deadline| now < deadline)
-    }
-
-    /// How long until the next renewal is due; a failed renewal is retried
-    /// after a quarter period rather than at once.
-    pub(super) fn until_renewal(&self, now: Instant) -> Duration {
-        if self.idle() {
-            return Duration::MAX;
-        }
-        self.last_renew
-            .map_or(Duration::ZERO, |t| {
-                (t + self.renew).saturating_duration_since(now)
-            })
-            .max(self.renew / 4)
     }
 }
 
-/// The other nodes' claims, read from the API server rather than the cache.
+/// The claims Leases as the API server has them now (not the cache).
+pub(super) async fn list_claims(
+    api: &Api<Lease>,
+    limit: Duration,
+) -> Result<Vec<Lease>, RequestError> {
+    let params =
+        ListParams::default().labels(&format!("{}={}", claims::ROLE_LABEL, claims::ROLE_CLAIMS));
+    bounded(limit, api.list(&params)).await.map(|l| l.items)
+}
+
+/// The other nodes' claims, read from the API server rather than the cache
+/// and judged with `tracker` (the clock that judges the watched ones).
 pub(super) async fn fresh_claims(
     api: &Api<Lease>,
     me: &str,
-    tracker: &mut ClaimTracker,
+    tracker: &Mutex<ClaimTracker>,
     limit: Duration,
 ) -> Result<claims::ClaimView, RequestError> {
-    let params = kube::api::ListParams::default().labels(&format!(
-        "{}={}",
-        claims::ROLE_LABEL,
-        claims::ROLE_CLAIMS
-    ));
-    let list = tokio::time::timeout(limit, api.list(&params))
-        .await
-        .map_err(|_| RequestError::Timeout(limit))?
-        .map_err(RequestError::Kube)?;
+    let items = list_claims(api, limit).await?;
     let mine = claims::lease_name(me);
-    let others: Vec<&Lease> = list
-        .items
+    let others: Vec<&Lease> = items
         .iter()
         .filter(|l| l.metadata.name.as_deref() != Some(mine.as_str()))
         .collect();
+    let mut tracker = tracker.lock().expect("claim tracker poisoned");
     Ok(tracker.view(&others, Instant::now()))
 }
 
@@ -218,25 +215,31 @@ fn lock_lease(namespace: &str, me: &str, ip: Ipv4Addr, previous: Option<&Lease>)
 
 /// Takes the lock Lease of `ip` for `me` with a create or a
 /// version-conditioned replace, so that of two nodes racing for one IP
-/// exactly one wins (see [`claims`]).
+/// exactly one wins (see [`claims`]). `adopt` only confirms that the lock
+/// already names us (a successor agent keeping its node's IPs): it never
+/// creates nor takes one over.
 pub(super) async fn acquire_lock(
     api: &Api<Lease>,
     namespace: &str,
     me: &str,
     ip: Ipv4Addr,
-    clock: &mut claims::VersionClock,
+    clock: &Mutex<claims::VersionClock>,
     ttl: Duration,
+    adopt: bool,
 ) -> Result<LockOutcome, kube::Error> {
     let current = api.get_opt(&claims::lock_name(ip)).await?;
     let now = Instant::now();
     let changed_recently = current
         .as_ref()
-        .and_then(|l| clock.note(l, now))
+        .and_then(|l| clock.lock().expect("lock clock poisoned").note(l, now))
         .is_some_and(|t| now.saturating_duration_since(t) < ttl);
     let pp = PostParams::default();
     // The caller only asks for IPs nobody else has a live claim on.
     match claims::lock_step(current.as_ref(), me, None, changed_recently) {
         claims::LockStep::Held => Ok(LockOutcome::Acquired { replaced: None }),
+        _ if adopt => Ok(LockOutcome::Refused(format!(
+            "its lock no longer names {me}"
+        ))),
         claims::LockStep::Busy { holder } => {
             Ok(LockOutcome::Refused(format!("its lock names {holder}")))
         }
@@ -302,35 +305,13 @@ pub(super) async fn release_lock(
         .map(drop)
 }
 
-/// The locks we hold that our watch shows in someone else's name, ignoring
-/// the version we replaced when we took a lock over (the watch may lag).
-pub(super) fn lost_locks(
-    locks: &[Arc<Lease>],
-    me: &str,
-    held: &BTreeMap<Ipv4Addr, Option<String>>,
-) -> Vec<(Ipv4Addr, String)> {
-    locks
-        .iter()
-        .filter_map(|lock| {
-            let ip: Ipv4Addr = lock
-                .annotations()
-                .get(claims::LOCKED_IP_ANNOTATION)?
-                .parse()
-                .ok()?;
-            let replaced = held.get(&ip)?;
-            let holder = claims::lock_holder(lock)?;
-            let stale = replaced.is_some() && lock.metadata.resource_version == *replaced;
-            (holder != me && !stale).then(|| (ip, holder.to_string()))
-        })
-        .collect()
-}
-
 /// Racing nodes against one API server: however the requests interleave,
 /// exactly one ends up holding the IP's lock.
 #[cfg(test)]
 mod tests {
     use super::*;
     use egress_fake_api::FakeApi;
+    use std::sync::Mutex;
 
     const NS: &str = "egress-system";
 
@@ -352,9 +333,10 @@ mod tests {
                 if let Some(lock) = seen {
                     clock.note(lock, Instant::now() - 2 * TTL);
                 }
+                let clock = Mutex::new(clock);
                 tokio::spawn(async move {
                     let me = format!("node{i}");
-                    let got = acquire_lock(&api, NS, &me, ip, &mut clock, TTL)
+                    let got = acquire_lock(&api, NS, &me, ip, &clock, TTL, false)
                         .await
                         .unwrap();
                     matches!(got, LockOutcome::Acquired { .. }).then_some(me)
@@ -411,46 +393,43 @@ mod tests {
         assert_eq!(after_release.len(), 1, "{after_release:?}");
     }
 
-    #[test]
-    fn a_lock_in_another_name_is_lost_unless_it_is_the_version_we_replaced() {
-        let lock = |holder: &str, rv: &str, ip: &str| {
-            Arc::new(
-                serde_json::from_value::<Lease>(serde_json::json!({
-                    "metadata": {
-                        "name": claims::lock_name(ip.parse().unwrap()),
-                        "resourceVersion": rv,
-                        "annotations": {claims::LOCKED_IP_ANNOTATION: ip}
-                    },
-                    "spec": {"holderIdentity": holder}
-                }))
-                .unwrap(),
-            )
+    /// Adopting only confirms: a lock in our name is ours, anything else
+    /// (free, missing, another node's) is refused and left as it is.
+    #[tokio::test]
+    async fn adopting_never_creates_nor_takes_a_lock() {
+        let fake = FakeApi::start().await;
+        let api: Api<Lease> = Api::namespaced(fake.client(), NS);
+        let ip: Ipv4Addr = "10.0.0.13".parse().unwrap();
+        let clock = Mutex::new(claims::VersionClock::default());
+        let adopt = |me: &'static str| {
+            let (api, clock) = (api.clone(), &clock);
+            async move {
+                acquire_lock(&api, NS, me, ip, clock, TTL, true)
+                    .await
+                    .unwrap()
+            }
         };
-        let a: Ipv4Addr = "10.0.0.12".parse().unwrap();
-        let b: Ipv4Addr = "10.0.0.13".parse().unwrap();
-        let held = BTreeMap::from([(a, Some("4".to_string())), (b, None)]);
-        // Still showing the version we replaced: the watch lags.
-        assert!(lost_locks(&[lock("node2", "4", "10.0.0.12")], "node1", &held).is_empty());
+        assert!(matches!(adopt("node1").await, LockOutcome::Refused(_)));
+        assert!(api.get_opt(&claims::lock_name(ip)).await.unwrap().is_none());
+        let got = acquire_lock(&api, NS, "node1", ip, &clock, TTL, false)
+            .await
+            .unwrap();
+        assert!(matches!(got, LockOutcome::Acquired { replaced: None }));
+        let version = api
+            .get(&claims::lock_name(ip))
+            .await
+            .unwrap()
+            .metadata
+            .resource_version;
+        assert!(matches!(
+            adopt("node1").await,
+            LockOutcome::Acquired { replaced: None }
+        ));
+        assert!(matches!(adopt("node2").await, LockOutcome::Refused(_)));
+        let after = api.get(&claims::lock_name(ip)).await.unwrap();
         assert_eq!(
-            lost_locks(&[lock("node2", "9", "10.0.0.12")], "node1", &held),
-            vec![(a, "node2".to_string())]
-        );
-        assert_eq!(
-            lost_locks(&[lock("node3", "2", "10.0.0.13")], "node1", &held),
-            vec![(b, "node3".to_string())]
-        );
-        // Ours, released, or not one we hold: nothing lost.
-        assert!(
-            lost_locks(
-                &[
-                    lock("node1", "9", "10.0.0.12"),
-                    lock("", "3", "10.0.0.13"),
-                    lock("node2", "1", "10.0.0.14"),
-                ],
-                "node1",
-                &held
-            )
-            .is_empty()
+            after.metadata.resource_version, version,
+            "the lock is untouched"
         );
     }
 }

@@ -1,11 +1,22 @@
-//! The node session: every agent projects the cluster onto its node,
-//! claims the IPs the status gives it (lock, then claims Lease), renews and
+//! The node session: every agent projects the cluster onto its node, claims
+//! the IPs the status gives it (lock, then claims Lease), renews and
 //! withdraws them, and hands the result to the agent.
+//!
+//! Three tasks, so that work growing with the cluster never delays a
+//! renewal or a withdrawal:
+//! - the projection ([`project_task`]): the node's watches, the desired
+//!   state and the [`Observation`] the session needs, computed on the
+//!   blocking pool whenever a watch changes;
+//! - the session ([`run_session`]): the [`Session`] state machine and the
+//!   executor of its actions. It owns the renewal and fence timers; its
+//!   requests run as tasks of their own and report back, so that neither a
+//!   slow lock request nor a projection holds up a renewal;
+//! - the subnet publisher ([`publish_subnets_task`]).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -14,86 +25,540 @@ use k8s_openapi::api::{
     core::v1::{Namespace, Node, Pod},
 };
 use kube::{Api, Client, ResourceExt, runtime::watcher};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tracing::{debug, info, warn};
 
 use super::{
-    ControllerLink, Desired, Error, Options,
-    leases::{ClaimWriter, LockOutcome, acquire_lock, fresh_claims, lost_locks, release_lock},
+    AbortOnDrop, ControllerLink, Desired, Error, Options, election,
+    leases::{self, ClaimWriter, RequestError, acquire_lock, fresh_claims, release_lock},
     publish_subnets,
-    watches::{eips_of, namespaces_by_name, nodes_info, ready, reflect},
+    watches::{eips_of, namespaces_by_name, node_infos, ready, reflect},
 };
 use crate::{
-    claims::{self, ClaimTracker},
+    claims::{self, ClaimTracker, VersionClock},
     crd::EgressIP,
-    facts::PodInfo,
+    facts::{EgressSubnet, PodInfo},
+    leaving::leaving,
     project::{self, Projection},
+    session::{self, Action, Fresh, Input, LockSeen, Observation, Session, SessionConfig},
 };
 
-/// Which of `ips` the API server's current status assigns to `me` (a fresh
-/// read of the EgressIPs that list them in our cached view).
-async fn confirm_assigned(
-    api: &Api<EgressIP>,
-    cached: &[EgressIP],
-    me: &str,
-    ips: &[Ipv4Addr],
-    limit: Duration,
-) -> BTreeSet<Ipv4Addr> {
-    let names: BTreeSet<String> = cached
-        .iter()
-        .filter(|e| {
-            e.status.as_ref().is_some_and(|s| {
-                s.ips.iter().any(|i| {
-                    i.egress_ip
-                        .parse()
-                        .is_ok_and(|ip: Ipv4Addr| ips.contains(&ip))
-                })
-            })
-        })
-        .map(|e| e.name_any())
-        .collect();
-    let mut out = BTreeSet::new();
-    for name in names {
-        match tokio::time::timeout(limit, api.get(&name)).await {
-            Ok(Ok(eip)) => {
-                for s in eip.status.iter().flat_map(|s| &s.ips) {
-                    if s.node.as_deref() == Some(me)
-                        && let Ok(ip) = s.egress_ip.parse::<Ipv4Addr>()
-                        && ips.contains(&ip)
-                    {
-                        out.insert(ip);
-                    }
-                }
-            }
-            Ok(Err(e)) => warn!(egressip = %name, error = %e, "cannot confirm the assignment"),
-            Err(_) => warn!(egressip = %name, "cannot confirm the assignment: no answer"),
-        }
-    }
-    out
+/// Where the claims of other nodes and the IP locks are judged: shared by
+/// the projection (watched objects) and the session's fresh reads, so that
+/// both use one clock per Lease.
+struct Clocks {
+    claims: Mutex<ClaimTracker>,
+    locks: Mutex<VersionClock>,
 }
 
-/// Keeps only the claims that are published; others lose their egress node
-/// here (they become live on the next round, once the write succeeded).
-fn restrict(mut p: Projection, published: &BTreeSet<Ipv4Addr>) -> Projection {
-    p.claims.retain(|c| published.contains(&c.ip));
+/// What the projection task hands the session.
+#[derive(Debug, PartialEq)]
+struct Projected {
+    observation: Observation,
+    /// Egress IP -> the EgressIP listing it in status (for fresh reads).
+    listed_in: BTreeMap<Ipv4Addr, String>,
+}
+
+/// The agent's desired state: the latest projection restricted to the IPs
+/// the session lets it use. Either side updates its part and sends; the
+/// lock orders them, so that a projection never goes out with a stale
+/// `active` nor the reverse.
+struct DesiredOut {
+    parts: Mutex<(Option<Projection>, Option<BTreeSet<Ipv4Addr>>)>,
+    tx: watch::Sender<Option<Desired>>,
+    node: String,
+}
+
+impl DesiredOut {
+    /// From the projection task, for every new projection.
+    fn set_projection(&self, p: Projection) {
+        let mut parts = self.parts.lock().expect("desired state poisoned");
+        parts.0 = Some(p);
+        self.send(&parts);
+    }
+
+    /// From the session, when the IPs it lets the agent use change.
+    fn set_active(&self, active: BTreeSet<Ipv4Addr>) {
+        let mut parts = self.parts.lock().expect("desired state poisoned");
+        parts.1 = Some(active);
+        self.send(&parts);
+    }
+
+    /// Nothing goes out before the session has said what may be used.
+    fn send(&self, parts: &(Option<Projection>, Option<BTreeSet<Ipv4Addr>>)) {
+        let (Some(p), Some(active)) = parts else {
+            return;
+        };
+        let p = restrict(p, active);
+        let next = Desired {
+            state: p.state,
+            claims: p.claims,
+        };
+        self.tx.send_if_modified(|cur| {
+            if cur.as_ref() == Some(&next) {
+                return false;
+            }
+            debug!(node = %self.node, policies = next.state.policies.len(), pods = next.state.pods.len(), claims = next.claims.len(), "desired state changed");
+            *cur = Some(next.clone());
+            true
+        });
+    }
+}
+
+/// Keeps only the claims the session lets the agent use; others lose their
+/// egress node here (they become live once their write succeeded).
+fn restrict(p: &Projection, active: &BTreeSet<Ipv4Addr>) -> Projection {
+    let mut p = p.clone();
+    p.claims.retain(|c| active.contains(&c.ip));
     let me = p.state.node_addr;
     for policy in p.state.policies.values_mut() {
-        if me.is_some() && policy.egress_node == me && !published.contains(&policy.egress_ip) {
+        if me.is_some() && policy.egress_node == me && !active.contains(&policy.egress_ip) {
             policy.egress_node = None;
         }
     }
     p
 }
 
-pub(super) async fn node_agent(
+/// Runs this node's session until it exits (see [`crate::AgentLink::shutdown`]).
+pub(super) async fn run_session(
     client: Client,
     node_name: String,
     options: Options,
-    mut link: ControllerLink,
+    link: ControllerLink,
+    candidate: watch::Sender<Option<bool>>,
 ) -> Result<(), Error> {
+    let ControllerLink {
+        desired,
+        fence,
+        mut held,
+        subnets,
+        down: _,
+        mut shutdown,
+    } = link;
+    let clocks = Arc::new(Clocks {
+        claims: Mutex::new(ClaimTracker::new(options.claim_ttl)),
+        locks: Mutex::default(),
+    });
+    let out = Arc::new(DesiredOut {
+        parts: Mutex::default(),
+        tx: desired,
+        node: node_name.clone(),
+    });
+    let (projected_tx, mut projected) = watch::channel(None);
+    let _projection = AbortOnDrop(Some(tokio::spawn(project_task(
+        client.clone(),
+        node_name.clone(),
+        options.clone(),
+        clocks.clone(),
+        out.clone(),
+        projected_tx,
+        candidate,
+    ))));
+    let _subnets = AbortOnDrop(Some(tokio::spawn(publish_subnets_task(
+        client.clone(),
+        node_name.clone(),
+        options.subnets.clone(),
+        subnets,
+    ))));
+
+    let lease_api: Api<Lease> = Api::namespaced(client.clone(), &options.namespace);
+    let mut exec = Executor {
+        eip_api: Api::all(client.clone()),
+        writer: ClaimWriter {
+            api: lease_api.clone(),
+            namespace: options.namespace.clone(),
+            node: node_name.clone(),
+            ttl: options.claim_ttl,
+            timeout: options.claim_renew / 2,
+            assigner: options.assigner,
+        },
+        lease_api,
+        node: node_name.clone(),
+        options: options.clone(),
+        clocks,
+        lock_slots: Arc::new(Semaphore::new(16)),
+        releases: Vec::new(),
+    };
+    let mut session = Session::new(SessionConfig {
+        node: node_name.clone(),
+        claim_ttl: options.claim_ttl,
+        claim_renew: options.claim_renew,
+        restart_grace: options.restart_grace,
+        drain_timeout: options.drain_timeout,
+    });
+    let (results_tx, mut results) = mpsc::unbounded_channel::<Input>();
+    let mut current: Option<Arc<Projected>> = None;
+    let mut active: Option<BTreeSet<Ipv4Addr>> = None;
+    let mut renewals = RenewalLog::default();
+    loop {
+        let deadline = session.deadline(Instant::now());
+        let input = tokio::select! {
+            // The session's own events first: a renewal must not wait
+            // behind a burst of projections.
+            biased;
+            Some(input) = results.recv() => input,
+            _ = sleep_until(deadline) => Input::Tick,
+            r = shutdown.changed() => {
+                // A dropped sender: the agent is gone, nobody applies
+                // anything any more.
+                if r.is_err() {
+                    return Ok(());
+                }
+                if *shutdown.borrow_and_update() {
+                    info!(node = %node_name, "stopping: handing egress IPs over or keeping them for a successor");
+                    // Drain or restart, decided on a fresh read of the Node:
+                    // the watch may lag behind a drain that just began.
+                    exec.read_leaving(&results_tx);
+                }
+                continue;
+            }
+            r = held.changed() => {
+                if r.is_err() {
+                    return Ok(());
+                }
+                Input::Held(held.borrow_and_update().clone())
+            }
+            r = projected.changed() => {
+                if r.is_err() {
+                    return Err(Error::Stopped("the node's projection task ended"));
+                }
+                let Some(p) = projected.borrow_and_update().clone() else { continue };
+                let unchanged = current.as_ref().is_some_and(|c| c.observation == p.observation);
+                current = Some(p.clone());
+                if unchanged {
+                    continue;
+                }
+                Input::Observed(p.observation.clone())
+            }
+        };
+        let now = Instant::now();
+        for action in session.step(input.clone(), now) {
+            match action {
+                Action::Write(w) => {
+                    renewals.note_due(&session, now);
+                    exec.write(w, &results_tx);
+                }
+                Action::Check(ips) => exec.check(ips, current.clone(), &results_tx),
+                Action::Lock { ip, adopt } => exec.lock(ip, adopt, &results_tx),
+                Action::Release(ip) => exec.release(ip),
+                Action::Program {
+                    active: next,
+                    fence: f,
+                } => {
+                    // The fence first: the agent gives addresses it adds
+                    // for `desired` the lifetime of the fence in place.
+                    fence.send_if_modified(|cur| {
+                        let changed = *cur != f;
+                        *cur = f;
+                        changed
+                    });
+                    if active.as_ref() != Some(&next) {
+                        log_program(&node_name, &next, f, now, &options);
+                        out.set_active(next.clone());
+                        active = Some(next);
+                    }
+                }
+                Action::Exit => {
+                    exec.finish_releases().await;
+                    info!(node = %node_name, "session over");
+                    return Ok(());
+                }
+            }
+        }
+        if let Input::Written { write, sent, ok } = &input {
+            renewals.written(&node_name, write, *sent, *ok, now);
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn log_program(
+    node: &str,
+    active: &BTreeSet<Ipv4Addr>,
+    fence: Option<Instant>,
+    now: Instant,
+    options: &Options,
+) {
+    let until = fence.map(|f| f.saturating_duration_since(now));
+    if active.is_empty() {
+        info!(node, "holding no egress IP");
+    } else if until.is_some_and(|u| u > options.claim_ttl) {
+        info!(node, ips = %claims::format_claims(active), valid_for = ?until, "egress IPs kept for a successor under the restart grace");
+    } else {
+        debug!(node, ips = %claims::format_claims(active), valid_for = ?until, "egress IPs held");
+    }
+}
+
+/// Logs every claims write under the target `egress_k8s::renewal`: how
+/// late it was sent against when it was due (`late_ms`: the renewal jitter)
+/// and how long the server took. `RUST_LOG=egress_k8s::renewal=debug`.
+#[derive(Default)]
+struct RenewalLog {
+    due: Option<Instant>,
+    published: Option<session::ClaimsWrite>,
+}
+
+impl RenewalLog {
+    fn note_due(&mut self, session: &Session, now: Instant) {
+        // The session writes when due or when something changed: a write
+        // earlier than due is a change, not a late renewal.
+        self.due = session.renewal_due().filter(|d| *d <= now);
+    }
+
+    fn written(
+        &mut self,
+        node: &str,
+        w: &session::ClaimsWrite,
+        sent: Instant,
+        ok: bool,
+        now: Instant,
+    ) {
+        let late_ms = self
+            .due
+            .take()
+            .map(|d| sent.saturating_duration_since(d).as_secs_f64() * 1e3);
+        let took_ms = now.saturating_duration_since(sent).as_secs_f64() * 1e3;
+        debug!(target: "egress_k8s::renewal", node, ok, late_ms, took_ms, ips = w.ips.len(), "claims lease written");
+        if !ok {
+            warn!(node, "cannot publish claims");
+        } else if self.published.as_ref() != Some(w) {
+            info!(node, claims = %claims::format_claims(&w.ips), draining = w.draining, restart_grace = ?w.restart_grace, "published claims");
+            self.published = Some(w.clone());
+        }
+    }
+}
+
+/// Performs the session's requests, each as a task of its own that reports
+/// its outcome back.
+struct Executor {
+    eip_api: Api<EgressIP>,
+    lease_api: Api<Lease>,
+    writer: ClaimWriter,
+    node: String,
+    options: Options,
+    clocks: Arc<Clocks>,
+    lock_slots: Arc<Semaphore>,
+    releases: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Executor {
+    fn write(&self, w: session::ClaimsWrite, results: &mpsc::UnboundedSender<Input>) {
+        let (writer, results) = (self.writer.clone(), results.clone());
+        tokio::spawn(async move {
+            let sent = Instant::now();
+            let outcome = writer.write(&w).await;
+            if let Err(e) = &outcome {
+                debug!(node = %writer.node, error = %e, "claims write failed");
+            }
+            let _ = results.send(Input::Written {
+                write: w,
+                sent,
+                ok: outcome.is_ok(),
+            });
+        });
+    }
+
+    fn check(
+        &self,
+        ips: BTreeSet<Ipv4Addr>,
+        projected: Option<Arc<Projected>>,
+        results: &mpsc::UnboundedSender<Input>,
+    ) {
+        let eip_api = self.eip_api.clone();
+        let lease_api = self.lease_api.clone();
+        let node = self.node.clone();
+        let limit = self.options.claim_renew;
+        let clocks = self.clocks.clone();
+        let results = results.clone();
+        tokio::spawn(async move {
+            let names: BTreeSet<String> = ips
+                .iter()
+                .filter_map(|ip| projected.as_ref()?.listed_in.get(ip).cloned())
+                .collect();
+            let assigned = confirm_assigned(&eip_api, &names, &node, &ips, limit).await;
+            let elsewhere = fresh_claims(&lease_api, &node, &clocks.claims, limit).await;
+            let fresh = match (assigned, elsewhere) {
+                (Ok(assigned), Ok(view)) => Some(Fresh {
+                    assigned,
+                    claimed_elsewhere: ips
+                        .iter()
+                        .filter(|ip| view.live.contains_key(ip))
+                        .copied()
+                        .collect(),
+                }),
+                (Err(e), _) | (_, Err(e)) => {
+                    warn!(node = %node, error = %e, "cannot confirm claims; not claiming new IPs yet");
+                    None
+                }
+            };
+            let _ = results.send(Input::Checked { ips, fresh });
+        });
+    }
+
+    fn lock(&self, ip: Ipv4Addr, adopt: bool, results: &mpsc::UnboundedSender<Input>) {
+        let api = self.lease_api.clone();
+        let (namespace, node) = (self.options.namespace.clone(), self.node.clone());
+        let (ttl, limit) = (self.options.claim_ttl, self.options.claim_renew);
+        let (clocks, slots, results) = (
+            self.clocks.clone(),
+            self.lock_slots.clone(),
+            results.clone(),
+        );
+        tokio::spawn(async move {
+            let _slot = slots.acquire_owned().await;
+            let attempt = leases::bounded(
+                limit,
+                acquire_lock(&api, &namespace, &node, ip, &clocks.locks, ttl, adopt),
+            )
+            .await;
+            let outcome = match attempt {
+                Ok(leases::LockOutcome::Acquired { replaced }) => {
+                    if adopt {
+                        info!(node, %ip, "adopted the claim of the previous agent");
+                    }
+                    session::LockOutcome::Acquired { replaced }
+                }
+                Ok(leases::LockOutcome::Refused(why)) => {
+                    info!(node, %ip, why, "not claiming: the IP's lock is not ours");
+                    session::LockOutcome::Refused
+                }
+                Err(e) => {
+                    warn!(node, %ip, error = %e, "cannot take the IP's lock; not claiming it yet");
+                    session::LockOutcome::Failed
+                }
+            };
+            let _ = results.send(Input::Locked { ip, outcome });
+        });
+    }
+
+    /// Reads this node's Node afresh and reports the stop with whether it
+    /// is leaving.
+    fn read_leaving(&self, results: &mpsc::UnboundedSender<Input>) {
+        let api: Api<Node> = Api::all(self.lease_api.clone().into_client());
+        let node = self.node.clone();
+        let limit = self.options.claim_renew;
+        let results = results.clone();
+        tokio::spawn(async move {
+            let leaving = match leases::bounded(limit, api.get_opt(&node)).await {
+                Ok(n) => n.as_ref().and_then(leaving),
+                Err(e) => {
+                    warn!(node, error = %e, "cannot read the Node at shutdown; deciding on the watched one");
+                    None
+                }
+            };
+            match &leaving {
+                Some(why) => info!(
+                    node,
+                    why, "the node is leaving: handing its egress IPs over"
+                ),
+                None => info!(
+                    node,
+                    "not leaving: keeping the egress IPs for the next agent"
+                ),
+            }
+            let _ = results.send(Input::Shutdown { leaving });
+        });
+    }
+
+    fn release(&mut self, ip: Ipv4Addr) {
+        let api = self.lease_api.clone();
+        let node = self.node.clone();
+        let limit = self.options.claim_renew;
+        self.releases.retain(|t| !t.is_finished());
+        self.releases.push(tokio::spawn(async move {
+            match leases::bounded(limit, release_lock(&api, &node, ip)).await {
+                Ok(()) => debug!(node, %ip, "released the IP's lock"),
+                Err(e) => warn!(node, %ip, error = %e, "cannot release the IP's lock (it is free anyway once our claim is gone)"),
+            }
+        }));
+    }
+
+    /// Lets the last lock releases through before the session ends (each is
+    /// bounded): the next holder then finds the locks free.
+    async fn finish_releases(&mut self) {
+        for t in self.releases.drain(..) {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Which of `ips` the API server's current status assigns to `me`: a fresh
+/// read of the EgressIPs (`names`) that list them in our cached view.
+async fn confirm_assigned(
+    api: &Api<EgressIP>,
+    names: &BTreeSet<String>,
+    me: &str,
+    ips: &BTreeSet<Ipv4Addr>,
+    limit: Duration,
+) -> Result<BTreeSet<Ipv4Addr>, RequestError> {
+    let mut out = BTreeSet::new();
+    for name in names {
+        let Some(eip) = leases::bounded(limit, api.get_opt(name)).await? else {
+            continue;
+        };
+        for s in eip.status.iter().flat_map(|s| &s.ips) {
+            if s.node.as_deref() == Some(me)
+                && let Ok(ip) = s.egress_ip.parse::<Ipv4Addr>()
+                && ips.contains(&ip)
+            {
+                out.insert(ip);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Publishes this node's subnets at start (retrying until it succeeds) and
+/// again whenever the agent reports new ones.
+async fn publish_subnets_task(
+    client: Client,
+    node: String,
+    initial: Vec<EgressSubnet>,
+    mut updates: watch::Receiver<Option<Vec<EgressSubnet>>>,
+) {
+    let mut wanted = initial;
+    let mut published: Option<Vec<EgressSubnet>> = None;
+    loop {
+        if let Some(s) = updates.borrow_and_update().clone() {
+            wanted = s;
+        }
+        if published.as_ref() != Some(&wanted) {
+            match publish_subnets(&client, &node, &wanted).await {
+                Ok(()) => published = Some(wanted.clone()),
+                Err(e) => warn!(node, error = %e, "cannot publish egress subnets; retrying"),
+            }
+        }
+        let retry = published.as_ref() != Some(&wanted);
+        tokio::select! {
+            r = updates.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep(Duration::from_secs(1)), if retry => {}
+        }
+    }
+}
+
+/// The node's watches and its projection, recomputed on every change (and
+/// when a claim it depends on expires).
+async fn project_task(
+    client: Client,
+    node_name: String,
+    options: Options,
+    clocks: Arc<Clocks>,
+    desired: Arc<DesiredOut>,
+    out: watch::Sender<Option<Arc<Projected>>>,
+    candidate: watch::Sender<Option<bool>>,
+) {
     let notify = Arc::new(Notify::new());
-    let eip_api: Api<EgressIP> = Api::all(client.clone());
-    let eips = reflect(eip_api.clone(), watcher::Config::default(), notify.clone());
+    let eips = reflect(
+        Api::<EgressIP>::all(client.clone()),
+        watcher::Config::default(),
+        notify.clone(),
+    );
     let nodes = reflect(
         Api::<Node>::all(client.clone()),
         watcher::Config::default(),
@@ -119,29 +584,8 @@ pub(super) async fn node_agent(
         )),
         notify.clone(),
     );
-    ready(&eips).await;
-    ready(&nodes).await;
-    ready(&namespaces).await;
-    ready(&pods).await;
-    ready(&leases).await;
-    info!(node = %node_name, "watches synced");
-
-    let mut tracker = ClaimTracker::new(options.claim_ttl);
-    let mut writer = ClaimWriter {
-        api: lease_api,
-        namespace: options.namespace.clone(),
-        node: node_name.clone(),
-        renew: options.claim_renew,
-        // Half a period, so that a stuck write delays withdrawal by at most
-        // that much (see `withdraw_at`).
-        timeout: options.claim_renew / 2,
-        ttl: options.claim_ttl,
-        published: None,
-        draining: false,
-        last_renew: None,
-    };
     let locks = reflect(
-        writer.api.clone(),
+        lease_api,
         watcher::Config::default().labels(&format!(
             "{}={}",
             claims::ROLE_LABEL,
@@ -149,247 +593,170 @@ pub(super) async fn node_agent(
         )),
         notify.clone(),
     );
+    ready(&eips).await;
+    ready(&nodes).await;
+    ready(&namespaces).await;
+    ready(&pods).await;
+    ready(&leases).await;
     ready(&locks).await;
-    // IP -> the lock version we replaced to get it (None: created or ours).
-    let mut held_locks: BTreeMap<Ipv4Addr, Option<String>> = BTreeMap::new();
-    let mut lock_clock = claims::VersionClock::default();
-    let mut shutting_down_since: Option<Instant> = None;
-    let mut was_holding = true;
-    let mut subnets_published = options.subnets.clone();
+    info!(node = %node_name, "watches synced");
+    let own_lease = claims::lease_name(&node_name);
     loop {
         let now = Instant::now();
-        if *link.shutdown.borrow() && shutting_down_since.is_none() {
-            info!(node = %node_name, "shutting down: handing egress IPs over");
-            shutting_down_since = Some(now);
-        }
         let lease_objs = leases.state();
-        let others: Vec<&Lease> = lease_objs
-            .iter()
-            .map(|l| &**l)
-            .filter(|l| l.metadata.name.as_deref() != Some(claims::lease_name(&node_name).as_str()))
-            .collect();
-        let view = tracker.view(&others, now);
-        let eip_list = eips_of(&eips);
-        let node_list = nodes_info(&nodes);
-        let ns = namespaces_by_name(&namespaces);
-        let pod_list: Vec<PodInfo> = pods
-            .state()
-            .iter()
-            .filter_map(|p| PodInfo::from_pod(p))
-            .collect();
-        let draining = shutting_down_since.is_some();
-        let project = |may_hold: bool| {
-            project::project(&project::ProjectInput {
-                node_name: &node_name,
-                node_addr: options.node_addr,
-                eips: &eip_list,
-                nodes: &node_list,
-                namespaces: &ns,
-                pods: &pod_list,
-                claims: &view.live,
-                may_hold,
-                global_excluded: &options.global_excluded,
-                config: &options.plan,
-            })
-        };
-        // While draining, hold on until the assigner has moved the IPs (the
-        // status no longer names us) or the drain times out.
-        let drain_expired =
-            shutting_down_since.is_some_and(|t| now.duration_since(t) >= options.drain_timeout);
-        let projection = project(!drain_expired);
-        let wanted: BTreeSet<Ipv4Addr> = projection.claims.iter().map(|c| c.ip).collect();
-        let held = link.held.borrow().clone();
-        // Claim what we want, and keep claiming what is still on an
-        // interface until the agent reports it gone.
-        let mut to_publish: BTreeSet<Ipv4Addr> = wanted.union(&held).copied().collect();
-        let subnets = link.subnets.borrow().clone();
-        if let Some(subnets) = subnets
-            && subnets != subnets_published
-        {
-            // A failure is retried on the next round (at most a renewal
-            // period away).
-            match publish_subnets(&client, &node_name, &subnets).await {
-                Ok(()) => subnets_published = subnets,
-                Err(e) => warn!(node = %node_name, error = %e, "cannot republish egress subnets"),
-            }
-        }
         let lock_objs = locks.state();
-        for lock in &lock_objs {
-            lock_clock.note(lock, now);
-        }
-        lock_clock.retain(&lock_objs.iter().map(|l| l.name_any()).collect());
-        for (ip, holder) in lost_locks(&lock_objs, &node_name, &held_locks) {
-            warn!(node = %node_name, %ip, %holder, "the IP's lock names another node: withdrawing it");
-            held_locks.remove(&ip);
-            to_publish.remove(&ip);
-        }
-        let published = writer.published.clone().unwrap_or_default();
-        let new_claims: Vec<Ipv4Addr> = to_publish.difference(&published).copied().collect();
-        if !new_claims.is_empty() {
-            // Our watch of the other nodes' claims may lag behind the status
-            // that names us: confirm with a fresh read before claiming.
-            // Likewise our watch of the status may lag behind a move away
-            // from us: confirm that the status still names us.
-            let confirmed = confirm_assigned(
-                &eip_api,
-                &eip_list,
-                &node_name,
-                &new_claims,
-                options.claim_renew,
-            )
-            .await;
-            match fresh_claims(&writer.api, &node_name, &mut tracker, options.claim_renew).await {
-                Ok(fresh) => {
-                    for ip in new_claims {
-                        if let Some(holders) = fresh.live.get(&ip) {
-                            info!(node = %node_name, %ip, ?holders, "not claiming yet: still claimed elsewhere");
-                            to_publish.remove(&ip);
-                            continue;
-                        }
-                        if !confirmed.contains(&ip) && !held.contains(&ip) {
-                            info!(node = %node_name, %ip, "not claiming: the status no longer names this node");
-                            to_publish.remove(&ip);
-                            continue;
-                        }
-                        let attempt = tokio::time::timeout(
-                            options.claim_renew,
-                            acquire_lock(
-                                &writer.api,
-                                &options.namespace,
-                                &node_name,
-                                ip,
-                                &mut lock_clock,
-                                options.claim_ttl,
-                            ),
-                        )
-                        .await;
-                        match attempt {
-                            Ok(Ok(LockOutcome::Acquired { replaced })) => {
-                                held_locks.insert(ip, replaced);
-                            }
-                            Ok(Ok(LockOutcome::Refused(why))) => {
-                                info!(node = %node_name, %ip, why, "not claiming: lost the IP's lock");
-                                to_publish.remove(&ip);
-                            }
-                            Ok(Err(e)) => {
-                                warn!(node = %node_name, %ip, error = %e, "cannot take the IP's lock; not claiming it");
-                                to_publish.remove(&ip);
-                            }
-                            Err(_) => {
-                                warn!(node = %node_name, %ip, "cannot take the IP's lock: no answer; not claiming it");
-                                to_publish.remove(&ip);
-                            }
-                        }
-                    }
-                }
-                Err(e) => {
-                    warn!(node = %node_name, error = %e, "cannot confirm claims; not claiming new IPs");
-                    for ip in new_claims {
-                        to_publish.remove(&ip);
-                    }
-                }
+        let (view, next_expiry) = {
+            let mut lock_clock = clocks.locks.lock().expect("lock clock poisoned");
+            for lock in &lock_objs {
+                lock_clock.note(lock, now);
             }
-        }
-        let renew_due = !writer.idle()
-            && writer
-                .last_renew
-                .is_none_or(|t| now.saturating_duration_since(t) >= options.claim_renew);
-        if (writer.published.as_ref() != Some(&to_publish)
-            || writer.draining != draining
-            || renew_due)
-            && let Err(e) = writer.write(&to_publish, draining).await
-        {
-            warn!(node = %node_name, error = %e, "cannot publish claims");
-        }
-        // Locks of IPs whose claim we have withdrawn (address gone, claims
-        // Lease written without them) are handed back.
-        let withdrawn: Vec<Ipv4Addr> = held_locks
-            .keys()
-            .filter(|ip| {
-                !to_publish.contains(ip)
-                    && writer.published.as_ref().is_some_and(|p| !p.contains(ip))
-            })
-            .copied()
-            .collect();
-        for ip in withdrawn {
-            held_locks.remove(&ip);
-            match tokio::time::timeout(
-                options.claim_renew,
-                release_lock(&writer.api, &node_name, ip),
-            )
-            .await
-            {
-                Ok(Ok(())) => debug!(node = %node_name, %ip, "released the IP's lock"),
-                Ok(Err(e)) => {
-                    warn!(node = %node_name, %ip, error = %e, "cannot release the IP's lock (it is free anyway once our claim is gone)")
-                }
-                Err(_) => warn!(node = %node_name, %ip, "cannot release the IP's lock: no answer"),
-            }
-        }
-        let now = Instant::now();
-        let may_hold = writer.may_hold(now);
-        if may_hold != was_holding {
-            if may_hold {
-                info!(node = %node_name, "claims renewed: may hold egress IPs");
-            } else {
-                warn!(node = %node_name, ttl = ?options.claim_ttl, "claims not renewed within their lifetime: withdrawing every egress IP");
-            }
-            was_holding = may_hold;
-        }
-        let projection = if may_hold && !drain_expired {
-            let published = writer.published.clone().unwrap_or_default();
-            restrict(projection, &published)
-        } else {
-            project(false)
+            lock_clock.retain(&lock_objs.iter().map(|l| l.name_any()).collect());
+            drop(lock_clock);
+            let others: Vec<&Lease> = lease_objs
+                .iter()
+                .map(|l| &**l)
+                .filter(|l| l.metadata.name.as_deref() != Some(own_lease.as_str()))
+                .collect();
+            let mut tracker = clocks.claims.lock().expect("claim tracker poisoned");
+            (tracker.view(&others, now), tracker.next_expiry(now))
         };
-        let desired = Desired {
-            state: projection.state,
-            claims: projection.claims,
+        let input = ProjectionInput {
+            node_name: node_name.clone(),
+            options: options.clone(),
+            eips: eips_of(&eips),
+            nodes: nodes.state(),
+            namespaces: namespaces_by_name(&namespaces),
+            pods: pods.state(),
+            leases: lease_objs,
+            locks: lock_objs,
+            claims: view.live,
         };
-        let fence = (may_hold && !drain_expired && !desired.claims.is_empty())
-            .then(|| writer.withdraw_at())
-            .flatten();
-        link.fence.send_if_modified(|cur| {
-            let changed = *cur != fence;
-            *cur = fence;
+        // Grows with the cluster: on the blocking pool, off the workers
+        // that run the session.
+        let desired = desired.clone();
+        let computed = tokio::task::spawn_blocking(move || {
+            let (projection, projected, is_candidate) = input.compute();
+            desired.set_projection(projection);
+            (projected, is_candidate)
+        });
+        let Ok((projected, is_candidate)) = computed.await else {
+            warn!(node = %node_name, "projection failed; retrying on the next change");
+            notify.notified().await;
+            continue;
+        };
+        out.send_if_modified(|cur| {
+            if cur.as_deref() == Some(&projected) {
+                return false;
+            }
+            *cur = Some(Arc::new(projected));
+            true
+        });
+        candidate.send_if_modified(|cur| {
+            let changed = *cur != Some(is_candidate);
+            *cur = Some(is_candidate);
             changed
         });
-        link.desired.send_if_modified(|cur| {
-            if cur.as_ref() == Some(&desired) {
-                false
-            } else {
-                debug!(node = %node_name, policies = desired.state.policies.len(), pods = desired.state.pods.len(), claims = desired.claims.len(), "desired state changed");
-                *cur = Some(desired.clone());
-                true
-            }
-        });
-        if draining && (desired.claims.is_empty() && link.held.borrow().is_empty()) {
-            if let Err(e) = writer.write(&BTreeSet::new(), true).await {
-                warn!(node = %node_name, error = %e, "cannot publish the final release");
-            }
-            info!(node = %node_name, "egress IPs handed over");
-            return Ok(());
-        }
-
-        let until_withdrawal = writer
-            .withdraw_at()
-            .filter(|_| !writer.idle())
-            .map(|d| d.saturating_duration_since(now))
-            .filter(|d| !d.is_zero())
-            .unwrap_or(Duration::MAX);
-        // Renewals are paced from the last one, not from whenever the loop
-        // last woke up, so that they do not drift towards twice the period.
-        let wake = writer
-            .until_renewal(now)
-            .min(tracker.next_expiry(now).unwrap_or(Duration::MAX))
-            .min(until_withdrawal)
+        let wake = next_expiry
+            .unwrap_or(Duration::MAX)
             .min(Duration::from_secs(60));
         tokio::select! {
             _ = notify.notified() => {}
-            r = link.held.changed() => { if r.is_err() { return Ok(()); } }
-            r = link.subnets.changed() => { if r.is_err() { return Ok(()); } }
-            r = link.shutdown.changed() => { if r.is_err() { return Ok(()); } }
             _ = tokio::time::sleep(wake) => {}
         }
+    }
+}
+
+/// A snapshot of the node's watches.
+struct ProjectionInput {
+    node_name: String,
+    options: Options,
+    eips: Vec<EgressIP>,
+    nodes: Vec<Arc<Node>>,
+    namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    pods: Vec<Arc<Pod>>,
+    leases: Vec<Arc<Lease>>,
+    locks: Vec<Arc<Lease>>,
+    claims: BTreeMap<Ipv4Addr, BTreeSet<String>>,
+}
+
+impl ProjectionInput {
+    fn compute(self) -> (Projection, Projected, bool) {
+        let node_list = node_infos(&self.nodes);
+        let pod_list: Vec<PodInfo> = self
+            .pods
+            .iter()
+            .filter_map(|p| PodInfo::from_pod(p))
+            .collect();
+        let projection = project::project(&project::ProjectInput {
+            node_name: &self.node_name,
+            node_addr: self.options.node_addr,
+            eips: &self.eips,
+            nodes: &node_list,
+            namespaces: &self.namespaces,
+            pods: &pod_list,
+            claims: &self.claims,
+            may_hold: true,
+            global_excluded: &self.options.global_excluded,
+            config: &self.options.plan,
+        });
+        let own_lease = claims::lease_name(&self.node_name);
+        let own_claims = self
+            .leases
+            .iter()
+            .find(|l| l.metadata.name.as_deref() == Some(own_lease.as_str()))
+            .and_then(|l| l.annotations().get(claims::CLAIMED_ANNOTATION).cloned())
+            .map(|raw| claims::parse_claims(&raw))
+            .unwrap_or_default();
+        let locks = self
+            .locks
+            .iter()
+            .filter_map(|lock| {
+                let ip = lock
+                    .annotations()
+                    .get(claims::LOCKED_IP_ANNOTATION)?
+                    .parse()
+                    .ok()?;
+                Some((
+                    ip,
+                    LockSeen {
+                        holder: claims::lock_holder(lock).map(str::to_string),
+                        version: lock.metadata.resource_version.clone(),
+                    },
+                ))
+            })
+            .collect();
+        let me = self
+            .nodes
+            .iter()
+            .find(|n| n.metadata.name.as_deref() == Some(self.node_name.as_str()));
+        let observation = Observation {
+            wanted: projection.claims.iter().map(|c| c.ip).collect(),
+            locks,
+            own_claims,
+            leaving: me.and_then(|n| leaving(n)),
+        };
+        let listed_in = self
+            .eips
+            .iter()
+            .flat_map(|e| {
+                let name = e.name_any();
+                e.status
+                    .iter()
+                    .flat_map(|s| &s.ips)
+                    .filter_map(move |s| Some((s.egress_ip.parse().ok()?, name.clone())))
+            })
+            .collect();
+        let lease_refs: Vec<&Lease> = self.leases.iter().map(|l| &**l).collect();
+        let is_candidate =
+            election::standbys(&node_list, &lease_refs, self.options.assigner_candidates)
+                .contains(&self.node_name);
+        (
+            projection,
+            Projected {
+                observation,
+                listed_in,
+            },
+            is_candidate,
+        )
     }
 }

@@ -86,8 +86,12 @@ pub(super) fn namespaces_by_name(
 }
 
 pub(super) fn nodes_info(store: &Store<Node>) -> Vec<NodeInfo> {
-    let mut v: Vec<NodeInfo> = store
-        .state()
+    node_infos(&store.state())
+}
+
+/// The facts of `nodes` (a store's snapshot), by name.
+pub(super) fn node_infos(nodes: &[Arc<Node>]) -> Vec<NodeInfo> {
+    let mut v: Vec<NodeInfo> = nodes
         .iter()
         .filter_map(|n| NodeInfo::from_node(n))
         .collect();
