@@ -142,6 +142,10 @@ pub struct ClaimView {
     /// Nodes whose Lease changed within its lifetime: they renew (or
     /// restart within their grace).
     pub live_nodes: BTreeSet<String>,
+    /// Live nodes whose Lease changed within the tracker's `stale_after`
+    /// (a holder renews every period: one that missed two is late), or
+    /// that restart within their grace.
+    pub renewing: BTreeSet<String>,
     /// Nodes whose Lease lists IPs but has not changed for its lifetime:
     /// they stopped renewing while holding, so they have withdrawn (alive
     /// but cut off from the API server) or are dead. A Lease-based signal
@@ -190,6 +194,8 @@ impl VersionClock {
 #[derive(Debug)]
 pub struct ClaimTracker {
     ttl: Duration,
+    /// See [`ClaimView::renewing`]; each Lease's lifetime unless set.
+    stale_after: Option<Duration>,
     seen: VersionClock,
     /// Lease name -> the lifetime its claims are judged by.
     lifetimes: HashMap<String, Duration>,
@@ -236,9 +242,17 @@ impl ClaimTracker {
     pub fn new(ttl: Duration) -> Self {
         Self {
             ttl,
+            stale_after: None,
             seen: VersionClock::default(),
             lifetimes: HashMap::new(),
         }
+    }
+
+    /// Judges a live node as no longer renewing once its Lease has not
+    /// changed for `d` (see [`ClaimView::renewing`]).
+    pub fn with_stale_after(mut self, d: Duration) -> Self {
+        self.stale_after = Some(d);
+        self
     }
 
     /// Judges the claims in `leases` at `now`.
@@ -271,8 +285,14 @@ impl ClaimTracker {
                 continue;
             }
             view.live_nodes.insert(holder.clone());
-            if restart_grace(lease).is_some() {
+            let restarting = restart_grace(lease).is_some();
+            if restarting {
                 view.restarting.insert(holder.clone());
+            }
+            if restarting
+                || now.saturating_duration_since(changed_at) < self.stale_after.unwrap_or(ttl)
+            {
+                view.renewing.insert(holder.clone());
             }
             if annotations
                 .and_then(|a| a.get(DRAINING_ANNOTATION))
@@ -289,12 +309,14 @@ impl ClaimTracker {
         view
     }
 
-    /// When the next live claim would expire if nothing changes: the caller
-    /// re-evaluates then.
+    /// When the next live claim would expire (or turn stale) if nothing
+    /// changes: the caller re-evaluates then.
     pub fn next_expiry(&self, now: Instant) -> Option<Duration> {
         self.lifetimes
             .iter()
-            .filter_map(|(name, ttl)| Some(self.seen.first_seen(name)? + *ttl))
+            .filter_map(|(name, ttl)| Some((self.seen.first_seen(name)?, *ttl)))
+            .flat_map(|(seen, ttl)| [Some(seen + ttl), self.stale_after.map(|d| seen + d)])
+            .flatten()
             .map(|t| t.saturating_duration_since(now))
             .filter(|d| !d.is_zero())
             .min()
@@ -469,6 +491,7 @@ mod tests {
         let all = [&holder, &idle, &restarting];
         let v = t.view(&all, t0);
         assert_eq!(v.live_nodes.len(), 3);
+        assert_eq!(v.renewing.len(), 3);
         assert_eq!(v.restarting, BTreeSet::from(["node3".to_string()]));
         assert!(v.lapsed.is_empty());
         let v = t.view(&all, t0 + Duration::from_secs(2));
@@ -485,6 +508,25 @@ mod tests {
             BTreeSet::from(["node1".to_string(), "node3".to_string()])
         );
         assert!(v.live.is_empty());
+    }
+
+    #[test]
+    fn a_holder_that_missed_renewals_is_no_longer_renewing_before_its_claim_lapses() {
+        let mut t = ClaimTracker::new(Duration::from_millis(1500))
+            .with_stale_after(Duration::from_millis(600));
+        let t0 = Instant::now();
+        let a = lease("node1", "1", "172.18.0.100", false);
+        t.view(&[&a], t0);
+        let a2 = lease("node1", "2", "172.18.0.100", false);
+        let v = t.view(&[&a2], t0 + Duration::from_millis(300));
+        assert!(v.renewing.contains("node1"));
+        assert_eq!(
+            t.next_expiry(t0 + Duration::from_millis(300)),
+            Some(Duration::from_millis(600))
+        );
+        let v = t.view(&[&a2], t0 + Duration::from_millis(900));
+        assert!(v.live_nodes.contains("node1") && !v.renewing.contains("node1"));
+        assert!(v.lapsed.is_empty());
     }
 
     #[test]

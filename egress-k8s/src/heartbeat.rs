@@ -343,7 +343,15 @@ mod tests {
                     .unwrap();
             }
         });
-        down_rx.wait_for(|d| d.contains("node-b")).await.unwrap();
+        // Not a speed bound: a forged reply that counted would keep node-b
+        // up forever.
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            down_rx.wait_for(|d| d.contains("node-b")),
+        )
+        .await
+        .expect("node-b kept up by forged replies")
+        .unwrap();
         forger.abort();
         let _ = forger.await;
 

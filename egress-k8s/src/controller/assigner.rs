@@ -7,13 +7,18 @@
 //! egress IPs when:
 //! - its claims Lease lists IPs but has not changed for its lifetime (it
 //!   stopped renewing while holding: dead, stopped, or cut off from the API
-//!   server, and then it has withdrawn by itself). The lapse is confirmed
-//!   with a fresh read of the Leases before it is acted on, so that the
-//!   assigner's own lagging watch cannot fail the cluster over;
-//! - or it does not answer heartbeats and its Lease is not live either
-//!   (an idle node, or one that never claimed), so that the assigner's own
-//!   lost UDP port cannot move any IP that its holder still renews;
+//!   server, and then it has withdrawn by itself): the Lease alone says so;
+//! - or it does not answer heartbeats and it is not renewing either (its
+//!   Lease missed two renewals, or it holds nothing and does not renew), so
+//!   that the assigner's own lost UDP port cannot move any IP whose holder
+//!   still renews, and a dead holder is seen after the heartbeat timeout
+//!   rather than only when its claim lapses;
 //! - or it is draining (hand-over on shutdown), not Ready, or cordoned.
+//!
+//! Anything new in that set is confirmed with a fresh read of the Leases
+//! before it is acted on, so that the assigner's own lagging watch cannot
+//! fail the cluster over either. Moving an IP in status early is safe: the
+//! new holder still waits for the old claim to lapse (see [`crate::claims`]).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -161,7 +166,7 @@ fn events_for(old: Option<&EgressIPStatus>, new: &EgressIPStatus) -> Vec<Event> 
 pub(super) fn unavailable(view: &ClaimView, silent: &BTreeSet<String>) -> BTreeSet<String> {
     let mut out: BTreeSet<String> = silent
         .iter()
-        .filter(|n| !view.live_nodes.contains(*n))
+        .filter(|n| !view.renewing.contains(*n))
         .cloned()
         .collect();
     out.extend(view.lapsed.iter().cloned());
@@ -219,7 +224,9 @@ pub(super) async fn assign_loop(
             instance: Some(me.clone()),
         },
     );
-    let mut tracker = ClaimTracker::new(options.claim_ttl);
+    // A holder renews every period: two missed ones make it late.
+    let mut tracker =
+        ClaimTracker::new(options.claim_ttl).with_stale_after(options.claim_renew * 2);
     let mut down = down;
     let (targets_tx, targets_rx) = watch::channel(BTreeMap::new());
     let (probe_down_tx, mut probe_down) = watch::channel(BTreeSet::new());
@@ -232,8 +239,8 @@ pub(super) async fn assign_loop(
     });
     // Aborting the assigner task drops this guard and stops the prober.
     let _prober = AbortOnDrop(prober);
-    // Lapses already confirmed with a fresh read.
-    let mut confirmed_lapsed: BTreeSet<String> = BTreeSet::new();
+    // Unavailable nodes already confirmed with a fresh read.
+    let mut confirmed: BTreeSet<String> = BTreeSet::new();
     // A closed channel stays "changed" forever: stop selecting on it.
     let (mut down_open, mut probe_open, mut lead_open) = (true, true, true);
     loop {
@@ -243,23 +250,34 @@ pub(super) async fn assign_loop(
         let lease_objs = leases.state();
         let lease_refs: Vec<&Lease> = lease_objs.iter().map(|l| &**l).collect();
         let mut view = tracker.view(&lease_refs, now);
-        if !view.lapsed.is_subset(&confirmed_lapsed) {
+        let mut silent = down.borrow().clone();
+        silent.extend(probe_down.borrow_and_update().iter().cloned());
+        let mut away = unavailable(&view, &silent);
+        if !away.is_subset(&confirmed) {
             // Our watch may lag behind their renewals: ask the server.
             match list_claims(&lease_api, options.claim_renew).await {
                 Ok(fresh) => {
                     let refs: Vec<&Lease> = fresh.iter().collect();
                     view = tracker.view(&refs, Instant::now());
-                    for n in view.lapsed.difference(&confirmed_lapsed) {
-                        warn!(node = %n, "node stopped renewing its claims: moving its egress IPs");
+                    away = unavailable(&view, &silent);
+                    for n in away.difference(&confirmed) {
+                        let why = if view.lapsed.contains(n) {
+                            "stopped renewing its claims"
+                        } else if view.draining.contains(n) {
+                            "is draining"
+                        } else {
+                            "answers no heartbeat and does not renew"
+                        };
+                        warn!(node = %n, why, "node unavailable: its egress IPs move");
                     }
                 }
                 Err(e) => {
-                    warn!(error = %e, "cannot confirm lapsed claims with a fresh read; not acting on them yet");
-                    view.lapsed.retain(|n| confirmed_lapsed.contains(n));
+                    warn!(error = %e, "cannot confirm unavailable nodes with a fresh read; not acting on them yet");
+                    away.retain(|n| confirmed.contains(n));
                 }
             }
         }
-        confirmed_lapsed.clone_from(&view.lapsed);
+        confirmed.clone_from(&away);
         if let Some(hb) = &options.heartbeat {
             let targets: BTreeMap<String, Target> = node_list
                 .iter()
@@ -280,9 +298,6 @@ pub(super) async fn assign_loop(
                 changed
             });
         }
-        let mut silent = down.borrow().clone();
-        silent.extend(probe_down.borrow_and_update().iter().cloned());
-        let unavailable = unavailable(&view, &silent);
         let lead_until = *lead.borrow_and_update();
         let leading = lead_until.is_some_and(|u| Instant::now() < u);
         if leading {
@@ -299,7 +314,7 @@ pub(super) async fn assign_loop(
                 &pod_list,
                 &namespaces_by_name(&namespaces),
                 &view,
-                &unavailable,
+                &away,
                 &options,
             )
             .await;
@@ -442,10 +457,11 @@ mod tests {
         assert_eq!(p["status"]["items"], serde_json::json!([]));
     }
 
-    fn view(live: &[&str], lapsed: &[&str], draining: &[&str]) -> ClaimView {
+    fn view(renewing: &[&str], lapsed: &[&str], draining: &[&str]) -> ClaimView {
         let set = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
         ClaimView {
-            live_nodes: set(live),
+            live_nodes: set(renewing),
+            renewing: set(renewing),
             lapsed: set(lapsed),
             draining: set(draining),
             ..ClaimView::default()
