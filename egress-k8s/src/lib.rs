@@ -1,14 +1,17 @@
 //! The Kubernetes control plane of the egress agent.
 //!
 //! - [`crd`]: the `EgressIP` resource (OVN-Kubernetes compatible spec).
-//! - [`selector`], [`facts`], [`plan`], [`project`], [`claims`]: pure
-//!   functions from cluster objects to decisions (validation, placement,
-//!   policy ids, status, claim liveness) and to one node's
-//!   [`egress_model::NodeState`].
+//! - [`selector`], [`facts`], [`plan`], [`project`], [`claims`],
+//!   [`leaving`]: pure functions from cluster objects to decisions
+//!   (validation, placement, policy ids, status, claim liveness, drain or
+//!   restart) and to one node's [`egress_model::NodeState`].
+//! - [`session`]: the node session's pure state machine (claims, locks,
+//!   renewals, fence, hand-over, restart grace, adoption).
 //! - [`controller`]: the I/O around them, one module per role (watches,
 //!   leader election, assigner, node session, leases); [`run`] is the entry
 //!   point of the agent's Kubernetes mode.
-//! - [`heartbeat`]: direct UDP liveness probes between agents.
+//! - [`heartbeat`]: direct UDP liveness probes between agents, with
+//!   per-probe nonces.
 
 pub mod claims;
 pub mod config;

@@ -58,6 +58,17 @@ async fn a_restart_within_the_grace_keeps_the_ips_where_they_are() {
     let api = FakeApi::start().await;
     let port = free_port();
     let (mut agent1, _agent2) = held_by_node1(&api, port, GRACE).await;
+    // A former holder's claims Lease still lists the IP (its agent died
+    // long ago): the successor, which judges it with a fresh clock, must not
+    // take it for a live claim on an IP whose lock names node1.
+    api.create(
+        LEASES,
+        json!({"metadata": {"name": "egress-claims-node9", "namespace": NS,
+                "labels": {"egress.example.dev/role": "claims"},
+                "annotations": {"egress.example.dev/claimed-ips": EGRESS_IP.to_string(),
+                                "egress.example.dev/claim-ttl-ms": "2000"}},
+               "spec": {"holderIdentity": "node9"}}),
+    );
     let stopping = Instant::now();
     stop(&mut agent1).await;
     // The agent keeps serving until the end of the grace: the fence it was
@@ -123,7 +134,10 @@ async fn a_restart_without_a_successor_fails_over_when_the_grace_ends() {
         .expect("the grace was published")
         .0;
     announced_by(&api, "node2").await;
-    assert!(agent2.claims().contains(&EGRESS_IP));
+    eventually("node2 holds", || {
+        agent2.claims().contains(&EGRESS_IP).then_some(())
+    })
+    .await;
     // Neither the move nor the new claim came before the grace was over.
     let moved = api
         .history()
@@ -158,7 +172,10 @@ async fn a_drained_node_hands_its_ips_over_when_its_agent_stops() {
     assert!(agent1.claims().is_empty(), "node1 let go before returning");
     assert_eq!(*agent1.link.fence.borrow(), None);
     announced_by(&api, "node2").await;
-    assert!(agent2.claims().contains(&EGRESS_IP));
+    eventually("node2 holds", || {
+        agent2.claims().contains(&EGRESS_IP).then_some(())
+    })
+    .await;
     // node1 said it was draining, then released the IP, before node2
     // claimed it; it never asked for a restart grace.
     let node1 = lease_history(&api, "egress-claims-node1");

@@ -3,13 +3,13 @@
 //! or goes) and claims, and emits its node's desired state.
 //!
 //! One module per role:
-//! - [`watches`]: reflectors and the views of their stores;
-//! - [`election`]: leader election among a few warm candidates (the leader's
+//! - `watches`: reflectors and the views of their stores;
+//! - `election`: leader election among a few warm candidates (the leader's
 //!   assigner writes, the standbys' keep up);
-//! - [`assigner`]: placement, failure detection, policy ids, status and events;
-//! - [`node`]: the node session: its projection task, and the executor of
+//! - `assigner`: placement, failure detection, policy ids, status and events;
+//! - `node`: the node session: its projection task, and the executor of
 //!   the [`crate::session`] state machine (claims, locks, renewals, fence);
-//! - [`leases`]: the claims Lease writer, the per-IP locks and their release.
+//! - `leases`: the claims Lease writer, the per-IP locks and their release.
 
 mod assigner;
 mod election;

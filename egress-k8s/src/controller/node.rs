@@ -687,6 +687,18 @@ impl ProjectionInput {
             .iter()
             .filter_map(|p| PodInfo::from_pod(p))
             .collect();
+        // Another node's claim on an IP whose lock names this node is stale
+        // (a node claims only while it holds the lock; one that took it from
+        // us did so after our claim lapsed, and then we have withdrawn and
+        // must lock again anyway). Judged live by a cold clock, such a claim
+        // (a dead former holder's Lease still listing the IP) would
+        // otherwise make a restarted agent give up the IPs it adopts.
+        let mut others = self.claims;
+        others.retain(|ip, _| {
+            !self.locks.iter().any(|l| {
+                locked_ip(l) == Some(*ip) && claims::lock_holder(l) == Some(&self.node_name)
+            })
+        });
         let projection = project::project(&project::ProjectInput {
             node_name: &self.node_name,
             node_addr: self.options.node_addr,
@@ -694,7 +706,7 @@ impl ProjectionInput {
             nodes: &node_list,
             namespaces: &self.namespaces,
             pods: &pod_list,
-            claims: &self.claims,
+            claims: &others,
             may_hold: true,
             global_excluded: &self.options.global_excluded,
             config: &self.options.plan,
@@ -711,11 +723,7 @@ impl ProjectionInput {
             .locks
             .iter()
             .filter_map(|lock| {
-                let ip = lock
-                    .annotations()
-                    .get(claims::LOCKED_IP_ANNOTATION)?
-                    .parse()
-                    .ok()?;
+                let ip = locked_ip(lock)?;
                 Some((
                     ip,
                     LockSeen {
@@ -759,4 +767,12 @@ impl ProjectionInput {
             is_candidate,
         )
     }
+}
+
+/// The egress IP a lock Lease guards.
+fn locked_ip(lock: &Lease) -> Option<Ipv4Addr> {
+    lock.annotations()
+        .get(claims::LOCKED_IP_ANNOTATION)?
+        .parse()
+        .ok()
 }
