@@ -12,7 +12,6 @@ use std::{
 
 use common::*;
 use egress_fake_api::FakeApi;
-use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_egress_node_is_detected_and_its_ip_moves_after_its_claim_expires() {
@@ -23,11 +22,7 @@ async fn dead_egress_node_is_detected_and_its_ip_moves_after_its_claim_expires()
     // node2 runs the assigner; node1 is only a candidate egress node.
     let agent2 = Agent::start(&api, "node2", options(2, port, true));
     let agent1 = Agent::start(&api, "node1", options(1, port, false));
-    eventually("synced", || {
-        (agent1.synced() && agent2.synced()).then_some(())
-    })
-    .await;
-    subnets_published(&api, &["node1", "node2"]).await;
+    all_ready(&api, &[("node1", &agent1), ("node2", &agent2)]).await;
     // Only node1 may hold it at first, so that the placement is
     // deterministic whatever the assigner has seen of node2 yet.
     egress_ip_on(&api, &["node1"]);
@@ -37,20 +32,13 @@ async fn dead_egress_node_is_detected_and_its_ip_moves_after_its_claim_expires()
     .await;
     announced_by(&api, "node1").await;
     // node2 becomes eligible too (relabel): nothing moves, assignments are sticky.
-    api.patch(
-        NODES,
-        None,
-        "node2",
-        json!({"metadata": {"labels": {"egress": "yes"}}}),
-    );
+    make_eligible(&api, "node2");
     // Healthy for a while: heartbeats and renewals keep node1, nothing moves.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(holder(&api).unwrap().0, "node1");
 
     // node1's agent dies: no release, no more renewals or heartbeats.
-    agent1.task.abort();
-    let killed = Instant::now();
-    drop(agent1);
+    let killed = agent1.kill();
 
     let moved = eventually("status moved to node2", || {
         (holder(&api)?.0 == "node2").then(Instant::now)
@@ -158,25 +146,18 @@ async fn the_assigner_dying_while_holding_fails_over_like_any_holder() {
     .await;
     let agent2 = Agent::start(&api, "node2", options(2, port, true));
     let agent3 = Agent::start(&api, "node3", options(3, port, true));
-    eventually("synced", || {
-        (agent1.synced() && agent2.synced() && agent3.synced()).then_some(())
-    })
+    all_ready(
+        &api,
+        &[("node1", &agent1), ("node2", &agent2), ("node3", &agent3)],
+    )
     .await;
-    subnets_published(&api, &["node1", "node2", "node3"]).await;
     egress_ip_on(&api, &["node1"]);
     announced_by(&api, "node1").await;
-    api.patch(
-        NODES,
-        None,
-        "node2",
-        json!({"metadata": {"labels": {"egress": "yes"}}}),
-    );
+    make_eligible(&api, "node2");
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert_eq!(holder(&api).unwrap().0, "node1");
 
-    agent1.task.abort();
-    let killed = Instant::now();
-    drop(agent1);
+    let killed = agent1.kill();
     let elected = eventually("a standby takes the leader Lease", || {
         let l = api.get(LEASES, Some(NS), "egress-assigner")?;
         let h = l["spec"]["holderIdentity"].as_str()?.to_string();
@@ -210,11 +191,7 @@ async fn heartbeats_lost_at_the_assigner_only_move_nothing() {
     seed(&api, 2);
     let agent1 = Agent::start(&api, "node1", options(1, free_port(), false));
     let agent2 = Agent::start(&api, "node2", options(2, free_port(), true));
-    eventually("synced", || {
-        (agent1.synced() && agent2.synced()).then_some(())
-    })
-    .await;
-    subnets_published(&api, &["node1", "node2"]).await;
+    all_ready(&api, &[("node1", &agent1), ("node2", &agent2)]).await;
     egress_ip_on(&api, &["node1", "node2"]);
     announced_by(&api, "node1").await;
     let since = Instant::now();
@@ -249,13 +226,8 @@ async fn a_forged_heartbeat_reply_does_not_keep_a_dead_node_eligible() {
     seed(&api, 2);
     let agent1 = Agent::start(&api, "node1", options(1, port, false));
     let agent2 = Agent::start(&api, "node2", options(2, port, true));
-    eventually("synced", || {
-        (agent1.synced() && agent2.synced()).then_some(())
-    })
-    .await;
-    subnets_published(&api, &["node1", "node2"]).await;
-    agent1.task.abort();
-    drop(agent1);
+    all_ready(&api, &[("node1", &agent1), ("node2", &agent2)]).await;
+    agent1.kill();
 
     // The forger takes over node1's heartbeat port once the dead agent's
     // socket is gone.

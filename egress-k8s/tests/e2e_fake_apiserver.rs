@@ -4,6 +4,9 @@
 
 use std::{collections::BTreeSet, net::Ipv4Addr, time::Duration};
 
+mod common;
+
+use common::eventually;
 use egress_fake_api::FakeApi;
 use egress_k8s::{
     AgentLink, Desired, Options,
@@ -77,20 +80,6 @@ fn fake_agent(mut link: AgentLink) -> (tokio::sync::watch::Receiver<Option<Desir
     });
     link.desired = seen.clone();
     (seen, link)
-}
-
-async fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 fn condition<'a>(eip: &'a Value, ip_idx: usize, t: &str) -> &'a Value {

@@ -25,19 +25,10 @@ async fn held_by_node1(api: &FakeApi, port: u16, grace: Duration) -> (Agent, Age
     seed(api, 2);
     let agent1 = Agent::start(api, "node1", with_grace(options(1, port, false), grace));
     let agent2 = Agent::start(api, "node2", options(2, port, true));
-    eventually("synced", || {
-        (agent1.synced() && agent2.synced()).then_some(())
-    })
-    .await;
-    subnets_published(api, &["node1", "node2"]).await;
+    all_ready(api, &[("node1", &agent1), ("node2", &agent2)]).await;
     egress_ip_on(api, &["node1"]);
     announced_by(api, "node1").await;
-    api.patch(
-        NODES,
-        None,
-        "node2",
-        json!({"metadata": {"labels": {"egress": "yes"}}}),
-    );
+    make_eligible(api, "node2");
     (agent1, agent2)
 }
 

@@ -146,6 +146,13 @@ impl Agent {
     pub fn synced(&self) -> bool {
         self.link.desired.borrow().is_some()
     }
+
+    /// Kills the agent (no release, no more renewals nor heartbeats);
+    /// returns when.
+    pub fn kill(self) -> std::time::Instant {
+        self.task.abort();
+        std::time::Instant::now()
+    }
 }
 
 pub async fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
@@ -162,10 +169,14 @@ pub async fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     }
 }
 
-/// Waits until every node has published its subnets (so that placement
-/// sees them all).
-pub async fn subnets_published(api: &FakeApi, nodes: &[&str]) {
-    for n in nodes {
+/// Waits until every agent has synced and published its node's subnets
+/// (so that placement sees them all).
+pub async fn all_ready(api: &FakeApi, agents: &[(&str, &Agent)]) {
+    eventually("synced", || {
+        agents.iter().all(|(_, a)| a.synced()).then_some(())
+    })
+    .await;
+    for (n, _) in agents {
         eventually("subnets published", || {
             api.get(NODES, None, n)?["metadata"]["annotations"]["egress.example.dev/egress-subnets"]
                 .as_str()
@@ -175,16 +186,21 @@ pub async fn subnets_published(api: &FakeApi, nodes: &[&str]) {
     }
 }
 
+/// Makes `node` eligible for the EgressIP of [`egress_ip_on`].
+pub fn make_eligible(api: &FakeApi, node: &str) {
+    api.patch(
+        NODES,
+        None,
+        node,
+        json!({"metadata": {"labels": {"egress": "yes"}}}),
+    );
+}
+
 /// Labels `nodes` eligible and creates the EgressIP `team-a` that only
 /// they may hold (placement then picks the first by name).
 pub fn egress_ip_on(api: &FakeApi, nodes: &[&str]) {
     for n in nodes {
-        api.patch(
-            NODES,
-            None,
-            n,
-            json!({"metadata": {"labels": {"egress": "yes"}}}),
-        );
+        make_eligible(api, n);
     }
     api.create(EIPS, json!({
         "metadata": {"name": "team-a"},
