@@ -26,13 +26,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use k8s_openapi::{
-    api::{
-        coordination::v1::Lease,
-        core::v1::{Namespace, Node, Pod},
-    },
-    jiff::Timestamp,
-};
+use k8s_openapi::{api::coordination::v1::Lease, jiff::Timestamp};
 use kube::{
     Api, Client, Resource, ResourceExt,
     api::{Patch, PatchParams},
@@ -47,10 +41,10 @@ use tracing::{debug, info, warn};
 use super::{
     AbortOnDrop, Options,
     leases::list_claims,
-    watches::{eips_of, namespaces_by_name, nodes_info, ready, reflect},
+    watches::{ClusterWatches, eips_of, namespaces_by_name, nodes_info},
 };
 use crate::{
-    claims::{self, ClaimTracker, ClaimView},
+    claims::{ClaimTracker, ClaimView},
     crd::{EgressIP, EgressIPStatus, condition},
     facts::{NodeInfo, PodInfo},
     heartbeat::{self, Target},
@@ -185,37 +179,14 @@ pub(super) async fn assign_loop(
 ) {
     let notify = Arc::new(Notify::new());
     let eip_api: Api<EgressIP> = Api::all(client.clone());
-    let eips = reflect(eip_api.clone(), watcher::Config::default(), notify.clone());
-    let nodes = reflect(
-        Api::<Node>::all(client.clone()),
-        watcher::Config::default(),
-        notify.clone(),
-    );
-    let namespaces = reflect(
-        Api::<Namespace>::all(client.clone()),
-        watcher::Config::default(),
-        notify.clone(),
-    );
-    let pods = reflect(
-        Api::<Pod>::all(client.clone()),
-        watcher::Config::default(),
-        notify.clone(),
-    );
     let lease_api = Api::<Lease>::namespaced(client.clone(), &options.namespace);
-    let leases = reflect(
-        lease_api.clone(),
-        watcher::Config::default().labels(&format!(
-            "{}={}",
-            claims::ROLE_LABEL,
-            claims::ROLE_CLAIMS
-        )),
-        notify.clone(),
+    let watches = ClusterWatches::start(
+        &client,
+        &options.namespace,
+        watcher::Config::default(),
+        &notify,
     );
-    ready(&eips).await;
-    ready(&nodes).await;
-    ready(&namespaces).await;
-    ready(&pods).await;
-    ready(&leases).await;
+    watches.ready().await;
     info!(identity = %me, "assigner synced");
     let recorder = Recorder::new(
         client.clone(),
@@ -245,9 +216,9 @@ pub(super) async fn assign_loop(
     let (mut down_open, mut probe_open, mut lead_open) = (true, true, true);
     loop {
         let now = Instant::now();
-        let eip_list = eips_of(&eips);
-        let node_list = nodes_info(&nodes);
-        let lease_objs = leases.state();
+        let eip_list = eips_of(&watches.eips);
+        let node_list = nodes_info(&watches.nodes);
+        let lease_objs = watches.claims.state();
         let lease_refs: Vec<&Lease> = lease_objs.iter().map(|l| &**l).collect();
         let mut view = tracker.view(&lease_refs, now);
         let mut silent = down.borrow().clone();
@@ -301,7 +272,8 @@ pub(super) async fn assign_loop(
         let lead_until = *lead.borrow_and_update();
         let leading = lead_until.is_some_and(|u| Instant::now() < u);
         if leading {
-            let pod_list: Vec<PodInfo> = pods
+            let pod_list: Vec<PodInfo> = watches
+                .pods
                 .state()
                 .iter()
                 .filter_map(|p| PodInfo::from_pod(p))
@@ -312,7 +284,7 @@ pub(super) async fn assign_loop(
                 &eip_list,
                 &node_list,
                 &pod_list,
-                &namespaces_by_name(&namespaces),
+                &namespaces_by_name(&watches.namespaces),
                 &view,
                 &away,
                 &options,

@@ -22,7 +22,7 @@ use std::{
 
 use k8s_openapi::api::{
     coordination::v1::Lease,
-    core::v1::{Namespace, Node, Pod},
+    core::v1::{Node, Pod},
 };
 use kube::{Api, Client, ResourceExt, runtime::watcher};
 use tokio::sync::{Notify, Semaphore, mpsc, watch};
@@ -32,7 +32,7 @@ use super::{
     AbortOnDrop, ControllerLink, Desired, Error, Options, election,
     leases::{self, ClaimWriter, RequestError, acquire_lock, fresh_claims, release_lock},
     publish_subnets,
-    watches::{eips_of, namespaces_by_name, node_infos, ready, reflect},
+    watches::{ClusterWatches, eips_of, namespaces_by_name, node_infos, ready, reflect, role},
 };
 use crate::{
     claims::{self, ClaimTracker, VersionClock},
@@ -554,56 +554,24 @@ async fn project_task(
     candidate: watch::Sender<Option<bool>>,
 ) {
     let notify = Arc::new(Notify::new());
-    let eips = reflect(
-        Api::<EgressIP>::all(client.clone()),
-        watcher::Config::default(),
-        notify.clone(),
-    );
-    let nodes = reflect(
-        Api::<Node>::all(client.clone()),
-        watcher::Config::default(),
-        notify.clone(),
-    );
-    let namespaces = reflect(
-        Api::<Namespace>::all(client.clone()),
-        watcher::Config::default(),
-        notify.clone(),
-    );
-    let pods = reflect(
-        Api::<Pod>::all(client.clone()),
+    let watches = ClusterWatches::start(
+        &client,
+        &options.namespace,
         watcher::Config::default().fields(&format!("spec.nodeName={node_name}")),
-        notify.clone(),
-    );
-    let lease_api: Api<Lease> = Api::namespaced(client.clone(), &options.namespace);
-    let leases = reflect(
-        lease_api.clone(),
-        watcher::Config::default().labels(&format!(
-            "{}={}",
-            claims::ROLE_LABEL,
-            claims::ROLE_CLAIMS
-        )),
-        notify.clone(),
+        &notify,
     );
     let locks = reflect(
-        lease_api,
-        watcher::Config::default().labels(&format!(
-            "{}={}",
-            claims::ROLE_LABEL,
-            claims::ROLE_IP_LOCK
-        )),
+        Api::<Lease>::namespaced(client.clone(), &options.namespace),
+        role(claims::ROLE_IP_LOCK),
         notify.clone(),
     );
-    ready(&eips).await;
-    ready(&nodes).await;
-    ready(&namespaces).await;
-    ready(&pods).await;
-    ready(&leases).await;
+    watches.ready().await;
     ready(&locks).await;
     info!(node = %node_name, "watches synced");
     let own_lease = claims::lease_name(&node_name);
     loop {
         let now = Instant::now();
-        let lease_objs = leases.state();
+        let lease_objs = watches.claims.state();
         let lock_objs = locks.state();
         let (view, next_expiry) = {
             let mut lock_clock = clocks.locks.lock().expect("lock clock poisoned");
@@ -623,10 +591,10 @@ async fn project_task(
         let input = ProjectionInput {
             node_name: node_name.clone(),
             options: options.clone(),
-            eips: eips_of(&eips),
-            nodes: nodes.state(),
-            namespaces: namespaces_by_name(&namespaces),
-            pods: pods.state(),
+            eips: eips_of(&watches.eips),
+            nodes: watches.nodes.state(),
+            namespaces: namespaces_by_name(&watches.namespaces),
+            pods: watches.pods.state(),
             leases: lease_objs,
             locks: lock_objs,
             claims: view.live,

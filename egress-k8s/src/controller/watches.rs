@@ -4,9 +4,12 @@
 use std::{collections::BTreeMap, fmt::Debug, hash::Hash, sync::Arc};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, Node};
+use k8s_openapi::api::{
+    coordination::v1::Lease,
+    core::v1::{Namespace, Node, Pod},
+};
 use kube::{
-    Api, Resource, ResourceExt,
+    Api, Client, Resource, ResourceExt,
     runtime::{
         WatchStreamExt,
         reflector::{self, Store},
@@ -18,7 +21,7 @@ use tokio::sync::Notify;
 use tracing::warn;
 
 use super::AbortOnDrop;
-use crate::{crd::EgressIP, facts::NodeInfo};
+use crate::{claims, crd::EgressIP, facts::NodeInfo};
 
 /// A reflector's store, and its task: dropping this stops the watch, so
 /// that dropping [`run`]'s future stops everything it started.
@@ -101,4 +104,62 @@ pub(super) fn node_infos(nodes: &[Arc<Node>]) -> Vec<NodeInfo> {
 
 pub(super) fn eips_of(store: &Store<EgressIP>) -> Vec<EgressIP> {
     store.state().iter().map(|e| (**e).clone()).collect()
+}
+
+/// The watches both the assigner and a node's projection need: EgressIPs,
+/// Nodes, Namespaces, the Pods `pods` selects, and the claims Leases in
+/// `namespace`; every change wakes `notify`.
+pub(super) struct ClusterWatches {
+    pub(super) eips: Reflected<EgressIP>,
+    pub(super) nodes: Reflected<Node>,
+    pub(super) namespaces: Reflected<Namespace>,
+    pub(super) pods: Reflected<Pod>,
+    pub(super) claims: Reflected<Lease>,
+}
+
+impl ClusterWatches {
+    pub(super) fn start(
+        client: &Client,
+        namespace: &str,
+        pods: watcher::Config,
+        notify: &Arc<Notify>,
+    ) -> Self {
+        Self {
+            eips: reflect(
+                Api::all(client.clone()),
+                watcher::Config::default(),
+                notify.clone(),
+            ),
+            nodes: reflect(
+                Api::all(client.clone()),
+                watcher::Config::default(),
+                notify.clone(),
+            ),
+            namespaces: reflect(
+                Api::all(client.clone()),
+                watcher::Config::default(),
+                notify.clone(),
+            ),
+            pods: reflect(Api::all(client.clone()), pods, notify.clone()),
+            claims: reflect(
+                Api::namespaced(client.clone(), namespace),
+                role(claims::ROLE_CLAIMS),
+                notify.clone(),
+            ),
+        }
+    }
+
+    /// Waits until every one has listed its objects once.
+    pub(super) async fn ready(&self) {
+        ready(&self.eips).await;
+        ready(&self.nodes).await;
+        ready(&self.namespaces).await;
+        ready(&self.pods).await;
+        ready(&self.claims).await;
+    }
+}
+
+/// The Leases of one role (claims, IP locks).
+pub(super) fn role(role: &str) -> watcher::Config {
+    watcher::Config::default().labels(&format!("{}={role}", claims::ROLE_LABEL))
 }
