@@ -1,13 +1,21 @@
 //! The Kubernetes control plane of the egress agent.
 //!
 //! - [`crd`]: the `EgressIP` resource (OVN-Kubernetes compatible spec).
-//! - [`selector`], [`facts`], [`plan`], [`project`], [`claims`]: pure
-//!   functions from cluster objects to decisions (validation, placement,
-//!   policy ids, status, claim liveness) and to one node's
-//!   [`egress_model::NodeState`].
-//! - [`controller`]: watches, leader election, status writing and the node
-//!   agent's loop; [`run`] is the entry point of the agent's Kubernetes mode.
-//! - [`heartbeat`]: direct UDP liveness probes between agents.
+//! - [`selector`], [`facts`], [`plan`], [`project`], [`claims`],
+//!   [`leaving`]: pure functions from cluster objects to decisions
+//!   (validation, placement, policy ids, status, claim liveness, drain or
+//!   restart) and to one node's [`egress_model::NodeState`].
+//! - [`session`]: the node session's pure state machine (claims, locks,
+//!   renewals, fence, hand-over, restart grace, adoption, the datapath
+//!   report carried in the claims writes).
+//! - [`controller`]: the I/O around them, one module per role (watches,
+//!   leader election, assigner, node session, leases); [`run`] is the entry
+//!   point of the agent's Kubernetes mode.
+//! - [`decode`], [`pods`]: EgressIPs decoded one object at a time (a bad one
+//!   does not stop the watch), and pods kept as the few fields the
+//!   controller needs.
+//! - [`heartbeat`]: direct UDP liveness probes between agents, with
+//!   per-probe nonces.
 //! - [`ids`], [`report`]: policy ids bounded by what the datapath holds and
 //!   quarantined until every node released them; what each node's datapath
 //!   holds and failed to program.
@@ -20,11 +28,13 @@ pub mod decode;
 pub mod facts;
 pub mod heartbeat;
 pub mod ids;
+pub mod leaving;
 pub mod plan;
 pub mod pods;
 pub mod project;
 pub mod report;
 pub mod selector;
+pub mod session;
 
 pub use config::KubernetesConfig;
 pub use controller::{AgentLink, Desired, Error, Options, link, run};

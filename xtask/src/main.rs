@@ -49,7 +49,8 @@ enum Cmd {
     },
     /// Measure failover in a three-node Kubernetes-mode lab: cut the egress
     /// node's link, kill its agent, time the first packet through the new
-    /// holder (also written to target/lab/failover.json).
+    /// holder (also written to target/lab/failover.json, or
+    /// failover-holder-is-leader.json).
     Failover {
         /// Use the binaries already built.
         #[arg(long)]
@@ -58,6 +59,10 @@ enum Cmd {
         /// longest failover, `claim_renew_ms` (300) the shortest.
         #[arg(long, default_value_t = 0)]
         after_renewal_ms: u64,
+        /// The holder is the elected assigner: a standby must take the
+        /// leader Lease as well (by default the holder is another node).
+        #[arg(long)]
+        holder_is_leader: bool,
     },
     /// Measure the new-pod window: a selected pod's interface is created
     /// while the pod already sends a datagram every millisecond; prints when
@@ -172,11 +177,17 @@ fn main() -> Result<()> {
         Cmd::Failover {
             no_build,
             after_renewal_ms,
+            holder_is_leader,
         } => {
             if !no_build {
                 build_agent()?;
             }
-            failover(std::time::Duration::from_millis(after_renewal_ms))
+            let holder = if holder_is_leader {
+                egress_lab::failover::Holder::Leader
+            } else {
+                egress_lab::failover::Holder::NotLeader
+            };
+            failover(std::time::Duration::from_millis(after_renewal_ms), holder)
         }
         Cmd::NewPodWindow {
             no_build,
@@ -219,14 +230,20 @@ fn main() -> Result<()> {
 }
 
 /// A lab of its own (unique prefix, removed afterwards) for one failover.
-fn failover(after_renewal: std::time::Duration) -> Result<()> {
+fn failover(
+    after_renewal: std::time::Duration,
+    holder: egress_lab::failover::Holder,
+) -> Result<()> {
     let mut lab = egress_lab::Lab::build(egress_lab::LabSpec {
         policies: Vec::new(),
         ..egress_lab::LabSpec::kubernetes()
     })?;
     lab.start_agents()?;
-    let report = egress_lab::failover::measure_failover(&mut lab, after_renewal)?;
-    let path = root().join("target/lab/failover.json");
+    let report = egress_lab::failover::measure_failover_of(&mut lab, after_renewal, holder)?;
+    let path = root().join(match holder {
+        egress_lab::failover::Holder::NotLeader => "target/lab/failover.json",
+        egress_lab::failover::Holder::Leader => "target/lab/failover-holder-is-leader.json",
+    });
     report.write_json(&path)?;
     println!("{}", report.summary());
     println!("(details in {})", path.display());
