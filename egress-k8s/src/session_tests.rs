@@ -581,3 +581,121 @@ fn a_successor_lets_go_of_listed_ips_the_status_gave_away_once_their_address_is_
     assert_eq!(h.step(Input::Held(set(&[])), 10), [write(&[])]);
     assert_eq!(h.step(written(&[], 10, true), 20), [Action::Release(y)]);
 }
+
+fn report(ids: &[u32]) -> DatapathReport {
+    DatapathReport {
+        present: ids.iter().copied().collect(),
+        failed: BTreeMap::new(),
+    }
+}
+
+fn reporting(ips: &[Ipv4Addr], r: &DatapathReport) -> ClaimsWrite {
+    ClaimsWrite {
+        report: Some(r.clone()),
+        ..claims(ips)
+    }
+}
+
+#[test]
+fn a_new_datapath_report_is_published_by_the_sessions_next_write() {
+    let mut h = holding();
+    let r = report(&[1, 2]);
+    // A new report is written at once, with the claims as they stand: a
+    // renewal that carries it.
+    assert_eq!(
+        h.step(Input::Applied(r.clone()), 100),
+        [Action::Write(reporting(&[x()], &r))]
+    );
+    assert_eq!(
+        h.step(written_as(&h, reporting(&[x()], &r), 100, true), 110),
+        [h.program(&[x()], Some(100 + TTL - RENEW))]
+    );
+    // The same report again is no reason to write; renewals keep carrying it.
+    assert_eq!(h.step(Input::Applied(r.clone()), 150), []);
+    assert_eq!(
+        h.step(Input::Tick, 400),
+        [Action::Write(reporting(&[x()], &r))]
+    );
+    // One that changes while a write is in flight goes out right after it.
+    let r2 = report(&[1]);
+    assert_eq!(h.step(Input::Applied(r2.clone()), 405), []);
+    assert_eq!(
+        h.step(written_as(&h, reporting(&[x()], &r), 400, true), 410),
+        [
+            Action::Write(reporting(&[x()], &r2)),
+            h.program(&[x()], Some(400 + TTL - RENEW))
+        ]
+    );
+}
+
+#[test]
+fn a_report_after_the_fence_never_publishes_the_lapsed_claim_again() {
+    let mut h = holding();
+    // SIGSTOP after the write sent at 20 (fence 1220); at SIGCONT the
+    // agent's report is the first thing the session hears. Written on its
+    // own it would renew the Lease that still lists X, and the others
+    // would take the lapsed claim for live again: the session withdraws
+    // first, and the write that carries the report lists nothing.
+    let r = report(&[1]);
+    let out = h.step(Input::Applied(r.clone()), 5000);
+    assert_eq!(
+        out,
+        [
+            Action::Check(set(&[x()])),
+            Action::Write(reporting(&[], &r)),
+            h.program(&[], None)
+        ]
+    );
+}
+
+#[test]
+fn a_report_waits_for_adoption_and_is_not_written_for_a_restart_holding_nothing() {
+    let mut h = harness();
+    let mut o = Observation {
+        wanted: set(&[x()]),
+        own_claims: set(&[x()]),
+        ..Default::default()
+    };
+    o.locks.insert(
+        x(),
+        LockSeen {
+            holder: Some(ME.into()),
+            version: Some("7".into()),
+        },
+    );
+    h.step(Input::Observed(o), 0);
+    // Writing before adoption settles would drop the previous agent's claim.
+    let r = report(&[3]);
+    assert_eq!(h.step(Input::Applied(r.clone()), 5), []);
+    h.step(checked(&[x()], &[x()], &[]), 10);
+    assert_eq!(
+        h.step(locked(x(), None), 20),
+        [Action::Write(reporting(&[x()], &r))]
+    );
+
+    // Stopping for a restart with nothing to keep: the Lease stays as the
+    // last write left it, report included.
+    let mut h = harness();
+    h.step(observed(&[]), 0);
+    h.step(written(&[], 0, true), 5);
+    assert_eq!(
+        h.step(Input::Shutdown { leaving: None }, 10),
+        [Action::Exit]
+    );
+    assert_eq!(h.step(Input::Applied(r), 20), []);
+}
+
+#[test]
+fn a_node_holding_nothing_writes_a_new_report_once_and_does_not_renew_it() {
+    let mut h = harness();
+    h.step(observed(&[]), 0);
+    h.step(written(&[], 0, true), 5);
+    assert_eq!(h.s.deadline(h.at(5)), None);
+    let r = report(&[]);
+    assert_eq!(
+        h.step(Input::Applied(r.clone()), 50),
+        [Action::Write(reporting(&[], &r))]
+    );
+    assert_eq!(h.step(written_as(&h, reporting(&[], &r), 50, true), 60), []);
+    assert_eq!(h.s.deadline(h.at(60)), None);
+}

@@ -451,6 +451,33 @@ mod tests {
     }
 
     #[test]
+    fn events_report_exhausted_ids_and_apply_failures_once_per_message() {
+        let failed = |msg: &str| {
+            status(serde_json::json!({"ips": [
+                {"egressIP": "172.18.0.100", "node": "node1", "policyId": 1,
+                 "conditions": [cond("Assigned", "True", "Assigned"),
+                    {"type": "Applied", "status": "False", "reason": "ApplyFailed", "message": msg,
+                     "lastTransitionTime": "2026-05-01T12:00:00Z"}]},
+                {"egressIP": "172.18.0.101",
+                 "conditions": [cond("Assigned", "False", "NoPolicyId")]}]}))
+        };
+        let first = failed("node2: map full");
+        let reasons: Vec<String> = events_for(None, &first)
+            .into_iter()
+            .map(|e| e.reason)
+            .collect();
+        assert_eq!(reasons, ["Assigned", "ApplyFailed", "NoPolicyId"]);
+        assert!(events_for(Some(&first), &first).is_empty());
+        // Another failure message is news; the id shortage is not.
+        let other = failed("node3: map full");
+        let reasons: Vec<String> = events_for(Some(&first), &other)
+            .into_iter()
+            .map(|e| e.reason)
+            .collect();
+        assert_eq!(reasons, ["ApplyFailed"]);
+    }
+
+    #[test]
     fn status_patch_clears_absent_fields() {
         let p = status_patch(&EgressIPStatus::default());
         assert_eq!(p["status"]["ips"], serde_json::Value::Null);

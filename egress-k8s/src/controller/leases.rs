@@ -399,6 +399,64 @@ mod tests {
         assert_eq!(after_release.len(), 1, "{after_release:?}");
     }
 
+    /// The datapath report goes out in the claims writes; a write without
+    /// one (a new agent that has not applied anything yet) keeps the one
+    /// the Lease carries, which describes the datapath left in place.
+    #[tokio::test]
+    async fn claims_writes_carry_the_datapath_report() {
+        use crate::report::{DatapathReport, FAILED_ANNOTATION, PRESENT_ANNOTATION};
+        let fake = FakeApi::start().await;
+        let api: Api<Lease> = Api::namespaced(fake.client(), NS);
+        let writer = ClaimWriter {
+            api: api.clone(),
+            namespace: NS.into(),
+            node: "node1".into(),
+            ttl: TTL,
+            timeout: TTL,
+            assigner: false,
+        };
+        let ip: Ipv4Addr = "10.0.0.14".parse().unwrap();
+        let report = DatapathReport {
+            present: [1, 2, 3].into(),
+            failed: BTreeMap::from([(4, "map full".to_string())]),
+        };
+        let w = ClaimsWrite {
+            ips: [ip].into(),
+            report: Some(report.clone()),
+            ..Default::default()
+        };
+        writer.write(&w).await.unwrap();
+        let lease = api.get(&claims::lease_name("node1")).await.unwrap();
+        assert_eq!(DatapathReport::from_lease(&lease), Some(report.clone()));
+        let annotations = lease.metadata.annotations.unwrap();
+        assert_eq!(annotations[PRESENT_ANNOTATION], "1-3");
+        assert_eq!(annotations[FAILED_ANNOTATION], r#"{"4":"map full"}"#);
+
+        writer
+            .write(&ClaimsWrite {
+                report: None,
+                ..w.clone()
+            })
+            .await
+            .unwrap();
+        let lease = api.get(&claims::lease_name("node1")).await.unwrap();
+        assert_eq!(DatapathReport::from_lease(&lease), Some(report));
+
+        let applied = DatapathReport {
+            present: [1].into(),
+            failed: BTreeMap::new(),
+        };
+        writer
+            .write(&ClaimsWrite {
+                report: Some(applied.clone()),
+                ..w
+            })
+            .await
+            .unwrap();
+        let lease = api.get(&claims::lease_name("node1")).await.unwrap();
+        assert_eq!(DatapathReport::from_lease(&lease), Some(applied));
+    }
+
     /// Adopting only confirms: a lock in our name is ours, anything else
     /// (free, missing, another node's) is refused and left as it is.
     #[tokio::test]
