@@ -24,7 +24,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     config::{AgentConfig, Mode},
-    fence::Terms,
+    fence::{ControllerFence, Terms},
     gc::{self, monotonic_ns},
     identity::{self, Candidate, Source},
     image::{DatapathImage, Environment},
@@ -70,6 +70,8 @@ struct Agent {
     lifetime: Lifetime,
     /// Kubernetes mode: the controller's desired state and our reports.
     kube: Option<AgentLink>,
+    /// Whether the controller has sent a fence yet (none applied before).
+    fence: ControllerFence,
 }
 
 /// Where an instance keeps what `egress-agent reset` needs besides the pins.
@@ -211,6 +213,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         collector,
         lifetime: Lifetime::Forever,
         kube: None,
+        fence: ControllerFence::default(),
     };
     let mut controller = None;
     let desired = match mode {
@@ -294,7 +297,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                 tracing::warn!("the Kubernetes controller did not stop in time; exiting anyway");
                 break;
             }
-            event = from_controller(&mut agent.kube) => match event {
+            event = from_controller(&mut agent.kube, &mut agent.fence) => match event {
                 FromController::Fence => agent.apply_fence().await,
                 FromController::Desired => {
                     apply_incomplete = !agent.apply_kubernetes().await;
@@ -358,13 +361,16 @@ enum FromController {
 
 /// Waits for the controller's next fence or desired state; never in static
 /// mode, nor once the controller is gone (its last fence stands).
-async fn from_controller(kube: &mut Option<AgentLink>) -> FromController {
+async fn from_controller(
+    kube: &mut Option<AgentLink>,
+    fence: &mut ControllerFence,
+) -> FromController {
     let Some(link) = kube else {
         return std::future::pending().await;
     };
     let event = tokio::select! {
         biased;
-        r = link.fence.changed() => r.map(|()| FromController::Fence),
+        r = fence.changed(&mut link.fence) => r.map(|()| FromController::Fence),
         r = link.desired.changed() => r.map(|()| FromController::Desired),
     };
     match event {
@@ -748,8 +754,11 @@ impl Agent {
 
     /// Applies the controller's latest fence: the datapath's claim-validity
     /// stamp (one map write) and the lifetime of the claimed addresses.
+    /// Nothing before the controller has sent one: the previous agent's
+    /// terms stand (see [`ControllerFence`]).
     async fn apply_fence(&mut self) {
-        let Some(fence) = self.kube.as_mut().map(|k| *k.fence.borrow_and_update()) else {
+        let Some(k) = self.kube.as_mut() else { return };
+        let Some(fence) = self.fence.latest(&mut k.fence) else {
             return;
         };
         let remaining = fence.map(|f| f.saturating_duration_since(std::time::Instant::now()));

@@ -205,9 +205,13 @@ pub struct AgentLink {
     /// stopping for a restart) minus one renewal period of safety margin.
     /// Moves forward with every renewal; `None` while the node holds
     /// nothing. Apply it at once when it changes, and the last value again
-    /// when exiting. The value in place before the controller first sends
-    /// one is the previous agent's: keep it (do not treat that `None` as
-    /// "holds nothing").
+    /// when exiting. The controller sends its first fence (`None` too) just
+    /// before the first `desired`, once adoption is settled; the channel's
+    /// initial `None` is not its word: until the first send the terms in
+    /// place are the previous agent's, keep them, at exit as well (do not
+    /// treat that `None` as "holds nothing", which would cut the claims a
+    /// successor stopped early, or whose controller failed at start, was
+    /// about to adopt).
     pub fence: watch::Receiver<Option<Instant>>,
     /// The agent reports the egress IPs actually present on its interfaces
     /// after applying `desired`; a claim is written away and its lock

@@ -241,7 +241,13 @@ pub(super) async fn run_session(
             }
         };
         let now = Instant::now();
-        for action in session.step(input.clone(), now) {
+        let actions = session.step(input.clone(), now);
+        // Logged before the actions: a new write's due time replaces this
+        // one's, and the last write (a restart grace) comes with `Exit`.
+        if let Input::Written { write, sent, ok } = &input {
+            renewals.written(&node_name, write, *sent, *ok, now);
+        }
+        for action in actions {
             match action {
                 Action::Write(w) => {
                     renewals.note_due(&session, now);
@@ -255,9 +261,13 @@ pub(super) async fn run_session(
                     fence: f,
                 } => {
                     // The fence first: the agent gives addresses it adds
-                    // for `desired` the lifetime of the fence in place.
+                    // for `desired` the lifetime of the fence in place. The
+                    // first is sent even if it equals the channel's initial
+                    // `None`: until it comes the agent keeps the previous
+                    // agent's terms (see `AgentLink::fence`).
+                    let first = active.is_none();
                     fence.send_if_modified(|cur| {
-                        let changed = *cur != f;
+                        let changed = first || *cur != f;
                         *cur = f;
                         changed
                     });
@@ -273,9 +283,6 @@ pub(super) async fn run_session(
                     return Ok(());
                 }
             }
-        }
-        if let Input::Written { write, sent, ok } = &input {
-            renewals.written(&node_name, write, *sent, *ok, now);
         }
     }
 }
