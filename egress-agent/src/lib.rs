@@ -8,6 +8,7 @@ pub mod batch;
 pub mod config;
 pub mod fence;
 pub mod gc;
+pub mod hold;
 pub mod identity;
 pub mod image;
 pub mod inspect;

@@ -143,6 +143,8 @@ pub fn shapes(settings: &DatapathSettings) -> Vec<Shape> {
         shape::<[u8; 4], u64>(names::POD_RELEASED_V4, settings.max_pods),
         shape::<u32, FlowKeyV4>(names::UNREPLIED_RING, UNREPLIED_RING_SLOTS),
         shape::<u32, PolicyStats>(names::POLICY_STATS, settings.max_policies),
+        shape::<u32, u64>(names::HELD_IFACES, names::MAX_HELD_IFACES),
+        shape::<[u8; 4], u32>(names::LOCAL_PODS_V4, settings.max_pods),
     ]
 }
 

@@ -148,6 +148,8 @@ pub struct Maps {
     pub pod_flows: HashMap<MapData, [u8; 4], PodFlowsV4>,
     pub pod_released: HashMap<MapData, [u8; 4], u64>,
     pub stats: PerCpuArray<MapData, PolicyStats>,
+    pub held_ifaces: HashMap<MapData, u32, u64>,
+    pub local_pods: HashMap<MapData, [u8; 4], u32>,
 }
 
 macro_rules! typed {
@@ -173,6 +175,8 @@ impl Maps {
             pod_flows: typed!(layout, names::POD_FLOWS_V4),
             pod_released: typed!(layout, names::POD_RELEASED_V4),
             stats: typed!(layout, names::POLICY_STATS),
+            held_ifaces: typed!(layout, names::HELD_IFACES),
+            local_pods: typed!(layout, names::LOCAL_PODS_V4),
         })
     }
 
@@ -217,6 +221,47 @@ impl Maps {
             self.config.set(0, config, 0).map_err(err(names::CONFIG))?;
         }
         Ok(())
+    }
+
+    /// Holds the pod interface `ifindex` until `until_ns` (coarse
+    /// CLOCK_MONOTONIC): see `egress_ebpf::hold`.
+    pub fn hold_interface(&mut self, ifindex: u32, until_ns: u64) -> Result<()> {
+        self.held_ifaces
+            .insert(ifindex, until_ns, 0)
+            .map_err(err(names::HELD_IFACES))
+    }
+
+    /// Ends the hold on `ifindex`, if any.
+    pub fn release_interface(&mut self, ifindex: u32) -> Result<()> {
+        match self.held_ifaces.remove(&ifindex) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(err(names::HELD_IFACES)(e)),
+        }
+    }
+
+    /// The held interfaces, with the end of each hold.
+    pub fn held_interfaces(&self) -> Result<BTreeMap<u32, u64>> {
+        collect(&self.held_ifaces, names::HELD_IFACES)
+    }
+
+    /// Makes `local_pods_v4` hold exactly `desired`; returns (added, removed).
+    pub fn set_local_pods(&mut self, desired: &BTreeSet<[u8; 4]>) -> Result<(usize, usize)> {
+        let current: BTreeMap<[u8; 4], u32> = collect(&self.local_pods, names::LOCAL_PODS_V4)?;
+        let mut added = 0;
+        for pod in desired.iter().filter(|p| !current.contains_key(*p)) {
+            self.local_pods
+                .insert(*pod, 1, 0)
+                .map_err(err(names::LOCAL_PODS_V4))?;
+            added += 1;
+        }
+        let mut removed = 0;
+        for pod in current.keys().filter(|p| !desired.contains(*p)) {
+            match self.local_pods.remove(pod) {
+                Ok(()) | Err(MapError::KeyNotFound) => removed += 1,
+                Err(e) => return Err(err(names::LOCAL_PODS_V4)(e)),
+            }
+        }
+        Ok((added, removed))
     }
 
     /// Writes what differs between `current` (read from the maps) and

@@ -26,6 +26,7 @@ use crate::{
     config::{AgentConfig, Mode},
     fence::{ControllerFence, Terms},
     gc::{self, monotonic_ns},
+    hold::Holds,
     identity::{self, Candidate, Source},
     image::{DatapathImage, Environment},
     loader::{self, Datapath},
@@ -50,6 +51,9 @@ pub struct KubeOptions {
 
 /// IPv4 (20) + TCP (20) headers between the MTU and the MSS.
 const IP_TCP_HEADERS: u32 = 40;
+/// How often ended holds on new pod interfaces are removed from the map:
+/// housekeeping only, the datapath ignores an ended hold by itself.
+const HOLD_SWEEP: Duration = Duration::from_secs(1);
 
 struct Agent {
     config: AgentConfig,
@@ -72,6 +76,11 @@ struct Agent {
     kube: Option<AgentLink>,
     /// Whether the controller has sent a fence yet (none applied before).
     fence: ControllerFence,
+    /// Holds on new pod interfaces (Kubernetes mode).
+    holds: Holds,
+    /// Whether interfaces that appear from now on are new pods' (false
+    /// during the start-up listing: those are running pods).
+    hold_new: bool,
 }
 
 /// Where an instance keeps what `egress-agent reset` needs besides the pins.
@@ -214,6 +223,8 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         lifetime: Lifetime::Forever,
         kube: None,
         fence: ControllerFence::default(),
+        holds: Holds::default(),
+        hold_new: false,
     };
     let mut controller = None;
     let desired = match mode {
@@ -243,6 +254,9 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         .datapath
         .attach(programs::TUNNEL_INGRESS, &agent.tunnel)?;
     agent.sync_pod_interfaces().await?;
+    if mode == Mode::Kubernetes {
+        agent.start_holding()?;
+    }
     agent.check_mtu(&desired).await;
     // In Kubernetes mode the agent is ready once it has applied the state of
     // the synced watches, not before (the DaemonSet's startup probe).
@@ -261,6 +275,8 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let mut reload = tokio::time::interval(Duration::from_secs(1));
     // A Kubernetes-mode apply that left policies unprogrammed is retried.
     let mut retry = tokio::time::interval(Duration::from_secs(1));
+    // Ended holds on new pod interfaces leave the map.
+    let mut hold_sweep = tokio::time::interval(HOLD_SWEEP);
     // Set once SIGTERM asked the controller to stop (in Kubernetes mode).
     let mut stopping: Option<tokio::time::Instant> = None;
     let stop_timeout =
@@ -286,6 +302,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                 }
             }
             _ = reload.tick(), if mode == Mode::Static => agent.reload_if_changed().await,
+            _ = hold_sweep.tick(), if !agent.holds.is_empty() => agent.end_lapsed_holds(),
             _ = retry.tick(), if apply_incomplete => {
                 apply_incomplete = !agent.apply_kubernetes().await;
                 if ready_pending && !apply_incomplete {
@@ -799,6 +816,12 @@ impl Agent {
         let outcome = self.apply(&desired.state, &desired.claims).await;
         let complete = match outcome {
             Ok(outcome) => {
+                // After the pods' policy entries: a selected pod is never
+                // known here before its policy is.
+                let local_pods = desired.local_pods.iter().map(|ip| ip.octets()).collect();
+                if let Err(e) = self.maps.set_local_pods(&local_pods) {
+                    tracing::error!(error = %e, "recording this node's pods for held interfaces");
+                }
                 let complete = outcome.failed.is_empty();
                 if let Some(k) = &self.kube {
                     k.applied.send_replace(Some(outcome.into()));
@@ -902,17 +925,70 @@ impl Agent {
         {
             return Ok(());
         }
-        self.datapath.attach(programs::POD_INGRESS, &link.name)?;
-        tracing::info!(interface = %link.name, "pod_ingress attached");
-        self.attached.insert(link.name.clone(), link.index);
+        self.attach_pod_interface(&link.name, link.index)
+    }
+
+    /// Attaches pod_ingress to `name`, held first when it is a new pod's.
+    fn attach_pod_interface(&mut self, name: &str, index: u32) -> anyhow::Result<()> {
+        if self.hold_new && interface_matches(&self.config.node.pod_interfaces, name) {
+            self.hold(name, index)?;
+        }
+        self.datapath.attach(programs::POD_INGRESS, name)?;
+        tracing::info!(interface = %name, "pod_ingress attached");
+        self.attached.insert(name.to_string(), index);
+        Ok(())
+    }
+
+    /// Holds a new pod interface before pod_ingress sees its first packet.
+    fn hold(&mut self, name: &str, index: u32) -> anyhow::Result<()> {
+        if let Some(until) = self.holds.place(index, name, monotonic_ns()) {
+            self.maps
+                .hold_interface(index, until)
+                .with_context(|| format!("holding new pod interface {name}"))?;
+            tracing::debug!(interface = %name, "new pod interface held until its Pod is known");
+        }
         Ok(())
     }
 
     fn pod_link_gone(&mut self, name: &str) -> anyhow::Result<()> {
         loader::detach(&self.layout, programs::POD_INGRESS, name)?;
-        self.attached.remove(name);
+        if let Some(index) = self.attached.remove(name)
+            && self.holds.forget(index)
+        {
+            self.maps.release_interface(index)?;
+        }
         tracing::info!(interface = %name, "pod interface gone");
         Ok(())
+    }
+
+    /// From now on new pod interfaces are held (Kubernetes mode, unless
+    /// `new_pod_hold_ms` is 0); holds a previous run left are adopted or
+    /// removed.
+    fn start_holding(&mut self) -> anyhow::Result<()> {
+        let ms = self.config.kubernetes.new_pod_hold_ms;
+        self.holds = Holds::new(Some(Duration::from_millis(ms)));
+        let present: BTreeMap<u32, String> = self
+            .attached
+            .iter()
+            .map(|(name, index)| (*index, name.clone()))
+            .collect();
+        let pinned = self.maps.held_interfaces()?;
+        for stale in self.holds.adopt(&pinned, &present, monotonic_ns()) {
+            self.maps.release_interface(stale)?;
+        }
+        self.hold_new = self.holds.enabled();
+        Ok(())
+    }
+
+    /// Removes the entries of holds that have ended (the datapath already
+    /// ignores them).
+    fn end_lapsed_holds(&mut self) {
+        for (index, name) in self.holds.lapsed(monotonic_ns()) {
+            match self.maps.release_interface(index) {
+                Ok(()) => tracing::debug!(interface = %name, "hold on new pod interface ended"),
+                Err(e) => tracing::warn!(interface = %name, error = %e, "removing an ended hold"),
+            }
+        }
     }
 
     /// Attaches pod_ingress to new interfaces matching the patterns and
@@ -927,9 +1003,7 @@ impl Agent {
             .collect();
         for (name, index) in &present {
             if self.attached.get(name) != Some(index) {
-                self.datapath.attach(programs::POD_INGRESS, name)?;
-                tracing::info!(interface = %name, "pod_ingress attached");
-                self.attached.insert(name.clone(), *index);
+                self.attach_pod_interface(name, *index)?;
             }
         }
         let gone: Vec<String> = self

@@ -373,10 +373,13 @@ pub enum DropReason {
     TtlExceeded = 18,
     /// The IP total length disagrees with the frame.
     BadLength = 19,
+    /// A source the agent does not know yet, on a pod interface it still
+    /// holds: a new pod whose Pod object has not reached the agent.
+    PodPending = 20,
 }
 
 impl DropReason {
-    pub const COUNT: usize = 20;
+    pub const COUNT: usize = 21;
     pub const ALL: [Self; Self::COUNT] = [
         Self::NoEgressNode,
         Self::UnknownTunnelPeer,
@@ -398,6 +401,7 @@ impl DropReason {
         Self::ClaimExpired,
         Self::TtlExceeded,
         Self::BadLength,
+        Self::PodPending,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -422,6 +426,7 @@ impl DropReason {
             Self::ClaimExpired => "claim_expired",
             Self::TtlExceeded => "ttl_exceeded",
             Self::BadLength => "bad_length",
+            Self::PodPending => "pod_pending",
         }
     }
 }
@@ -451,6 +456,7 @@ pub struct DropCounters {
     pub claim_expired: u64,
     pub ttl_exceeded: u64,
     pub bad_length: u64,
+    pub pod_pending: u64,
 }
 
 impl DropCounters {
@@ -477,6 +483,7 @@ impl DropCounters {
             DropReason::ClaimExpired => &mut self.claim_expired,
             DropReason::TtlExceeded => &mut self.ttl_exceeded,
             DropReason::BadLength => &mut self.bad_length,
+            DropReason::PodPending => &mut self.pod_pending,
         }
     }
 

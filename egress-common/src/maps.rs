@@ -31,9 +31,15 @@ pub const POD_RELEASED_V4: &str = "pod_released_v4";
 pub const UNREPLIED_RING: &str = "unreplied_ring";
 /// `PerCpuArray<PolicyStats>` indexed by policy id.
 pub const POLICY_STATS: &str = "policy_stats";
+/// `HashMap<u32, u64>`: new pod interface (ifindex) -> until when (coarse
+/// CLOCK_MONOTONIC ns) its unknown sources reach only excluded destinations.
+pub const HELD_IFACES: &str = "held_ifaces";
+/// `HashMap<[u8; 4], u32>`: every pod of this node the agent knows (value 1),
+/// selected or not: what a held interface lets out.
+pub const LOCAL_PODS_V4: &str = "local_pods_v4";
 
 /// Every map, for pinning and inspection.
-pub const ALL: [&str; 15] = [
+pub const ALL: [&str; 17] = [
     CONFIG,
     POLICIES_V4,
     POD_POLICY_V4,
@@ -49,6 +55,8 @@ pub const ALL: [&str; 15] = [
     POD_RELEASED_V4,
     UNREPLIED_RING,
     POLICY_STATS,
+    HELD_IFACES,
+    LOCAL_PODS_V4,
 ];
 
 /// Compile-time sizes of the maps the agent resizes at load time from its
@@ -59,6 +67,8 @@ pub const DEFAULT_MAX_FLOWS: u32 = 262_144;
 pub const MAX_EXCLUSIONS: u32 = 16384;
 pub const MAX_NODES: u32 = 16384;
 pub const MAX_MARKS: u32 = 65536;
+/// New pod interfaces held at once.
+pub const MAX_HELD_IFACES: u32 = 4096;
 
 /// Program names, as the kernel and `bpftool prog` show them.
 pub mod programs {

@@ -22,6 +22,7 @@ pub mod conntrack;
 pub mod csum;
 pub mod fib;
 pub mod flows;
+pub mod hold;
 pub mod icmp;
 pub mod maps;
 pub mod mss;

@@ -10,8 +10,8 @@ use egress_common::{
     DatapathConfig, ExclusionKeyV4, FlowKeyV4, NatEntryV4, NodeV4, PodFlowsV4, PodPolicyV4,
     PolicyStats, PolicyV4, RevNatEntryV4, UNREPLIED_RING_SLOTS, flow_count,
     maps::{
-        DEFAULT_MAX_FLOWS, DEFAULT_MAX_PODS, DEFAULT_MAX_POLICIES, MAX_EXCLUSIONS, MAX_MARKS,
-        MAX_NODES,
+        DEFAULT_MAX_FLOWS, DEFAULT_MAX_PODS, DEFAULT_MAX_POLICIES, MAX_EXCLUSIONS, MAX_HELD_IFACES,
+        MAX_MARKS, MAX_NODES,
     },
 };
 
@@ -61,6 +61,12 @@ pub static POD_RELEASED_V4: HashMap<[u8; 4], u64, { DEFAULT_MAX_PODS as usize }>
 
 #[btf_map(name = "unreplied_ring")]
 pub static UNREPLIED_RING: Array<FlowKeyV4, { UNREPLIED_RING_SLOTS as usize }> = Array::new();
+
+#[btf_map(name = "held_ifaces")]
+pub static HELD_IFACES: HashMap<u32, u64, { MAX_HELD_IFACES as usize }> = HashMap::new();
+
+#[btf_map(name = "local_pods_v4")]
+pub static LOCAL_PODS_V4: HashMap<[u8; 4], u32, { DEFAULT_MAX_PODS as usize }> = HashMap::new();
 
 /// Where an ICMP error is built (`icmp::into_error`): per CPU, not pinned,
 /// never read outside one program run.

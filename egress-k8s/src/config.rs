@@ -43,7 +43,18 @@ pub struct KubernetesConfig {
     pub leader_renew_ms: u64,
     pub drain_timeout_ms: u64,
     pub heartbeat: Option<HeartbeatSection>,
+    /// How long a new pod interface is held (agent side): until the Pod
+    /// behind it reaches the agent, its traffic reaches only excluded
+    /// destinations, so that a pod an EgressIP selects never leaves with
+    /// the node's address first. A source still unknown when the hold ends
+    /// leaves as the node. 0: no hold.
+    pub new_pod_hold_ms: u64,
 }
+
+/// The default [`KubernetesConfig::new_pod_hold_ms`]: far above the Pod's
+/// usual trip through the API server (100-300 ms in the lab), short enough
+/// that an interface no Pod ever claims is not cut off for long.
+pub const DEFAULT_NEW_POD_HOLD_MS: u64 = 10_000;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -86,6 +97,7 @@ impl Default for KubernetesConfig {
             leader_renew_ms: ms(o.leader_renew),
             drain_timeout_ms: ms(o.drain_timeout),
             heartbeat: Some(HeartbeatSection::default()),
+            new_pod_hold_ms: DEFAULT_NEW_POD_HOLD_MS,
         }
     }
 }

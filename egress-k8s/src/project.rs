@@ -41,6 +41,9 @@ pub struct Projection {
     /// The addresses this node must hold, with the interface requested by
     /// the resource (`None`: the one whose subnet contains the IP).
     pub claims: Vec<AddressClaim>,
+    /// Every pod of this node with an IPv4 address, selected or not: the
+    /// sources a held new pod interface lets out.
+    pub local_pods: BTreeSet<Ipv4Addr>,
 }
 
 /// Computes this node's [`NodeState`].
@@ -160,7 +163,11 @@ pub fn project(input: &ProjectInput<'_>) -> Projection {
         }
     }
     claims.sort();
-    Projection { state, claims }
+    Projection {
+        state,
+        claims,
+        local_pods: local_pods.iter().map(|p| p.ip).collect(),
+    }
 }
 
 /// A pod of a resource with several IPs uses one of those held by a live
@@ -323,6 +330,20 @@ mod tests {
                 config: &self.cfg,
             })
         }
+    }
+
+    #[test]
+    fn every_local_pod_is_known_selected_or_not_and_no_other_node_s() {
+        let p = World::new().project("node1");
+        // db-0 is selected by nothing, web-3 lives on node2.
+        assert_eq!(
+            p.local_pods,
+            BTreeSet::from([ip("10.244.1.4"), ip("10.244.1.5"), ip("10.244.1.6")])
+        );
+        assert_eq!(
+            World::new().project("node2").local_pods,
+            BTreeSet::from([ip("10.244.2.4")])
+        );
     }
 
     #[test]

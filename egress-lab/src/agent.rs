@@ -132,6 +132,7 @@ struct KubernetesSection {
     leader_renew_ms: u64,
     drain_timeout_ms: u64,
     heartbeat: HeartbeatSection,
+    new_pod_hold_ms: u64,
 }
 
 #[derive(Serialize)]
@@ -201,6 +202,7 @@ fn render_kubernetes(
                 interval_ms: k.heartbeat_interval_ms,
                 timeout_ms: k.heartbeat_timeout_ms,
             },
+            new_pod_hold_ms: k.new_pod_hold_ms,
         },
     };
     toml::to_string(&file).map_err(|e| LabError::Spec(format!("cannot render agent config: {e}")))

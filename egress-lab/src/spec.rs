@@ -177,6 +177,8 @@ pub struct KubernetesSpec {
     /// Give the agents `NODE_IP` as the DaemonSet does; without it they find
     /// their address themselves (the Node object's, first).
     pub node_ip_env: bool,
+    /// How long a new pod interface is held until its Pod is known.
+    pub new_pod_hold_ms: u64,
 }
 
 impl Default for KubernetesSpec {
@@ -192,6 +194,8 @@ impl Default for KubernetesSpec {
             heartbeat_interval_ms: 200,
             heartbeat_timeout_ms: 1000,
             node_ip_env: true,
+            // The agent's default (egress_k8s::config::DEFAULT_NEW_POD_HOLD_MS).
+            new_pod_hold_ms: 10_000,
         }
     }
 }

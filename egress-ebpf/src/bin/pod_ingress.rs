@@ -8,7 +8,7 @@ mod program {
     use aya_ebpf::{macros::classifier, programs::TcContext};
     use egress_common::{DropReason, policy_flags};
     use egress_ebpf::{
-        Blame, Dropped, action, classify, conntrack, maps, mss, nat,
+        Blame, Dropped, action, classify, conntrack, hold, maps, mss, nat,
         parse::{self, tcp_flags},
         stats, tunnel, verdict,
     };
@@ -25,6 +25,7 @@ mod program {
             return Ok(action::PASS);
         };
         let Some(sel) = classify::by_source(ctx, ip.src) else {
+            hold::unknown_source(ctx, &ip).blame(0)?;
             return Ok(action::PASS);
         };
         let Some(cfg) = maps::config() else {

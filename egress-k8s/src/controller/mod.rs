@@ -174,6 +174,8 @@ pub struct Desired {
     /// Addresses to hold (put on the interface, then announce with GARP).
     /// Each was published as claimed before it appears here.
     pub claims: Vec<AddressClaim>,
+    /// Every pod of this node with an IPv4 address, selected or not.
+    pub local_pods: BTreeSet<Ipv4Addr>,
 }
 
 /// The controller's end of the link with the agent.

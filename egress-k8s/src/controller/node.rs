@@ -92,6 +92,7 @@ impl DesiredOut {
         let next = Desired {
             state: p.state,
             claims: p.claims,
+            local_pods: p.local_pods,
         };
         self.tx.send_if_modified(|cur| {
             if cur.as_ref() == Some(&next) {
