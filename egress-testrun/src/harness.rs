@@ -175,6 +175,16 @@ impl Harness {
         Ok(())
     }
 
+    /// Holds `interface` as the agent holds a new pod's, until `until_ns`
+    /// (coarse CLOCK_MONOTONIC), with `known` as this node's known pods.
+    pub fn hold(&mut self, interface: &str, until_ns: u64, known: &[Ipv4Addr]) -> Result<()> {
+        self.maps
+            .hold_interface(self.ifindex(interface), until_ns)?;
+        self.maps
+            .set_local_pods(&known.iter().map(|ip| ip.octets()).collect())?;
+        Ok(())
+    }
+
     pub fn config(&self) -> Result<DatapathConfig> {
         Ok(self.maps.config.get(&0, 0)?)
     }

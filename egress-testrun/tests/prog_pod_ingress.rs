@@ -474,3 +474,57 @@ fn tcp_header_cut_after_the_flags_makes_no_flow() {
     assert_dropped(&h, &out, LOCAL_POLICY, DropReason::Malformed);
     assert_no_flows(&h);
 }
+
+/// A new pod interface held by the agent (Kubernetes mode): an unknown
+/// source reaches only excluded destinations; once the source is a known
+/// pod of the node, or once the hold has ended, it passes as before.
+#[test]
+fn a_held_interface_lets_unknown_sources_reach_only_excluded_destinations() {
+    let mut h = Harness::node().unwrap();
+    let out_to = |dst| {
+        Frame::udp(POD_UNSELECTED.ip, SPORT, dst, DPORT)
+            .macs(POD_UNSELECTED.mac, POD_UNSELECTED.host_mac)
+            .build()
+    };
+    let external = out_to(SERVER);
+    h.hold(POD_UNSELECTED.interface, u64::MAX, &[]).unwrap();
+    let out = h.pod_ingress(POD_UNSELECTED, &external).unwrap();
+    assert_dropped(&h, &out, 0, DropReason::PodPending);
+    assert_no_flows(&h);
+    for dst in [CLUSTER_PEER, SERVICE, NODE] {
+        let packet = out_to(dst);
+        assert_passed_untouched(&h.pod_ingress(POD_UNSELECTED, &packet).unwrap(), &packet);
+    }
+    // Another interface is not held.
+    let elsewhere = Frame::udp(POD_UNSELECTED.ip, SPORT, SERVER, DPORT)
+        .macs(POD_STEERED.mac, POD_STEERED.host_mac)
+        .build();
+    let out = h.pod_ingress(POD_STEERED, &elsewhere).unwrap();
+    assert_ne!(out.verdict, Verdict::Drop, "retval {}", out.retval);
+
+    // Known: its Pod reached the agent.
+    h.hold(POD_UNSELECTED.interface, u64::MAX, &[POD_UNSELECTED.ip])
+        .unwrap();
+    assert_passed_untouched(
+        &h.pod_ingress(POD_UNSELECTED, &external).unwrap(),
+        &external,
+    );
+    // Unknown again, but the hold has ended.
+    h.hold(POD_UNSELECTED.interface, 1, &[]).unwrap();
+    assert_passed_untouched(
+        &h.pod_ingress(POD_UNSELECTED, &external).unwrap(),
+        &external,
+    );
+    assert_eq!(h.stats(0).unwrap().drops.total(), 1);
+}
+
+/// A selected pod on a held interface is translated as usual: the hold
+/// concerns only sources no policy selects.
+#[test]
+fn a_held_interface_does_not_stop_a_selected_pod() {
+    let mut h = Harness::node().unwrap();
+    h.hold(POD_LOCAL.interface, u64::MAX, &[]).unwrap();
+    let out = h.pod_ingress(POD_LOCAL, &syn()).unwrap();
+    assert_eq!(out.verdict, Verdict::Redirect, "retval {}", out.retval);
+    assert_eq!(check::view(&out.packet).unwrap().src, LOCAL_EGRESS);
+}
