@@ -70,6 +70,8 @@ struct Agent {
     lifetime: Lifetime,
     /// Kubernetes mode: the controller's desired state and our reports.
     kube: Option<AgentLink>,
+    /// Gratuitous ARP bursts under way, aborted when their IP is released.
+    announcing: BTreeMap<Ipv4Addr, tokio::task::AbortHandle>,
 }
 
 /// Where an instance keeps what `egress-agent reset` needs besides the pins.
@@ -211,6 +213,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         collector,
         lifetime: Lifetime::Forever,
         kube: None,
+        announcing: BTreeMap::new(),
     };
     let mut controller = None;
     let desired = match mode {
@@ -611,7 +614,13 @@ impl Agent {
         for (c, claim) in claims.iter().zip(done) {
             if claim.added {
                 tracing::info!(ip = %c.ip, interface = %claim.interface, prefix = claim.prefix_len, "egress IP claimed");
-                announce(claim.interface, c.ip);
+                let fence = self.kube.as_ref().map(|k| k.fence.clone());
+                if let Some(old) = self
+                    .announcing
+                    .insert(c.ip, announce(claim.interface, c.ip, fence))
+                {
+                    old.abort();
+                }
             }
         }
         let stale: BTreeSet<Ipv4Addr> = self
@@ -621,6 +630,13 @@ impl Agent {
             .map(|e| e.ip)
             .filter(|ip| !wanted.contains(ip))
             .collect();
+        self.announcing.retain(|ip, burst| {
+            // A released IP is announced no more; a finished burst is forgotten.
+            if !wanted.contains(ip) {
+                burst.abort();
+            }
+            wanted.contains(ip) && !burst.is_finished()
+        });
         for ip in stale {
             let from = self.netlink.release_tracked(&mut self.ledger, ip).await?;
             tracing::info!(%ip, interfaces = ?from, "egress IP released");
@@ -1003,7 +1019,16 @@ impl Agent {
 /// background: the burst lasts seconds and must not hold up reconciling.
 /// Bursts run at most `MAX_ANNOUNCING` at a time, each with its own socket,
 /// so that claiming thousands of IPs at once cannot exhaust descriptors.
-fn announce(interface: String, ip: Ipv4Addr) {
+/// In Kubernetes mode each round is sent only while `fence` (the claim's
+/// validity) is in the future: a burst must not announce an IP the node
+/// may no longer hold (found by `cargo xtask chaos`: an agent resumed
+/// after SIGSTOP sent the rest of its burst before it noticed that its
+/// claim had lapsed, and a released IP was still announced).
+fn announce(
+    interface: String,
+    ip: Ipv4Addr,
+    fence: Option<tokio::sync::watch::Receiver<Option<std::time::Instant>>>,
+) -> tokio::task::AbortHandle {
     const MAX_ANNOUNCING: usize = 64;
     static SLOTS: std::sync::OnceLock<std::sync::Arc<tokio::sync::Semaphore>> =
         std::sync::OnceLock::new();
@@ -1015,9 +1040,16 @@ fn announce(interface: String, ip: Ipv4Addr) {
             return;
         };
         let config = egress_arp::GarpConfig::default();
-        match egress_arp::announce(&interface, ip, &config).await {
+        let valid = || {
+            fence.as_ref().is_none_or(|f| {
+                f.borrow()
+                    .is_some_and(|until| until > std::time::Instant::now())
+            })
+        };
+        match egress_arp::announce_while(&interface, ip, &config, valid).await {
             Ok(()) => tracing::debug!(%ip, %interface, "gratuitous ARP sent"),
             Err(e) => tracing::warn!(%ip, %interface, error = %e, "gratuitous ARP failed"),
         }
-    });
+    })
+    .abort_handle()
 }

@@ -215,7 +215,9 @@ fn forge(kind: Forged, v: &AttackView, rng: &mut fastrand::Rng) -> Option<(Vec<u
     let pods: Vec<PodRef> = v.selected.keys().copied().collect();
     let pod = *pods.get(rng.usize(..pods.len().max(1)))?;
     let egress_ip = v.selected[&pod];
-    let payload = wire::record(FROM_ATTACKER, pod, rng.u64(..));
+    let mut payload = wire::record(FROM_ATTACKER, pod, rng.u64(..));
+    // Which kind it is, so that a delivered one says how it got through.
+    payload[6] = ALL_FORGED.iter().position(|k| *k == kind).unwrap_or(0) as u8 + 1;
     let server = spec::SERVER_ADDR;
     // The flow's NAT port, as the server saw it last.
     let nat_port = || {

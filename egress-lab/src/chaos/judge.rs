@@ -287,7 +287,17 @@ pub fn classify_delivery(
     let what = |why: &str| {
         let tag = match (proto, l4.get(8..)) {
             (17, Some(p)) => wire::parse_record(p)
-                .map(|(m, p, s)| format!(", payload {} of {p} #{s}", String::from_utf8_lossy(&m)))
+                .map(|(m, pod, s)| {
+                    let forged = (m == wire::FROM_ATTACKER)
+                        .then(|| super::delivery::ALL_FORGED.get(usize::from(p[6]).wrapping_sub(1)))
+                        .flatten()
+                        .map(|k| format!(" (forged: {k:?})"))
+                        .unwrap_or_default();
+                    format!(
+                        ", payload {} of {pod} #{s}{forged}",
+                        String::from_utf8_lossy(&m)
+                    )
+                })
                 .unwrap_or_default(),
             _ => String::new(),
         };
