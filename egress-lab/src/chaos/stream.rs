@@ -297,17 +297,31 @@ impl TcpHolder {
                 };
                 let mut seq = 0u64;
                 while !stop.load(Ordering::Relaxed) {
-                    let mut s = match TcpStream::connect_timeout(&to.into(), Duration::from_secs(3))
-                    {
-                        Ok(s) => s,
-                        Err(_) => {
-                            event(0, "connect-failed", 0);
-                            thread::sleep(Duration::from_millis(500));
-                            continue;
-                        }
-                    };
-                    let port = s.local_addr().map(|a| a.port()).unwrap_or_default();
+                    // The port is registered before the SYN leaves: the
+                    // capture judges the SYN-ACK, which arrives before
+                    // connect() returns.
+                    let socket =
+                        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                            .map_err(io_err("TCP holder socket"))?;
+                    socket
+                        .bind(&SocketAddr::from(([0, 0, 0, 0], 0)).into())
+                        .map_err(io_err("binding the TCP holder socket"))?;
+                    let port = socket
+                        .local_addr()
+                        .ok()
+                        .and_then(|a| a.as_socket())
+                        .map_or(0, |a| a.port());
                     flows.lock().expect("flows").tcp_ports.insert(port);
+                    let target = SocketAddr::from(to).into();
+                    let mut s: TcpStream =
+                        match socket.connect_timeout(&target, Duration::from_secs(3)) {
+                            Ok(()) => socket.into(),
+                            Err(_) => {
+                                event(port, "connect-failed", 0);
+                                thread::sleep(Duration::from_millis(500));
+                                continue;
+                            }
+                        };
                     let _ = s.set_read_timeout(Some(Duration::from_millis(50)));
                     let _ = s.set_nodelay(true);
                     event(port, "connected", 0);
