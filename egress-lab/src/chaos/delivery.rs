@@ -188,10 +188,10 @@ impl Attacker {
                         continue;
                     }
                     let kind = kinds[rng.usize(..kinds.len())];
-                    if let Some((packet, dst)) = forge(kind, &view, &mut rng) {
-                        if raw.send(&packet, dst).is_ok() {
-                            *sent2.lock().expect("sent").entry(kind).or_default() += 1;
-                        }
+                    if let Some((packet, dst)) = forge(kind, &view, &mut rng)
+                        && raw.send(&packet, dst).is_ok()
+                    {
+                        *sent2.lock().expect("sent").entry(kind).or_default() += 1;
                     }
                 }
                 Ok(())

@@ -160,8 +160,7 @@ pub fn held_at(
 ) -> bool {
     claims
         .iter()
-        .filter(|c| c.node == node && c.at <= at)
-        .next_back()
+        .rfind(|c| c.node == node && c.at <= at)
         .is_some_and(|c| !c.deleted && c.ips.contains(&ip) && at <= c.at + ttl + slack)
 }
 
@@ -216,10 +215,7 @@ pub fn judge_arp(
                 ),
             )),
             Some(node) if !held_at(claims, node, s.ip, s.at, ttl, slack) => {
-                let last = claims
-                    .iter()
-                    .filter(|c| &c.node == node && c.at <= s.at)
-                    .next_back();
+                let last = claims.iter().rfind(|c| &c.node == node && c.at <= s.at);
                 out.push(Violation::new(
                     s.at,
                     Invariant::ArpNotHolder,
