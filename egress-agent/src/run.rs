@@ -24,12 +24,12 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     config::{AgentConfig, Mode},
-    fence::Terms,
+    fence::{ControllerFence, Terms},
     gc::{self, monotonic_ns},
     identity::{self, Candidate, Source},
     image::{DatapathImage, Environment},
     loader::{self, Datapath},
-    maps::{Maps, PinLayout},
+    maps::{ApplyOutcome, Maps, PinLayout},
 };
 
 pub struct Options {
@@ -72,6 +72,8 @@ struct Agent {
     kube: Option<AgentLink>,
     /// Gratuitous ARP bursts under way, aborted when their IP is released.
     announcing: BTreeMap<Ipv4Addr, tokio::task::AbortHandle>,
+    /// Whether the controller has sent a fence yet (none applied before).
+    fence: ControllerFence,
 }
 
 /// Where an instance keeps what `egress-agent reset` needs besides the pins.
@@ -214,12 +216,16 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         lifetime: Lifetime::Forever,
         kube: None,
         announcing: BTreeMap::new(),
+        fence: ControllerFence::default(),
     };
     let mut controller = None;
     let desired = match mode {
         Mode::Static => {
             let desired = agent.config.node_state();
-            agent.apply(&desired, &static_claims(&desired)).await?;
+            agent
+                .apply(&desired, &static_claims(&desired))
+                .await?
+                .all_applied()?;
             desired
         }
         Mode::Kubernetes => {
@@ -244,6 +250,9 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     // In Kubernetes mode the agent is ready once it has applied the state of
     // the synced watches, not before (the DaemonSet's startup probe).
     let mut ready_pending = true;
+    // Kubernetes mode: the last apply left policies unprogrammed; retried
+    // every second, and the agent is not ready until none is.
+    let mut apply_incomplete = false;
     if mode == Mode::Static {
         agent.mark_ready()?;
         ready_pending = false;
@@ -253,6 +262,8 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     // The static file is re-read when it changes (its mtime, once a second).
     let mut reload = tokio::time::interval(Duration::from_secs(1));
+    // A Kubernetes-mode apply that left policies unprogrammed is retried.
+    let mut retry = tokio::time::interval(Duration::from_secs(1));
     // Set once SIGTERM asked the controller to stop (in Kubernetes mode).
     let mut stopping: Option<tokio::time::Instant> = None;
     let stop_timeout =
@@ -278,15 +289,22 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                 }
             }
             _ = reload.tick(), if mode == Mode::Static => agent.reload_if_changed().await,
+            _ = retry.tick(), if apply_incomplete => {
+                apply_incomplete = !agent.apply_kubernetes().await;
+                if ready_pending && !apply_incomplete {
+                    agent.mark_ready()?;
+                    ready_pending = false;
+                }
+            }
             _ = sleep_until(stop_deadline) => {
                 tracing::warn!("the Kubernetes controller did not stop in time; exiting anyway");
                 break;
             }
-            event = from_controller(&mut agent.kube) => match event {
+            event = from_controller(&mut agent.kube, &mut agent.fence) => match event {
                 FromController::Fence => agent.apply_fence().await,
                 FromController::Desired => {
-                    agent.apply_kubernetes().await;
-                    if ready_pending {
+                    apply_incomplete = !agent.apply_kubernetes().await;
+                    if ready_pending && !apply_incomplete {
                         agent.mark_ready()?;
                         ready_pending = false;
                     }
@@ -346,13 +364,16 @@ enum FromController {
 
 /// Waits for the controller's next fence or desired state; never in static
 /// mode, nor once the controller is gone (its last fence stands).
-async fn from_controller(kube: &mut Option<AgentLink>) -> FromController {
+async fn from_controller(
+    kube: &mut Option<AgentLink>,
+    fence: &mut ControllerFence,
+) -> FromController {
     let Some(link) = kube else {
         return std::future::pending().await;
     };
     let event = tokio::select! {
         biased;
-        r = link.fence.changed() => r.map(|()| FromController::Fence),
+        r = fence.changed(&mut link.fence) => r.map(|()| FromController::Fence),
         r = link.desired.changed() => r.map(|()| FromController::Desired),
     };
     match event {
@@ -553,29 +574,36 @@ async fn finished(
 }
 
 impl Agent {
-    fn reconcile(&mut self, desired: &NodeState) -> anyhow::Result<()> {
+    fn reconcile(&mut self, desired: &NodeState) -> anyhow::Result<ApplyOutcome> {
         // Map dumps and writes are blocking system calls, thousands of them
         // at scale: off the runtime's worker, so the controller's renewals
         // keep running on the others meanwhile.
         let (maps, env) = (&mut self.maps, &self.env);
-        let report = tokio::task::block_in_place(|| {
+        let outcome = tokio::task::block_in_place(|| {
             let current = maps.read_image()?;
             let image = DatapathImage::from_state(desired, env);
             maps.apply(&current, &image)
         })?;
-        if !report.is_empty() {
+        if !outcome.report.is_empty() {
             tracing::info!(
-                written = report.written,
-                removed = report.removed,
+                written = outcome.report.written,
+                removed = outcome.report.removed,
                 "datapath maps reconciled"
             );
         }
-        Ok(())
+        for (id, error) in &outcome.failed {
+            tracing::error!(policy = id, %error, "policy not programmed (the others are)");
+        }
+        Ok(outcome)
     }
 
     /// Makes the datapath and the node's addresses match `desired`.
     /// Addresses first: a policy becomes local only once its IP is here.
-    async fn apply(&mut self, desired: &NodeState, claims: &[AddressClaim]) -> anyhow::Result<()> {
+    async fn apply(
+        &mut self,
+        desired: &NodeState,
+        claims: &[AddressClaim],
+    ) -> anyhow::Result<ApplyOutcome> {
         self.claim(claims).await?;
         self.reconcile(desired)
     }
@@ -654,6 +682,9 @@ impl Agent {
         let subnets = self.egress_subnets().await?;
         let mut options = self.config.kubernetes.options(subnets)?;
         options.node_addr = self.config.node.address;
+        // Policy ids index this node's policy array: the assigner keeps
+        // them below the (cluster-wide) max_policies.
+        options.plan.max_policies = self.config.datapath.max_policies;
         options
             .global_excluded
             .extend(self.config.cluster.excluded_cidrs.iter().map(|n| n.trunc()));
@@ -739,8 +770,11 @@ impl Agent {
 
     /// Applies the controller's latest fence: the datapath's claim-validity
     /// stamp (one map write) and the lifetime of the claimed addresses.
+    /// Nothing before the controller has sent one: the previous agent's
+    /// terms stand (see [`ControllerFence`]).
     async fn apply_fence(&mut self) {
-        let Some(fence) = self.kube.as_mut().map(|k| *k.fence.borrow_and_update()) else {
+        let Some(k) = self.kube.as_mut() else { return };
+        let Some(fence) = self.fence.latest(&mut k.fence) else {
             return;
         };
         let remaining = fence.map(|f| f.saturating_duration_since(std::time::Instant::now()));
@@ -765,8 +799,9 @@ impl Agent {
         }
     }
 
-    /// Applies the controller's latest desired state and reports what we hold.
-    async fn apply_kubernetes(&mut self) {
+    /// Applies the controller's latest desired state and reports what we
+    /// hold and what the datapath holds; true once every policy is applied.
+    async fn apply_kubernetes(&mut self) -> bool {
         // The fence of this state first: new claims get its lifetime, and
         // LOCAL policies appear with a valid stamp.
         self.apply_fence().await;
@@ -775,15 +810,27 @@ impl Agent {
             .as_mut()
             .and_then(|k| k.desired.borrow_and_update().clone())
         else {
-            return;
+            return false;
         };
-        if let Err(e) = self.apply(&desired.state, &desired.claims).await {
-            tracing::error!(error = %format!("{e:#}"), "applying the desired state from Kubernetes");
-        }
+        let outcome = self.apply(&desired.state, &desired.claims).await;
+        let complete = match outcome {
+            Ok(outcome) => {
+                let complete = outcome.failed.is_empty();
+                if let Some(k) = &self.kube {
+                    k.applied.send_replace(Some(outcome.into()));
+                }
+                complete
+            }
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "applying the desired state from Kubernetes");
+                false
+            }
+        };
         let held = self.held_addresses(&desired.claims).await;
         if let Some(k) = &self.kube {
             let _ = k.held.send(held);
         }
+        complete
     }
 
     /// Which of the claimed or recorded egress IPs are on our interfaces now.
@@ -968,7 +1015,10 @@ impl Agent {
         let desired = new.node_state();
         let env = self.env;
         self.env = env.with_settings(&new.datapath);
-        let outcome = self.apply(&desired, &static_claims(&desired)).await;
+        let outcome = self
+            .apply(&desired, &static_claims(&desired))
+            .await
+            .and_then(|o| Ok(o.all_applied()?));
         match outcome {
             Ok(()) => {
                 tracing::info!(policies = new.policies.len(), "configuration reloaded");

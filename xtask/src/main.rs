@@ -49,7 +49,8 @@ enum Cmd {
     },
     /// Measure failover in a three-node Kubernetes-mode lab: cut the egress
     /// node's link, kill its agent, time the first packet through the new
-    /// holder (also written to target/lab/failover.json).
+    /// holder (also written to target/lab/failover.json, or
+    /// failover-holder-is-leader.json).
     Failover {
         /// Use the binaries already built.
         #[arg(long)]
@@ -58,6 +59,10 @@ enum Cmd {
         /// longest failover, `claim_renew_ms` (300) the shortest.
         #[arg(long, default_value_t = 0)]
         after_renewal_ms: u64,
+        /// The holder is the elected assigner: a standby must take the
+        /// leader Lease as well (by default the holder is another node).
+        #[arg(long)]
+        holder_is_leader: bool,
     },
     /// Fault injection in a Kubernetes-mode lab: a seeded random schedule of
     /// faults (agents killed and stopped, API partitions, heartbeat loss at
@@ -122,6 +127,13 @@ enum Cmd {
         #[arg(long)]
         packets: Option<u64>,
     },
+    /// Measure the assigner's pod store at N realistic pods served by
+    /// egress-fake-api: retained heap and RSS with full Pod objects (as
+    /// before) and with the slim PodInfo store (egress-k8s/src/pods.rs).
+    AssignerMemory {
+        #[arg(long, default_value_t = 20_000)]
+        pods: usize,
+    },
     /// Run the benchmark (egress-bench, release build); arguments pass through.
     Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -185,11 +197,17 @@ fn main() -> Result<()> {
         Cmd::Failover {
             no_build,
             after_renewal_ms,
+            holder_is_leader,
         } => {
             if !no_build {
                 build_agent()?;
             }
-            failover(std::time::Duration::from_millis(after_renewal_ms))
+            let holder = if holder_is_leader {
+                egress_lab::failover::Holder::Leader
+            } else {
+                egress_lab::failover::Holder::NotLeader
+            };
+            failover(std::time::Duration::from_millis(after_renewal_ms), holder)
         }
         Cmd::Chaos {
             no_build,
@@ -228,18 +246,35 @@ fn main() -> Result<()> {
             seed,
             packets,
         } => fuzz(duration, seed, packets),
+        Cmd::AssignerMemory { pods } => run(cargo().args([
+            "run",
+            "--release",
+            "-p",
+            "egress-k8s",
+            "--example",
+            "assigner_memory",
+            "--",
+            "--pods",
+            &pods.to_string(),
+        ])),
     }
 }
 
 /// A lab of its own (unique prefix, removed afterwards) for one failover.
-fn failover(after_renewal: std::time::Duration) -> Result<()> {
+fn failover(
+    after_renewal: std::time::Duration,
+    holder: egress_lab::failover::Holder,
+) -> Result<()> {
     let mut lab = egress_lab::Lab::build(egress_lab::LabSpec {
         policies: Vec::new(),
         ..egress_lab::LabSpec::kubernetes()
     })?;
     lab.start_agents()?;
-    let report = egress_lab::failover::measure_failover(&mut lab, after_renewal)?;
-    let path = root().join("target/lab/failover.json");
+    let report = egress_lab::failover::measure_failover_of(&mut lab, after_renewal, holder)?;
+    let path = root().join(match holder {
+        egress_lab::failover::Holder::NotLeader => "target/lab/failover.json",
+        egress_lab::failover::Holder::Leader => "target/lab/failover-holder-is-leader.json",
+    });
     report.write_json(&path)?;
     println!("{}", report.summary());
     println!("(details in {})", path.display());
