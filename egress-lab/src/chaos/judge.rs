@@ -145,11 +145,15 @@ pub struct ClaimEvent {
     pub node: String,
     pub ips: BTreeSet<Ipv4Addr>,
     pub deleted: bool,
+    /// The restart grace this version carries (an agent stopping for a
+    /// restart): its claims are live that long rather than the claim TTL.
+    pub restart_grace: Option<Duration>,
 }
 
 /// Whether `node` held a valid claim on `ip` at `at`: its last claims
 /// Lease version stored at or before `at` lists `ip` and is younger than
-/// the claim lifetime (plus `slack` for the frame's trip to the capture).
+/// the claim lifetime (the TTL, or the restart grace it carries if longer;
+/// plus `slack` for the frame's trip to the capture).
 pub fn held_at(
     claims: &[ClaimEvent],
     node: &str,
@@ -161,7 +165,10 @@ pub fn held_at(
     claims
         .iter()
         .rfind(|c| c.node == node && c.at <= at)
-        .is_some_and(|c| !c.deleted && c.ips.contains(&ip) && at <= c.at + ttl + slack)
+        .is_some_and(|c| {
+            let lifetime = c.restart_grace.map_or(ttl, |g| g.max(ttl));
+            !c.deleted && c.ips.contains(&ip) && at <= c.at + lifetime + slack
+        })
 }
 
 /// Both ARP invariants. `macs`: each node's uplink MAC.
@@ -410,6 +417,7 @@ mod tests {
             node: node.into(),
             ips: ips.iter().map(|s| ip(s)).collect(),
             deleted: false,
+            restart_grace: None,
         }
     }
 
@@ -447,6 +455,14 @@ mod tests {
         // A MAC that is no node's.
         let stranger = [seen(t0 + ms(100), [2, 9, 9, 9, 9, 9], 1)];
         assert_eq!(judge_arp(&stranger, &macs, &claims, ttl, slack).len(), 1);
+        // Under a restart grace the claim lives that long.
+        let graced = vec![ClaimEvent {
+            restart_grace: Some(ms(30_000)),
+            ..claim(t0, "node1", &["172.18.0.100"])
+        }];
+        assert!(judge_arp(&late, &macs, &graced, ttl, slack).is_empty());
+        let after_grace = [seen(t0 + ms(30_100), m1, 300)];
+        assert_eq!(judge_arp(&after_grace, &macs, &graced, ttl, slack).len(), 1);
         // Before node2 ever claimed.
         assert!(!held_at(
             &claims,

@@ -451,7 +451,8 @@ pub fn claim_history(lab: &Lab) -> Vec<ClaimEvent> {
                 .as_str()?
                 .strip_prefix("egress-claims-")?
                 .to_owned();
-            let ips = e.object["metadata"]["annotations"]["egress.example.dev/claimed-ips"]
+            let annotations = &e.object["metadata"]["annotations"];
+            let ips = annotations["egress.example.dev/claimed-ips"]
                 .as_str()
                 .unwrap_or_default()
                 .split(',')
@@ -462,6 +463,10 @@ pub fn claim_history(lab: &Lab) -> Vec<ClaimEvent> {
                 node,
                 ips,
                 deleted: e.type_ == "DELETED",
+                restart_grace: annotations["egress.example.dev/restart-grace-ms"]
+                    .as_str()
+                    .and_then(|ms| ms.parse().ok())
+                    .map(Duration::from_millis),
             })
         })
         .collect()
