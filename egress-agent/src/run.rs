@@ -74,6 +74,8 @@ struct Agent {
     lifetime: Lifetime,
     /// Kubernetes mode: the controller's desired state and our reports.
     kube: Option<AgentLink>,
+    /// Gratuitous ARP bursts under way, aborted when their IP is released.
+    announcing: BTreeMap<Ipv4Addr, tokio::task::AbortHandle>,
     /// Whether the controller has sent a fence yet (none applied before).
     fence: ControllerFence,
     /// Holds on new pod interfaces (Kubernetes mode).
@@ -222,6 +224,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         collector,
         lifetime: Lifetime::Forever,
         kube: None,
+        announcing: BTreeMap::new(),
         fence: ControllerFence::default(),
         holds: Holds::default(),
         hold_new: false,
@@ -315,7 +318,11 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                 break;
             }
             event = from_controller(&mut agent.kube, &mut agent.fence) => match event {
-                FromController::Fence => agent.apply_fence().await,
+                FromController::Fence => {
+                    if agent.apply_fence().await {
+                        agent.restore_addresses().await;
+                    }
+                }
                 FromController::Desired => {
                     apply_incomplete = !agent.apply_kubernetes().await;
                     if ready_pending && !apply_incomplete {
@@ -656,7 +663,13 @@ impl Agent {
         for (c, claim) in claims.iter().zip(done) {
             if claim.added {
                 tracing::info!(ip = %c.ip, interface = %claim.interface, prefix = claim.prefix_len, "egress IP claimed");
-                announce(claim.interface, c.ip);
+                let fence = self.kube.as_ref().map(|k| k.fence.clone());
+                if let Some(old) = self
+                    .announcing
+                    .insert(c.ip, announce(claim.interface, c.ip, fence))
+                {
+                    old.abort();
+                }
             }
         }
         let stale: BTreeSet<Ipv4Addr> = self
@@ -666,6 +679,13 @@ impl Agent {
             .map(|e| e.ip)
             .filter(|ip| !wanted.contains(ip))
             .collect();
+        self.announcing.retain(|ip, burst| {
+            // A released IP is announced no more; a finished burst is forgotten.
+            if !wanted.contains(ip) {
+                burst.abort();
+            }
+            wanted.contains(ip) && !burst.is_finished()
+        });
         for ip in stale {
             let from = self.netlink.release_tracked(&mut self.ledger, ip).await?;
             tracing::info!(%ip, interfaces = ?from, "egress IP released");
@@ -773,16 +793,57 @@ impl Agent {
     /// stamp (one map write) and the lifetime of the claimed addresses.
     /// Nothing before the controller has sent one: the previous agent's
     /// terms stand (see [`ControllerFence`]).
-    async fn apply_fence(&mut self) {
-        let Some(k) = self.kube.as_mut() else { return };
+    ///
+    /// True when the fence is still ahead but a claimed address is missing
+    /// (see [`Self::restore_addresses`]).
+    async fn apply_fence(&mut self) -> bool {
+        let Some(k) = self.kube.as_mut() else {
+            return false;
+        };
         let Some(fence) = self.fence.latest(&mut k.fence) else {
-            return;
+            return false;
         };
         let remaining = fence.map(|f| f.saturating_duration_since(std::time::Instant::now()));
-        self.apply_terms(Terms::of(remaining, monotonic_ns())).await;
+        let refreshed = self.apply_terms(Terms::of(remaining, monotonic_ns())).await;
+        remaining.is_some_and(|r| !r.is_zero())
+            && refreshed.is_some_and(|n| n < self.ledger.entries().len())
     }
 
-    async fn apply_terms(&mut self, terms: Terms) {
+    /// Puts back the claimed addresses the kernel removed while the claim
+    /// still holds, and announces them.
+    ///
+    /// An address's lifetime is whole seconds ending before the fence, so
+    /// the kernel may remove it up to a second and a quarter before the
+    /// fence: a renewal that comes that late (a short link cut, a stall or
+    /// SIGSTOP of the agent) extends the claim but finds the address gone,
+    /// and the desired state, unchanged, never claims it again: the status
+    /// kept naming this node while its IP carried no traffic (chaos). Re-
+    /// adding is safe under the new fence: the session sends the fence
+    /// before the desired state, and a fence that moves from one instant to
+    /// a later one never comes with fewer active IPs (withdrawals go out on
+    /// their own, with the fence they had, or with no fence at all after a
+    /// lapse), so every claim of the desired state read now is valid under
+    /// it.
+    async fn restore_addresses(&mut self) {
+        let Some(claims) = self
+            .kube
+            .as_ref()
+            .and_then(|k| k.desired.borrow().as_ref().map(|d| d.claims.clone()))
+        else {
+            return;
+        };
+        if let Err(e) = self.claim(&claims).await {
+            tracing::error!(error = %format!("{e:#}"), "putting back expired egress IPs");
+        }
+        let held = self.held_addresses(&claims).await;
+        if let Some(k) = &self.kube {
+            let _ = k.held.send(held);
+        }
+    }
+
+    /// Applies `terms`; how many claimed addresses got the new lifetime
+    /// (`None` when none was to be set, or on error).
+    async fn apply_terms(&mut self, terms: Terms) -> Option<usize> {
         if terms.valid_until_ns != self.env.claims_valid_until_ns {
             // Shrinking or growing, it is the controller's latest word:
             // written at once, and remembered so that reconciling writes
@@ -792,10 +853,13 @@ impl Agent {
                 Err(e) => tracing::error!(error = %e, "writing the claim-validity stamp"),
             }
         }
-        if let Some(lifetime) = terms.lifetime {
-            self.lifetime = lifetime;
-            if let Err(e) = self.netlink.refresh_lifetimes(&self.ledger, lifetime).await {
+        let lifetime = terms.lifetime?;
+        self.lifetime = lifetime;
+        match self.netlink.refresh_lifetimes(&self.ledger, lifetime).await {
+            Ok(n) => Some(n),
+            Err(e) => {
                 tracing::error!(error = %e, "refreshing the egress IPs' lifetimes");
+                None
             }
         }
     }
@@ -1127,7 +1191,16 @@ impl Agent {
 /// background: the burst lasts seconds and must not hold up reconciling.
 /// Bursts run at most `MAX_ANNOUNCING` at a time, each with its own socket,
 /// so that claiming thousands of IPs at once cannot exhaust descriptors.
-fn announce(interface: String, ip: Ipv4Addr) {
+/// In Kubernetes mode each round is sent only while `fence` (the claim's
+/// validity) is in the future: a burst must not announce an IP the node
+/// may no longer hold (found by `cargo xtask chaos`: an agent resumed
+/// after SIGSTOP sent the rest of its burst before it noticed that its
+/// claim had lapsed, and a released IP was still announced).
+fn announce(
+    interface: String,
+    ip: Ipv4Addr,
+    fence: Option<tokio::sync::watch::Receiver<Option<std::time::Instant>>>,
+) -> tokio::task::AbortHandle {
     const MAX_ANNOUNCING: usize = 64;
     static SLOTS: std::sync::OnceLock<std::sync::Arc<tokio::sync::Semaphore>> =
         std::sync::OnceLock::new();
@@ -1139,9 +1212,16 @@ fn announce(interface: String, ip: Ipv4Addr) {
             return;
         };
         let config = egress_arp::GarpConfig::default();
-        match egress_arp::announce(&interface, ip, &config).await {
+        let valid = || {
+            fence.as_ref().is_none_or(|f| {
+                f.borrow()
+                    .is_some_and(|until| until > std::time::Instant::now())
+            })
+        };
+        match egress_arp::announce_while(&interface, ip, &config, valid).await {
             Ok(()) => tracing::debug!(%ip, %interface, "gratuitous ARP sent"),
             Err(e) => tracing::warn!(%ip, %interface, error = %e, "gratuitous ARP failed"),
         }
-    });
+    })
+    .abort_handle()
 }

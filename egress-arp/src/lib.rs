@@ -305,6 +305,20 @@ impl ArpSocket {
 /// offset of `config.schedule`. The socket is opened up front, so a bad
 /// interface fails before anything is sent.
 pub async fn announce(interface: &str, ip: Ipv4Addr, config: &GarpConfig) -> Result<(), Error> {
+    announce_while(interface, ip, config, || true).await
+}
+
+/// [`announce`], but each round of the schedule is sent only while
+/// `valid()` says the node may still answer for `ip` (its claim holds):
+/// a burst outlives neither a release nor a lapsed claim, e.g. after the
+/// agent was stopped (SIGSTOP) past its fence and resumes with the rest of
+/// the burst overdue. Returns at the first round it may not send.
+pub async fn announce_while(
+    interface: &str,
+    ip: Ipv4Addr,
+    config: &GarpConfig,
+    valid: impl Fn() -> bool,
+) -> Result<(), Error> {
     if config.schedule.is_empty() || config.kinds.is_empty() {
         return Err(Error::EmptySchedule);
     }
@@ -320,6 +334,10 @@ pub async fn announce(interface: &str, ip: Ipv4Addr, config: &GarpConfig) -> Res
     offsets.sort();
     for offset in offsets {
         tokio::time::sleep_until(start + offset).await;
+        if !valid() {
+            debug!(%ip, interface, ?offset, "gratuitous ARP burst ends: the claim no longer holds");
+            return Ok(());
+        }
         for f in &frames {
             socket.send(f)?;
         }

@@ -8,6 +8,7 @@
 //! it is dropped, so tests run concurrently and clean up after panics.
 
 pub mod agent;
+pub mod chaos;
 pub mod error;
 pub mod exec;
 pub mod failover;

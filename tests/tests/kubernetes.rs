@@ -180,6 +180,51 @@ fn the_datapath_follows_pod_labels_pod_deletion_and_egress_ip_changes() {
     c.check_tcp(joining, opts());
 }
 
+/// The kernel removes a claimed address when its lifetime ends, up to a
+/// second and a quarter before the claim's fence: a renewal that comes that
+/// late (a short link cut, a SIGSTOP of the holder) keeps the claim but
+/// finds the address gone. The agent puts it back with the next renewal
+/// (chaos found the status naming the holder for good while its IP carried
+/// no traffic). An address removed by hand is the same thing to the agent.
+#[test]
+fn a_claimed_address_gone_while_the_claim_holds_comes_back() {
+    let c = Cluster::new(LabSpec::kubernetes());
+    let kube = c.lab.kube().expect("Kubernetes mode");
+    assert_eq!(
+        kube.holder("team-a", EGRESS_A),
+        Some(("node1".to_owned(), true))
+    );
+    let node1 = c.lab.node_ns(1);
+    let on_node1 = || kubernetes::addresses_on(&node1, "eth0").map(|a| a.contains(&EGRESS_A));
+    assert!(
+        c.expect("node1's addresses", on_node1()),
+        "node1 does not hold {EGRESS_A}"
+    );
+
+    let to = format!("{EGRESS_A}/32");
+    let flushed = egress_lab::exec_in(&node1, "ip", &["addr", "flush", "dev", "eth0", "to", &to]);
+    c.expect("removing the address", flushed);
+    // (Back within a renewal period: checking that it went would race.)
+
+    let back = wait_for(
+        &format!("{EGRESS_A} back on node1"),
+        FOLLOW,
+        || match on_node1() {
+            Ok(true) => Ok(()),
+            Ok(false) => Err("absent".to_owned()),
+            Err(e) => Err(e.to_string()),
+        },
+    );
+    c.expect("the claimed address coming back", back);
+    // Still node1's, and it carries the traffic again.
+    assert_eq!(
+        kube.holder("team-a", EGRESS_A),
+        Some(("node1".to_owned(), true))
+    );
+    wait_for_source(&c, PodRef::new(1, 1), EGRESS_A, "the address came back");
+    wait_for_source(&c, PodRef::new(2, 1), EGRESS_A, "the address came back");
+}
+
 /// The cut comes right after the holder renewed its claim: the successor
 /// then waits the longest for that claim to expire, so this is the longest
 /// failover with these timings.

@@ -64,6 +64,26 @@ enum Cmd {
         #[arg(long)]
         holder_is_leader: bool,
     },
+    /// Fault injection in a Kubernetes-mode lab: a seeded random schedule of
+    /// faults (agents killed and stopped, API partitions, heartbeat loss at
+    /// the assigner, rolling restarts, bad EgressIPs, pod churn, link cuts)
+    /// with recovery in between, three invariants probed throughout; prints
+    /// a summary (also target/lab/chaos.json) and fails on any violation.
+    Chaos {
+        /// Use the binaries already built.
+        #[arg(long)]
+        no_build: bool,
+        /// Seconds of faults.
+        #[arg(long, default_value_t = 120)]
+        duration: u64,
+        /// The schedule's seed (default: from the clock; printed).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Only these fault kinds (comma-separated names, e.g.
+        /// kill-holder,link-cut-holder); default: all.
+        #[arg(long, value_delimiter = ',')]
+        faults: Vec<String>,
+    },
     /// Measure the new-pod window: a selected pod's interface is created
     /// while the pod already sends a datagram every millisecond; prints when
     /// its first datagram reached the server with the egress IP and how
@@ -189,6 +209,17 @@ fn main() -> Result<()> {
             };
             failover(std::time::Duration::from_millis(after_renewal_ms), holder)
         }
+        Cmd::Chaos {
+            no_build,
+            duration,
+            seed,
+            faults,
+        } => {
+            if !no_build {
+                build_agent()?;
+            }
+            chaos(duration, seed, &faults)
+        }
         Cmd::NewPodWindow {
             no_build,
             kubernetes,
@@ -247,6 +278,51 @@ fn failover(
     report.write_json(&path)?;
     println!("{}", report.summary());
     println!("(details in {})", path.display());
+    Ok(())
+}
+
+/// A lab of its own for one chaos run; fails when an invariant was violated
+/// or the cluster did not recover from a fault.
+fn chaos(duration: u64, seed: Option<u64>, faults: &[String]) -> Result<()> {
+    use egress_lab::chaos::{self, ChaosSpec, FaultKind};
+    let seed = seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64)
+    });
+    let mut spec = ChaosSpec::new(std::time::Duration::from_secs(duration), seed);
+    if !faults.is_empty() {
+        spec.faults = faults
+            .iter()
+            .map(|f| {
+                FaultKind::parse(f).with_context(|| {
+                    format!(
+                        "unknown fault kind `{f}` (known: {})",
+                        chaos::ALL_FAULTS.map(FaultKind::name).join(", ")
+                    )
+                })
+            })
+            .collect::<Result<_>>()?;
+    }
+    println!("chaos: seed {seed}, {duration} s of faults (reproduce with --seed {seed})");
+    let mut lab = egress_lab::Lab::build(chaos::lab_spec())?;
+    lab.start_agents()?;
+    let report = chaos::run(&mut lab, &spec)?;
+    let path = root().join("target/lab/chaos.json");
+    report.write_json(&path)?;
+    println!("{}", report.summary());
+    println!(
+        "(details in {}; agent logs in {})",
+        path.display(),
+        lab.dir().display()
+    );
+    if !report.violations.is_empty() || !report.liveness.is_empty() {
+        bail!(
+            "{} invariant violations, {} liveness failures (seed {seed})",
+            report.violations.len(),
+            report.liveness.len()
+        );
+    }
     Ok(())
 }
 
