@@ -18,6 +18,8 @@ pub struct SweepReport {
     pub scanned: usize,
     pub expired: usize,
     pub orphans_removed: usize,
+    /// Records of connections opened from outside, idle past their timeout.
+    pub inbound_expired: usize,
 }
 
 /// Keeps what one sweep must remember for the next.
@@ -105,8 +107,34 @@ impl Collector {
         report.orphans_removed =
             batch::delete_all(rev_fd, &orphans).map_err(batch_err(names::NAT_REV_V4, "delete"))?;
         self.suspected_orphans = suspects;
+
+        let inbound = IterableMap::map(&maps.inbound)
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(batch_err(names::INBOUND_V4, "dup"))?;
+        let records: Vec<(FlowKeyV4, u64)> =
+            batch::lookup_all(inbound.as_fd()).map_err(batch_err(names::INBOUND_V4, "lookup"))?;
+        let idle: Vec<FlowKeyV4> = records
+            .iter()
+            .filter(|(key, seen)| inbound_expired(timeouts, key.proto, *seen, now_ns))
+            .map(|(key, _)| *key)
+            .collect();
+        report.inbound_expired = batch::delete_all(inbound.as_fd(), &idle)
+            .map_err(batch_err(names::INBOUND_V4, "delete"))?;
         Ok(report)
     }
+}
+
+/// Whether a connection opened from outside, last seen at `last_seen_ns`,
+/// has been idle longer than an established flow of its protocol may be.
+fn inbound_expired(timeouts: &Timeouts, proto: u8, last_seen_ns: u64, now_ns: u64) -> bool {
+    let state = if proto == egress_common::proto::TCP {
+        CtState::Established
+    } else {
+        CtState::Open
+    };
+    expired(timeouts, proto, state, last_seen_ns, now_ns)
 }
 
 /// Splits the reverse entries without a live forward half into orphans (also
@@ -152,6 +180,19 @@ mod tests {
         assert!(expired(&t, proto::UDP, CtState::Open, s, 5 * s));
         // A clock that has not reached last_seen (entry refreshed meanwhile) is not expiry.
         assert!(!expired(&t, proto::UDP, CtState::Open, 9 * s, 5 * s));
+    }
+
+    #[test]
+    fn inbound_records_live_as_long_as_an_established_flow() {
+        let t = Timeouts {
+            tcp_established: 100,
+            udp: 3,
+            ..Default::default()
+        };
+        let s = 1_000_000_000;
+        assert!(!inbound_expired(&t, proto::TCP, 0, 100 * s));
+        assert!(inbound_expired(&t, proto::TCP, 0, 101 * s));
+        assert!(inbound_expired(&t, proto::UDP, 0, 4 * s));
     }
 
     #[test]

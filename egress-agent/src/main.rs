@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 mod batch;
 mod config;
 mod gc;
+mod host;
 mod identity;
 mod image;
 mod inspect;

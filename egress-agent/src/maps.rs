@@ -12,11 +12,11 @@ use aya::{
     maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, lpm_trie::Key},
 };
 use egress_common::{
-    DatapathConfig, ExclusionKeyV4, FlowKeyV4, NatEntryV4, NodeV4, PodPolicyV4, PolicyStats,
-    PolicyV4, RevNatEntryV4, flow_count, maps as names, policy_flags,
+    DatapathConfig, ExclusionKeyV4, FlowKeyV4, NatEntryV4, NodeV4, PodCidrKeyV4, PodPolicyV4,
+    PolicyStats, PolicyV4, RemotePodV4, RevNatEntryV4, flow_count, maps as names, policy_flags,
 };
 
-use crate::image::{DatapathImage, Exclusion};
+use crate::image::{DatapathImage, Exclusion, PodCidr};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MapsError {
@@ -133,6 +133,10 @@ pub struct Maps {
     pub config: Array<MapData, DatapathConfig>,
     pub policies: Array<MapData, PolicyV4>,
     pub pods: HashMap<MapData, [u8; 4], PodPolicyV4>,
+    pub remote_pods: HashMap<MapData, [u8; 4], RemotePodV4>,
+    pub pod_cidrs: LpmTrie<MapData, PodCidrKeyV4, [u8; 4]>,
+    pub upstream: HashMap<MapData, u32, u32>,
+    pub inbound: HashMap<MapData, FlowKeyV4, u64>,
     pub marks: HashMap<MapData, u32, u32>,
     pub vnis: HashMap<MapData, u32, u32>,
     pub excluded: LpmTrie<MapData, ExclusionKeyV4, u32>,
@@ -156,6 +160,10 @@ impl Maps {
             config: typed!(layout, names::CONFIG),
             policies: typed!(layout, names::POLICIES_V4),
             pods: typed!(layout, names::POD_POLICY_V4),
+            remote_pods: typed!(layout, names::REMOTE_PODS_V4),
+            pod_cidrs: typed!(layout, names::POD_CIDRS_V4),
+            upstream: typed!(layout, names::UPSTREAM_IFACES),
+            inbound: typed!(layout, names::INBOUND_V4),
             marks: typed!(layout, names::MARK_POLICY),
             vnis: typed!(layout, names::VNI_POLICY),
             excluded: typed!(layout, names::EXCLUDED_V4),
@@ -181,6 +189,14 @@ impl Maps {
             }
         }
         image.pods = collect(&self.pods, names::POD_POLICY_V4)?;
+        image.remote_pods = collect(&self.remote_pods, names::REMOTE_PODS_V4)?;
+        image.upstream = collect(&self.upstream, names::UPSTREAM_IFACES)?;
+        for entry in self.pod_cidrs.iter() {
+            let (key, node) = entry.map_err(err(names::POD_CIDRS_V4))?;
+            image
+                .pod_cidrs
+                .insert((key.data().addr, key.prefix_len() as u8), node);
+        }
         image.marks = collect(&self.marks, names::MARK_POLICY)?;
         image.vnis = collect(&self.vnis, names::VNI_POLICY)?;
         image.nodes = collect(&self.nodes, names::NODES_V4)?;
@@ -254,18 +270,61 @@ impl Maps {
             &desired.marks,
             names::MARK_POLICY,
         )?);
+        // Upstream devices before the pods whose packets they may carry.
+        report.add(upsert(
+            &mut self.upstream,
+            &current.upstream,
+            &desired.upstream,
+            names::UPSTREAM_IFACES,
+        )?);
         report.add(upsert(
             &mut self.pods,
             &current.pods,
             &desired.pods,
             names::POD_POLICY_V4,
         )?);
+        for (cidr, node) in &desired.pod_cidrs {
+            if current.pod_cidrs.get(cidr) != Some(node) {
+                self.pod_cidrs
+                    .insert(&pod_cidr_key(cidr), node, 0)
+                    .map_err(err(names::POD_CIDRS_V4))?;
+                report.written += 1;
+            }
+        }
+        report.add(upsert(
+            &mut self.remote_pods,
+            &current.remote_pods,
+            &desired.remote_pods,
+            names::REMOTE_PODS_V4,
+        )?);
 
+        report.add(remove(
+            &mut self.remote_pods,
+            &current.remote_pods,
+            &desired.remote_pods,
+            names::REMOTE_PODS_V4,
+        )?);
+        for cidr in current
+            .pod_cidrs
+            .keys()
+            .filter(|c| !desired.pod_cidrs.contains_key(*c))
+        {
+            match self.pod_cidrs.remove(&pod_cidr_key(cidr)) {
+                Ok(()) | Err(MapError::KeyNotFound) => report.removed += 1,
+                Err(e) => return Err(err(names::POD_CIDRS_V4)(e)),
+            }
+        }
         report.add(remove(
             &mut self.pods,
             &current.pods,
             &desired.pods,
             names::POD_POLICY_V4,
+        )?);
+        report.add(remove(
+            &mut self.upstream,
+            &current.upstream,
+            &desired.upstream,
+            names::UPSTREAM_IFACES,
         )?);
         report.add(remove(
             &mut self.marks,
@@ -344,6 +403,10 @@ impl Maps {
     pub fn stats_len(&self) -> u32 {
         self.stats.len()
     }
+}
+
+fn pod_cidr_key(&(addr, prefix): &PodCidr) -> Key<PodCidrKeyV4> {
+    Key::new(u32::from(prefix), PodCidrKeyV4 { addr })
 }
 
 fn exclusion_key(&(policy, addr, prefix): &Exclusion) -> Key<ExclusionKeyV4> {

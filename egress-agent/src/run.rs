@@ -19,6 +19,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::{
     config::{AgentConfig, Mode},
     gc::{Collector, monotonic_ns},
+    host::{self, HostFacts, Interfaces, PodInterfaces},
     identity::{self, Candidate, Source},
     image::{DatapathImage, Environment},
     loader::{self, Datapath},
@@ -58,6 +59,13 @@ struct Agent {
     tunnel: String,
     /// Interfaces carrying pod_ingress, by name -> ifindex.
     attached: BTreeMap<String, u32>,
+    /// Host-side interfaces of the local selected pods.
+    pod_interfaces: PodInterfaces,
+    /// This node's own addresses, as last programmed into the exclusions.
+    local_addrs: BTreeSet<Ipv4Addr>,
+    /// The desired state last applied, reconciled again when the node's
+    /// interfaces or addresses change.
+    desired: Option<NodeState>,
     ledger: ClaimLedger,
     collector: Collector,
     /// Kubernetes mode: the controller's desired state and our reports.
@@ -156,11 +164,18 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         uplink: uplink.name.clone(),
         tunnel: tunnel.name.clone(),
         attached: BTreeMap::new(),
+        pod_interfaces: PodInterfaces::default(),
+        local_addrs: BTreeSet::new(),
+        desired: None,
         ledger,
         collector: Collector::default(),
         kube: None,
     };
     let mut controller = None;
+    // The pod interfaces first: resolving pods needs to know them. A
+    // previous agent's links get the new programs, whose pod entries the
+    // reconcile below (or, in Kubernetes mode, `reconcile_settings`) fills.
+    agent.sync_pod_interfaces().await?;
     let desired = match mode {
         Mode::Static => {
             let desired = agent.config.node_state();
@@ -171,7 +186,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             // Until the watches have synced nothing is programmed or announced:
             // the pinned state of a previous run stays as it is. Only this
             // node's own settings (tunnel device, port range) are refreshed.
-            agent.reconcile_settings()?;
+            agent.reconcile_settings().await?;
             let (task, link) = agent.start_controller().await?;
             controller = Some(task);
             agent.kube = Some(link);
@@ -184,7 +199,6 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     agent
         .datapath
         .attach(programs::TUNNEL_INGRESS, &agent.tunnel)?;
-    agent.sync_pod_interfaces().await?;
     agent.check_mtu(&desired).await;
     // In Kubernetes mode the agent is ready once it has applied the state of
     // the synced watches, not before (the DaemonSet's startup probe).
@@ -215,6 +229,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                 if let Err(e) = agent.sync_pod_interfaces().await {
                     tracing::error!(error = %format!("{e:#}"), "attaching to pod interfaces");
                 }
+                agent.follow_host().await;
                 match mode {
                     Mode::Static => agent.reload_if_changed().await,
                     Mode::Kubernetes => agent.refresh_subnets().await,
@@ -383,9 +398,12 @@ async fn finished(
 }
 
 impl Agent {
-    fn reconcile(&mut self, desired: &NodeState) -> anyhow::Result<()> {
+    /// Makes the maps equal to the image of `desired` and of what this
+    /// node's stack says now (pod interfaces, local addresses).
+    async fn reconcile(&mut self, desired: &NodeState) -> anyhow::Result<()> {
+        let host = self.host_facts(desired, false).await?;
         let current = self.maps.read_image()?;
-        let image = DatapathImage::from_state(desired, &self.env);
+        let image = DatapathImage::from_state(desired, &self.env, &host);
         let report = self.maps.apply(&current, &image)?;
         if !report.is_empty() {
             tracing::info!(
@@ -394,29 +412,91 @@ impl Agent {
                 "datapath maps reconciled"
             );
         }
+        self.local_addrs = host.local_addrs;
+        self.desired = Some(desired.clone());
         Ok(())
+    }
+
+    /// The interfaces the datapath is attached to, pod-side and upstream.
+    fn interfaces(&self) -> Interfaces {
+        let upstream_patterns = &self.config.node.upstream_interfaces;
+        let mut out = Interfaces::default();
+        for (name, index) in &self.attached {
+            if interface_matches(upstream_patterns, name) {
+                out.upstream.insert(*index, name.clone());
+            } else {
+                out.pods.insert(*index, name.clone());
+            }
+        }
+        out
+    }
+
+    /// Resolves the interfaces of `desired`'s local pods (all of them with
+    /// `all`, else those not known yet) and reads the node's addresses.
+    async fn host_facts(&mut self, desired: &NodeState, all: bool) -> anyhow::Result<HostFacts> {
+        let interfaces = self.interfaces();
+        let wanted: BTreeSet<Ipv4Addr> = desired.pods.keys().copied().collect();
+        self.pod_interfaces
+            .refresh(&self.netlink, &wanted, &interfaces, all)
+            .await?;
+        Ok(HostFacts {
+            pod_interfaces: self.pod_interfaces.resolved().clone(),
+            upstream: interfaces.upstream.keys().copied().collect(),
+            local_addrs: host::local_addresses(&self.netlink).await?,
+        })
+    }
+
+    /// Follows the node's stack between desired-state changes: looks up the
+    /// pods whose interface is unknown (every pod after interfaces came or
+    /// went, see `sync_pod_interfaces`), and reconciles again when a pod's
+    /// interface or a local address changed.
+    async fn follow_host(&mut self) {
+        let Some(desired) = self.desired.clone() else {
+            return;
+        };
+        let before = self.pod_interfaces.resolved().clone();
+        let outcome = async {
+            let host = self.host_facts(&desired, false).await?;
+            if host.pod_interfaces != before || host.local_addrs != self.local_addrs {
+                self.reconcile(&desired).await?;
+            }
+            anyhow::Ok(())
+        }
+        .await;
+        if let Err(e) = outcome {
+            tracing::error!(error = %format!("{e:#}"), "following the node's interfaces and addresses");
+        }
     }
 
     /// Makes the datapath and the node's addresses match `desired`.
     /// Addresses first: a policy becomes local only once its IP is here.
     async fn apply(&mut self, desired: &NodeState, claims: &[AddressClaim]) -> anyhow::Result<()> {
         self.claim(claims).await?;
-        self.reconcile(desired)
+        self.reconcile(desired).await
     }
 
-    /// Writes only this node's own settings (the `config` entry), leaving
-    /// policies, pods and flows as they are.
-    fn reconcile_settings(&mut self) -> anyhow::Result<()> {
+    /// Writes only this node's own settings (the `config` entry) and the
+    /// interfaces of the pods already programmed (a previous agent's
+    /// entries may predate the interface check, or the interfaces may have
+    /// been recreated meanwhile), leaving policies, pods and flows as they
+    /// are.
+    async fn reconcile_settings(&mut self) -> anyhow::Result<()> {
         let current = self.maps.read_image()?;
-        let fresh = DatapathImage::from_state(
-            &NodeState {
-                node_addr: self.config.node.address,
-                ..Default::default()
-            },
-            &self.env,
-        );
+        let pinned = NodeState {
+            node_addr: self.config.node.address,
+            pods: current
+                .pods
+                .iter()
+                .map(|(ip, p)| (Ipv4Addr::from(*ip), p.policy_id))
+                .collect(),
+            ..Default::default()
+        };
+        let host = self.host_facts(&pinned, true).await?;
+        let fresh = DatapathImage::from_state(&pinned, &self.env, &host);
         let desired = DatapathImage {
             config: fresh.config,
+            pods: fresh.pods,
+            upstream: fresh.upstream,
             ..current.clone()
         };
         self.maps.apply(&current, &desired)?;
@@ -598,8 +678,9 @@ impl Agent {
         }
     }
 
-    /// Attaches pod_ingress to new interfaces matching the patterns and
-    /// forgets links of interfaces that disappeared.
+    /// Attaches pod_ingress and pod_egress to new interfaces matching the
+    /// patterns and forgets links of interfaces that disappeared; the pods'
+    /// interfaces are then looked up again.
     async fn sync_pod_interfaces(&mut self) -> anyhow::Result<()> {
         let node = &self.config.node;
         let patterns: Vec<String> = node
@@ -617,8 +698,10 @@ impl Agent {
         for (name, index) in &present {
             if self.attached.get(name) != Some(index) {
                 self.datapath.attach(programs::POD_INGRESS, name)?;
-                tracing::info!(interface = %name, "pod_ingress attached");
+                self.datapath.attach(programs::POD_EGRESS, name)?;
+                tracing::info!(interface = %name, "pod_ingress and pod_egress attached");
                 self.attached.insert(name.clone(), *index);
+                self.pod_interfaces.invalidate();
             }
         }
         let gone: Vec<String> = self
@@ -629,7 +712,9 @@ impl Agent {
             .collect();
         for name in gone {
             loader::detach(&self.layout, programs::POD_INGRESS, &name)?;
+            loader::detach(&self.layout, programs::POD_EGRESS, &name)?;
             self.attached.remove(&name);
+            self.pod_interfaces.invalidate();
             tracing::info!(interface = %name, "pod interface gone");
         }
         Ok(())

@@ -115,7 +115,22 @@ pub struct TestRun {
 /// Ethernet header on). Runs in the caller's network namespace, which is
 /// what the program's FIB lookups see.
 pub fn test_run(prog: &OwnedFd, pkt: &[u8], repeat: u32) -> Result<TestRun> {
+    test_run_on(prog, pkt, repeat, None)
+}
+
+/// [`test_run`] with the packet arriving on interface `ifindex` (the
+/// `__sk_buff` context's `ifindex`, which the kernel turns into the skb's
+/// device), as a pod's packet arrives on its host-side interface.
+pub fn test_run_on(
+    prog: &OwnedFd,
+    pkt: &[u8],
+    repeat: u32,
+    ifindex: Option<u32>,
+) -> Result<TestRun> {
     let mut out = vec![0u8; pkt.len() + 256];
+    // The context up to and including `ifindex` (offset 40 of `__sk_buff`);
+    // the kernel zero-fills the rest.
+    let mut ctx = [0u8; 44];
     let mut a = Attr::new();
     a.put_u32(0, prog.as_raw_fd() as u32)
         .put_u32(8, pkt.len() as u32)
@@ -123,6 +138,11 @@ pub fn test_run(prog: &OwnedFd, pkt: &[u8], repeat: u32) -> Result<TestRun> {
         .put_u64(16, pkt.as_ptr() as u64)
         .put_u64(24, out.as_mut_ptr() as u64)
         .put_u32(32, repeat);
+    if let Some(ifindex) = ifindex {
+        ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+        a.put_u32(40, ctx.len() as u32)
+            .put_u64(48, ctx.as_ptr() as u64);
+    }
     sys_bpf(BPF_PROG_TEST_RUN, &mut a).context("BPF_PROG_TEST_RUN")?;
     Ok(TestRun {
         retval: a.get_u32(4),

@@ -21,11 +21,13 @@ pub mod conntrack;
 pub mod csum;
 pub mod fib;
 pub mod icmp;
+pub mod inbound;
 pub mod maps;
 pub mod mss;
 pub mod nat;
 pub mod parse;
 pub mod stats;
+pub mod trust;
 pub mod tunnel;
 
 /// TC verdicts (linux/pkt_cls.h).

@@ -18,7 +18,7 @@ use crate::{
     conntrack::{self, Direction},
     csum::{self, HeaderEdit},
     fib::{self, HopCache},
-    icmp,
+    icmp, inbound,
     maps::{FLOW_COUNT, NAT_FWD_V4, NAT_REV_V4},
     parse::{ICMP_ID, IP_DST, IP_SRC, Ipv4, L4},
     stats,
@@ -58,19 +58,28 @@ pub fn tcp_flags(l4: &L4) -> u8 {
 
 /// Finds the flow's translation, creating it on the first packet.
 ///
-/// With `honour_exclusions`, a new flow to an excluded destination gets
-/// `Ok(None)`; established flows skip that lookup, they passed it when
-/// created. An entry made for another egress IP (the policy's IP changed) is
-/// replaced in place, so the flow count is unchanged.
+/// A flow keeps the egress IP it started with while that IP is held here:
+/// an entry made for another policy of the same EgressIP that is still in
+/// force on this node is used as it is (the pod's choice among the
+/// resource's IPs moved, its established flows do not). An entry whose
+/// policy no longer holds its IP here is replaced in place, so the flow
+/// count is unchanged.
+///
+/// `local` (the pod is on this node): a new flow to an excluded
+/// destination, or one that a client outside opened (`inbound`), gets
+/// `Ok(None)`; established flows skip those lookups, they passed them when
+/// created. Steered arrivals were judged by their own node.
 #[inline(always)]
 pub fn translation(
     key: &FlowKeyV4,
+    ip: &Ipv4,
+    l4: &L4,
     sel: &Selected,
     origin_node: [u8; 4],
-    tcp: u8,
     cfg: &DatapathConfig,
-    honour_exclusions: bool,
+    local: bool,
 ) -> Result<Option<Translation>, DropReason> {
+    let tcp = tcp_flags(l4);
     let now = conntrack::now();
     let mut stale: Option<NatEntryV4> = None;
     if let Some(entry) = NAT_FWD_V4.get_ptr_mut(key) {
@@ -78,7 +87,8 @@ pub fn translation(
         // this program run (see conntrack::update for concurrent writers).
         let entry = unsafe { &mut *entry };
         let current = *entry;
-        if current.nat_addr == sel.policy.egress_addr && current.policy_id == sel.id {
+        let same = current.nat_addr == sel.policy.egress_addr && current.policy_id == sel.id;
+        if same || still_held(&current, sel, cfg, now) {
             conntrack::update(entry, key.proto, Direction::Original, tcp, now);
             return Ok(Some(Translation {
                 entry: current,
@@ -90,7 +100,10 @@ pub fn translation(
         }
         stale = Some(current);
     }
-    if honour_exclusions && classify::is_excluded(sel.id, key.dst_addr) {
+    if local
+        && (classify::is_excluded(sel.id, key.dst_addr)
+            || (stale.is_none() && inbound::started_outside(ip, l4)))
+    {
         return Ok(None);
     }
     if stale.is_none() {
@@ -147,6 +160,22 @@ pub fn translation(
     }
     stats::count_new_flow(sel.id);
     Ok(Some(Translation { entry, hop: None }))
+}
+
+/// Whether a flow made for another policy stays on it: that policy is still
+/// in force here (active, local, same egress IP, the node's claim valid)
+/// and belongs to the same EgressIP as the pod's current one.
+#[inline(always)]
+fn still_held(entry: &NatEntryV4, sel: &Selected, cfg: &DatapathConfig, now: u64) -> bool {
+    if entry.policy_id == sel.id || now >= cfg.claims_valid_until_ns {
+        return false;
+    }
+    match classify::local(entry.policy_id) {
+        Some(then) => {
+            then.policy.egress_addr == entry.nat_addr && then.policy.group == sel.policy.group
+        }
+        None => false,
+    }
 }
 
 /// A flow's translation, and its entry's next-hop cache when the entry was
@@ -320,8 +349,9 @@ pub fn reverse(key: &FlowKeyV4, tcp: u8) -> Option<(RevNatEntryV4, HopCache)> {
 /// Translates a selected packet's source to its policy's egress IP and
 /// forwards it out of this (egress) node. Shared by `pod_ingress` (local
 /// pods, `origin_node` zero) and `tunnel_ingress` (pods steered here from
-/// `origin_node`). With `honour_exclusions`, a new flow to an excluded
-/// destination gets `Ok(None)`: the caller lets it pass untouched.
+/// `origin_node`). With `honour_exclusions` (local pods), a new flow to an
+/// excluded destination or one opened from outside gets `Ok(None)`: the
+/// caller lets it pass untouched.
 #[inline(always)]
 pub fn snat_and_forward(
     ctx: &TcContext,
@@ -333,7 +363,9 @@ pub fn snat_and_forward(
     honour_exclusions: bool,
 ) -> Result<Option<i32>, DropReason> {
     let Some(key) = forward_key(ip, l4) else {
-        if honour_exclusions && classify::is_excluded(sel.id, ip.dst) {
+        if honour_exclusions
+            && (classify::is_excluded(sel.id, ip.dst) || inbound::started_outside(ip, l4))
+        {
             return Ok(None);
         }
         let translated = match l4 {
@@ -354,14 +386,8 @@ pub fn snat_and_forward(
         };
         return forward(ctx, ip, edit, nat_addr, sel.id, None).map(Some);
     };
-    let Some(Translation { entry, hop }) = translation(
-        &key,
-        sel,
-        origin_node,
-        tcp_flags(l4),
-        cfg,
-        honour_exclusions,
-    )?
+    let Some(Translation { entry, hop }) =
+        translation(&key, ip, l4, sel, origin_node, cfg, honour_exclusions)?
     else {
         return Ok(None);
     };

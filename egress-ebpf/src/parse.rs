@@ -42,6 +42,8 @@ pub struct Ipv4 {
     pub l4_off: usize,
     /// Any fragment: first (MF set) or later (offset non-zero).
     pub fragment: bool,
+    /// A fragment other than the first: it carries no transport header.
+    pub later_fragment: bool,
 }
 
 /// Makes sure the headers are in the linear area, then parses Ethernet and
@@ -81,6 +83,7 @@ pub fn ipv4(ctx: &TcContext) -> Result<Option<Ipv4>, DropReason> {
         ttl: ip.ttl,
         l4_off: IP_OFF + ihl,
         fragment: frag & 0x3fff != 0,
+        later_fragment: frag & 0x1fff != 0,
     }))
 }
 

@@ -81,6 +81,8 @@ pub struct PolicySpec {
     pub marks: Vec<u32>,
     pub vnis: Vec<u32>,
     pub excluded_cidrs: Vec<Ipv4Net>,
+    /// Static mode: policies with the same group are one EgressIP's IPs.
+    pub group: Option<String>,
 }
 
 impl PolicySpec {
@@ -95,6 +97,7 @@ impl PolicySpec {
             marks: Vec::new(),
             vnis: Vec::new(),
             excluded_cidrs: Vec::new(),
+            group: None,
         }
     }
 }
@@ -346,9 +349,9 @@ impl LabSpec {
                     p.name
                 ));
             }
-            if !p.marks.is_empty() || !p.vnis.is_empty() {
+            if !p.marks.is_empty() || !p.vnis.is_empty() || p.group.is_some() {
                 return bad(format!(
-                    "policy `{}`: marks and VNIs cannot be expressed as an EgressIP",
+                    "policy `{}`: marks, VNIs and groups cannot be expressed as an EgressIP",
                     p.name
                 ));
             }

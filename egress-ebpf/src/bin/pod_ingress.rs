@@ -8,9 +8,9 @@ mod program {
     use aya_ebpf::{macros::classifier, programs::TcContext};
     use egress_common::{DropReason, policy_flags};
     use egress_ebpf::{
-        Blame, Dropped, action, classify, maps, mss, nat,
+        Blame, Dropped, action, classify, inbound, maps, mss, nat,
         parse::{self, tcp_flags},
-        stats, tunnel, verdict,
+        stats, trust, tunnel, verdict,
     };
 
     #[classifier]
@@ -24,10 +24,12 @@ mod program {
         let Ok(Some(ip)) = parse::ipv4(ctx) else {
             return Ok(action::OK);
         };
-        let Some(sel) = classify::by_source(ctx, ip.src) else {
+        let Some(cfg) = maps::config() else {
             return Ok(action::OK);
         };
-        let Some(cfg) = maps::config() else {
+        // Before classification: these hold for every pod, selected or not.
+        trust::not_to_tunnel(ctx, &ip, cfg).blame(0)?;
+        let Some(sel) = classify::by_source(ctx, ip.src).blame(0)? else {
             return Ok(action::OK);
         };
         let id = sel.id;
@@ -65,6 +67,11 @@ mod program {
                     policy_id: id,
                     reason: DropReason::NoEgressNode,
                 });
+            }
+            if inbound::started_outside(&ip, &l4) {
+                // The kernel reverses the client's DNAT; the pod answers
+                // from the address the client used.
+                return Ok(action::OK);
             }
             let flags = nat::tcp_flags(&l4);
             if sel.policy.flags & policy_flags::CLAMP_MSS != 0

@@ -10,7 +10,7 @@ mod program {
     use egress_ebpf::{
         Blame, Dropped, action,
         csum::{self, HeaderEdit},
-        fib, icmp,
+        fib, icmp, inbound,
         maps::{self, EGRESS_ADDRS_V4},
         mss, nat,
         parse::{self, IP_DST, L4, tcp_flags},
@@ -97,6 +97,7 @@ mod program {
             };
             csum::apply(ctx, &ip, &edit).blame(id)?;
             stats::count_reply(id, ctx.len());
+            inbound::mark_delivered(ctx);
             return hop.map(|hop| fib::send(&hop)).blame(id);
         }
         csum::apply(ctx, &ip, &edit).blame(id)?;
