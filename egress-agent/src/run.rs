@@ -66,6 +66,8 @@ struct Agent {
     /// The desired state last applied, reconciled again when the node's
     /// interfaces or addresses change.
     desired: Option<NodeState>,
+    /// Reconcile ticks until every pod's interface is looked up again.
+    full_resolve_in: u32,
     ledger: ClaimLedger,
     collector: Collector,
     /// Kubernetes mode: the controller's desired state and our reports.
@@ -167,6 +169,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         pod_interfaces: PodInterfaces::default(),
         local_addrs: BTreeSet::new(),
         desired: None,
+        full_resolve_in: FULL_RESOLVE_TICKS,
         ledger,
         collector: Collector::default(),
         kube: None,
@@ -397,6 +400,12 @@ async fn finished(
     }
 }
 
+/// Reconcile ticks between two lookups of every pod's interface (new and
+/// unresolved pods are looked up at every tick, every pod whenever
+/// interfaces come or go): bounds how long a pod's route moved to another
+/// existing interface goes unnoticed.
+const FULL_RESOLVE_TICKS: u32 = 60;
+
 impl Agent {
     /// Makes the maps equal to the image of `desired` and of what this
     /// node's stack says now (pod interfaces, local addresses).
@@ -448,15 +457,21 @@ impl Agent {
 
     /// Follows the node's stack between desired-state changes: looks up the
     /// pods whose interface is unknown (every pod after interfaces came or
-    /// went, see `sync_pod_interfaces`), and reconciles again when a pod's
-    /// interface or a local address changed.
+    /// went, see `sync_pod_interfaces`, and now and then), and reconciles
+    /// again when a pod's interface or a local address changed.
     async fn follow_host(&mut self) {
         let Some(desired) = self.desired.clone() else {
             return;
         };
+        let all = self.full_resolve_in == 0;
+        self.full_resolve_in = if all {
+            FULL_RESOLVE_TICKS
+        } else {
+            self.full_resolve_in - 1
+        };
         let before = self.pod_interfaces.resolved().clone();
         let outcome = async {
-            let host = self.host_facts(&desired, false).await?;
+            let host = self.host_facts(&desired, all).await?;
             if host.pod_interfaces != before || host.local_addrs != self.local_addrs {
                 self.reconcile(&desired).await?;
             }

@@ -242,7 +242,12 @@ fn render_static(prefix: &str, spec: &LabSpec, node: u8) -> Result<String> {
                 egress_ip: p.egress_ip,
                 node: p.node.map(spec::node_addr),
                 failure_policy: p.failure_policy,
-                pods: p.pods.iter().map(|pod| pod.ip()).collect(),
+                pods: p
+                    .pods
+                    .iter()
+                    .map(|pod| pod.ip())
+                    .chain(p.addresses.iter().copied())
+                    .collect(),
                 marks: p.marks.clone(),
                 vnis: p.vnis.clone(),
                 excluded_cidrs: p.excluded_cidrs.clone(),

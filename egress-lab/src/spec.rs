@@ -83,6 +83,9 @@ pub struct PolicySpec {
     pub excluded_cidrs: Vec<Ipv4Net>,
     /// Static mode: policies with the same group are one EgressIP's IPs.
     pub group: Option<String>,
+    /// Static mode: addresses selected besides the pods' own (a second
+    /// address a test gives a pod).
+    pub addresses: Vec<Ipv4Addr>,
 }
 
 impl PolicySpec {
@@ -98,6 +101,7 @@ impl PolicySpec {
             vnis: Vec::new(),
             excluded_cidrs: Vec::new(),
             group: None,
+            addresses: Vec::new(),
         }
     }
 }
@@ -349,9 +353,13 @@ impl LabSpec {
                     p.name
                 ));
             }
-            if !p.marks.is_empty() || !p.vnis.is_empty() || p.group.is_some() {
+            if !p.marks.is_empty()
+                || !p.vnis.is_empty()
+                || p.group.is_some()
+                || !p.addresses.is_empty()
+            {
                 return bad(format!(
-                    "policy `{}`: marks, VNIs and groups cannot be expressed as an EgressIP",
+                    "policy `{}`: marks, VNIs, groups and extra addresses cannot be expressed as an EgressIP",
                     p.name
                 ));
             }

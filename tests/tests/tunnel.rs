@@ -1,4 +1,5 @@
-//! Tunnel traffic is accepted only from cluster nodes.
+//! Tunnel traffic is accepted only from cluster nodes' datapaths, for pods
+//! they host and that the VNI's policy selects; pods never reach a tunnel port.
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
@@ -121,4 +122,125 @@ fn vxlan_from_a_non_node_address_is_dropped() {
             "spoofed tunnel packets reached the server: {seen:?}"
         ));
     }
+}
+
+/// A forged VXLAN datagram to node1's tunnel port: policy 1's VNI around
+/// an inner UDP packet from `inner_src` to the server.
+fn forged(c: &Cluster, inner_src: SocketAddrV4, vni: u32) -> Vec<u8> {
+    vxlan_payload(
+        vni,
+        &InnerUdp {
+            src_mac: [0x02, 0, 0, 0, 0, 0x12],
+            dst_mac: mac_of(c, &c.lab.node_ns(1), spec::TUNNEL_INTERFACE),
+            src: inner_src,
+            dst: UDP,
+            payload: b"forged".to_vec(),
+        },
+    )
+}
+
+/// The repro: an unselected pod on node2 sends node1's VXLAN port a
+/// datagram holding policy 1's VNI and a selected pod's inner source.
+/// node2 masquerades it to its own address, so node1 would see a cluster
+/// node as the outer source; node2's pod_ingress drops it first.
+#[test]
+fn pods_cannot_send_to_a_node_tunnel_port() {
+    let c = Cluster::new(LabSpec::default());
+    let vni = c.lab.spec().policies[0].id;
+    let tunnel = SocketAddrV4::new(spec::node_addr(1), spec::TUNNEL_PORT);
+    let selected = PodRef::new(2, 1);
+    // From an unselected pod of another node, from a selected one, and from
+    // a pod of node1 itself (to its own node's address, delivered locally).
+    let senders = [
+        (PodRef::new(2, 2), 43001u16),
+        (selected, 43002),
+        (PodRef::new(1, 2), 43003),
+    ];
+    for (i, (pod, inner_port)) in senders.iter().enumerate() {
+        let node = pod.node;
+        let before = c.drops(node, 0, "tunnel_from_pod");
+        c.expect(
+            &format!("forged VXLAN from {pod}"),
+            udp_send(
+                &c.ns(*pod),
+                SocketAddrV4::new(pod.ip(), 45100 + i as u16),
+                tunnel,
+                forged(&c, SocketAddrV4::new(selected.ip(), *inner_port), vni),
+            ),
+        );
+        c.wait_drops(node, 0, "tunnel_from_pod", before + 1);
+        c.assert_udp_unseen(
+            &format!("VXLAN forged by {pod} with {selected}'s inner source"),
+            None,
+            *inner_port,
+        );
+    }
+    // The tunnel itself still carries the selected pod's real traffic.
+    c.check_udp(selected, egress_tests::opts());
+}
+
+/// What a node's own network namespace can still forge (it is trusted with
+/// its outer source): node1 accepts its steered traffic only for pods that
+/// node2 hosts and that the VNI's policy selects, and only when sent to
+/// node1's own address.
+#[test]
+fn steered_arrivals_need_a_selected_pod_of_the_sending_node() {
+    let c = Cluster::new(LabSpec::default());
+    let vni = c.lab.spec().policies[0].id;
+    let node2 = c.lab.node_ns(2);
+    let from = SocketAddrV4::new(spec::node_addr(2), 45200);
+    let to = SocketAddrV4::new(spec::node_addr(1), spec::TUNNEL_PORT);
+    let cases = [
+        (PodRef::new(2, 2), 44001u16, "an unselected pod of node2"),
+        (PodRef::new(3, 1), 44002, "policy 1's pod on node3"),
+        (PodRef::new(2, 3), 44003, "policy 2's pod on node2"),
+    ];
+    for (pod, port, what) in cases {
+        let before = c.drops(1, vni, "pod_not_selected");
+        c.expect(
+            &format!("VXLAN from node2 for {what}"),
+            udp_send(
+                &node2,
+                from,
+                to,
+                forged(&c, SocketAddrV4::new(pod.ip(), port), vni),
+            ),
+        );
+        c.wait_drops(1, vni, "pod_not_selected", before + 1);
+        c.assert_udp_unseen(&format!("steered packet of {what}"), None, port);
+    }
+
+    // Sent to another address of node1 (its egress IP): not the tunnel.
+    let before = unknown_peer_drops(&c);
+    let selected = SocketAddrV4::new(PodRef::new(2, 1).ip(), 44004);
+    c.expect(
+        "VXLAN from node2 to node1's egress IP",
+        udp_send(
+            &node2,
+            from,
+            SocketAddrV4::new(EGRESS_A, spec::TUNNEL_PORT),
+            forged(&c, selected, vni),
+        ),
+    );
+    c.wait_drops(1, 0, "unknown_tunnel_peer", before + 1);
+    c.assert_udp_unseen("VXLAN sent to node1's egress IP", None, 44004);
+
+    // Control: node2's selected pod, to node1's address, gets through.
+    c.expect(
+        "VXLAN from node2 for its selected pod",
+        udp_send(&node2, from, to, forged(&c, selected, vni)),
+    );
+    let seen = wait_for(
+        "the server sees the steered packet of node2's selected pod",
+        Duration::from_secs(5),
+        || {
+            c.udp
+                .seen()
+                .into_iter()
+                .find(|s| s.peer.port() == 44004)
+                .ok_or_else(|| "not yet".to_string())
+        },
+    );
+    let seen = c.expect("control packet", seen);
+    assert_eq!(*seen.peer.ip(), EGRESS_A, "{seen:?}");
 }
