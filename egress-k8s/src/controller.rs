@@ -39,7 +39,7 @@ use tracing::{debug, info, warn};
 use crate::{
     claims::{self, ClaimTracker},
     crd::{EgressIP, EgressIPStatus, condition},
-    facts::{self, EgressSubnet, NodeInfo, PodInfo, SUBNETS_ANNOTATION, subnets_annotation_value},
+    facts::{EgressSubnet, NodeInfo, PodInfo, SUBNETS_ANNOTATION, subnets_annotation_value},
     heartbeat::{self, HeartbeatConfig},
     plan::{self, PlanConfig},
     project::{self, Projection},
@@ -232,23 +232,9 @@ where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + Hash + Clone,
 {
-    reflect_with(api, config, notify, |_| {})
-}
-
-/// [`reflect`], storing each object as `trim` leaves it.
-fn reflect_with<K>(
-    api: Api<K>,
-    config: watcher::Config,
-    notify: Arc<Notify>,
-    trim: impl FnMut(&mut K) + Send + 'static,
-) -> Reflected<K>
-where
-    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
-    K::DynamicType: Default + Eq + Hash + Clone,
-{
     let (reader, writer) = reflector::store();
     let kind = K::kind(&K::DynamicType::default()).to_string();
-    let stream = reflector::reflector(writer, watcher(api, config).default_backoff().modify(trim));
+    let stream = reflector::reflector(writer, watcher(api, config).default_backoff());
     let task = tokio::spawn(async move {
         stream
             .for_each(|ev| {
@@ -737,13 +723,11 @@ async fn node_agent(
         notify.clone(),
     );
     // Every node's pods, not only ours: as an egress node we accept a pod's
-    // steered traffic only from the node that hosts it. Stored trimmed to
-    // what the projection reads.
-    let pods = reflect_with(
+    // steered traffic only from the node that hosts it (project.rs).
+    let pods = reflect(
         Api::<Pod>::all(client.clone()),
         watcher::Config::default(),
         notify.clone(),
-        facts::trim_pod,
     );
     let lease_api: Api<Lease> = Api::namespaced(client.clone(), &options.namespace);
     let leases = reflect(

@@ -6,10 +6,7 @@ use std::{
 };
 
 use ipnet::Ipv4Net;
-use k8s_openapi::{
-    api::core::v1::{Node, Pod, PodSpec, PodStatus},
-    apimachinery::pkg::apis::meta::v1::ObjectMeta,
-};
+use k8s_openapi::api::core::v1::{Node, Pod};
 use serde::{Deserialize, Serialize};
 
 /// Node annotation where each node's agent publishes the IPv4 addresses (with
@@ -161,31 +158,6 @@ impl PodInfo {
     }
 }
 
-/// Reduces a Pod to what [`PodInfo::from_pod`] reads (name, namespace,
-/// labels, node, host networking, phase, IPs), so that a store of every pod
-/// of the cluster holds no container specs, volumes, statuses or managed
-/// fields.
-pub fn trim_pod(pod: &mut Pod) {
-    let meta = std::mem::take(&mut pod.metadata);
-    pod.metadata = ObjectMeta {
-        name: meta.name,
-        namespace: meta.namespace,
-        labels: meta.labels,
-        ..Default::default()
-    };
-    pod.spec = pod.spec.take().map(|spec| PodSpec {
-        node_name: spec.node_name,
-        host_network: spec.host_network,
-        ..Default::default()
-    });
-    pod.status = pod.status.take().map(|status| PodStatus {
-        phase: status.phase,
-        pod_ip: status.pod_ip,
-        pod_ips: status.pod_ips,
-        ..Default::default()
-    });
-}
-
 #[cfg(test)]
 pub(crate) mod fixtures {
     //! Objects as the API server serves them (trimmed kind-cluster output).
@@ -331,23 +303,6 @@ mod tests {
         st.pod_ips = None;
         st.phase = Some("Pending".into());
         assert!(PodInfo::from_pod(&pending).is_none());
-    }
-
-    #[test]
-    fn a_trimmed_pod_gives_the_same_facts_and_keeps_nothing_else() {
-        let mut p = pod("team-a", "web-1", "node1", "10.244.1.5", &[("app", "web")]);
-        p.metadata.annotations = Some(BTreeMap::from([("a".into(), "x".repeat(4096))]));
-        let mut host = p.clone();
-        host.spec.as_mut().unwrap().host_network = Some(true);
-        for original in [p, host] {
-            let mut trimmed = original.clone();
-            trim_pod(&mut trimmed);
-            assert_eq!(PodInfo::from_pod(&trimmed), PodInfo::from_pod(&original));
-            assert!(trimmed.metadata.annotations.is_none());
-            assert!(trimmed.spec.as_ref().unwrap().containers.is_empty());
-            assert!(trimmed.status.as_ref().unwrap().host_ip.is_none());
-            assert!(trimmed.metadata.uid.is_none());
-        }
     }
 
     #[test]

@@ -37,8 +37,8 @@ fn a_pod_cannot_borrow_a_selected_neighbours_address() {
                 ),
             );
         }
-        c.wait_drops(node, 0, "invalid_source", before + 3);
         c.assert_udp_unseen(&format!("{forger} forging {victim}'s source"), None, port);
+        c.wait_drops(node, 0, "invalid_source", before + 3);
         // The victim itself still leaves with its egress IP.
         c.check_udp(victim, opts());
     }
@@ -84,8 +84,8 @@ fn a_second_address_is_refused_until_its_interface_is_found() {
             ),
         );
     }
-    c.wait_drops(1, 0, "invalid_source", before + 3);
     c.assert_udp_unseen("the unresolved second address", None, 47000);
+    c.wait_drops(1, 0, "invalid_source", before + 3);
 
     // The CNI's route to it appears: found within a reconcile tick.
     c.sh(

@@ -168,12 +168,12 @@ fn pods_cannot_send_to_a_node_tunnel_port() {
                 forged(&c, SocketAddrV4::new(selected.ip(), *inner_port), vni),
             ),
         );
-        c.wait_drops(node, 0, "tunnel_from_pod", before + 1);
         c.assert_udp_unseen(
             &format!("VXLAN forged by {pod} with {selected}'s inner source"),
             None,
             *inner_port,
         );
+        c.wait_drops(node, 0, "tunnel_from_pod", before + 1);
     }
     // The tunnel itself still carries the selected pod's real traffic.
     c.check_udp(selected, egress_tests::opts());
@@ -206,8 +206,8 @@ fn steered_arrivals_need_a_selected_pod_of_the_sending_node() {
                 forged(&c, SocketAddrV4::new(pod.ip(), port), vni),
             ),
         );
-        c.wait_drops(1, vni, "pod_not_selected", before + 1);
         c.assert_udp_unseen(&format!("steered packet of {what}"), None, port);
+        c.wait_drops(1, vni, "pod_not_selected", before + 1);
     }
 
     // Sent to another address of node1 (its egress IP): not the tunnel.
@@ -222,8 +222,8 @@ fn steered_arrivals_need_a_selected_pod_of_the_sending_node() {
             forged(&c, selected, vni),
         ),
     );
-    c.wait_drops(1, 0, "unknown_tunnel_peer", before + 1);
     c.assert_udp_unseen("VXLAN sent to node1's egress IP", None, 44004);
+    c.wait_drops(1, 0, "unknown_tunnel_peer", before + 1);
 
     // Control: node2's selected pod, to node1's address, gets through.
     c.expect(
