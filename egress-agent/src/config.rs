@@ -142,6 +142,14 @@ impl ClusterNode {
 #[serde(deny_unknown_fields, default)]
 pub struct DatapathSettings {
     pub max_flows: u32,
+    /// Live flows one pod may have (0: no cap), so that one pod cannot take
+    /// the whole table; its new flows beyond are dropped (`pod_flow_limit`).
+    pub max_flows_per_pod: u32,
+    /// Let packets to an egress IP that match no flow through to the host,
+    /// instead of dropping them (`no_flow`).
+    pub pass_unmatched_to_egress_ips: bool,
+    /// Let the host answer ICMP echo requests to egress IPs.
+    pub answer_ping_on_egress_ips: bool,
     pub max_policies: u32,
     pub max_pods: u32,
     pub nat_port_min: u16,
@@ -154,6 +162,9 @@ impl Default for DatapathSettings {
     fn default() -> Self {
         Self {
             max_flows: egress_common::maps::DEFAULT_MAX_FLOWS,
+            max_flows_per_pod: DEFAULT_MAX_FLOWS_PER_POD,
+            pass_unmatched_to_egress_ips: false,
+            answer_ping_on_egress_ips: false,
             max_policies: egress_common::maps::DEFAULT_MAX_POLICIES,
             max_pods: egress_common::maps::DEFAULT_MAX_PODS,
             nat_port_min: 1024,
@@ -164,7 +175,22 @@ impl Default for DatapathSettings {
     }
 }
 
+/// A quarter of the default table.
+pub const DEFAULT_MAX_FLOWS_PER_POD: u32 = 65_536;
+
 impl DatapathSettings {
+    /// `DatapathConfig::flags` for these settings.
+    pub fn config_flags(&self) -> u32 {
+        let mut flags = 0;
+        if self.pass_unmatched_to_egress_ips {
+            flags |= egress_common::config_flags::PASS_UNMATCHED_TO_EGRESS_IPS;
+        }
+        if self.answer_ping_on_egress_ips {
+            flags |= egress_common::config_flags::ANSWER_PING_ON_EGRESS_IPS;
+        }
+        flags
+    }
+
     /// Entries of each NAT map: `max_flows` plus headroom, so that the LRU
     /// never has to evict a live flow before the flow limit refuses new ones
     /// (the kernel's LRU hands out free nodes in per-CPU batches).
@@ -182,6 +208,11 @@ impl DatapathSettings {
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Timeouts {
+    /// Any flow that has seen no reply (a SYN or a segment picked up
+    /// mid-stream that nobody answers, a UDP or ICMP flow without an answer)
+    /// lives at most this long idle, whatever its state's own timeout: as
+    /// Linux conntrack's 30 s for unreplied UDP and loose TCP pick-up.
+    pub unreplied: u64,
     pub tcp_syn_sent: u64,
     pub tcp_established: u64,
     pub tcp_closing: u64,
@@ -193,6 +224,7 @@ pub struct Timeouts {
 impl Default for Timeouts {
     fn default() -> Self {
         Self {
+            unreplied: 30,
             tcp_syn_sent: 60,
             tcp_established: 21_600,
             tcp_closing: 30,
@@ -204,15 +236,22 @@ impl Default for Timeouts {
 }
 
 impl Timeouts {
-    /// How long a flow in `state` of protocol `proto` may stay idle.
-    pub fn for_flow(&self, proto: u8, state: CtState) -> Duration {
+    /// How long a flow in `state` of protocol `proto`, with `ct_flags`
+    /// `flags`, may stay idle.
+    pub fn for_flow(&self, proto: u8, state: CtState, flags: u8) -> Duration {
         let secs = match (proto, state) {
+            (egress_common::proto::TCP, CtState::Unreplied) => self.unreplied,
             (egress_common::proto::TCP, CtState::SynSent) => self.tcp_syn_sent,
             (egress_common::proto::TCP, CtState::Closing | CtState::Closed) => self.tcp_closing,
             (egress_common::proto::TCP, CtState::Reset) => self.tcp_reset,
             (egress_common::proto::TCP, _) => self.tcp_established,
             (egress_common::proto::UDP, _) => self.udp,
             _ => self.icmp,
+        };
+        let secs = if flags & egress_common::ct_flags::SEEN_REPLY == 0 {
+            secs.min(self.unreplied)
+        } else {
+            secs
         };
         Duration::from_secs(secs)
     }
@@ -417,6 +456,12 @@ impl AgentConfig {
         }
         if d.gc_interval_secs == 0 {
             return bad("datapath.gc_interval_secs", "must be at least 1".into());
+        }
+        if d.timeouts.unreplied == 0 {
+            return bad(
+                "datapath.timeouts.unreplied",
+                "must be at least 1 (second)".into(),
+            );
         }
         if d.max_policies < 2 || d.max_policies > MAX_POLICY_ID + 1 {
             return bad(
@@ -893,26 +938,47 @@ mod tests {
 
     #[test]
     fn timeouts_follow_protocol_and_state() {
+        use egress_common::{ct_flags::SEEN_REPLY, proto};
         let t = Timeouts::default();
+        let secs = |p, s, f| t.for_flow(p, s, f).as_secs();
+        assert_eq!(secs(proto::TCP, CtState::Established, SEEN_REPLY), 21_600);
+        assert_eq!(secs(proto::TCP, CtState::Closed, SEEN_REPLY), 30);
+        assert_eq!(secs(proto::UDP, CtState::Open, SEEN_REPLY), 60);
+        assert_eq!(secs(proto::ICMP, CtState::Open, SEEN_REPLY), 30);
+        assert_eq!(secs(proto::TCP, CtState::Reset, 0), 10);
+    }
+
+    #[test]
+    fn flows_without_a_reply_get_the_short_unreplied_timeout() {
+        use egress_common::proto;
+        let t = Timeouts {
+            unreplied: 7,
+            ..Default::default()
+        };
+        let secs = |p, s| t.for_flow(p, s, 0).as_secs();
+        // The repro: lone ACKs picked up mid-stream.
+        assert_eq!(secs(proto::TCP, CtState::Unreplied), 7);
+        // Entries an older datapath made Established without a reply, too.
+        assert_eq!(secs(proto::TCP, CtState::Established), 7);
+        assert_eq!(secs(proto::TCP, CtState::SynSent), 7);
+        assert_eq!(secs(proto::UDP, CtState::Open), 7);
+        assert_eq!(secs(proto::TCP, CtState::Reset), 7);
         assert_eq!(
-            t.for_flow(egress_common::proto::TCP, CtState::Established),
-            Duration::from_secs(21_600)
+            invalid_field(&EXAMPLE.replace("unreplied = 30", "unreplied = 0")),
+            "datapath.timeouts.unreplied"
         );
+    }
+
+    #[test]
+    fn egress_ip_switches_become_config_flags() {
+        use egress_common::config_flags::*;
+        let mut d = DatapathSettings::default();
+        assert_eq!(d.config_flags(), 0, "no_flow drop and no ping by default");
+        d.pass_unmatched_to_egress_ips = true;
+        d.answer_ping_on_egress_ips = true;
         assert_eq!(
-            t.for_flow(egress_common::proto::TCP, CtState::SynSent),
-            Duration::from_secs(60)
-        );
-        assert_eq!(
-            t.for_flow(egress_common::proto::TCP, CtState::Closed),
-            Duration::from_secs(30)
-        );
-        assert_eq!(
-            t.for_flow(egress_common::proto::UDP, CtState::Open),
-            Duration::from_secs(60)
-        );
-        assert_eq!(
-            t.for_flow(egress_common::proto::ICMP, CtState::Open),
-            Duration::from_secs(30)
+            d.config_flags(),
+            PASS_UNMATCHED_TO_EGRESS_IPS | ANSWER_PING_ON_EGRESS_IPS
         );
     }
 

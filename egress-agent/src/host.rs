@@ -13,6 +13,7 @@ use std::{
 };
 
 use egress_netlink::{FdbEntry, Neighbour, Netlink, bridge_port};
+use ipnet::Ipv4Net;
 
 /// The facts the datapath image needs from this node.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -143,6 +144,17 @@ impl PodInterfaces {
     /// Forgets every answer: interfaces came or went.
     pub fn invalidate(&mut self) {
         self.resolved.clear();
+    }
+
+    /// Forgets the answers for the pods within `dst`, whose route changed.
+    pub fn forget_within(&mut self, dst: &Ipv4Net) {
+        self.resolved
+            .retain(|pod, _| !dst.contains(pod) || dst.prefix_len() == 0);
+    }
+
+    /// Whether some wanted pod has no interface yet.
+    pub fn has_unresolved(&self) -> bool {
+        !self.failed.is_empty()
     }
 
     /// Resolves the `wanted` pods not resolved yet (all of them with

@@ -5,7 +5,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use egress_common::{DatapathConfig, NodeV4, PodPolicyV4, PolicyV4, RemotePodV4, policy_flags};
-use egress_model::{FailurePolicy, NodeState};
+use egress_model::{FailurePolicy, NO_USABLE_IP, NodeState};
+
+use crate::config::DatapathSettings;
 
 use crate::host::HostFacts;
 
@@ -16,10 +18,54 @@ pub struct Environment {
     pub nat_port_min: u16,
     pub nat_port_max: u16,
     pub max_flows: u64,
+    /// 0: no per-pod cap.
+    pub max_flows_per_pod: u32,
+    /// `config_flags` bits.
+    pub flags: u32,
     /// MSS that fits the tunnel: underlay MTU - VXLAN overhead - IP/TCP headers.
     pub tunnel_mss: u16,
     /// UDP port of the tunnel.
     pub tunnel_port: u16,
+    /// Until when (CLOCK_MONOTONIC ns) this node may use the egress IPs it
+    /// holds: `u64::MAX` with a static configuration; in Kubernetes mode the
+    /// claim fence. Whoever moves the fence (`Maps::set_claims_valid_until`)
+    /// updates this too, so that a reconcile never writes a stale stamp back.
+    pub claims_valid_until_ns: u64,
+}
+
+impl Environment {
+    /// The environment for `settings`, with the claims valid forever.
+    pub fn new(
+        settings: &DatapathSettings,
+        tunnel_ifindex: u32,
+        tunnel_mss: u16,
+        tunnel_port: u16,
+    ) -> Self {
+        Self {
+            tunnel_ifindex,
+            nat_port_min: settings.nat_port_min,
+            nat_port_max: settings.nat_port_max,
+            max_flows: u64::from(settings.max_flows),
+            max_flows_per_pod: settings.max_flows_per_pod,
+            flags: settings.config_flags(),
+            tunnel_mss,
+            tunnel_port,
+            claims_valid_until_ns: u64::MAX,
+        }
+    }
+
+    /// This environment with the datapath settings of a reloaded file.
+    pub fn with_settings(&self, settings: &DatapathSettings) -> Self {
+        Self {
+            claims_valid_until_ns: self.claims_valid_until_ns,
+            ..Self::new(
+                settings,
+                self.tunnel_ifindex,
+                self.tunnel_mss,
+                self.tunnel_port,
+            )
+        }
+    }
 }
 
 /// An exclusion as stored in the LPM trie: (policy id or 0, network, prefix length).
@@ -57,9 +103,9 @@ impl DatapathImage {
                 tunnel_mss: env.tunnel_mss,
                 tunnel_port: env.tunnel_port,
                 max_flows: env.max_flows,
-                max_flows_per_pod: 0,
-                flags: 0,
-                claims_valid_until_ns: u64::MAX,
+                max_flows_per_pod: env.max_flows_per_pod,
+                flags: env.flags,
+                claims_valid_until_ns: env.claims_valid_until_ns,
             },
             ..Default::default()
         };
@@ -99,8 +145,11 @@ impl DatapathImage {
                     group: state.group_of(*id),
                 },
             );
-            // The policy's own id is the VNI that steers its traffic here.
-            image.vnis.insert(*id, *id);
+            // The policy's own id is the VNI that steers its traffic here;
+            // the reserved slot steers nowhere.
+            if *id != NO_USABLE_IP {
+                image.vnis.insert(*id, *id);
+            }
             for net in &policy.excluded {
                 image
                     .exclusions
@@ -161,14 +210,13 @@ mod tests {
     use super::*;
 
     fn env() -> Environment {
-        Environment {
-            tunnel_ifindex: 7,
-            nat_port_min: 1024,
-            nat_port_max: 65535,
+        let settings = DatapathSettings {
             max_flows: 1000,
-            tunnel_mss: 1410,
-            tunnel_port: 4789,
-        }
+            max_flows_per_pod: 10,
+            answer_ping_on_egress_ips: true,
+            ..Default::default()
+        };
+        Environment::new(&settings, 7, 1410, 4789)
     }
 
     fn state() -> NodeState {
@@ -313,5 +361,38 @@ mod tests {
         assert_eq!(image.nodes[&[172, 18, 0, 12]].is_self, 0);
         assert_eq!(image.config.node_addr, [172, 18, 0, 11]);
         assert_eq!(image.config.tunnel_mss, 1410);
+    }
+
+    #[test]
+    fn the_no_usable_ip_slot_drops_and_steers_nowhere() {
+        let mut s = state();
+        s.policies.insert(NO_USABLE_IP, PolicyState::no_usable_ip());
+        s.pods.insert(Ipv4Addr::new(10, 244, 1, 9), NO_USABLE_IP);
+        let image = DatapathImage::from_state(&s, &env(), &HostFacts::default());
+        let slot = image.policies[&NO_USABLE_IP];
+        // Active, not local, not fail-open, no egress node: pod_ingress
+        // drops its pods' external traffic as no_egress_node.
+        assert_eq!(slot.flags & !policy_flags::CLAMP_MSS, policy_flags::ACTIVE);
+        assert_eq!(slot.egress_node, [0; 4]);
+        assert!(!image.vnis.contains_key(&NO_USABLE_IP));
+        assert!(!image.egress_addrs.values().any(|id| *id == NO_USABLE_IP));
+        assert_eq!(image.pods[&[10, 244, 1, 9]].policy_id, NO_USABLE_IP);
+    }
+
+    #[test]
+    fn datapath_settings_reach_the_config_entry() {
+        let mut env = env();
+        let image = DatapathImage::from_state(&state(), &env, &HostFacts::default());
+        assert_eq!(image.config.max_flows, 1000);
+        assert_eq!(image.config.max_flows_per_pod, 10);
+        assert_eq!(
+            image.config.flags,
+            egress_common::config_flags::ANSWER_PING_ON_EGRESS_IPS
+        );
+        assert_eq!(image.config.claims_valid_until_ns, u64::MAX);
+        // The fence carried by the environment is what a reconcile writes.
+        env.claims_valid_until_ns = 123;
+        let image = DatapathImage::from_state(&state(), &env, &HostFacts::default());
+        assert_eq!(image.config.claims_valid_until_ns, 123);
     }
 }

@@ -3,7 +3,9 @@
 use std::net::Ipv4Addr;
 
 use anyhow::Context as _;
-use egress_common::{CtState, DropReason, PolicyStats, ct_flags, policy_flags, proto};
+use egress_common::{
+    CtState, DropReason, PolicyStats, config_flags, ct_flags, policy_flags, proto,
+};
 use serde_json::{Value, json};
 
 use crate::{
@@ -126,6 +128,7 @@ pub fn nat_list(instance: &str, as_json: bool) -> anyhow::Result<()> {
             "nat": format!("{}:{}", ip(e.nat_addr), e.nat_port),
             "policy_id": e.policy_id,
             "state": format!("{:?}", CtState::from_u8(e.state)),
+            "replied": e.flags & ct_flags::SEEN_REPLY != 0,
             "origin_node": if e.flags & ct_flags::REMOTE_ORIGIN != 0 { Some(ip(e.origin_node).to_string()) } else { None },
             "idle_secs": now.saturating_sub(e.last_seen_ns) / 1_000_000_000,
             "age_secs": now.saturating_sub(e.created_ns) / 1_000_000_000,
@@ -162,8 +165,10 @@ pub fn nat_list(instance: &str, as_json: bool) -> anyhow::Result<()> {
 pub fn status(instance: &str, as_json: bool) -> anyhow::Result<()> {
     let (layout, maps) = open(instance)?;
     let image = maps.read_image()?;
-    let (created, released) = maps.flow_counts()?;
+    let counts = maps.flow_counts()?;
     let live_entries = maps.nat_fwd.keys().count() as u64;
+    let now = monotonic_ns();
+    let claims = image.config.claims_valid_until_ns;
     let links: Vec<String> = pinned_links(&layout)?
         .into_iter()
         .map(|(p, i)| format!("{p}@{i}"))
@@ -197,10 +202,18 @@ pub fn status(instance: &str, as_json: bool) -> anyhow::Result<()> {
         "policies": policies,
         "flows": {
             "max": image.config.max_flows,
-            "created": created,
-            "released": released,
-            "live": created.wrapping_sub(released),
+            "max_per_pod": image.config.max_flows_per_pod,
+            "created": counts.created,
+            "released": counts.released,
+            "reclaimed": counts.reclaimed,
+            "live": counts.live(),
             "entries": live_entries,
+        },
+        "egress_ips": {
+            "pass_unmatched": image.config.flags & config_flags::PASS_UNMATCHED_TO_EGRESS_IPS != 0,
+            "answer_ping": image.config.flags & config_flags::ANSWER_PING_ON_EGRESS_IPS != 0,
+            // Seconds the claims stay valid; null: forever (static configuration).
+            "claims_valid_for_secs": if claims == u64::MAX { None } else { Some((claims as f64 - now as f64) / 1e9) },
         },
     });
     if as_json {
@@ -221,12 +234,24 @@ pub fn status(instance: &str, as_json: bool) -> anyhow::Result<()> {
         }
     );
     println!(
-        "flows: {} live of {} max ({} created, {} released, {} entries in nat_fwd_v4)",
-        created.wrapping_sub(released),
+        "flows: {} live of {} max, {} per pod ({} created, {} reclaimed unreplied, {} released, {} entries in nat_fwd_v4)",
+        counts.live(),
         image.config.max_flows,
-        created,
-        released,
+        image.config.max_flows_per_pod,
+        counts.created,
+        counts.reclaimed,
+        counts.released,
         live_entries
+    );
+    println!(
+        "claims: {}",
+        if claims == u64::MAX {
+            "valid (not leased)".to_owned()
+        } else if claims > now {
+            format!("valid for {:.1} s", (claims - now) as f64 / 1e9)
+        } else {
+            format!("LAPSED {:.1} s ago", (now - claims) as f64 / 1e9)
+        }
     );
     println!("tunnel MSS clamp: {}", image.config.tunnel_mss);
     for p in &policies {

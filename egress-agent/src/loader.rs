@@ -18,8 +18,9 @@ use aya::{
     sys::SyscallError,
 };
 use egress_common::{
-    DatapathConfig, ExclusionKeyV4, FlowKeyV4, NatEntryV4, NodeV4, PodCidrKeyV4, PodPolicyV4,
-    PolicyStats, PolicyV4, RemotePodV4, RevNatEntryV4, flow_count, maps as names,
+    DatapathConfig, ExclusionKeyV4, FlowKeyV4, NatEntryV4, NodeV4, PodCidrKeyV4, PodFlowsV4,
+    PodPolicyV4, PolicyStats, PolicyV4, RemotePodV4, RevNatEntryV4, UNREPLIED_RING_SLOTS,
+    flow_count, maps as names,
 };
 
 use crate::{
@@ -149,6 +150,10 @@ pub fn shapes(settings: &DatapathSettings) -> Vec<Shape> {
         shape::<FlowKeyV4, NatEntryV4>(names::NAT_FWD_V4, nat),
         shape::<FlowKeyV4, RevNatEntryV4>(names::NAT_REV_V4, nat),
         shape::<u32, u64>(names::FLOW_COUNT, flow_count::SLOTS),
+        // Pods, local or steered here, with live flows.
+        shape::<[u8; 4], PodFlowsV4>(names::POD_FLOWS_V4, settings.max_pods),
+        shape::<[u8; 4], u64>(names::POD_RELEASED_V4, settings.max_pods),
+        shape::<u32, FlowKeyV4>(names::UNREPLIED_RING, UNREPLIED_RING_SLOTS),
         shape::<u32, PolicyStats>(names::POLICY_STATS, settings.max_policies),
     ]
 }

@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 
 mod batch;
 mod config;
+mod fence;
 mod gc;
 mod host;
 mod identity;
@@ -32,15 +33,15 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
         /// Created once the datapath is loaded, attached and programmed.
+        /// On exit (SIGTERM, SIGINT, crash) the agent keeps programs
+        /// attached, maps pinned and egress IPs claimed, so that the next
+        /// agent takes over without a gap or a broken connection; `reset`
+        /// removes them.
         #[arg(long)]
         ready_file: Option<PathBuf>,
-        /// On SIGTERM keep programs attached, maps pinned and egress IPs
-        /// claimed, so that a restarted agent takes over without breaking
-        /// connections. Without it the agent removes everything it set up.
-        #[arg(long)]
-        keep_state_on_exit: bool,
-        /// Where the agent records the addresses it added (to release only those).
-        #[arg(long, default_value = "/run/egress-agent")]
+        /// Where the agent records the addresses it added (to release only
+        /// those) and the tunnel device it set up; `reset` reads it.
+        #[arg(long, default_value = DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
         /// Take policies and nodes from EgressIP resources and Nodes in the
         /// Kubernetes API; the file then holds only this node's interfaces,
@@ -81,12 +82,19 @@ enum Command {
         #[arg(long)]
         kubernetes: bool,
     },
-    /// Detach an instance's programs and remove all its pinned state.
+    /// Uninstall an instance from this node: detach its programs, remove
+    /// its pinned state, release the egress IPs it added and delete its
+    /// tunnel device. Connections through it end.
     Reset {
         #[arg(long)]
         instance: String,
+        /// The `run --state-dir` of the instance.
+        #[arg(long, default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
     },
 }
+
+const DEFAULT_STATE_DIR: &str = "/run/egress-agent";
 
 #[derive(Subcommand)]
 enum NatCommand {
@@ -114,7 +122,6 @@ fn main() -> anyhow::Result<()> {
         Command::Run {
             config,
             ready_file,
-            keep_state_on_exit,
             state_dir,
             kubernetes,
             node_name,
@@ -124,13 +131,9 @@ fn main() -> anyhow::Result<()> {
                 node_name,
                 node_address,
             });
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            runtime.block_on(run::run(run::Options {
+            runtime()?.block_on(run::run(run::Options {
                 config,
                 ready_file,
-                keep_state_on_exit,
                 state_dir,
                 kubernetes,
             }))
@@ -154,10 +157,25 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Reset { instance } => {
-            loader::remove_all(&maps::PinLayout::for_instance(&instance))?;
-            println!("removed /sys/fs/bpf/{instance}");
+        Command::Reset {
+            instance,
+            state_dir,
+        } => {
+            let removed = runtime()?.block_on(run::reset(&instance, &state_dir))?;
+            println!("{removed}");
             Ok(())
         }
     }
+}
+
+/// Two workers: the Kubernetes controller's claim renewals run on one
+/// while the agent's own work (reconciling, netlink) occupies the other,
+/// and blocking map work leaves its worker (`block_in_place`; the
+/// conntrack collector has a thread of its own).
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("egress-agent")
+        .enable_all()
+        .build()
 }

@@ -12,8 +12,9 @@ use aya::{
     maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, lpm_trie::Key},
 };
 use egress_common::{
-    DatapathConfig, ExclusionKeyV4, FlowKeyV4, NatEntryV4, NodeV4, PodCidrKeyV4, PodPolicyV4,
-    PolicyStats, PolicyV4, RemotePodV4, RevNatEntryV4, flow_count, maps as names, policy_flags,
+    DatapathConfig, ExclusionKeyV4, FlowKeyV4, NatEntryV4, NodeV4, PodCidrKeyV4, PodFlowsV4,
+    PodPolicyV4, PolicyStats, PolicyV4, RemotePodV4, RevNatEntryV4, flow_count, maps as names,
+    policy_flags,
 };
 
 use crate::image::{DatapathImage, Exclusion, PodCidr};
@@ -31,6 +32,8 @@ pub enum MapsError {
         op: &'static str,
         source: std::io::Error,
     },
+    #[error("starting the conntrack collector's thread: {source}")]
+    Thread { source: std::io::Error },
     #[error(
         "pinned map {path} has {what} {found}, this agent needs {wanted}; remove the old state with \
          `egress-agent reset --instance <instance>` (established connections through it will break)"
@@ -145,6 +148,8 @@ pub struct Maps {
     pub nat_fwd: HashMap<MapData, FlowKeyV4, NatEntryV4>,
     pub nat_rev: HashMap<MapData, FlowKeyV4, RevNatEntryV4>,
     pub flow_count: Array<MapData, u64>,
+    pub pod_flows: HashMap<MapData, [u8; 4], PodFlowsV4>,
+    pub pod_released: HashMap<MapData, [u8; 4], u64>,
     pub stats: PerCpuArray<MapData, PolicyStats>,
 }
 
@@ -172,6 +177,8 @@ impl Maps {
             nat_fwd: typed!(layout, names::NAT_FWD_V4),
             nat_rev: typed!(layout, names::NAT_REV_V4),
             flow_count: typed!(layout, names::FLOW_COUNT),
+            pod_flows: typed!(layout, names::POD_FLOWS_V4),
+            pod_released: typed!(layout, names::POD_RELEASED_V4),
             stats: typed!(layout, names::POLICY_STATS),
         })
     }
@@ -214,6 +221,17 @@ impl Maps {
             ));
         }
         Ok(image)
+    }
+
+    /// Moves the claim-validity stamp only: one write of the `config` entry,
+    /// everything else in it as it is.
+    pub fn set_claims_valid_until(&mut self, ns: u64) -> Result<()> {
+        let mut config = self.config.get(&0, 0).map_err(err(names::CONFIG))?;
+        if config.claims_valid_until_ns != ns {
+            config.claims_valid_until_ns = ns;
+            self.config.set(0, config, 0).map_err(err(names::CONFIG))?;
+        }
+        Ok(())
     }
 
     /// Writes what differs between `current` (read from the maps) and
@@ -369,24 +387,25 @@ impl Maps {
         Ok(report)
     }
 
-    /// Flows created by the datapath and released by the collector.
-    pub fn flow_counts(&self) -> Result<(u64, u64)> {
+    /// The flow counters: created and reclaimed by the datapath, released by
+    /// the collector.
+    pub fn flow_counts(&self) -> Result<FlowCounts> {
         let get = |slot| {
             self.flow_count
                 .get(&slot, 0)
                 .map_err(err(names::FLOW_COUNT))
         };
-        Ok((get(flow_count::CREATED)?, get(flow_count::RELEASED)?))
+        Ok(FlowCounts {
+            created: get(flow_count::CREATED)?,
+            released: get(flow_count::RELEASED)?,
+            reclaimed: get(flow_count::RECLAIMED)?,
+        })
     }
 
-    /// Adds to the released count; the collector is its only writer.
-    pub fn add_released(&mut self, n: u64) -> Result<()> {
-        let released = self
-            .flow_count
-            .get(&flow_count::RELEASED, 0)
-            .map_err(err(names::FLOW_COUNT))?;
+    /// Sets the released count; the collector is its only writer.
+    pub fn set_released(&mut self, released: u64) -> Result<()> {
         self.flow_count
-            .set(flow_count::RELEASED, released + n, 0)
+            .set(flow_count::RELEASED, released, 0)
             .map_err(err(names::FLOW_COUNT))
     }
 
@@ -453,6 +472,23 @@ fn remove<K: Pod + Ord, V: Pod>(
         }
     }
     Ok(report)
+}
+
+/// The `flow_count` slots.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowCounts {
+    pub created: u64,
+    pub released: u64,
+    pub reclaimed: u64,
+}
+
+impl FlowCounts {
+    /// Live flows as the datapath counts them for `max_flows`.
+    pub fn live(&self) -> u64 {
+        self.created
+            .wrapping_sub(self.reclaimed)
+            .wrapping_sub(self.released)
+    }
 }
 
 /// How many map entries a reconcile wrote and removed.

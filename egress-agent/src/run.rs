@@ -1,5 +1,8 @@
 //! `egress-agent run`: bring the datapath up, keep it equal to the desired
-//! state, collect expired flows, and hand over or clean up on SIGTERM.
+//! state, attach to pod interfaces as they appear, keep the claimed
+//! addresses and the datapath within the claim's fence, and on SIGTERM
+//! leave everything in place for the next agent (only `egress-agent reset`
+//! removes it).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -12,13 +15,18 @@ use anyhow::{Context as _, bail};
 use egress_common::{VXLAN_OVERHEAD, maps::programs};
 use egress_k8s::{AgentLink, config::interface_matches, facts::EgressSubnet};
 use egress_model::{AddressClaim, NodeState};
-use egress_netlink::{ClaimLedger, InterfaceAddress, Netlink};
+use egress_netlink::{
+    AddressEvent, AddressEvents, ClaimLedger, InterfaceAddress, Lifetime, Link, LinkEvent, Netlink,
+    RouteEvent,
+};
+use futures_util::StreamExt as _;
 use ipnet::Ipv4Net;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     config::{AgentConfig, Mode},
-    gc::{Collector, monotonic_ns},
+    fence::Terms,
+    gc::{self, monotonic_ns},
     host::{self, HostFacts, Interfaces, PodInterfaces},
     identity::{self, Candidate, Source},
     image::{DatapathImage, Environment},
@@ -29,7 +37,6 @@ use crate::{
 pub struct Options {
     pub config: PathBuf,
     pub ready_file: Option<PathBuf>,
-    pub keep_state_on_exit: bool,
     pub state_dir: PathBuf,
     /// Take policies and nodes from the Kubernetes API instead of the file.
     pub kubernetes: Option<KubeOptions>,
@@ -57,22 +64,32 @@ struct Agent {
     env: Environment,
     uplink: String,
     tunnel: String,
-    /// Interfaces carrying pod_ingress, by name -> ifindex.
+    /// Interfaces carrying pod_ingress and pod_egress, by name -> ifindex.
     attached: BTreeMap<String, u32>,
     /// Host-side interfaces of the local selected pods.
     pod_interfaces: PodInterfaces,
-    /// This node's own addresses, as last programmed into the exclusions.
+    /// This node's own addresses (all interfaces, loopback's 127/8 aside),
+    /// followed through address notifications: global exclusions.
     local_addrs: BTreeSet<Ipv4Addr>,
     /// The desired state last applied, reconciled again when the node's
-    /// interfaces or addresses change.
+    /// interfaces, routes or addresses change.
     desired: Option<NodeState>,
-    /// Reconcile ticks until every pod's interface is looked up again.
-    full_resolve_in: u32,
     ledger: ClaimLedger,
-    collector: Collector,
+    collector: gc::Background,
+    /// The lifetime new claims get: that of the latest fence.
+    lifetime: Lifetime,
     /// Kubernetes mode: the controller's desired state and our reports.
     kube: Option<AgentLink>,
 }
+
+/// Where an instance keeps what `egress-agent reset` needs besides the pins.
+pub fn state_dir_of(state_dir: &std::path::Path, instance: &str) -> PathBuf {
+    state_dir.join(instance)
+}
+
+/// The file naming the tunnel device the agent set up (for reset).
+const TUNNEL_FILE: &str = "tunnel-interface";
+const LEDGER_FILE: &str = "claims.json";
 
 pub async fn run(options: Options) -> anyhow::Result<()> {
     // Everything that can be wrong with the file is found before anything is touched.
@@ -93,6 +110,15 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             bail!(
                 "node.name: not set; set NODE_NAME (the DaemonSet does), --node-name or node.name"
             );
+        }
+    }
+    // A ready file left by the previous agent (it lives on the host) must
+    // not pass this one's startup probe before it has applied anything.
+    if let Some(ready) = &options.ready_file {
+        match std::fs::remove_file(ready) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", ready.display())),
         }
     }
     let config_mtime = std::fs::metadata(&options.config)
@@ -134,25 +160,54 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("node.tunnel_interface {:?}", config.node.tunnel_interface))?;
     let tunnel_mtu = uplink.mtu.saturating_sub(u32::from(VXLAN_OVERHEAD));
-    let env = Environment {
-        tunnel_ifindex: tunnel.index,
-        nat_port_min: config.datapath.nat_port_min,
-        nat_port_max: config.datapath.nat_port_max,
-        max_flows: u64::from(config.datapath.max_flows),
-        tunnel_mss: tunnel_mtu
+    let env = Environment::new(
+        &config.datapath,
+        tunnel.index,
+        tunnel_mtu
             .saturating_sub(IP_TCP_HEADERS)
             .min(u32::from(u16::MAX)) as u16,
-        tunnel_port: config.node.tunnel_port,
-    };
+        config.node.tunnel_port,
+    );
     tracing::info!(uplink = %uplink.name, uplink_mtu = uplink.mtu, tunnel = %tunnel.name, tunnel_mss = env.tunnel_mss, "interfaces");
 
     loader::ensure_bpffs()?;
     let datapath = Datapath::load(&layout, &config.datapath)?;
     let maps = Maps::open(&layout)?;
-    let state_dir = options.state_dir.join(&config.instance);
+    let mut env = env;
+    if mode == Mode::Kubernetes {
+        // Until the controller says otherwise, the previous agent's last
+        // fence stands: a restart never extends (nor cuts) a claim.
+        env.claims_valid_until_ns = maps.read_image()?.config.claims_valid_until_ns;
+    }
+    let state_dir = state_dir_of(&options.state_dir, &config.instance);
     std::fs::create_dir_all(&state_dir)
         .with_context(|| format!("creating {}", state_dir.display()))?;
-    let ledger = ClaimLedger::open(state_dir.join("claims.json"))?;
+    let tunnel_file = state_dir.join(TUNNEL_FILE);
+    std::fs::write(&tunnel_file, &tunnel.name)
+        .with_context(|| format!("writing {}", tunnel_file.display()))?;
+    let ledger = ClaimLedger::open(state_dir.join(LEDGER_FILE))?;
+    let collector = gc::Background::start(
+        &layout,
+        config.datapath.timeouts.clone(),
+        config.datapath.gc_interval(),
+    )?;
+    // Subscribed before the first listing, so that no interface or address
+    // falls in between.
+    let mut link_events = netlink
+        .link_events()
+        .context("subscribing to link notifications")?;
+    // Every address of the node is a global exclusion (and, in Kubernetes
+    // mode, may change the egress subnets); routes lead to the pods'
+    // interfaces.
+    let mut address_events = Some(
+        netlink
+            .address_events()
+            .context("subscribing to address notifications")?,
+    );
+    let mut route_events = netlink
+        .route_events()
+        .context("subscribing to route notifications")?;
+    let local_addrs = host::local_addresses(&netlink).await?;
 
     let mut agent = Agent {
         config,
@@ -167,11 +222,11 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         tunnel: tunnel.name.clone(),
         attached: BTreeMap::new(),
         pod_interfaces: PodInterfaces::default(),
-        local_addrs: BTreeSet::new(),
+        local_addrs,
         desired: None,
-        full_resolve_in: FULL_RESOLVE_TICKS,
         ledger,
-        collector: Collector::default(),
+        collector,
+        lifetime: Lifetime::Forever,
         kube: None,
     };
     let mut controller = None;
@@ -213,57 +268,197 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
-    let mut gc = tokio::time::interval(agent.config.datapath.gc_interval());
-    let mut watch = tokio::time::interval(Duration::from_secs(1));
-    // Set once SIGTERM asked the controller to hand our egress IPs over.
-    let mut handing_over: Option<tokio::time::Instant> = None;
-    let drain =
+    // The static file is re-read when it changes (its mtime, once a second).
+    let mut reload = tokio::time::interval(Duration::from_secs(1));
+    // Pods whose interface is unknown are looked up again every second
+    // (besides on every route and link change: a bridge port shows up in the
+    // forwarding database without one), and every pod now and then.
+    let mut retry_unresolved = tokio::time::interval(Duration::from_secs(1));
+    let mut resolve_all = tokio::time::interval(FULL_RESOLVE_PERIOD);
+    // Set once SIGTERM asked the controller to stop (in Kubernetes mode).
+    let mut stopping: Option<tokio::time::Instant> = None;
+    let stop_timeout =
         Duration::from_millis(agent.config.kubernetes.drain_timeout_ms) + Duration::from_secs(5);
     loop {
+        let stop_deadline = stopping.map(|t| t + stop_timeout);
         tokio::select! {
             _ = sigterm.recv() => {
-                if agent.begin_hand_over() { handing_over = Some(tokio::time::Instant::now()); } else { break }
+                if agent.begin_stop() { stopping.get_or_insert_with(tokio::time::Instant::now); } else { break }
             }
             _ = sigint.recv() => {
-                if agent.begin_hand_over() { handing_over = Some(tokio::time::Instant::now()); } else { break }
+                if agent.begin_stop() { stopping.get_or_insert_with(tokio::time::Instant::now); } else { break }
             }
-            _ = gc.tick() => agent.collect(),
-            _ = watch.tick() => {
-                if let Err(e) = agent.sync_pod_interfaces().await {
+            event = link_events.next() => {
+                let event = event.context("link notifications ended")?;
+                if let Err(e) = agent.on_link_event(event).await {
                     tracing::error!(error = %format!("{e:#}"), "attaching to pod interfaces");
                 }
-                agent.follow_host().await;
-                match mode {
-                    Mode::Static => agent.reload_if_changed().await,
-                    Mode::Kubernetes => agent.refresh_subnets().await,
+                agent.follow_host(false).await;
+            }
+            event = next_address_event(&mut address_events) => {
+                if mode == Mode::Kubernetes && agent.changes_subnets(&event) {
+                    agent.refresh_subnets().await;
                 }
-                if handing_over.is_some_and(|t| t.elapsed() > drain) {
-                    tracing::warn!("hand-over did not finish in time; exiting anyway");
-                    break;
+                agent.on_address_event(&event).await;
+            }
+            event = route_events.next() => {
+                let event = event.context("route notifications ended")?;
+                agent.on_route_event(&event);
+                agent.follow_host(false).await;
+            }
+            _ = retry_unresolved.tick() => {
+                if agent.pod_interfaces.has_unresolved() {
+                    agent.follow_host(false).await;
                 }
             }
-            changed = desired_changed(&mut agent.kube) => {
-                if changed {
+            _ = resolve_all.tick() => agent.follow_host(true).await,
+            _ = reload.tick(), if mode == Mode::Static => agent.reload_if_changed().await,
+            _ = sleep_until(stop_deadline) => {
+                tracing::warn!("the Kubernetes controller did not stop in time; exiting anyway");
+                break;
+            }
+            event = from_controller(&mut agent.kube) => match event {
+                FromController::Fence => agent.apply_fence().await,
+                FromController::Desired => {
                     agent.apply_kubernetes().await;
                     if ready_pending {
                         agent.mark_ready()?;
                         ready_pending = false;
                     }
                 }
-            }
+            },
             outcome = finished(&mut controller) => {
                 match outcome {
                     Ok(()) => tracing::info!("Kubernetes controller finished"),
                     Err(e) => tracing::error!(error = %e, "Kubernetes controller failed"),
                 }
-                if handing_over.is_none() {
+                if stopping.is_none() {
+                    // What is programmed and claimed stays, fenced by the
+                    // last renewal: it lapses by itself unless a new agent
+                    // renews it.
+                    agent.apply_fence().await;
                     anyhow::bail!("the Kubernetes controller stopped unexpectedly");
                 }
                 break;
             }
         }
     }
-    agent.shutdown().await
+    agent.exit().await;
+    Ok(())
+}
+
+/// Sleeps until `deadline`; forever without one.
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The next address notification; never in static mode.
+async fn next_address_event(events: &mut Option<AddressEvents>) -> AddressEvent {
+    match events {
+        Some(e) => match e.next().await {
+            Some(ev) => ev,
+            None => {
+                tracing::error!(
+                    "address notifications ended; egress subnets and local addresses are no longer followed"
+                );
+                *events = None;
+                std::future::pending().await
+            }
+        },
+        None => std::future::pending().await,
+    }
+}
+
+enum FromController {
+    /// A new fence: applied on its own, at once (one map write and the
+    /// addresses' lifetimes), without a reconcile.
+    Fence,
+    Desired,
+}
+
+/// Waits for the controller's next fence or desired state; never in static
+/// mode, nor once the controller is gone (its last fence stands).
+async fn from_controller(kube: &mut Option<AgentLink>) -> FromController {
+    let Some(link) = kube else {
+        return std::future::pending().await;
+    };
+    let event = tokio::select! {
+        biased;
+        r = link.fence.changed() => r.map(|()| FromController::Fence),
+        r = link.desired.changed() => r.map(|()| FromController::Desired),
+    };
+    match event {
+        Ok(e) => e,
+        // The controller dropped its end: it has stopped.
+        Err(_) => std::future::pending().await,
+    }
+}
+
+/// `egress-agent reset`: everything `run` leaves in place, removed. Each
+/// step runs even if an earlier one found nothing; the first error is
+/// returned after all were tried. Returns what was removed.
+pub async fn reset(instance: &str, state_dir: &std::path::Path) -> anyhow::Result<String> {
+    let layout = PinLayout::for_instance(instance);
+    let mut done = Vec::new();
+    let mut first_error: Option<anyhow::Error> = None;
+    match loader::remove_all(&layout) {
+        Ok(()) => done.push(format!("removed {}", layout.root.display())),
+        Err(e) => first_error = Some(e.into()),
+    }
+    let dir = state_dir_of(state_dir, instance);
+    let netlink = Netlink::connect().context("opening rtnetlink")?;
+    let ledger_path = dir.join(LEDGER_FILE);
+    let released = async {
+        let mut ledger = ClaimLedger::open(&ledger_path)?;
+        let ips: BTreeSet<Ipv4Addr> = ledger.entries().iter().map(|e| e.ip).collect();
+        let mut released = Vec::new();
+        for ip in ips {
+            if !netlink.release_tracked(&mut ledger, ip).await?.is_empty() {
+                released.push(ip);
+            }
+        }
+        anyhow::Ok(released)
+    }
+    .await;
+    match released {
+        Ok(ips) if !ips.is_empty() => done.push(format!("released {ips:?}")),
+        Ok(_) => {}
+        Err(e) => {
+            first_error.get_or_insert(e.context(format!(
+                "releasing the addresses of {}",
+                ledger_path.display()
+            )));
+        }
+    }
+    let tunnel_file = dir.join(TUNNEL_FILE);
+    match std::fs::read_to_string(&tunnel_file) {
+        Ok(tunnel) => match netlink.delete_link(tunnel.trim()).await {
+            Ok(true) => done.push(format!("deleted {}", tunnel.trim())),
+            Ok(false) => {}
+            Err(e) => {
+                first_error.get_or_insert(
+                    anyhow::Error::from(e).context(format!("deleting {}", tunnel.trim())),
+                );
+            }
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            first_error.get_or_insert(
+                anyhow::Error::from(e).context(format!("reading {}", tunnel_file.display())),
+            );
+        }
+    }
+    if first_error.is_none() && dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        done.push(format!("removed {}", dir.display()));
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(done.join("; ")),
+    }
 }
 
 /// This node's address: the explicit one if set (it must be local), else the
@@ -378,14 +573,6 @@ fn static_claims(desired: &NodeState) -> Vec<AddressClaim> {
         .collect()
 }
 
-/// Waits for the controller's next desired state; never in static mode.
-async fn desired_changed(kube: &mut Option<AgentLink>) -> bool {
-    match kube {
-        Some(link) => link.desired.changed().await.is_ok(),
-        None => std::future::pending().await,
-    }
-}
-
 /// Waits for the controller task to end; never in static mode.
 async fn finished(
     controller: &mut Option<tokio::task::JoinHandle<Result<(), egress_k8s::Error>>>,
@@ -400,20 +587,27 @@ async fn finished(
     }
 }
 
-/// Reconcile ticks between two lookups of every pod's interface (new and
-/// unresolved pods are looked up at every tick, every pod whenever
-/// interfaces come or go): bounds how long a pod's route moved to another
-/// existing interface goes unnoticed.
-const FULL_RESOLVE_TICKS: u32 = 60;
+/// How often every pod's interface is looked up again (new and unresolved
+/// pods are looked up on every route or link change and every second, every
+/// pod whenever interfaces come or go): bounds how long a pod's route moved
+/// to another existing interface without a route notification goes
+/// unnoticed.
+const FULL_RESOLVE_PERIOD: Duration = Duration::from_secs(60);
 
 impl Agent {
     /// Makes the maps equal to the image of `desired` and of what this
-    /// node's stack says now (pod interfaces, local addresses).
+    /// node's stack says (pod interfaces, local addresses).
     async fn reconcile(&mut self, desired: &NodeState) -> anyhow::Result<()> {
         let host = self.host_facts(desired, false).await?;
-        let current = self.maps.read_image()?;
-        let image = DatapathImage::from_state(desired, &self.env, &host);
-        let report = self.maps.apply(&current, &image)?;
+        // Map dumps and writes are blocking system calls, thousands of them
+        // at scale: off the runtime's worker, so the controller's renewals
+        // keep running on the others meanwhile.
+        let (maps, env) = (&mut self.maps, &self.env);
+        let report = tokio::task::block_in_place(|| {
+            let current = maps.read_image()?;
+            let image = DatapathImage::from_state(desired, env, &host);
+            maps.apply(&current, &image)
+        })?;
         if !report.is_empty() {
             tracing::info!(
                 written = report.written,
@@ -421,7 +615,6 @@ impl Agent {
                 "datapath maps reconciled"
             );
         }
-        self.local_addrs = host.local_addrs;
         self.desired = Some(desired.clone());
         Ok(())
     }
@@ -441,7 +634,7 @@ impl Agent {
     }
 
     /// Resolves the interfaces of `desired`'s local pods (all of them with
-    /// `all`, else those not known yet) and reads the node's addresses.
+    /// `all`, else those not known yet).
     async fn host_facts(&mut self, desired: &NodeState, all: bool) -> anyhow::Result<HostFacts> {
         let interfaces = self.interfaces();
         let wanted: BTreeSet<Ipv4Addr> = desired.pods.keys().copied().collect();
@@ -451,35 +644,66 @@ impl Agent {
         Ok(HostFacts {
             pod_interfaces: self.pod_interfaces.resolved().clone(),
             upstream: interfaces.upstream.keys().copied().collect(),
-            local_addrs: host::local_addresses(&self.netlink).await?,
+            local_addrs: self.local_addrs.clone(),
         })
     }
 
     /// Follows the node's stack between desired-state changes: looks up the
-    /// pods whose interface is unknown (every pod after interfaces came or
-    /// went, see `sync_pod_interfaces`, and now and then), and reconciles
-    /// again when a pod's interface or a local address changed.
-    async fn follow_host(&mut self) {
+    /// pods whose interface is unknown (every pod with `all`, or after
+    /// interfaces came or went), and reconciles again when one changed.
+    async fn follow_host(&mut self, all: bool) {
         let Some(desired) = self.desired.clone() else {
             return;
-        };
-        let all = self.full_resolve_in == 0;
-        self.full_resolve_in = if all {
-            FULL_RESOLVE_TICKS
-        } else {
-            self.full_resolve_in - 1
         };
         let before = self.pod_interfaces.resolved().clone();
         let outcome = async {
             let host = self.host_facts(&desired, all).await?;
-            if host.pod_interfaces != before || host.local_addrs != self.local_addrs {
+            if host.pod_interfaces != before {
                 self.reconcile(&desired).await?;
             }
             anyhow::Ok(())
         }
         .await;
         if let Err(e) = outcome {
-            tracing::error!(error = %format!("{e:#}"), "following the node's interfaces and addresses");
+            tracing::error!(error = %format!("{e:#}"), "following the pods' interfaces");
+        }
+    }
+
+    /// A route to a resolved pod changed: look it up again.
+    fn on_route_event(&mut self, event: &RouteEvent) {
+        match event {
+            RouteEvent::Changed { dst } => self.pod_interfaces.forget_within(dst),
+            RouteEvent::Overrun => self.pod_interfaces.invalidate(),
+        }
+    }
+
+    /// Keeps the node's addresses (global exclusions) current.
+    async fn on_address_event(&mut self, event: &AddressEvent) {
+        let mut addrs = self.local_addrs.clone();
+        match event {
+            AddressEvent::Added { addr, .. } if !addr.addr().is_loopback() => {
+                addrs.insert(addr.addr());
+            }
+            AddressEvent::Removed { addr, .. } => {
+                addrs.remove(&addr.addr());
+            }
+            AddressEvent::Added { .. } => {}
+            AddressEvent::Overrun => match host::local_addresses(&self.netlink).await {
+                Ok(now) => addrs = now,
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "listing the node's addresses");
+                    return;
+                }
+            },
+        }
+        if addrs == self.local_addrs {
+            return;
+        }
+        self.local_addrs = addrs;
+        if let Some(desired) = self.desired.clone()
+            && let Err(e) = self.reconcile(&desired).await
+        {
+            tracing::error!(error = %format!("{e:#}"), "excluding the node's addresses");
         }
     }
 
@@ -527,7 +751,7 @@ impl Agent {
             claims.iter().map(|c| (c.ip, c.interface.clone())).collect();
         let done = self
             .netlink
-            .claim_all_tracked(&mut self.ledger, &requests)
+            .claim_all_tracked_for(&mut self.ledger, &requests, self.lifetime)
             .await
             .context("claiming egress IPs")?;
         for (c, claim) in claims.iter().zip(done) {
@@ -643,8 +867,39 @@ impl Agent {
         Ok(())
     }
 
+    /// Applies the controller's latest fence: the datapath's claim-validity
+    /// stamp (one map write) and the lifetime of the claimed addresses.
+    async fn apply_fence(&mut self) {
+        let Some(fence) = self.kube.as_mut().map(|k| *k.fence.borrow_and_update()) else {
+            return;
+        };
+        let remaining = fence.map(|f| f.saturating_duration_since(std::time::Instant::now()));
+        self.apply_terms(Terms::of(remaining, monotonic_ns())).await;
+    }
+
+    async fn apply_terms(&mut self, terms: Terms) {
+        if terms.valid_until_ns != self.env.claims_valid_until_ns {
+            // Shrinking or growing, it is the controller's latest word:
+            // written at once, and remembered so that reconciling writes
+            // the same value.
+            match self.maps.set_claims_valid_until(terms.valid_until_ns) {
+                Ok(()) => self.env.claims_valid_until_ns = terms.valid_until_ns,
+                Err(e) => tracing::error!(error = %e, "writing the claim-validity stamp"),
+            }
+        }
+        if let Some(lifetime) = terms.lifetime {
+            self.lifetime = lifetime;
+            if let Err(e) = self.netlink.refresh_lifetimes(&self.ledger, lifetime).await {
+                tracing::error!(error = %e, "refreshing the egress IPs' lifetimes");
+            }
+        }
+    }
+
     /// Applies the controller's latest desired state and reports what we hold.
     async fn apply_kubernetes(&mut self) {
+        // The fence of this state first: new claims get its lifetime, and
+        // LOCAL policies appear with a valid stamp.
+        self.apply_fence().await;
         let Some(desired) = self
             .kube
             .as_mut()
@@ -681,29 +936,92 @@ impl Agent {
         }
     }
 
-    /// Asks the controller to hand our IPs to other nodes; false in static mode.
-    fn begin_hand_over(&mut self) -> bool {
+    /// Asks the controller to stop (it decides whether the node's IPs are
+    /// handed over or kept through a restart grace); false in static mode,
+    /// where there is nothing to wait for.
+    fn begin_stop(&mut self) -> bool {
         match &self.kube {
-            Some(k) if !self.options.keep_state_on_exit => {
-                tracing::info!("SIGTERM: handing egress IPs over before exiting");
+            Some(k) => {
+                tracing::info!("stopping: waiting for the Kubernetes controller");
                 let _ = k.shutdown.send(true);
                 true
             }
-            _ => false,
+            None => false,
         }
     }
 
-    /// Attaches pod_ingress and pod_egress to new interfaces matching the
-    /// patterns and forgets links of interfaces that disappeared; the pods'
-    /// interfaces are then looked up again.
-    async fn sync_pod_interfaces(&mut self) -> anyhow::Result<()> {
+    /// Whether `event` may change the subnets this node offers: our own
+    /// egress IPs come and go (and are refreshed) without changing them.
+    fn changes_subnets(&self, event: &AddressEvent) -> bool {
+        match event {
+            AddressEvent::Added { addr, .. } | AddressEvent::Removed { addr, .. } => {
+                !self.ledger.entries().iter().any(|e| e.ip == addr.addr())
+            }
+            AddressEvent::Overrun => true,
+        }
+    }
+
+    fn pod_interface_patterns(&self) -> Vec<String> {
         let node = &self.config.node;
-        let patterns: Vec<String> = node
-            .pod_interfaces
+        node.pod_interfaces
             .iter()
             .chain(&node.upstream_interfaces)
             .cloned()
+            .collect()
+    }
+
+    /// Follows one link notification: attach pod_ingress to a new matching
+    /// interface at once, forget one that is gone, re-list after a loss.
+    async fn on_link_event(&mut self, event: LinkEvent) -> anyhow::Result<()> {
+        match event {
+            LinkEvent::Added(link) => self.pod_link_added(&link),
+            LinkEvent::Removed { name, index } => {
+                if self.attached.get(&name) == Some(&index) {
+                    self.pod_link_gone(&name)?;
+                }
+                Ok(())
+            }
+            LinkEvent::Overrun => self.sync_pod_interfaces().await,
+        }
+    }
+
+    fn pod_link_added(&mut self, link: &Link) -> anyhow::Result<()> {
+        // A renamed interface: the old name's pin goes.
+        let renamed: Vec<String> = self
+            .attached
+            .iter()
+            .filter(|(n, i)| **i == link.index && **n != link.name)
+            .map(|(n, _)| n.clone())
             .collect();
+        for name in renamed {
+            self.pod_link_gone(&name)?;
+        }
+        if !interface_matches(&self.pod_interface_patterns(), &link.name)
+            || self.attached.get(&link.name) == Some(&link.index)
+        {
+            return Ok(());
+        }
+        self.datapath.attach(programs::POD_INGRESS, &link.name)?;
+        self.datapath.attach(programs::POD_EGRESS, &link.name)?;
+        tracing::info!(interface = %link.name, "pod_ingress and pod_egress attached");
+        self.attached.insert(link.name.clone(), link.index);
+        self.pod_interfaces.invalidate();
+        Ok(())
+    }
+
+    fn pod_link_gone(&mut self, name: &str) -> anyhow::Result<()> {
+        loader::detach(&self.layout, programs::POD_INGRESS, name)?;
+        loader::detach(&self.layout, programs::POD_EGRESS, name)?;
+        self.attached.remove(name);
+        self.pod_interfaces.invalidate();
+        tracing::info!(interface = %name, "pod interface gone");
+        Ok(())
+    }
+
+    /// Attaches pod_ingress and pod_egress to new interfaces matching the
+    /// patterns and forgets links of interfaces that disappeared.
+    async fn sync_pod_interfaces(&mut self) -> anyhow::Result<()> {
+        let patterns = self.pod_interface_patterns();
         let links = self.netlink.links().await?;
         let present: BTreeMap<String, u32> = links
             .into_iter()
@@ -726,11 +1044,7 @@ impl Agent {
             .cloned()
             .collect();
         for name in gone {
-            loader::detach(&self.layout, programs::POD_INGRESS, &name)?;
-            loader::detach(&self.layout, programs::POD_EGRESS, &name)?;
-            self.attached.remove(&name);
-            self.pod_interfaces.invalidate();
-            tracing::info!(interface = %name, "pod interface gone");
+            self.pod_link_gone(&name)?;
         }
         Ok(())
     }
@@ -763,25 +1077,6 @@ impl Agent {
         }
     }
 
-    fn collect(&mut self) {
-        match self.collector.sweep(
-            &mut self.maps,
-            &self.config.datapath.timeouts,
-            monotonic_ns(),
-        ) {
-            Ok(r) if r.expired > 0 || r.orphans_removed > 0 => {
-                tracing::debug!(
-                    scanned = r.scanned,
-                    expired = r.expired,
-                    orphans = r.orphans_removed,
-                    "conntrack swept"
-                )
-            }
-            Ok(_) => {}
-            Err(e) => tracing::error!(error = %e, "conntrack sweep failed"),
-        }
-    }
-
     /// Applies an edited configuration file, or says why it was rejected and
     /// keeps the running state.
     async fn reload_if_changed(&mut self) {
@@ -807,13 +1102,18 @@ impl Agent {
             return;
         }
         let desired = new.node_state();
+        let env = self.env;
+        self.env = env.with_settings(&new.datapath);
         let outcome = self.apply(&desired, &static_claims(&desired)).await;
         match outcome {
             Ok(()) => {
                 tracing::info!(policies = new.policies.len(), "configuration reloaded");
+                self.collector
+                    .update(new.datapath.timeouts.clone(), new.datapath.gc_interval());
                 self.config = new;
             }
             Err(e) => {
+                self.env = env;
                 tracing::error!(error = %format!("{e:#}"), "applying the reloaded configuration failed")
             }
         }
@@ -838,23 +1138,16 @@ impl Agent {
         Ok(())
     }
 
-    async fn shutdown(mut self) -> anyhow::Result<()> {
-        if self.options.keep_state_on_exit {
-            tracing::info!(
-                "exiting; datapath, pinned state and egress IPs kept for the next agent"
-            );
-            return Ok(());
-        }
-        tracing::info!("exiting; detaching the datapath and releasing egress IPs");
-        loader::remove_all(&self.layout)?;
-        let ours: BTreeSet<Ipv4Addr> = self.ledger.entries().iter().map(|e| e.ip).collect();
-        for ip in ours {
-            self.netlink.release_tracked(&mut self.ledger, ip).await?;
-        }
-        if let Err(e) = self.netlink.delete_link(&self.tunnel).await {
-            tracing::warn!(error = %e, tunnel = %self.tunnel, "removing the tunnel device");
-        }
-        Ok(())
+    /// Leaves the programs, pins and addresses for the next agent, fenced
+    /// by the controller's last word in Kubernetes mode (a restart grace,
+    /// or nothing held after a hand-over); `egress-agent reset` is the
+    /// uninstall.
+    async fn exit(mut self) {
+        self.apply_fence().await;
+        tracing::info!(
+            "exiting; datapath, pinned state and egress IPs kept for the next agent \
+             (`egress-agent reset` removes them)"
+        );
     }
 }
 

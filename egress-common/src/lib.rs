@@ -70,7 +70,9 @@ impl FlowKeyV4 {
 ///
 /// TCP flows move through the states from packet flags seen in either
 /// direction; UDP and ICMP flows stay `Open`. The agent expires entries with a
-/// timeout chosen by state.
+/// timeout chosen by state, and by whether a reply was seen
+/// (`ct_flags::SEEN_REPLY`): a flow that has had no reply never outlives the
+/// short unreplied timeout, whatever its state.
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CtState {
@@ -86,6 +88,9 @@ pub enum CtState {
     Closed = 4,
     /// TCP: a RST was seen.
     Reset = 5,
+    /// TCP: picked up mid-stream (the first packet was not a SYN) and no
+    /// reply seen yet. Becomes `Established` when the server answers.
+    Unreplied = 6,
 }
 
 impl CtState {
@@ -96,6 +101,7 @@ impl CtState {
             3 => Self::Closing,
             4 => Self::Closed,
             5 => Self::Reset,
+            6 => Self::Unreplied,
             _ => Self::Open,
         }
     }
@@ -103,7 +109,9 @@ impl CtState {
 
 /// `NatEntryV4::flags` bits.
 pub mod ct_flags {
-    /// A packet of the reply direction has been seen.
+    /// A packet of the reply direction has been seen. Flows without it are
+    /// the first the datapath reclaims when the table is full (early drop),
+    /// and expire after the short unreplied timeout.
     pub const SEEN_REPLY: u8 = 1 << 0;
     /// FIN from the pod side.
     pub const FIN_ORIGINAL: u8 = 1 << 1;
@@ -307,14 +315,49 @@ pub struct DatapathConfig {
     pub claims_valid_until_ns: u64,
 }
 
-/// Indexes of the `flow_count` array. Kept apart so that each has one writer:
-/// the datapath adds to `CREATED` atomically, the agent's garbage collector
-/// adds to `RELEASED`. Live flows = created - released.
+/// `DatapathConfig::flags` bits.
+pub mod config_flags {
+    /// Let packets to an egress IP that match no flow through to the host.
+    /// Without it they are dropped and counted (`no_flow`): the host must not
+    /// answer on an address that firewalls trust.
+    pub const PASS_UNMATCHED_TO_EGRESS_IPS: u32 = 1 << 0;
+    /// Let ICMP echo requests to an egress IP through, so that the host
+    /// answers pings on it. Without it they are dropped (`no_flow`) unless
+    /// `PASS_UNMATCHED_TO_EGRESS_IPS` lets everything through.
+    pub const ANSWER_PING_ON_EGRESS_IPS: u32 = 1 << 1;
+}
+
+/// Indexes of the `flow_count` array. Kept apart so that each has one
+/// writer: the datapath adds to `CREATED` (after a flow's entries are in the
+/// table) and to `RECLAIMED` (after it deleted an unreplied flow to make
+/// room) atomically; the agent's collector sets `RELEASED` so that
+/// live = created - reclaimed - released equals the entries it found.
 pub mod flow_count {
     pub const CREATED: u32 = 0;
     pub const RELEASED: u32 = 1;
-    pub const SLOTS: u32 = 2;
+    pub const RECLAIMED: u32 = 2;
+    pub const SLOTS: u32 = 3;
 }
+
+/// Value of `pod_flows_v4`: one pod's flow counters, written only by the
+/// datapath (atomic adds). The agent's collector owns the third term,
+/// `pod_released_v4`; live flows of the pod = created - reclaimed - released
+/// (wrapping: the collector may set released "below zero" for a pod whose
+/// counters it has not seen yet).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodFlowsV4 {
+    pub created: u64,
+    pub reclaimed: u64,
+}
+
+/// Slots of `unreplied_ring`: the keys of the most recently created flows,
+/// where the datapath looks for an unreplied flow to reclaim when the table
+/// is full.
+pub const UNREPLIED_RING_SLOTS: u32 = 4096;
+/// Ring slots examined (oldest first) for an unreplied flow before a new
+/// flow is refused with `flow_table_full`: early drop stays O(1).
+pub const RECLAIM_PROBES: u32 = 8;
 
 /// Why the datapath dropped a packet. Each has a counter in `DropCounters`.
 #[repr(u32)]
@@ -543,6 +586,7 @@ mod user {
     unsafe impl aya::Pod for DatapathConfig {}
     unsafe impl aya::Pod for DropCounters {}
     unsafe impl aya::Pod for PolicyStats {}
+    unsafe impl aya::Pod for PodFlowsV4 {}
 }
 
 #[cfg(test)]
@@ -564,6 +608,7 @@ mod tests {
         assert_eq!(size_of::<ExclusionKeyV4>(), 8);
         assert_eq!(size_of::<NodeV4>(), 8);
         assert_eq!(size_of::<DatapathConfig>(), 40);
+        assert_eq!(size_of::<PodFlowsV4>(), 16);
         assert_eq!(size_of::<DropCounters>(), 8 * DropReason::COUNT);
         assert_eq!(size_of::<PolicyStats>(), 8 * (6 + DropReason::COUNT));
         assert!(align_of::<NatEntryV4>() <= 8);

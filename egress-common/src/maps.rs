@@ -35,11 +35,17 @@ pub const NAT_FWD_V4: &str = "nat_fwd_v4";
 pub const NAT_REV_V4: &str = "nat_rev_v4";
 /// `Array<u64>` with `flow_count::SLOTS` entries.
 pub const FLOW_COUNT: &str = "flow_count";
+/// `HashMap<[u8; 4], PodFlowsV4>`: pod address -> its flow counters (datapath-written).
+pub const POD_FLOWS_V4: &str = "pod_flows_v4";
+/// `HashMap<[u8; 4], u64>`: pod address -> flows released (collector-written).
+pub const POD_RELEASED_V4: &str = "pod_released_v4";
+/// `Array<FlowKeyV4>` with `UNREPLIED_RING_SLOTS` entries: recently created flows.
+pub const UNREPLIED_RING: &str = "unreplied_ring";
 /// `PerCpuArray<PolicyStats>` indexed by policy id.
 pub const POLICY_STATS: &str = "policy_stats";
 
 /// Every map, for pinning and inspection.
-pub const ALL: [&str; 16] = [
+pub const ALL: [&str; 19] = [
     CONFIG,
     POLICIES_V4,
     POD_POLICY_V4,
@@ -55,6 +61,9 @@ pub const ALL: [&str; 16] = [
     NAT_FWD_V4,
     NAT_REV_V4,
     FLOW_COUNT,
+    POD_FLOWS_V4,
+    POD_RELEASED_V4,
+    UNREPLIED_RING,
     POLICY_STATS,
 ];
 

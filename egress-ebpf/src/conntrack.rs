@@ -35,8 +35,10 @@ pub fn initial_state(protocol: u8, flags: u8) -> CtState {
     } else if flags & SYN != 0 && flags & ACK == 0 {
         CtState::SynSent
     } else {
-        // Picked up mid-stream (e.g. the policy was applied to a live pod).
-        CtState::Established
+        // Picked up mid-stream (the policy was applied to a live pod, or a
+        // stray or forged segment): Established only once the server answers,
+        // so that lone segments cannot pin entries for hours.
+        CtState::Unreplied
     }
 }
 
@@ -72,7 +74,7 @@ pub fn next(state: u8, flags: u8, protocol: u8, dir: Direction, tcp: u8) -> (u8,
         CtState::Closed
     } else if flags & both_fins != 0 {
         CtState::Closing
-    } else if state == CtState::SynSent && dir == Direction::Reply {
+    } else if matches!(state, CtState::SynSent | CtState::Unreplied) && dir == Direction::Reply {
         CtState::Established
     } else {
         state
@@ -95,5 +97,34 @@ pub fn update(entry: &mut NatEntryV4, protocol: u8, dir: Direction, tcp: u8, now
     }
     if now.wrapping_sub(entry.last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
         entry.last_seen_ns = now;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TCP: u8 = proto::TCP;
+
+    #[test]
+    fn a_flow_picked_up_mid_stream_is_established_only_by_a_reply() {
+        let s = initial_state(TCP, ACK);
+        assert_eq!(s, CtState::Unreplied);
+        let (s, f) = next(s as u8, 0, TCP, Direction::Original, ACK);
+        assert_eq!((CtState::from_u8(s), f), (CtState::Unreplied, 0));
+        let (s, f) = next(s, f, TCP, Direction::Reply, ACK);
+        assert_eq!(CtState::from_u8(s), CtState::Established);
+        assert_eq!(f & ct_flags::SEEN_REPLY, ct_flags::SEEN_REPLY);
+    }
+
+    #[test]
+    fn a_syn_waits_for_the_answer() {
+        assert_eq!(initial_state(TCP, SYN), CtState::SynSent);
+        let (s, _) = next(CtState::SynSent as u8, 0, TCP, Direction::Original, SYN);
+        assert_eq!(CtState::from_u8(s), CtState::SynSent);
+        let (s, _) = next(s, 0, TCP, Direction::Reply, SYN | ACK);
+        assert_eq!(CtState::from_u8(s), CtState::Established);
+        assert_eq!(initial_state(TCP, RST | ACK), CtState::Reset);
+        assert_eq!(initial_state(proto::UDP, 0), CtState::Open);
     }
 }

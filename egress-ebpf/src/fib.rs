@@ -30,14 +30,31 @@ pub struct NextHop {
     pub mtu: u16,
 }
 
+/// Why the FIB gave no next hop.
+#[derive(Clone, Copy)]
+pub struct NoHop {
+    pub reason: DropReason,
+    /// The egress device's MTU when the packet exceeds it (`MtuExceeded`).
+    pub mtu: u16,
+}
+
+impl NoHop {
+    #[inline(always)]
+    const fn drop(reason: DropReason) -> Self {
+        Self { reason, mtu: 0 }
+    }
+}
+
+impl From<NoHop> for DropReason {
+    #[inline(always)]
+    fn from(e: NoHop) -> Self {
+        e.reason
+    }
+}
+
 /// Routes the packet from `src` to `dst` as if it had arrived on `ifindex`.
 #[inline(always)]
-pub fn lookup(
-    ctx: &TcContext,
-    src: [u8; 4],
-    dst: [u8; 4],
-    ifindex: u32,
-) -> Result<NextHop, DropReason> {
+pub fn lookup(ctx: &TcContext, src: [u8; 4], dst: [u8; 4], ifindex: u32) -> Result<NextHop, NoHop> {
     // SAFETY: plain C struct; all-zero is its documented initial state.
     let mut params: bpf_fib_lookup = unsafe { mem::zeroed() };
     params.family = AF_INET;
@@ -80,8 +97,11 @@ pub fn lookup(
             ipv4_nh,
             mtu,
         }),
-        BPF_FIB_LKUP_RET_FRAG_NEEDED => Err(DropReason::MtuExceeded),
-        _ => Err(DropReason::FibLookupFailed),
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => Err(NoHop {
+            reason: DropReason::MtuExceeded,
+            mtu,
+        }),
+        _ => Err(NoHop::drop(DropReason::FibLookupFailed)),
     }
 }
 
@@ -108,7 +128,7 @@ pub fn cached_lookup(
     src: [u8; 4],
     dst: [u8; 4],
     ifindex: u32,
-) -> Result<NextHop, DropReason> {
+) -> Result<NextHop, NoHop> {
     let now = ((cache.now_ns >> NEXT_HOP_STAMP_SHIFT) as u32) | 1;
     // SAFETY: the caller's pointer comes from a successful map lookup and
     // stays valid for this program run; the value is plain data.

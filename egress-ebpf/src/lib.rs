@@ -16,10 +16,12 @@
     )
 )]
 
+pub mod arp;
 pub mod classify;
 pub mod conntrack;
 pub mod csum;
 pub mod fib;
+pub mod flows;
 pub mod icmp;
 pub mod inbound;
 pub mod maps;
@@ -32,7 +34,10 @@ pub mod tunnel;
 
 /// TC verdicts (linux/pkt_cls.h).
 pub mod action {
-    pub const OK: i32 = 0;
+    /// `TC_ACT_UNSPEC`, TCX's "next": traffic that is not ours goes on to
+    /// the programs attached after ours and to classic tc filters, which
+    /// `TC_ACT_OK` (0) would skip. Our own verdicts are drop and redirect.
+    pub const PASS: i32 = -1;
     pub const SHOT: i32 = 2;
     pub const REDIRECT: i32 = 7;
 }

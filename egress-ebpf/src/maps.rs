@@ -7,8 +7,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use egress_common::{
-    DatapathConfig, ExclusionKeyV4, FlowKeyV4, NatEntryV4, NodeV4, PodCidrKeyV4, PodPolicyV4,
-    PolicyStats, PolicyV4, RemotePodV4, RevNatEntryV4, flow_count,
+    DatapathConfig, ExclusionKeyV4, FlowKeyV4, NatEntryV4, NodeV4, PodCidrKeyV4, PodFlowsV4,
+    PodPolicyV4, PolicyStats, PolicyV4, RemotePodV4, RevNatEntryV4, UNREPLIED_RING_SLOTS,
+    flow_count,
     maps::{
         DEFAULT_MAX_FLOWS, DEFAULT_MAX_PODS, DEFAULT_MAX_POLICIES, MAX_EXCLUSIONS, MAX_MARKS,
         MAX_NODES, MAX_UPSTREAM_INTERFACES,
@@ -66,6 +67,21 @@ pub static NAT_REV_V4: LruHashMap<FlowKeyV4, RevNatEntryV4, { DEFAULT_MAX_FLOWS 
 
 #[btf_map(name = "flow_count")]
 pub static FLOW_COUNT: Array<u64, { flow_count::SLOTS as usize }> = Array::new();
+
+#[btf_map(name = "pod_flows_v4")]
+pub static POD_FLOWS_V4: HashMap<[u8; 4], PodFlowsV4, { DEFAULT_MAX_PODS as usize }> =
+    HashMap::new();
+
+#[btf_map(name = "pod_released_v4")]
+pub static POD_RELEASED_V4: HashMap<[u8; 4], u64, { DEFAULT_MAX_PODS as usize }> = HashMap::new();
+
+#[btf_map(name = "unreplied_ring")]
+pub static UNREPLIED_RING: Array<FlowKeyV4, { UNREPLIED_RING_SLOTS as usize }> = Array::new();
+
+/// Where an ICMP error is built (`icmp::into_error`): per CPU, not pinned,
+/// never read outside one program run.
+#[btf_map(name = "icmp_scratch")]
+pub static ICMP_SCRATCH: PerCpuArray<[u8; crate::icmp::ERROR_FRAME_LEN], 1> = PerCpuArray::new();
 
 #[btf_map(name = "policy_stats")]
 pub static POLICY_STATS: PerCpuArray<PolicyStats, { DEFAULT_MAX_POLICIES as usize }> =

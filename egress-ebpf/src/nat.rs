@@ -1,27 +1,25 @@
 //! Source NAT to the egress IP: the flow table, port allocation and the
 //! packet rewrites of both directions.
 
-use core::ptr;
-
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
-    helpers::bpf_get_prandom_u32,
+    helpers::{bpf_get_prandom_u32, bpf_redirect},
     programs::TcContext,
 };
 use egress_common::{
     DatapathConfig, DropReason, FlowKeyV4, NAT_PORT_PROBES, NatEntryV4, NextHopV4, RevNatEntryV4,
-    ct_flags, flow_count,
+    ct_flags,
 };
 
 use crate::{
     classify::{self, Selected},
     conntrack::{self, Direction},
     csum::{self, HeaderEdit},
-    fib::{self, HopCache},
-    icmp, inbound,
-    maps::{FLOW_COUNT, NAT_FWD_V4, NAT_REV_V4},
+    fib::{self, HopCache, NoHop},
+    flows, icmp, inbound,
+    maps::{NAT_FWD_V4, NAT_REV_V4},
     parse::{ICMP_ID, IP_DST, IP_SRC, Ipv4, L4},
-    stats,
+    stats, tunnel,
 };
 
 /// The key of a pod's packet, if its transport can be translated.
@@ -56,7 +54,8 @@ pub fn tcp_flags(l4: &L4) -> u8 {
     }
 }
 
-/// Finds the flow's translation, creating it on the first packet.
+/// Finds the flow's translation, creating it on the first packet (within
+/// the flow caps, see `flows::admit`).
 ///
 /// A flow keeps the egress IP it started with while that IP is held here:
 /// an entry made for another policy of the same EgressIP that is still in
@@ -70,6 +69,7 @@ pub fn tcp_flags(l4: &L4) -> u8 {
 /// `Ok(None)`; established flows skip those lookups, they passed them when
 /// created. Steered arrivals were judged by their own node.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 pub fn translation(
     key: &FlowKeyV4,
     ip: &Ipv4,
@@ -78,9 +78,9 @@ pub fn translation(
     origin_node: [u8; 4],
     cfg: &DatapathConfig,
     local: bool,
+    now: u64,
 ) -> Result<Option<Translation>, DropReason> {
     let tcp = tcp_flags(l4);
-    let now = conntrack::now();
     let mut stale: Option<NatEntryV4> = None;
     if let Some(entry) = NAT_FWD_V4.get_ptr_mut(key) {
         // SAFETY: pointer from a successful lookup; the entry stays valid for
@@ -106,9 +106,10 @@ pub fn translation(
     {
         return Ok(None);
     }
-    if stale.is_none() {
-        reserve_flow(cfg)?;
-    }
+    let admitted = match stale {
+        None => Some(flows::admit(key.src_addr, cfg)?),
+        Some(_) => None,
+    };
     let rev = RevNatEntryV4 {
         orig_addr: key.src_addr,
         origin_node,
@@ -117,15 +118,7 @@ pub fn translation(
         policy_id: sel.id,
         hop: NextHopV4::default(),
     };
-    let nat_port = match claim_port(key, sel.policy.egress_addr, &rev, cfg) {
-        Ok(port) => port,
-        Err(reason) => {
-            if stale.is_none() {
-                unreserve_flow();
-            }
-            return Err(reason);
-        }
-    };
+    let nat_port = claim_port(key, sel.policy.egress_addr, &rev, cfg)?;
     let mut flags = 0;
     if origin_node != [0; 4] {
         flags |= ct_flags::REMOTE_ORIGIN;
@@ -150,13 +143,15 @@ pub fn translation(
     } else if NAT_FWD_V4.insert(key, entry, BPF_NOEXIST as u64).is_err() {
         // Another CPU created this flow first: hand our port back, use theirs.
         let _ = NAT_REV_V4.remove(reply);
-        unreserve_flow();
         let theirs = NAT_FWD_V4.get_ptr(key).ok_or(DropReason::RewriteFailed)?;
         // SAFETY: pointer from a successful lookup.
         return Ok(Some(Translation {
             entry: unsafe { *theirs },
             hop: None,
         }));
+    }
+    if let Some(admitted) = admitted {
+        flows::created(key, &admitted);
     }
     stats::count_new_flow(sel.id);
     Ok(Some(Translation { entry, hop: None }))
@@ -190,53 +185,6 @@ pub struct Translation {
 #[inline(always)]
 fn reply_of(key: &FlowKeyV4, nat_addr: [u8; 4], nat_port: u16) -> FlowKeyV4 {
     FlowKeyV4::new(key.dst_addr, nat_addr, key.dst_port, nat_port, key.proto)
-}
-
-/// Adds `delta` to a `flow_count` slot with a BPF atomic add (the bpf
-/// target has no compare-and-swap, so core's `AtomicU64` offers no RMW).
-#[inline(always)]
-fn count_add(slot: u32, delta: u64) {
-    if let Some(ptr) = FLOW_COUNT.get_ptr_mut(slot) {
-        // SAFETY: array slots are stable, aligned u64s for the program's lifetime.
-        #[cfg(target_arch = "bpf")]
-        unsafe {
-            core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
-                ptr, delta,
-            )
-        };
-        // The host build only type-checks the library; it never runs it.
-        // SAFETY: as above.
-        #[cfg(not(target_arch = "bpf"))]
-        unsafe { core::sync::atomic::AtomicU64::from_ptr(ptr) }
-            .fetch_add(delta, core::sync::atomic::Ordering::Relaxed);
-    }
-}
-
-#[inline(always)]
-fn count_get(slot: u32) -> u64 {
-    match FLOW_COUNT.get_ptr(slot) {
-        // A plain load of an aligned u64 is atomic on BPF; volatile keeps the
-        // compiler from caching it (the generic target has no atomic load).
-        // SAFETY: as above.
-        Some(ptr) => unsafe { ptr::read_volatile(ptr) },
-        None => u64::MAX,
-    }
-}
-
-/// Counts a new flow, refusing it when the table is at `max_flows`.
-#[inline(always)]
-fn reserve_flow(cfg: &DatapathConfig) -> Result<(), DropReason> {
-    let live = count_get(flow_count::CREATED).wrapping_sub(count_get(flow_count::RELEASED));
-    if live >= cfg.max_flows {
-        return Err(DropReason::FlowTableFull);
-    }
-    count_add(flow_count::CREATED, 1);
-    Ok(())
-}
-
-#[inline(always)]
-fn unreserve_flow() {
-    count_add(flow_count::CREATED, u64::MAX);
 }
 
 /// Claims a NAT port with an atomic insert-if-absent of the reply tuple:
@@ -313,9 +261,8 @@ pub fn destination_edit(ip: &Ipv4, l4: &L4, rev: &RevNatEntryV4) -> HeaderEdit {
 
 /// Looks up a reply's translation and records the packet in the flow's conntrack state.
 #[inline(always)]
-pub fn reverse(key: &FlowKeyV4, tcp: u8) -> Option<(RevNatEntryV4, HopCache)> {
+pub fn reverse(key: &FlowKeyV4, tcp: u8, now: u64) -> Option<(RevNatEntryV4, HopCache)> {
     let ptr = NAT_REV_V4.get_ptr_mut(key)?;
-    let now = conntrack::now();
     // SAFETY: pointer from a successful lookup; valid for this program run.
     let (rev, hop) = unsafe {
         (
@@ -352,7 +299,15 @@ pub fn reverse(key: &FlowKeyV4, tcp: u8) -> Option<(RevNatEntryV4, HopCache)> {
 /// `origin_node`). With `honour_exclusions` (local pods), a new flow to an
 /// excluded destination or one opened from outside gets `Ok(None)`: the
 /// caller lets it pass untouched.
+///
+/// A packet too big for the egress device is not forwarded: with DF set the
+/// pod gets "fragmentation needed" back (see `bounce`); without, it is
+/// dropped (`mtu_exceeded`): the redirect bypasses the stack's
+/// fragmentation, BPF has no helper to fragment, and handing the packet to
+/// the stack instead would send it out through the node's masquerade with
+/// the node address.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 pub fn snat_and_forward(
     ctx: &TcContext,
     ip: &Ipv4,
@@ -361,6 +316,7 @@ pub fn snat_and_forward(
     origin_node: [u8; 4],
     cfg: &DatapathConfig,
     honour_exclusions: bool,
+    now: u64,
 ) -> Result<Option<i32>, DropReason> {
     let Some(key) = forward_key(ip, l4) else {
         if honour_exclusions
@@ -384,20 +340,78 @@ pub fn snat_and_forward(
             decrement_ttl: true,
             macs: None,
         };
-        return forward(ctx, ip, edit, nat_addr, sel.id, None).map(Some);
+        // Never an ICMP error about an ICMP error (RFC 1122).
+        return forward(ctx, ip, edit, nat_addr, sel.id, None)
+            .map(Some)
+            .map_err(DropReason::from);
     };
     let Some(Translation { entry, hop }) =
-        translation(&key, ip, l4, sel, origin_node, cfg, honour_exclusions)?
+        translation(&key, ip, l4, sel, origin_node, cfg, honour_exclusions, now)?
     else {
         return Ok(None);
     };
     let edit = source_edit(ip, l4, &entry);
-    forward(ctx, ip, edit, entry.nat_addr, sel.id, hop).map(Some)
+    match forward(ctx, ip, edit, entry.nat_addr, sel.id, hop) {
+        Ok(verdict) => Ok(Some(verdict)),
+        Err(NoHop {
+            reason: DropReason::MtuExceeded,
+            mtu,
+        }) if ip.dont_fragment => {
+            let kind = icmp::ErrorKind::FragNeeded { mtu };
+            let from = cfg.node_addr;
+            bounce(
+                ctx,
+                ip,
+                kind,
+                from,
+                origin_node,
+                sel.id,
+                cfg,
+                DropReason::MtuExceeded,
+            )
+            .map(Some)
+        }
+        Err(e) => Err(e.reason),
+    }
+}
+
+/// Turns a packet this node will not forward into an ICMP error from `from`
+/// and sends it back to its sender: out of the interface it came in on (a
+/// local pod, or the uplink for a reply from outside), or through the
+/// tunnel to `origin_node` (VNI `policy_id`) for a steered pod. The error
+/// quotes the packet as it arrived (for a pod: untranslated), and is counted
+/// as a drop of `reason`. Packets that cannot be answered (IP options) are
+/// dropped with `reason`.
+///
+/// Contract with the pod's node: its `tunnel_ingress` accepts such an error
+/// for a pod when the outer source is the egress node of the flow that the
+/// quote (the pod's own tuple) names.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub fn bounce(
+    ctx: &TcContext,
+    ip: &Ipv4,
+    kind: icmp::ErrorKind,
+    from: [u8; 4],
+    origin_node: [u8; 4],
+    policy_id: u32,
+    cfg: &DatapathConfig,
+    reason: DropReason,
+) -> Result<i32, DropReason> {
+    icmp::into_error(ctx, ip, kind, from).map_err(|_| reason)?;
+    stats::count_drop(policy_id, reason);
+    if origin_node == [0; 4] {
+        // SAFETY: reading a field of the context the kernel handed us.
+        let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+        // SAFETY: helper without pointer arguments.
+        return Ok(unsafe { bpf_redirect(ifindex, 0) } as i32);
+    }
+    tunnel::redirect(ctx, origin_node, policy_id, cfg.tunnel_ifindex)
 }
 
 /// Routes a translated packet (source `src`; through the flow's next-hop
 /// cache when there is one), applies `edit` with the next hop's MACs, counts
-/// it and redirects it.
+/// it and redirects it. Nothing is rewritten when there is no next hop.
 #[inline(always)]
 pub fn forward(
     ctx: &TcContext,
@@ -406,18 +420,15 @@ pub fn forward(
     src: [u8; 4],
     policy_id: u32,
     cache: Option<HopCache>,
-) -> Result<i32, DropReason> {
+) -> Result<i32, NoHop> {
     // SAFETY: reading a field of the context the kernel handed us.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let hop = match cache {
         Some(cache) => fib::cached_lookup(ctx, &cache, src, ip.dst, ifindex),
         None => fib::lookup(ctx, src, ip.dst, ifindex),
-    };
-    edit.macs = match &hop {
-        Ok(hop) => hop.macs,
-        Err(_) => None,
-    };
-    csum::apply(ctx, ip, &edit)?;
+    }?;
+    edit.macs = hop.macs;
+    csum::apply(ctx, ip, &edit).map_err(|reason| NoHop { reason, mtu: 0 })?;
     stats::count_egress(policy_id, ctx.len());
-    Ok(fib::send(&hop?))
+    Ok(fib::send(&hop))
 }

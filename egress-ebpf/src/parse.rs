@@ -44,6 +44,32 @@ pub struct Ipv4 {
     pub fragment: bool,
     /// A fragment other than the first: it carries no transport header.
     pub later_fragment: bool,
+    /// Don't Fragment: an oversized packet gets "fragmentation needed" back.
+    pub dont_fragment: bool,
+    /// The header's total length (0 in BIG TCP super-packets).
+    pub tot_len: u16,
+}
+
+impl Ipv4 {
+    /// Drops packets whose total length disagrees with the frame: longer
+    /// than what arrived, or shorter than its own header. (A frame longer
+    /// than the packet is Ethernet padding.) GSO super-packets above 64 KiB
+    /// (BIG TCP) carry 0 and are left alone.
+    #[inline(always)]
+    pub fn check_length(&self, ctx: &TcContext) -> Result<(), DropReason> {
+        let tot_len = self.tot_len as usize;
+        if tot_len == 0 {
+            // SAFETY: reading a field of the context the kernel handed us.
+            let gso_size = unsafe { (*ctx.skb.skb).gso_size };
+            if gso_size != 0 {
+                return Ok(());
+            }
+        }
+        if tot_len < self.l4_off - IP_OFF || tot_len + IP_OFF > ctx.len() as usize {
+            return Err(DropReason::BadLength);
+        }
+        Ok(())
+    }
 }
 
 /// Makes sure the headers are in the linear area, then parses Ethernet and
@@ -84,6 +110,8 @@ pub fn ipv4(ctx: &TcContext) -> Result<Option<Ipv4>, DropReason> {
         l4_off: IP_OFF + ihl,
         fragment: frag & 0x3fff != 0,
         later_fragment: frag & 0x1fff != 0,
+        dont_fragment: frag & 0x4000 != 0,
+        tot_len: u16::from_be_bytes(ip.tot_len),
     }))
 }
 

@@ -1,11 +1,14 @@
 //! The projection from cluster objects to one node's desired datapath state.
 
 use std::{
+    cmp::Reverse,
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
 };
 
-use egress_model::{AddressClaim, NodeState, PolicyId, PolicyState, RemotePod};
+use egress_model::{
+    AddressClaim, FailurePolicy, NO_USABLE_IP, NodeState, PolicyId, PolicyState, RemotePod,
+};
 use ipnet::Ipv4Net;
 
 use crate::{
@@ -148,17 +151,29 @@ pub fn project(input: &ProjectInput<'_>) -> Projection {
         .collect();
     let selection = plan::select_pods(&checked, input.namespaces, input.pods);
     for (pod_ip, ci) in selection.winner {
+        let here = node_of.get(&pod_ip) == Some(&input.node_name);
         let Some(ids) = resource_policies.get(&ci) else {
-            // The winning resource has no usable IP yet: its pods stay
-            // unmapped rather than falling through to a younger resource, so
-            // precedence never depends on timing.
+            // The winning resource has no usable IP yet (no status, no
+            // eligible node, invalid or conflicting IPs): its pods never
+            // fall through to a younger resource, so precedence does not
+            // depend on timing, and its failure policy applies to them.
+            // FailClosed maps them to the reserved slot, which drops their
+            // external traffic; FailOpen leaves them unmapped: they leave
+            // with the node's address.
+            if here && checked[ci].failure_policy == FailurePolicy::FailClosed {
+                state
+                    .policies
+                    .entry(NO_USABLE_IP)
+                    .or_insert_with(PolicyState::no_usable_ip);
+                state.pods.insert(pod_ip, NO_USABLE_IP);
+            }
             continue;
         };
         let Some(id) = pick_policy(pod_ip, ids, &state.policies) else {
             continue;
         };
         match node_of.get(&pod_ip) {
-            Some(n) if *n == input.node_name => {
+            _ if here => {
                 state.pods.insert(pod_ip, id);
             }
             Some(n) => {
@@ -177,8 +192,10 @@ pub fn project(input: &ProjectInput<'_>) -> Projection {
 }
 
 /// A pod of a resource with several IPs uses one of those held by a live
-/// node (all of them while none is), chosen by its address: deterministic,
-/// spread across the IPs, and only pods of a failed IP move.
+/// node (any of them while none is), chosen by rendezvous (highest random
+/// weight) hashing of the pod's address with each egress IP: deterministic
+/// on every node, spread evenly, and when one IP lapses only the pods that
+/// used it move (each pod's ranking of the other IPs does not change).
 fn pick_policy(
     pod_ip: Ipv4Addr,
     ids: &[PolicyId],
@@ -190,17 +207,29 @@ fn pick_policy(
         .filter(|id| policies[id].egress_node.is_some())
         .collect();
     let pool = if held.is_empty() { ids } else { &held };
-    if pool.is_empty() {
-        return None;
-    }
-    Some(pool[(u32::from(pod_ip) as usize) % pool.len()])
+    pool.iter().copied().max_by_key(|id| {
+        (
+            rendezvous_weight(pod_ip, policies[id].egress_ip),
+            Reverse(*id),
+        )
+    })
+}
+
+/// The weight of `egress_ip` for `pod_ip`: a fixed 64-bit mix (SplitMix64's
+/// finalizer) of both addresses, so that every node and every version of
+/// the agent ranks the IPs the same way.
+fn rendezvous_weight(pod_ip: Ipv4Addr, egress_ip: Ipv4Addr) -> u64 {
+    let mut z = (u64::from(u32::from(pod_ip)) << 32 | u64::from(u32::from(egress_ip)))
+        .wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::facts::{DEFAULT_ASSIGNABLE_LABEL as EA, eip_fixtures::eip, fixtures};
-    use egress_model::FailurePolicy;
     use serde_json::json;
 
     fn ip(s: &str) -> Ipv4Addr {
@@ -548,7 +577,13 @@ mod tests {
         dup.status = Some(serde_json::from_value(json!({"ips": [{"egressIP": "172.18.0.100", "policyId": 9, "node": "node2", "conditions": []}]})).unwrap());
         w.eips.push(dup);
         let s = w.project("node1").state;
-        assert_eq!(s.policies.keys().copied().collect::<Vec<_>>(), [1, 2]);
+        // The duplicate's only IP conflicts: the pods it wins (db-0, which
+        // team-a does not select) are held closed by its failure policy.
+        assert_eq!(
+            s.policies.keys().copied().collect::<Vec<_>>(),
+            [NO_USABLE_IP, 1, 2]
+        );
+        assert_eq!(s.pods[&ip("10.244.1.6")], NO_USABLE_IP);
         w.eips[0].spec.namespace_selector.match_expressions = Some(vec![
             serde_json::from_value(json!({"key": "x", "operator": "Exists", "values": ["y"]}))
                 .unwrap(),
@@ -557,5 +592,140 @@ mod tests {
         let s = w.project("node1").state;
         assert_eq!(s.policies.keys().copied().collect::<Vec<_>>(), [9]);
         assert!(s.pods.keys().all(|p| s.pods[p] == 9));
+    }
+
+    /// `spread` selects namespace `shop`'s `app=web` pods through three IPs
+    /// (ids 1..=3) held by the given nodes.
+    fn spread(holders: [Option<&str>; 3]) -> EgressIP {
+        let addrs = ["172.18.0.100", "172.18.0.101", "172.18.0.102"];
+        let mut e = eip(
+            "spread",
+            "2026-01-01T00:00:00Z",
+            json!({"egressIPs": addrs,
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "shop"}},
+                "podSelector": {"matchLabels": {"app": "web"}}}),
+        );
+        let ips: Vec<serde_json::Value> = addrs
+            .iter()
+            .zip(holders)
+            .enumerate()
+            .map(|(i, (ip, n))| json!({"egressIP": ip, "policyId": i + 1, "node": n, "conditions": []}))
+            .collect();
+        e.status = Some(serde_json::from_value(json!({"items": [], "ips": ips})).unwrap());
+        e
+    }
+
+    #[test]
+    fn with_three_ips_a_lapsed_ip_moves_only_its_own_pods() {
+        let mut w = World::new();
+        w.eips = vec![spread([Some("node1"), Some("node2"), Some("node1")])];
+        w.claims = claims(&[
+            ("172.18.0.100", "node1"),
+            ("172.18.0.101", "node2"),
+            ("172.18.0.102", "node1"),
+        ]);
+        w.pods = (0..60)
+            .map(|i| {
+                let ip = format!("10.244.1.{}", 10 + i);
+                PodInfo::from_pod(&fixtures::pod(
+                    "shop",
+                    &format!("web-{i}"),
+                    "node1",
+                    &ip,
+                    &[("app", "web")],
+                ))
+                .unwrap()
+            })
+            .collect();
+        let before = w.project("node1").state.pods;
+        assert_eq!(before.len(), 60);
+        for id in 1..=3 {
+            let n = before.values().filter(|p| **p == id).count();
+            assert!(n >= 10, "IP {id} got {n} of 60 pods: {before:?}");
+        }
+        // node2's claim on .101 (id 2) lapses.
+        w.claims = claims(&[("172.18.0.100", "node1"), ("172.18.0.102", "node1")]);
+        let after = w.project("node1").state.pods;
+        for (pod, id) in &before {
+            if *id == 2 {
+                assert_ne!(after[pod], 2, "{pod} still uses the lapsed IP");
+            } else {
+                assert_eq!(after[pod], *id, "{pod} moved although its IP is healthy");
+            }
+        }
+        // Both remaining IPs take some of the moved pods.
+        let moved: BTreeSet<PolicyId> = before
+            .iter()
+            .filter(|(_, id)| **id == 2)
+            .map(|(pod, _)| after[pod])
+            .collect();
+        assert_eq!(moved, BTreeSet::from([1, 3]));
+        // The choice does not depend on the order of the ids.
+        let ids = [3, 2, 1];
+        let policies = w.project("node1").state.policies;
+        for pod in before.keys() {
+            assert_eq!(pick_policy(*pod, &ids, &policies), Some(after[pod]));
+        }
+    }
+
+    #[test]
+    fn pods_of_a_fail_closed_egress_ip_without_usable_ip_are_held_closed() {
+        let mut w = World::new();
+        let mut e = team_a([Some("node1"), Some("node2")]);
+        e.status = None;
+        e.spec.failure_policy = crate::crd::FailurePolicySpec::FailClosed;
+        w.eips = vec![e];
+        let s = w.project("node1").state;
+        assert_eq!(
+            s.pods,
+            BTreeMap::from([
+                (ip("10.244.1.4"), NO_USABLE_IP),
+                (ip("10.244.1.5"), NO_USABLE_IP)
+            ])
+        );
+        assert_eq!(
+            s.policies.keys().copied().collect::<Vec<_>>(),
+            [NO_USABLE_IP]
+        );
+        let slot = &s.policies[&NO_USABLE_IP];
+        assert_eq!(slot.egress_node, None);
+        assert_eq!(slot.failure_policy, FailurePolicy::FailClosed);
+        assert!(s.claims().is_empty());
+
+        // The same resource with FailOpen lets them out with the node address.
+        w.eips[0].spec.failure_policy = crate::crd::FailurePolicySpec::FailOpen;
+        let s = w.project("node1").state;
+        assert!(s.pods.is_empty());
+        assert!(s.policies.is_empty());
+    }
+
+    #[test]
+    fn invalid_or_conflicting_ips_hold_fail_closed_pods_closed_too() {
+        let mut w = World::new();
+        // node1's own address: a conflict; a malformed entry: invalid.
+        let mut e = eip(
+            "bad-ips",
+            "2026-01-01T00:00:00Z",
+            json!({"egressIPs": ["172.18.0.11", "300.1.2.3"],
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "shop"}},
+                "podSelector": {"matchLabels": {"app": "web"}},
+                "failurePolicy": "FailClosed"}),
+        );
+        e.status = Some(
+            serde_json::from_value(json!({"items": [], "ips": [
+            {"egressIP": "172.18.0.11", "policyId": 4, "node": "node1", "conditions": []}]}))
+            .unwrap(),
+        );
+        w.eips = vec![e];
+        let s = w.project("node1").state;
+        assert!(
+            s.pods.values().all(|id| *id == NO_USABLE_IP),
+            "{:?}",
+            s.pods
+        );
+        assert_eq!(s.pods.len(), 2);
+        assert!(!s.policies.contains_key(&4));
+        // A pod no resource selects is not held.
+        assert!(!s.pods.contains_key(&ip("10.244.1.6")));
     }
 }

@@ -117,14 +117,14 @@ impl FailoverReport {
 
 /// One datagram as the server saw it.
 #[derive(Clone, Copy, Debug)]
-struct Arrival {
-    at: Instant,
-    from: SocketAddrV4,
-    seq: u64,
+pub struct Arrival {
+    pub at: Instant,
+    pub from: SocketAddrV4,
+    pub seq: u64,
 }
 
 /// Records the numbered datagrams arriving at the server.
-struct Receiver {
+pub struct Receiver {
     stop: Arc<AtomicBool>,
     log: Arc<Mutex<Vec<Arrival>>>,
     ns: String,
@@ -132,7 +132,7 @@ struct Receiver {
 }
 
 impl Receiver {
-    fn start(ns: &str, addr: SocketAddrV4) -> Result<Self> {
+    pub fn start(ns: &str, addr: SocketAddrV4) -> Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let log: Arc<Mutex<Vec<Arrival>>> = Arc::default();
         let (stop2, log2) = (stop.clone(), log.clone());
@@ -172,7 +172,7 @@ impl Receiver {
         })
     }
 
-    fn arrivals(&self) -> Vec<Arrival> {
+    pub fn arrivals(&self) -> Vec<Arrival> {
         self.log.lock().expect("receiver log poisoned").clone()
     }
 }
@@ -186,8 +186,8 @@ impl Drop for Receiver {
     }
 }
 
-/// Sends a numbered datagram every [`SEND_INTERVAL`] from a pod until dropped.
-struct Sender {
+/// Sends a numbered datagram every `interval` from a pod until dropped.
+pub struct Sender {
     stop: Arc<AtomicBool>,
     sent: Arc<AtomicU64>,
     ns: String,
@@ -195,7 +195,11 @@ struct Sender {
 }
 
 impl Sender {
-    fn start(ns: &str, to: SocketAddrV4) -> Result<Self> {
+    pub fn start(ns: &str, to: SocketAddrV4) -> Result<Self> {
+        Self::every(ns, to, SEND_INTERVAL)
+    }
+
+    pub fn every(ns: &str, to: SocketAddrV4, interval: Duration) -> Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let sent = Arc::new(AtomicU64::new(0));
         let (stop2, sent2) = (stop.clone(), sent.clone());
@@ -209,7 +213,7 @@ impl Sender {
                 let _ = socket.send_to(&seq.to_be_bytes(), to);
                 seq += 1;
                 sent2.store(seq, Ordering::Relaxed);
-                next += SEND_INTERVAL;
+                next += interval;
                 thread::sleep(next.saturating_duration_since(Instant::now()));
             }
             Ok(())
@@ -222,7 +226,8 @@ impl Sender {
         })
     }
 
-    fn stop(&mut self) -> Result<u64> {
+    /// Stops sending; returns how many datagrams were sent.
+    pub fn stop(&mut self) -> Result<u64> {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             netns::join(t, &self.ns)?;

@@ -164,6 +164,18 @@ impl KubeApi {
         Ok(())
     }
 
+    /// Creates `pod`'s object again, with its policy's label, as the
+    /// kubelet reports a pod once its sandbox is up.
+    pub fn restore_pod(&mut self, pod: PodRef, spec: &LabSpec) -> Result<()> {
+        if self.has_pod(pod) {
+            return Err(LabError::Spec(format!("pod {pod} still has its object")));
+        }
+        self.api
+            .create(PODS, pod_object(pod, policy_of(spec, pod).map(|p| &p.name)));
+        self.deleted_pods.remove(&pod);
+        Ok(())
+    }
+
     /// Makes the pods' labels and the EgressIPs say what `spec.policies`
     /// says: creates, changes (merge patches that also remove what is gone)
     /// and deletes EgressIPs, and relabels pods whose policy changed.

@@ -16,6 +16,7 @@ pub mod netns;
 pub mod spec;
 pub mod topology;
 pub mod traffic;
+pub mod window;
 
 pub use agent::{Agent, Stats, agent_binary, workspace_root};
 pub use error::{LabError, Result};

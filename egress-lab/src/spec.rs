@@ -109,6 +109,7 @@ impl PolicySpec {
 /// `[datapath.timeouts]`, in seconds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct Timeouts {
+    pub unreplied: u64,
     pub tcp_syn_sent: u64,
     pub tcp_established: u64,
     pub tcp_closing: u64,
@@ -120,6 +121,7 @@ pub struct Timeouts {
 impl Default for Timeouts {
     fn default() -> Self {
         Self {
+            unreplied: 30,
             tcp_syn_sent: 60,
             tcp_established: 21600,
             tcp_closing: 30,
@@ -134,6 +136,9 @@ impl Default for Timeouts {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct DatapathSpec {
     pub max_flows: u64,
+    pub max_flows_per_pod: u32,
+    pub pass_unmatched_to_egress_ips: bool,
+    pub answer_ping_on_egress_ips: bool,
     pub max_policies: u32,
     pub max_pods: u32,
     pub nat_port_min: u16,
@@ -146,6 +151,9 @@ impl Default for DatapathSpec {
     fn default() -> Self {
         Self {
             max_flows: 262_144,
+            max_flows_per_pod: 65_536,
+            pass_unmatched_to_egress_ips: false,
+            answer_ping_on_egress_ips: false,
             max_policies: 4096,
             max_pods: 65536,
             nat_port_min: 1024,

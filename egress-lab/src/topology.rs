@@ -315,6 +315,58 @@ impl Lab {
             .delete_pod(pod)
     }
 
+    /// Deletes `pod`'s interface pair, as when a pod's sandbox goes away
+    /// (its network namespace stays, empty).
+    pub fn unplug_pod(&self, pod: PodRef) -> Result<()> {
+        exec::ip_batch(
+            Some(&self.node_ns(pod.node)),
+            &[format!("link del {}", pod.host_interface())],
+        )
+    }
+
+    /// Gives `pod` its interface pair again, configured as at build time:
+    /// the pair, the node side (address, state, route), then the pod side,
+    /// so that the pod's first packet finds its gateway answering at once.
+    pub fn plug_pod(&self, pod: PodRef) -> Result<()> {
+        let n = pod.node;
+        let host = pod.host_interface();
+        let node = self.node_ns(n);
+        let pns = self.pod_ns(pod);
+        exec::ip_batch(
+            Some(&node),
+            &[
+                format!(
+                    "link add {host} mtu {m} type veth peer name eth0 mtu {m} netns {pns}",
+                    m = self.spec.pod_mtu
+                ),
+                format!("addr add {}/32 dev {host}", spec::pod_gateway(n)),
+                format!("link set {host} up"),
+                format!("route add {}/32 dev {host}", pod.ip()),
+            ],
+        )?;
+        exec::ip_batch(
+            Some(&pns),
+            &[
+                format!("addr add {}/32 dev eth0", pod.ip()),
+                "link set eth0 up".to_owned(),
+                format!(
+                    "route add default via {} dev eth0 onlink",
+                    spec::pod_gateway(n)
+                ),
+            ],
+        )
+    }
+
+    /// Creates `pod`'s Pod object again after [`Self::delete_pod_object`].
+    pub fn restore_pod_object(&mut self, pod: PodRef) -> Result<()> {
+        self.kube_or_err()?;
+        let spec = self.spec.clone();
+        self.kube
+            .as_mut()
+            .expect("checked just above")
+            .restore_pod(pod, &spec)
+    }
+
     pub fn spec(&self) -> &LabSpec {
         &self.spec
     }

@@ -1324,6 +1324,45 @@ async fn many(
     })
 }
 
+/// Sends `count` bare TCP segments with `flags` (e.g. a lone ACK, 0x10) from
+/// `src.ip()`, source ports `src.port()` onwards (one per segment), to
+/// `dst`, through a raw socket in `ns`: segments of no connection, as a
+/// scanner or a broken client sends them.
+pub fn tcp_raw_segments(
+    ns: &str,
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    flags: u8,
+    count: u16,
+) -> Result<()> {
+    in_netns(ns, move || {
+        let socket = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::TCP))
+            .map_err(|e| traffic_err(format!("raw TCP socket: {e}")))?;
+        for i in 0..count {
+            let sport = src.port().wrapping_add(i);
+            let mut tcp = [0u8; 20];
+            tcp[0..2].copy_from_slice(&sport.to_be_bytes());
+            tcp[2..4].copy_from_slice(&dst.port().to_be_bytes());
+            tcp[4..8].copy_from_slice(&(0x1000_0000u32 + u32::from(i)).to_be_bytes());
+            tcp[8..12].copy_from_slice(&0x2000_0000u32.to_be_bytes());
+            tcp[12] = 5 << 4;
+            tcp[13] = flags;
+            tcp[14..16].copy_from_slice(&512u16.to_be_bytes());
+            let mut pseudo = Vec::with_capacity(32);
+            pseudo.extend_from_slice(&src.ip().octets());
+            pseudo.extend_from_slice(&dst.ip().octets());
+            pseudo.extend_from_slice(&[0, 6, 0, 20]);
+            pseudo.extend_from_slice(&tcp);
+            tcp[16..18].copy_from_slice(&internet_checksum(&pseudo).to_be_bytes());
+            let to = SockAddr::from(SocketAddrV4::new(*dst.ip(), 0));
+            socket
+                .send_to(&tcp, &to)
+                .map_err(|e| traffic_err(format!("raw TCP segment {src} -> {dst}: {e}")))?;
+        }
+        Ok(())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -22,6 +22,15 @@ pub type PolicyId = u32;
 /// The largest id a policy can have: ids are 24-bit VNIs.
 pub const MAX_POLICY_ID: PolicyId = (1 << 24) - 1;
 
+/// The reserved policy slot for selected pods whose EgressIP has no usable
+/// IP yet (no status, no eligible node, invalid or conflicting IPs) and
+/// whose failure policy is FailClosed: active, with no egress IP and no
+/// egress node, so the datapath drops their external traffic (counted as
+/// `no_egress_node` of policy 0) and lets excluded destinations through.
+/// Assigned ids start at 1, so this slot never collides with a real policy,
+/// and it is never a tunnel VNI.
+pub const NO_USABLE_IP: PolicyId = 0;
+
 /// What to do with a selected pod's traffic while no live node holds the egress IP.
 #[derive(
     Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
@@ -46,6 +55,19 @@ pub struct PolicyState {
     pub failure_policy: FailurePolicy,
     /// Destinations this policy never translates, beyond the global exclusions.
     pub excluded: BTreeSet<Ipv4Net>,
+}
+
+impl PolicyState {
+    /// The [`NO_USABLE_IP`] slot.
+    pub fn no_usable_ip() -> Self {
+        Self {
+            name: "no usable egress IP".into(),
+            egress_ip: Ipv4Addr::UNSPECIFIED,
+            egress_node: None,
+            failure_policy: FailurePolicy::FailClosed,
+            excluded: BTreeSet::new(),
+        }
+    }
 }
 
 /// An address this node must hold on one of its interfaces.

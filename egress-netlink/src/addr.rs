@@ -4,7 +4,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use futures_util::TryStreamExt;
 use ipnet::Ipv4Net;
 use rtnetlink::packet_route::AddressFamily;
-use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
+use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage, CacheInfo};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
@@ -18,6 +18,45 @@ pub struct InterfaceAddress {
     pub ifindex: u32,
     pub ifname: String,
     pub addr: Ipv4Net,
+}
+
+/// How long the kernel keeps an address the agent adds.
+///
+/// The kernel counts lifetimes in whole seconds from the moment they are
+/// set (`ifa_tstamp`), and its IPv4 expiry check (`check_lifetime` in
+/// `net/ipv4/devinet.c`) runs when an address is added or its lifetime
+/// replaced, then again at the earliest expiry, rounded up to a whole
+/// second when that is less than 250 ms later and never sooner than a
+/// second after the previous check; it removes addresses whose age is
+/// within 20 ms of their valid lifetime. So an address given `Seconds(n)`
+/// at `t` disappears between `t + n - 20 ms` and `t + n + 250 ms` (plus
+/// workqueue latency), unless its lifetime is set again before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lifetime {
+    /// Permanent (`IFA_F_PERMANENT`): until removed.
+    Forever,
+    /// Valid and preferred for this many seconds from now (at least 1: the
+    /// kernel rejects a valid lifetime of 0).
+    Seconds(std::num::NonZeroU32),
+}
+
+impl Lifetime {
+    /// The latest the kernel removes an address after its lifetime ends.
+    pub const EXPIRY_LATENESS: std::time::Duration = std::time::Duration::from_millis(250);
+
+    /// IFA_CACHEINFO for it: the preferred lifetime equals the valid one
+    /// (the kernel schedules no expiry check for a finite valid lifetime
+    /// whose preferred lifetime is infinite).
+    fn cache_info(self) -> CacheInfo {
+        let secs = match self {
+            Lifetime::Forever => u32::MAX,
+            Lifetime::Seconds(n) => n.get(),
+        };
+        let mut info = CacheInfo::default();
+        info.ifa_preferred = secs;
+        info.ifa_valid = secs;
+        info
+    }
 }
 
 /// Where an egress IP landed.
@@ -143,7 +182,7 @@ pub(crate) fn plan_claim(
     })
 }
 
-fn ipv4_of(msg: &AddressMessage) -> Option<Ipv4Addr> {
+pub(crate) fn ipv4_of(msg: &AddressMessage) -> Option<Ipv4Addr> {
     // IFA_LOCAL is the interface's own address; IFA_ADDRESS differs from it
     // only on point-to-point links, where it is the peer's.
     let mut address = None;
@@ -216,14 +255,17 @@ impl Netlink {
 
     /// Adds what `plan` decided; `Ok(false)` if the address turned up in
     /// the meantime (then it is not ours).
-    async fn add_planned(&self, ip: Ipv4Addr, plan: &Plan) -> Result<bool> {
-        match self
+    async fn add_planned(&self, ip: Ipv4Addr, plan: &Plan, lifetime: Lifetime) -> Result<bool> {
+        let mut req = self
             .handle
             .address()
-            .add(plan.ifindex, IpAddr::V4(ip), plan.prefix_len)
-            .execute()
-            .await
-        {
+            .add(plan.ifindex, IpAddr::V4(ip), plan.prefix_len);
+        if lifetime != Lifetime::Forever {
+            req.message_mut()
+                .attributes
+                .push(AddressAttribute::CacheInfo(lifetime.cache_info()));
+        }
+        match req.execute().await {
             Ok(()) => {
                 info!(%ip, prefix_len = plan.prefix_len, interface = %plan.ifname, "claimed address");
                 Ok(true)
@@ -247,7 +289,7 @@ impl Netlink {
     /// own addresses from an admin's uses [`Netlink::claim_tracked`].
     pub async fn claim(&self, ip: Ipv4Addr, interface: Option<&str>) -> Result<Claim> {
         let plan = self.plan(ip, interface).await?;
-        let added = !plan.present && self.add_planned(ip, &plan).await?;
+        let added = !plan.present && self.add_planned(ip, &plan, Lifetime::Forever).await?;
         Ok(Claim {
             interface: plan.ifname,
             prefix_len: plan.prefix_len,
@@ -299,7 +341,8 @@ impl Netlink {
         interface: Option<&str>,
     ) -> Result<Claim> {
         let plan = self.plan(ip, interface).await?;
-        self.execute_tracked(ledger, ip, plan).await
+        self.execute_tracked(ledger, ip, plan, Lifetime::Forever)
+            .await
     }
 
     /// [`Netlink::claim_tracked`] for many addresses against one dump of
@@ -310,6 +353,19 @@ impl Netlink {
         ledger: &mut ClaimLedger,
         claims: &[(Ipv4Addr, Option<String>)],
     ) -> Result<Vec<Claim>> {
+        self.claim_all_tracked_for(ledger, claims, Lifetime::Forever)
+            .await
+    }
+
+    /// [`Netlink::claim_all_tracked`], adding the missing addresses with
+    /// `lifetime` (those already present keep theirs: see
+    /// [`Netlink::refresh_lifetimes`]).
+    pub async fn claim_all_tracked_for(
+        &self,
+        ledger: &mut ClaimLedger,
+        claims: &[(Ipv4Addr, Option<String>)],
+        lifetime: Lifetime,
+    ) -> Result<Vec<Claim>> {
         let mut addrs = self.ipv4_addresses().await?;
         let mut done = Vec::with_capacity(claims.len());
         for (ip, interface) in claims {
@@ -319,7 +375,7 @@ impl Netlink {
             };
             let plan = plan_claim(*ip, target.as_ref(), &addrs)?;
             let (ifindex, ifname) = (plan.ifindex, plan.ifname.clone());
-            let claim = self.execute_tracked(ledger, *ip, plan).await?;
+            let claim = self.execute_tracked(ledger, *ip, plan, lifetime).await?;
             if claim.added {
                 // Later plans must see it, as a fresh dump would.
                 let addr =
@@ -346,6 +402,7 @@ impl Netlink {
         ledger: &mut ClaimLedger,
         ip: Ipv4Addr,
         plan: Plan,
+        lifetime: Lifetime,
     ) -> Result<Claim> {
         if plan.present {
             return Ok(Claim {
@@ -355,7 +412,7 @@ impl Netlink {
             });
         }
         let newly_recorded = ledger.record(ip, &plan.ifname, plan.prefix_len)?;
-        let added = match self.add_planned(ip, &plan).await {
+        let added = match self.add_planned(ip, &plan, lifetime).await {
             Ok(true) => true,
             Ok(false) => {
                 // EEXIST: someone else's address sits there now. The entry
@@ -377,6 +434,59 @@ impl Netlink {
             prefix_len: plan.prefix_len,
             added,
         })
+    }
+
+    /// Sets `lifetime` on every address of `ledger` that is present on its
+    /// interface now (an RTM_NEWADDR replace of each; one dump first, so
+    /// that an address that expired or was removed is not re-created here:
+    /// re-adding is a claim's business, with its announcement). Returns how
+    /// many addresses it set.
+    pub async fn refresh_lifetimes(
+        &self,
+        ledger: &ClaimLedger,
+        lifetime: Lifetime,
+    ) -> Result<usize> {
+        if ledger.entries().is_empty() {
+            return Ok(0);
+        }
+        let present: Vec<AddressMessage> = self.ipv4_address_messages(None).await?;
+        let names: HashMap<String, u32> = self
+            .links()
+            .await?
+            .into_iter()
+            .map(|l| (l.name, l.index))
+            .collect();
+        let mut set = 0;
+        for entry in ledger.entries() {
+            let Some(&ifindex) = names.get(&entry.interface) else {
+                continue;
+            };
+            let Some(msg) = present
+                .iter()
+                .find(|m| m.header.index == ifindex && ipv4_of(m) == Some(entry.ip))
+            else {
+                continue;
+            };
+            let mut req = self
+                .handle
+                .address()
+                .add(ifindex, IpAddr::V4(entry.ip), msg.header.prefix_len)
+                .replace();
+            req.message_mut()
+                .attributes
+                .push(AddressAttribute::CacheInfo(lifetime.cache_info()));
+            req.execute().await.map_err(|e| {
+                Error::request(
+                    format!(
+                        "set the lifetime of {}/{} on {} to {lifetime:?}",
+                        entry.ip, msg.header.prefix_len, entry.interface
+                    ),
+                    e,
+                )
+            })?;
+            set += 1;
+        }
+        Ok(set)
     }
 
     /// Removes `ip` from every interface the ledger says the agent put it

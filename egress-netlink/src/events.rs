@@ -4,10 +4,12 @@ use std::task::{Context, Poll};
 
 use futures_channel::mpsc::UnboundedReceiver;
 use futures_util::Stream;
+use ipnet::Ipv4Net;
 use nix::sys::socket::{setsockopt, sockopt};
 use rtnetlink::MulticastGroup;
 use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload};
 use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
+use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute};
 use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::sys::AsyncSocket;
 use rtnetlink::sys::SocketAddr;
@@ -124,29 +126,196 @@ impl Stream for LinkEvents {
     }
 }
 
+/// A change to the IPv4 addresses of this namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AddressEvent {
+    /// An address was added or changed (a lifetime refresh announces the
+    /// address again).
+    Added {
+        ifindex: u32,
+        addr: Ipv4Net,
+    },
+    Removed {
+        ifindex: u32,
+        addr: Ipv4Net,
+    },
+    /// Notifications were lost: re-list with [`Netlink::ipv4_addresses`].
+    Overrun,
+}
+
+/// Stream of [`AddressEvent`]s from the RTNLGRP_IPV4_IFADDR multicast group
+/// of the namespace it was created in. Dropping it closes the socket.
+pub struct AddressEvents {
+    rx: UnboundedReceiver<(NetlinkMessage<RouteNetlinkMessage>, SocketAddr)>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for AddressEvents {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn address_event(msg: NetlinkMessage<RouteNetlinkMessage>) -> Option<AddressEvent> {
+    let (m, added) = match msg.payload {
+        NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewAddress(m)) => (m, true),
+        NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelAddress(m)) => (m, false),
+        NetlinkPayload::Overrun(_) => {
+            warn!("address notifications lost (socket buffer overrun); consumer must resync");
+            return Some(AddressEvent::Overrun);
+        }
+        _ => return None,
+    };
+    if m.header.family != AddressFamily::Inet {
+        return None;
+    }
+    let ip = crate::addr::ipv4_of(&m)?;
+    let addr = Ipv4Net::new(ip, m.header.prefix_len).ok()?;
+    let ifindex = m.header.index;
+    Some(if added {
+        AddressEvent::Added { ifindex, addr }
+    } else {
+        AddressEvent::Removed { ifindex, addr }
+    })
+}
+
+impl Stream for AddressEvents {
+    type Item = AddressEvent;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<AddressEvent>> {
+        let this = self.get_mut();
+        loop {
+            match Pin::new(&mut this.rx).poll_next(cx) {
+                Poll::Ready(Some((msg, _))) => {
+                    if let Some(ev) = address_event(msg) {
+                        return Poll::Ready(Some(ev));
+                    }
+                }
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+/// A change to the IPv4 routing tables: which destination, so that a
+/// consumer following particular hosts (pods behind /32 routes) knows
+/// whether it concerns them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteEvent {
+    Changed {
+        dst: Ipv4Net,
+    },
+    /// Notifications were lost: look again at whatever depends on routes.
+    Overrun,
+}
+
+/// Stream of [`RouteEvent`]s from the RTNLGRP_IPV4_ROUTE multicast group of
+/// the namespace it was created in. Dropping it closes the socket.
+pub struct RouteEvents {
+    rx: UnboundedReceiver<(NetlinkMessage<RouteNetlinkMessage>, SocketAddr)>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for RouteEvents {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn route_event(msg: NetlinkMessage<RouteNetlinkMessage>) -> Option<RouteEvent> {
+    let m = match msg.payload {
+        NetlinkPayload::InnerMessage(
+            RouteNetlinkMessage::NewRoute(m) | RouteNetlinkMessage::DelRoute(m),
+        ) => m,
+        NetlinkPayload::Overrun(_) => {
+            warn!("route notifications lost (socket buffer overrun); consumer must resync");
+            return Some(RouteEvent::Overrun);
+        }
+        _ => return None,
+    };
+    if m.header.address_family != AddressFamily::Inet {
+        return None;
+    }
+    let dst = m
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Destination(RouteAddress::Inet(ip)) => Some(*ip),
+            _ => None,
+        })
+        .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED);
+    let dst = Ipv4Net::new(dst, m.header.destination_prefix_length).ok()?;
+    Some(RouteEvent::Changed { dst })
+}
+
+impl Stream for RouteEvents {
+    type Item = RouteEvent;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<RouteEvent>> {
+        let this = self.get_mut();
+        loop {
+            match Pin::new(&mut this.rx).poll_next(cx) {
+                Poll::Ready(Some((msg, _))) => {
+                    if let Some(ev) = route_event(msg) {
+                        return Poll::Ready(Some(ev));
+                    }
+                }
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+type Notifications = (
+    UnboundedReceiver<(NetlinkMessage<RouteNetlinkMessage>, SocketAddr)>,
+    JoinHandle<()>,
+);
+
+/// A socket of its own joined to `group`, with an enlarged receive buffer,
+/// and its connection task.
+fn subscribe(group: MulticastGroup) -> Result<Notifications> {
+    let (mut connection, _handle, rx) = rtnetlink::new_multicast_connection(&[group])
+        .map_err(|source| Error::Connect { source })?;
+    let socket = connection.socket_mut().socket_mut();
+    // The forced size may exceed net.core.rmem_max but needs
+    // CAP_NET_ADMIN; without it, take what rmem_max allows. Either way
+    // only headroom is at stake: overruns are still reported.
+    if let Err(forced) = setsockopt(&*socket, sockopt::RcvBufForce, &RCVBUF)
+        && let Err(e) = socket.set_rx_buf_sz(RCVBUF as libc::c_int)
+    {
+        warn!(%forced, error = %e, "could not enlarge the notification socket buffer");
+    }
+    Ok((rx, tokio::spawn(connection)))
+}
+
 impl Netlink {
     /// Subscribes to link notifications on a socket of its own, in the
     /// network namespace of the calling thread. Only changes after this call
     /// are reported: subscribe first, then list with [`Netlink::links`], and
     /// nothing falls in between. Must be called inside a tokio runtime.
     pub fn link_events(&self) -> Result<LinkEvents> {
-        let (mut connection, _handle, rx) =
-            rtnetlink::new_multicast_connection(&[MulticastGroup::Link])
-                .map_err(|source| Error::Connect { source })?;
-        let socket = connection.socket_mut().socket_mut();
-        // The forced size may exceed net.core.rmem_max but needs
-        // CAP_NET_ADMIN; without it, take what rmem_max allows. Either way
-        // only headroom is at stake: overruns are still reported.
-        if let Err(forced) = setsockopt(&*socket, sockopt::RcvBufForce, &RCVBUF)
-            && let Err(e) = socket.set_rx_buf_sz(RCVBUF as libc::c_int)
-        {
-            warn!(%forced, error = %e, "could not enlarge the link notification socket buffer");
-        }
-        let task = tokio::spawn(connection);
+        let (rx, task) = subscribe(MulticastGroup::Link)?;
         Ok(LinkEvents {
             rx,
             task,
             known: HashMap::new(),
         })
+    }
+
+    /// Subscribes to IPv4 address notifications, like
+    /// [`Netlink::link_events`]: subscribe first, then list with
+    /// [`Netlink::ipv4_addresses`].
+    pub fn address_events(&self) -> Result<AddressEvents> {
+        let (rx, task) = subscribe(MulticastGroup::Ipv4Ifaddr)?;
+        Ok(AddressEvents { rx, task })
+    }
+
+    /// Subscribes to IPv4 route notifications (every table), like
+    /// [`Netlink::link_events`].
+    pub fn route_events(&self) -> Result<RouteEvents> {
+        let (rx, task) = subscribe(MulticastGroup::Ipv4Route)?;
+        Ok(RouteEvents { rx, task })
     }
 }

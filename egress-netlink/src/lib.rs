@@ -40,9 +40,9 @@ mod link;
 mod neigh;
 mod route;
 
-pub use addr::{Claim, InterfaceAddress};
+pub use addr::{Claim, InterfaceAddress, Lifetime};
 pub use error::{Error, Result};
-pub use events::{LinkEvent, LinkEvents};
+pub use events::{AddressEvent, AddressEvents, LinkEvent, LinkEvents, RouteEvent, RouteEvents};
 pub use ledger::{ClaimLedger, LedgerEntry};
 pub use link::Link;
 pub use neigh::{FdbEntry, Neighbour, bridge_port};
@@ -100,6 +100,9 @@ mod tests {
         send(nl.route_oif(ip));
         send(nl.ipv4_neighbours());
         send(nl.bridge_fdb());
+        send(nl.address_events());
+        send(nl.route_events());
+        send(nl.refresh_lifetimes(ledger, Lifetime::Forever));
         send(nl.clone());
     }
 }

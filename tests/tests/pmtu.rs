@@ -109,3 +109,114 @@ fn steered_tcp_is_clamped_to_fit_the_tunnel() {
         c.fail(format!("{pod}: server saw {}", t.observed));
     }
 }
+
+/// Node 1 reaches the server through a link narrower (MTU 1300) than the
+/// pods' and the tunnel's: its own `bpf_fib_lookup` says "fragmentation
+/// needed" for full-size pod packets, before any router could.
+fn narrow_path_from_node1(c: &Cluster) {
+    let (router, node1) = (c.lab.router_ns(), c.lab.node_ns(1));
+    let run = |ns: &str, args: &[&str]| {
+        c.expect(
+            &format!("{} in {ns}", args.join(" ")),
+            egress_lab::exec_in(ns, args[0], &args[1..]),
+        );
+    };
+    run(
+        &router,
+        &[
+            "ip", "link", "add", "dpnarrow", "type", "veth", "peer", "name", "dpnarrow", "netns",
+            &node1,
+        ],
+    );
+    run(
+        &router,
+        &["ip", "addr", "add", "192.0.2.2/30", "dev", "dpnarrow"],
+    );
+    run(
+        &router,
+        &["ip", "link", "set", "dpnarrow", "mtu", "1300", "up"],
+    );
+    // Replies go back through the node network: no reverse-path check here.
+    run(
+        &router,
+        &[
+            "sysctl",
+            "-qw",
+            "net.ipv4.conf.all.rp_filter=0",
+            "net.ipv4.conf.dpnarrow.rp_filter=0",
+        ],
+    );
+    run(
+        &node1,
+        &["ip", "addr", "add", "192.0.2.1/30", "dev", "dpnarrow"],
+    );
+    run(
+        &node1,
+        &["ip", "link", "set", "dpnarrow", "mtu", "1300", "up"],
+    );
+    run(
+        &node1,
+        &[
+            "ip",
+            "route",
+            "replace",
+            "198.51.100.0/24",
+            "via",
+            "192.0.2.2",
+            "dev",
+            "dpnarrow",
+        ],
+    );
+}
+
+#[test]
+fn the_egress_node_sends_fragmentation_needed_for_what_it_cannot_forward() {
+    let c = Cluster::new(LabSpec::default());
+    for pod in [PodRef::new(1, 1), PodRef::new(2, 1)] {
+        c.check_udp(pod, opts());
+    }
+    narrow_path_from_node1(&c);
+    let stats = || c.expect("stats", c.lab.agent(1).stats());
+    let before = stats()
+        .drops(1, "mtu_exceeded")
+        .unwrap_or_else(|e| c.fail(e));
+    // A local pod gets the error out of its own interface; a pod on node 2
+    // through the tunnel, quoting its own untranslated packet.
+    for pod in [PodRef::new(1, 1), PodRef::new(2, 1)] {
+        let payload = if pod.node == 1 { 1472 } else { 1422 };
+        let mtu = c.expect(
+            &format!("path-MTU probe from {pod}"),
+            udp_path_mtu(&c.ns(pod), UDP, payload, Duration::from_secs(5)),
+        );
+        if mtu != 1300 {
+            c.fail(format!(
+                "{pod}: path MTU is {mtu} after a {payload}-byte DF datagram, expected 1300 from node1's fragmentation-needed"
+            ));
+        }
+    }
+    let after = stats()
+        .drops(1, "mtu_exceeded")
+        .unwrap_or_else(|e| c.fail(e));
+    if after < before + 2 {
+        c.fail(format!("mtu_exceeded went from {before} to {after}"));
+    }
+    // And then traffic fits: TCP through the narrow link, both ways.
+    for pod in [PodRef::new(1, 1), PodRef::new(2, 1)] {
+        let t = c.expect(
+            &format!("4 MiB from {pod}"),
+            tcp_bulk(
+                &c.ns(pod),
+                TCP,
+                4 << 20,
+                None,
+                ClientOpts {
+                    timeout: Duration::from_secs(15),
+                    ..opts()
+                },
+            ),
+        );
+        if *t.observed.ip() != EGRESS_A {
+            c.fail(format!("{pod}: server saw {}", t.observed));
+        }
+    }
+}

@@ -2,6 +2,7 @@
 
 mod demo;
 mod lab;
+mod measure;
 mod prereq;
 
 use std::{
@@ -57,6 +58,35 @@ enum Cmd {
         /// longest failover, `claim_renew_ms` (300) the shortest.
         #[arg(long, default_value_t = 0)]
         after_renewal_ms: u64,
+    },
+    /// Measure the new-pod window: a selected pod's interface is created
+    /// while the pod already sends a datagram every millisecond; prints when
+    /// its first datagram reached the server with the egress IP and how
+    /// many left with another address before (target/lab/new-pod-window-*.json).
+    NewPodWindow {
+        /// Use the binaries already built.
+        #[arg(long)]
+        no_build: bool,
+        /// Kubernetes mode: the Pod object (with its IP) is created right
+        /// after the interface, as the kubelet reports it.
+        #[arg(long)]
+        kubernetes: bool,
+        #[arg(long, default_value_t = 5)]
+        runs: u32,
+    },
+    /// Measure claim-renewal jitter: the intervals between node1's claim
+    /// renewals as the lab's API server sees them, with node1's NAT map
+    /// filled through its pin (target/lab/renewal-jitter.json). The agent
+    /// is EGRESS_AGENT_BIN or the debug build.
+    RenewalJitter {
+        /// Use the binaries already built.
+        #[arg(long)]
+        no_build: bool,
+        /// Flows to put in the NAT map (default: its max_flows).
+        #[arg(long)]
+        flows: Option<u64>,
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
     },
     /// Run the benchmark (egress-bench, release build); arguments pass through.
     Bench {
@@ -126,6 +156,26 @@ fn main() -> Result<()> {
                 build_agent()?;
             }
             failover(std::time::Duration::from_millis(after_renewal_ms))
+        }
+        Cmd::NewPodWindow {
+            no_build,
+            kubernetes,
+            runs,
+        } => {
+            if !no_build {
+                build_agent()?;
+            }
+            measure::new_pod_window(kubernetes, runs)
+        }
+        Cmd::RenewalJitter {
+            no_build,
+            flows,
+            seconds,
+        } => {
+            if !no_build {
+                build_agent()?;
+            }
+            measure::renewal_jitter(flows, seconds)
         }
         Cmd::Bench { args } => bench(&args),
     }

@@ -9,7 +9,7 @@ use crate::run;
 
 /// Debian packages: LLVM for bpf-linker, and the tools the lab, tests,
 /// demo and benchmark call.
-const PACKAGES: [&str; 11] = [
+const PACKAGES: [&str; 12] = [
     "llvm-22-dev",
     "libpolly-22-dev",
     "libzstd-dev",
@@ -21,6 +21,8 @@ const PACKAGES: [&str; 11] = [
     "nftables",
     "tcpdump",
     "ethtool",
+    // The fencing test asks the router which MACs answer for an egress IP.
+    "iputils-arping",
 ];
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";

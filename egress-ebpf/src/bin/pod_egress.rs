@@ -11,7 +11,7 @@ mod program {
     #[classifier]
     pub fn pod_egress(ctx: TcContext) -> i32 {
         inbound::record(&ctx);
-        action::OK
+        action::PASS
     }
 
     #[unsafe(link_section = "license")]

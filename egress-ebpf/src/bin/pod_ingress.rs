@@ -8,7 +8,7 @@ mod program {
     use aya_ebpf::{macros::classifier, programs::TcContext};
     use egress_common::{DropReason, policy_flags};
     use egress_ebpf::{
-        Blame, Dropped, action, classify, inbound, maps, mss, nat,
+        Blame, Dropped, action, classify, conntrack, inbound, maps, mss, nat,
         parse::{self, tcp_flags},
         stats, trust, tunnel, verdict,
     };
@@ -22,26 +22,27 @@ mod program {
     fn try_pod_ingress(ctx: &TcContext) -> Result<i32, Dropped> {
         // Malformed or non-IPv4 traffic is not ours to judge until it is selected.
         let Ok(Some(ip)) = parse::ipv4(ctx) else {
-            return Ok(action::OK);
+            return Ok(action::PASS);
         };
         let Some(cfg) = maps::config() else {
-            return Ok(action::OK);
+            return Ok(action::PASS);
         };
         // Before classification: these hold for every pod, selected or not.
         trust::not_to_tunnel(ctx, &ip, cfg).blame(0)?;
         let Some(sel) = classify::by_source(ctx, ip.src).blame(0)? else {
-            return Ok(action::OK);
+            return Ok(action::PASS);
         };
         let id = sel.id;
         if ip.ttl <= 1 {
             // Let the stack answer with time-exceeded, as the router it is.
-            return Ok(action::OK);
+            return Ok(action::PASS);
         }
+        ip.check_length(ctx).blame(id)?;
         let l4 = match parse::l4(ctx, &ip) {
             Ok(l4) if !ip.fragment => l4,
             outcome => {
                 if classify::is_excluded(id, ip.dst) {
-                    return Ok(action::OK);
+                    return Ok(action::PASS);
                 }
                 let reason = if ip.fragment {
                     DropReason::Fragment
@@ -57,11 +58,11 @@ mod program {
 
         if sel.policy.flags & policy_flags::LOCAL == 0 {
             if classify::is_excluded(id, ip.dst) {
-                return Ok(action::OK);
+                return Ok(action::PASS);
             }
             if sel.policy.egress_node == [0; 4] {
                 if sel.policy.flags & policy_flags::FAIL_OPEN != 0 {
-                    return Ok(action::OK);
+                    return Ok(action::PASS);
                 }
                 return Err(Dropped {
                     policy_id: id,
@@ -71,7 +72,7 @@ mod program {
             if inbound::started_outside(&ip, &l4) {
                 // The kernel reverses the client's DNAT; the pod answers
                 // from the address the client used.
-                return Ok(action::OK);
+                return Ok(action::PASS);
             }
             let flags = nat::tcp_flags(&l4);
             if sel.policy.flags & policy_flags::CLAMP_MSS != 0
@@ -84,8 +85,22 @@ mod program {
             return tunnel::redirect(ctx, sel.policy.egress_node, id, cfg.tunnel_ifindex).blame(id);
         }
 
-        let forwarded = nat::snat_and_forward(ctx, &ip, &l4, &sel, [0; 4], cfg, true).blame(id)?;
-        Ok(forwarded.unwrap_or(action::OK))
+        let now = conntrack::now();
+        if now >= cfg.claims_valid_until_ns {
+            // This node's claim on the egress IP lapsed: it may no longer
+            // send with it. Cluster destinations never needed it.
+            if classify::is_excluded(id, ip.dst) || sel.policy.flags & policy_flags::FAIL_OPEN != 0
+            {
+                return Ok(action::PASS);
+            }
+            return Err(Dropped {
+                policy_id: id,
+                reason: DropReason::ClaimExpired,
+            });
+        }
+        let forwarded =
+            nat::snat_and_forward(ctx, &ip, &l4, &sel, [0; 4], cfg, true, now).blame(id)?;
+        Ok(forwarded.unwrap_or(action::PASS))
     }
 
     #[unsafe(link_section = "license")]

@@ -9,7 +9,7 @@ mod program {
     use aya_ebpf::{macros::classifier, programs::TcContext};
     use egress_common::{DropReason, policy_flags};
     use egress_ebpf::{
-        Blame, Dropped, classify, fib, inbound,
+        Blame, Dropped, classify, conntrack, fib, icmp, inbound,
         maps::{self, NODES_V4, POD_POLICY_V4},
         nat, parse, stats, trust, tunnel, verdict,
     };
@@ -46,6 +46,7 @@ mod program {
             // A reply the egress node translated back for one of our pods.
             // SAFETY: pointer from a successful lookup.
             let id = unsafe { (*pod).policy_id };
+            ip.check_length(ctx).blame(id)?;
             stats::count_reply(id, ctx.len());
             inbound::mark_delivered(ctx);
             return fib::redirect(ctx, ip.src, ip.dst, ifindex).blame(id);
@@ -63,21 +64,37 @@ mod program {
             });
         }
         trust::steered_from(&sel, ip.src, remote).blame(id)?;
+        let now = conntrack::now();
+        if now >= cfg.claims_valid_until_ns {
+            return Err(Dropped {
+                policy_id: id,
+                reason: DropReason::ClaimExpired,
+            });
+        }
+        ip.check_length(ctx).blame(id)?;
         if ip.fragment {
             return Err(Dropped {
                 policy_id: id,
                 reason: DropReason::Fragment,
             });
         }
-        if ip.ttl <= 1 {
-            return Err(Dropped {
-                policy_id: id,
-                reason: DropReason::Malformed,
-            });
-        }
         let l4 = parse::l4(ctx, &ip).blame(id)?;
+        if ip.ttl <= 1 {
+            // Forwarding would take the last hop: answer as a router would,
+            // through the tunnel to the pod's node (never about an ICMP error).
+            if matches!(l4, parse::L4::IcmpError) {
+                return Err(Dropped {
+                    policy_id: id,
+                    reason: DropReason::TtlExceeded,
+                });
+            }
+            let kind = icmp::ErrorKind::TimeExceeded;
+            let reason = DropReason::TtlExceeded;
+            return nat::bounce(ctx, &ip, kind, cfg.node_addr, remote, id, cfg, reason).blame(id);
+        }
         // The source node already applied the exclusions.
-        let forwarded = nat::snat_and_forward(ctx, &ip, &l4, &sel, remote, cfg, false).blame(id)?;
+        let forwarded =
+            nat::snat_and_forward(ctx, &ip, &l4, &sel, remote, cfg, false, now).blame(id)?;
         forwarded.ok_or(DropReason::UnsupportedProtocol).blame(id)
     }
 
