@@ -24,7 +24,9 @@ use std::{
 };
 
 use aya::maps::{IterableMap, MapError};
-use egress_common::{CtState, FlowKeyV4, NatEntryV4, PodFlowsV4, RevNatEntryV4, maps as names};
+use egress_common::{
+    CtState, FlowKeyV4, NatEntryV4, PodFlowsV4, RevNatEntryV4, ct_flags, maps as names,
+};
 
 use crate::{
     batch,
@@ -267,8 +269,10 @@ impl Collector {
             )
         });
         let forward: Vec<FlowKeyV4> = expired_flows.iter().map(|(k, _)| *k).collect();
+        // Steered flows (the pod's node's half) have no reverse entry.
         let reverse: Vec<FlowKeyV4> = expired_flows
             .iter()
+            .filter(|(_, e)| e.flags & ct_flags::STEERED == 0)
             .map(|(k, e)| reverse_key(k, e))
             .collect();
         report.expired =
@@ -374,7 +378,7 @@ fn inbound_expired(timeouts: &Timeouts, proto: u8, last_seen_ns: u64, now_ns: u6
     } else {
         CtState::Open
     };
-    let answered = egress_common::ct_flags::SEEN_REPLY;
+    let answered = ct_flags::SEEN_REPLY;
     expired(timeouts, proto, state, answered, last_seen_ns, now_ns)
 }
 
@@ -415,7 +419,7 @@ mod tests {
             ..Default::default()
         };
         let s = 1_000_000_000;
-        let r = egress_common::ct_flags::SEEN_REPLY;
+        let r = ct_flags::SEEN_REPLY;
         assert!(!expired(&t, proto::TCP, CtState::Established, r, 0, 10 * s));
         assert!(expired(
             &t,

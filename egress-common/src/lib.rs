@@ -119,6 +119,10 @@ pub mod ct_flags {
     pub const FIN_REPLY: u8 = 1 << 2;
     /// The pod reached us through the tunnel: replies go back to `origin_node`.
     pub const REMOTE_ORIGIN: u8 = 1 << 3;
+    /// A local pod's flow that this node steers to the egress node
+    /// `origin_node` names. Its replies are accepted from that node's tunnel
+    /// only; it has no reverse entry here (the egress node translates).
+    pub const STEERED: u8 = 1 << 4;
 }
 
 /// Forward NAT and conntrack entry, keyed by the pod's original tuple
@@ -129,7 +133,9 @@ pub mod ct_flags {
 pub struct NatEntryV4 {
     /// Source address after translation: the egress IP.
     pub nat_addr: [u8; 4],
-    /// Node the pod lives on when it reached us through the tunnel; zero for a local pod.
+    /// The other node of a flow that crosses the tunnel: the pod's node on
+    /// the egress node (`REMOTE_ORIGIN`), the egress node on the pod's node
+    /// (`STEERED`); zero for a flow translated where its pod lives.
     pub origin_node: [u8; 4],
     /// Source port (or ICMP identifier) after translation.
     pub nat_port: u16,

@@ -14,8 +14,9 @@ pub struct Selected {
     pub policy: PolicyV4,
 }
 
+/// Policy `id` when it is programmed.
 #[inline(always)]
-fn active(id: u32) -> Option<Selected> {
+pub fn active(id: u32) -> Option<Selected> {
     let policy = *POLICIES_V4.get(id)?;
     (policy.flags & policy_flags::ACTIVE != 0).then_some(Selected { id, policy })
 }

@@ -29,6 +29,7 @@ pub mod mss;
 pub mod nat;
 pub mod parse;
 pub mod stats;
+pub mod steer;
 pub mod trust;
 pub mod tunnel;
 

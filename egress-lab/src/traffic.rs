@@ -1125,13 +1125,44 @@ pub struct InnerUdp {
 
 /// The UDP payload of a VXLAN packet (RFC 7348 header + inner frame).
 pub fn vxlan_payload(vni: u32, inner: &InnerUdp) -> Vec<u8> {
+    vxlan_frame(
+        vni,
+        inner.src_mac,
+        inner.dst_mac,
+        &ipv4_udp(inner.src, inner.dst, &inner.payload),
+    )
+}
+
+/// The UDP payload of a VXLAN packet carrying the IPv4 packet `ip`.
+pub fn vxlan_frame(vni: u32, src_mac: [u8; 6], dst_mac: [u8; 6], ip: &[u8]) -> Vec<u8> {
     let mut out = vec![0x08, 0, 0, 0];
     out.extend_from_slice(&(vni << 8).to_be_bytes());
-    out.extend_from_slice(&inner.dst_mac);
-    out.extend_from_slice(&inner.src_mac);
+    out.extend_from_slice(&dst_mac);
+    out.extend_from_slice(&src_mac);
     out.extend_from_slice(&0x0800u16.to_be_bytes());
-    out.extend_from_slice(&ipv4_udp(inner.src, inner.dst, &inner.payload));
+    out.extend_from_slice(ip);
     out
+}
+
+/// An ICMP "port unreachable" from `src` to `dst` quoting the first 28
+/// bytes (IPv4 header and 8 transport bytes) of `quoted`, with valid
+/// checksums.
+pub fn ipv4_port_unreachable(src: Ipv4Addr, dst: Ipv4Addr, quoted: &[u8]) -> Vec<u8> {
+    let quote = &quoted[..quoted.len().min(28)];
+    let mut icmp = vec![3, 3, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(quote);
+    let sum = internet_checksum(&icmp);
+    icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+    let total_len = 20 + icmp.len();
+    let mut ip = vec![0x45, 0];
+    ip.extend_from_slice(&(total_len as u16).to_be_bytes());
+    ip.extend_from_slice(&[0x43, 0x21, 0, 0, 64, 1, 0, 0]);
+    ip.extend_from_slice(&src.octets());
+    ip.extend_from_slice(&dst.octets());
+    let sum = internet_checksum(&ip);
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+    ip.extend_from_slice(&icmp);
+    ip
 }
 
 /// An IPv4 packet carrying a UDP datagram, with valid checksums.

@@ -11,7 +11,7 @@ mod program {
     use egress_ebpf::{
         Blame, Dropped, classify, conntrack, fib, icmp, inbound,
         maps::{self, NODES_V4, POD_POLICY_V4},
-        nat, parse, stats, trust, tunnel, verdict,
+        nat, parse, stats, steer, trust, tunnel, verdict,
     };
 
     #[classifier]
@@ -43,10 +43,12 @@ mod program {
         let ifindex = unsafe { (*ctx.skb.skb).ifindex };
 
         if let Some(pod) = POD_POLICY_V4.get_ptr(ip.dst) {
-            // A reply the egress node translated back for one of our pods.
+            // A reply the egress node translated back for one of our pods:
+            // only for a flow of the pod that this node steers to `remote`.
             // SAFETY: pointer from a successful lookup.
             let id = unsafe { (*pod).policy_id };
             ip.check_length(ctx).blame(id)?;
+            steer::reply(ctx, &ip, remote, conntrack::now()).blame(id)?;
             stats::count_reply(id, ctx.len());
             inbound::mark_delivered(ctx);
             return fib::redirect(ctx, ip.src, ip.dst, ifindex).blame(id);
