@@ -3,18 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-
-mod batch;
-mod config;
-mod fence;
-mod gc;
-mod host;
-mod identity;
-mod image;
-mod inspect;
-mod loader;
-mod maps;
-mod run;
+use egress_agent::{config, inspect, run};
 
 #[derive(Parser)]
 #[command(

@@ -17,6 +17,8 @@ use egress_common::{
     policy_flags,
 };
 
+use egress_model::NO_USABLE_IP;
+
 use crate::image::{DatapathImage, Exclusion, PodCidr};
 
 #[derive(Debug, thiserror::Error)]
@@ -235,156 +237,13 @@ impl Maps {
     }
 
     /// Writes what differs between `current` (read from the maps) and
-    /// `desired`. Additions go in dependency order (policies before the pods,
-    /// marks and VNIs that point at them) and removals in reverse, so a
-    /// packet never finds a pod whose policy is missing.
+    /// `desired`; see [`reconcile`].
     pub fn apply(
         &mut self,
         current: &DatapathImage,
         desired: &DatapathImage,
-    ) -> Result<ApplyReport> {
-        let mut report = ApplyReport::default();
-        if current.config != desired.config {
-            self.config
-                .set(0, desired.config, 0)
-                .map_err(err(names::CONFIG))?;
-            report.written += 1;
-        }
-        report.add(upsert(
-            &mut self.nodes,
-            &current.nodes,
-            &desired.nodes,
-            names::NODES_V4,
-        )?);
-        for (id, policy) in &desired.policies {
-            if current.policies.get(id) != Some(policy) {
-                self.policies
-                    .set(*id, *policy, 0)
-                    .map_err(err(names::POLICIES_V4))?;
-                report.written += 1;
-            }
-        }
-        report.add(upsert(
-            &mut self.egress_addrs,
-            &current.egress_addrs,
-            &desired.egress_addrs,
-            names::EGRESS_ADDRS_V4,
-        )?);
-        for e in desired.exclusions.difference(&current.exclusions) {
-            self.excluded
-                .insert(&exclusion_key(e), 1, 0)
-                .map_err(err(names::EXCLUDED_V4))?;
-            report.written += 1;
-        }
-        report.add(upsert(
-            &mut self.vnis,
-            &current.vnis,
-            &desired.vnis,
-            names::VNI_POLICY,
-        )?);
-        report.add(upsert(
-            &mut self.marks,
-            &current.marks,
-            &desired.marks,
-            names::MARK_POLICY,
-        )?);
-        // Upstream devices before the pods whose packets they may carry.
-        report.add(upsert(
-            &mut self.upstream,
-            &current.upstream,
-            &desired.upstream,
-            names::UPSTREAM_IFACES,
-        )?);
-        report.add(upsert(
-            &mut self.pods,
-            &current.pods,
-            &desired.pods,
-            names::POD_POLICY_V4,
-        )?);
-        for (cidr, node) in &desired.pod_cidrs {
-            if current.pod_cidrs.get(cidr) != Some(node) {
-                self.pod_cidrs
-                    .insert(&pod_cidr_key(cidr), node, 0)
-                    .map_err(err(names::POD_CIDRS_V4))?;
-                report.written += 1;
-            }
-        }
-        report.add(upsert(
-            &mut self.remote_pods,
-            &current.remote_pods,
-            &desired.remote_pods,
-            names::REMOTE_PODS_V4,
-        )?);
-
-        report.add(remove(
-            &mut self.remote_pods,
-            &current.remote_pods,
-            &desired.remote_pods,
-            names::REMOTE_PODS_V4,
-        )?);
-        for cidr in current
-            .pod_cidrs
-            .keys()
-            .filter(|c| !desired.pod_cidrs.contains_key(*c))
-        {
-            match self.pod_cidrs.remove(&pod_cidr_key(cidr)) {
-                Ok(()) | Err(MapError::KeyNotFound) => report.removed += 1,
-                Err(e) => return Err(err(names::POD_CIDRS_V4)(e)),
-            }
-        }
-        report.add(remove(
-            &mut self.pods,
-            &current.pods,
-            &desired.pods,
-            names::POD_POLICY_V4,
-        )?);
-        report.add(remove(
-            &mut self.upstream,
-            &current.upstream,
-            &desired.upstream,
-            names::UPSTREAM_IFACES,
-        )?);
-        report.add(remove(
-            &mut self.marks,
-            &current.marks,
-            &desired.marks,
-            names::MARK_POLICY,
-        )?);
-        report.add(remove(
-            &mut self.vnis,
-            &current.vnis,
-            &desired.vnis,
-            names::VNI_POLICY,
-        )?);
-        for e in current.exclusions.difference(&desired.exclusions) {
-            self.excluded
-                .remove(&exclusion_key(e))
-                .map_err(err(names::EXCLUDED_V4))?;
-            report.removed += 1;
-        }
-        report.add(remove(
-            &mut self.egress_addrs,
-            &current.egress_addrs,
-            &desired.egress_addrs,
-            names::EGRESS_ADDRS_V4,
-        )?);
-        for id in current
-            .policies
-            .keys()
-            .filter(|id| !desired.policies.contains_key(id))
-        {
-            self.policies
-                .set(*id, PolicyV4::default(), 0)
-                .map_err(err(names::POLICIES_V4))?;
-            report.removed += 1;
-        }
-        report.add(remove(
-            &mut self.nodes,
-            &current.nodes,
-            &desired.nodes,
-            names::NODES_V4,
-        )?);
-        Ok(report)
+    ) -> Result<ApplyOutcome> {
+        reconcile(self, current, desired)
     }
 
     /// The flow counters: created and reclaimed by the datapath, released by
@@ -442,38 +301,6 @@ fn collect<K: Pod + Ord, V: Pod>(
     map.iter().map(|r| r.map_err(err(name))).collect()
 }
 
-fn upsert<K: Pod + Ord, V: Pod + PartialEq>(
-    map: &mut HashMap<MapData, K, V>,
-    current: &BTreeMap<K, V>,
-    desired: &BTreeMap<K, V>,
-    name: &'static str,
-) -> Result<ApplyReport> {
-    let mut report = ApplyReport::default();
-    for (k, v) in desired {
-        if current.get(k) != Some(v) {
-            map.insert(k, v, 0).map_err(err(name))?;
-            report.written += 1;
-        }
-    }
-    Ok(report)
-}
-
-fn remove<K: Pod + Ord, V: Pod>(
-    map: &mut HashMap<MapData, K, V>,
-    current: &BTreeMap<K, V>,
-    desired: &BTreeMap<K, V>,
-    name: &'static str,
-) -> Result<ApplyReport> {
-    let mut report = ApplyReport::default();
-    for k in current.keys().filter(|k| !desired.contains_key(*k)) {
-        match map.remove(k) {
-            Ok(()) | Err(MapError::KeyNotFound) => report.removed += 1,
-            Err(e) => return Err(err(name)(e)),
-        }
-    }
-    Ok(report)
-}
-
 /// The `flow_count` slots.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowCounts {
@@ -499,15 +326,456 @@ pub struct ApplyReport {
 }
 
 impl ApplyReport {
-    fn add(&mut self, other: Self) {
-        self.written += other.written;
-        self.removed += other.removed;
-    }
-
     pub fn is_empty(&self) -> bool {
         self.written == 0 && self.removed == 0
     }
 }
+
+/// One map write of a reconcile: an entry put (`Some`) or removed (`None`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Write {
+    Config(DatapathConfig),
+    Node([u8; 4], Option<NodeV4>),
+    /// `None` clears the slot (the array keeps it, inactive).
+    Policy(u32, Option<PolicyV4>),
+    EgressAddr([u8; 4], Option<u32>),
+    Exclusion(Exclusion, bool),
+    Vni(u32, Option<u32>),
+    Mark(u32, Option<u32>),
+    Pod([u8; 4], Option<PodPolicyV4>),
+    Upstream(u32, Option<u32>),
+    PodCidr(PodCidr, Option<[u8; 4]>),
+    RemotePod([u8; 4], Option<RemotePodV4>),
+}
+
+/// Where [`reconcile`] writes: the pinned maps, or a model of them in tests.
+pub trait ControlMaps {
+    fn write(&mut self, w: Write) -> Result<()>;
+}
+
+impl ControlMaps for Maps {
+    fn write(&mut self, w: Write) -> Result<()> {
+        fn gone(name: &'static str) -> impl FnOnce(MapError) -> Result<()> {
+            move |e| match e {
+                MapError::KeyNotFound => Ok(()),
+                e => Err(err(name)(e)),
+            }
+        }
+        match w {
+            Write::Config(c) => self.config.set(0, c, 0).map_err(err(names::CONFIG)),
+            Write::Node(k, Some(v)) => self.nodes.insert(k, v, 0).map_err(err(names::NODES_V4)),
+            Write::Node(k, None) => self.nodes.remove(&k).or_else(gone(names::NODES_V4)),
+            Write::Policy(id, p) => self
+                .policies
+                .set(id, p.unwrap_or_default(), 0)
+                .map_err(err(names::POLICIES_V4)),
+            Write::EgressAddr(a, Some(id)) => self
+                .egress_addrs
+                .insert(a, id, 0)
+                .map_err(err(names::EGRESS_ADDRS_V4)),
+            Write::EgressAddr(a, None) => self
+                .egress_addrs
+                .remove(&a)
+                .or_else(gone(names::EGRESS_ADDRS_V4)),
+            Write::Exclusion(e, true) => self
+                .excluded
+                .insert(&exclusion_key(&e), 1, 0)
+                .map_err(err(names::EXCLUDED_V4)),
+            Write::Exclusion(e, false) => self
+                .excluded
+                .remove(&exclusion_key(&e))
+                .or_else(gone(names::EXCLUDED_V4)),
+            Write::Vni(v, Some(id)) => self.vnis.insert(v, id, 0).map_err(err(names::VNI_POLICY)),
+            Write::Vni(v, None) => self.vnis.remove(&v).or_else(gone(names::VNI_POLICY)),
+            Write::Mark(m, Some(id)) => {
+                self.marks.insert(m, id, 0).map_err(err(names::MARK_POLICY))
+            }
+            Write::Mark(m, None) => self.marks.remove(&m).or_else(gone(names::MARK_POLICY)),
+            Write::Pod(p, Some(v)) => self.pods.insert(p, v, 0).map_err(err(names::POD_POLICY_V4)),
+            Write::Pod(p, None) => self.pods.remove(&p).or_else(gone(names::POD_POLICY_V4)),
+            Write::Upstream(i, Some(v)) => self
+                .upstream
+                .insert(i, v, 0)
+                .map_err(err(names::UPSTREAM_IFACES)),
+            Write::Upstream(i, None) => self
+                .upstream
+                .remove(&i)
+                .or_else(gone(names::UPSTREAM_IFACES)),
+            Write::PodCidr(c, Some(node)) => self
+                .pod_cidrs
+                .insert(&pod_cidr_key(&c), node, 0)
+                .map_err(err(names::POD_CIDRS_V4)),
+            Write::PodCidr(c, None) => self
+                .pod_cidrs
+                .remove(&pod_cidr_key(&c))
+                .or_else(gone(names::POD_CIDRS_V4)),
+            Write::RemotePod(p, Some(v)) => self
+                .remote_pods
+                .insert(p, v, 0)
+                .map_err(err(names::REMOTE_PODS_V4)),
+            Write::RemotePod(p, None) => self
+                .remote_pods
+                .remove(&p)
+                .or_else(gone(names::REMOTE_PODS_V4)),
+        }
+    }
+}
+
+/// What a reconcile did, and the policies it could not program.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ApplyOutcome {
+    pub report: ApplyReport,
+    /// Policy id -> why its entries could not be written. The other
+    /// policies were applied; pods and marks of a failed policy were left
+    /// without an entry rather than on another policy's address.
+    pub failed: BTreeMap<u32, String>,
+    /// Policy ids whose entries the datapath may hold after this reconcile:
+    /// the desired ones that were written, and those it failed to remove.
+    /// A policy id is reused for another meaning only once no node reports
+    /// it here.
+    pub present: BTreeSet<u32>,
+}
+
+impl ApplyOutcome {
+    /// An error naming the policies that could not be programmed, if any
+    /// (static mode refuses a configuration it cannot apply whole).
+    pub fn all_applied(&self) -> std::result::Result<(), PartialApply> {
+        if self.failed.is_empty() {
+            Ok(())
+        } else {
+            Err(PartialApply(self.failed.clone()))
+        }
+    }
+}
+
+impl From<ApplyOutcome> for egress_k8s::report::DatapathReport {
+    fn from(o: ApplyOutcome) -> Self {
+        Self {
+            present: o.present,
+            failed: o.failed,
+        }
+    }
+}
+
+/// Policies a reconcile could not program (the others were).
+#[derive(Debug, thiserror::Error)]
+#[error("policies not programmed (the others were): {}", describe(.0))]
+pub struct PartialApply(pub BTreeMap<u32, String>);
+
+fn describe(failed: &BTreeMap<u32, String>) -> String {
+    failed
+        .iter()
+        .map(|(id, e)| format!("policy {id}: {e}"))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Brings the control maps from `current` to `desired`, writing only what
+/// differs, in dependency order (a policy before the pods, marks and VNIs
+/// that point at it; removals in reverse), so that a packet never finds a
+/// pod whose policy is missing.
+///
+/// A failure confined to one policy (its array slot, its egress address,
+/// exclusions or VNIs, or a pod or mark pointing at it) does not stop the
+/// others: that policy is reported in [`ApplyOutcome::failed`], its slot is
+/// cleared if it held an older meaning, and its pods and marks point at the
+/// reserved drop slot when it is fail-closed, or get no entry when it is
+/// fail-open (never a stale one pointing at another policy). A failure of what every
+/// policy depends on (the config entry, the node list, the global
+/// exclusions) is an error, and nothing after it is written.
+pub fn reconcile(
+    maps: &mut impl ControlMaps,
+    current: &DatapathImage,
+    desired: &DatapathImage,
+) -> Result<ApplyOutcome> {
+    let mut run = Run {
+        maps,
+        out: ApplyOutcome::default(),
+        uncleared: BTreeSet::new(),
+        sink_written: false,
+    };
+    if current.config != desired.config {
+        run.global(Write::Config(desired.config))?;
+    }
+    for (k, v) in &desired.nodes {
+        if current.nodes.get(k) != Some(v) {
+            run.global(Write::Node(*k, Some(*v)))?;
+        }
+    }
+    let added: Vec<Exclusion> = desired
+        .exclusions
+        .difference(&current.exclusions)
+        .copied()
+        .collect();
+    for e in added.iter().filter(|e| e.0 == 0) {
+        run.global(Write::Exclusion(*e, true))?;
+    }
+    // Upstream devices before the pods whose packets they may carry; the
+    // other nodes' pod CIDRs before the arrivals they attribute.
+    for (k, v) in &desired.upstream {
+        if current.upstream.get(k) != Some(v) {
+            run.global(Write::Upstream(*k, Some(*v)))?;
+        }
+    }
+    for (k, v) in &desired.pod_cidrs {
+        if current.pod_cidrs.get(k) != Some(v) {
+            run.global(Write::PodCidr(*k, Some(*v)))?;
+        }
+    }
+
+    for (id, policy) in &desired.policies {
+        let mut writes = Vec::new();
+        if current.policies.get(id) != Some(policy) {
+            writes.push(Write::Policy(*id, Some(*policy)));
+        }
+        writes.extend(
+            changed_to(&current.egress_addrs, &desired.egress_addrs, *id)
+                .map(|a| Write::EgressAddr(a, Some(*id))),
+        );
+        writes.extend(
+            added
+                .iter()
+                .filter(|e| e.0 == *id)
+                .map(|e| Write::Exclusion(*e, true)),
+        );
+        writes.extend(
+            changed_to(&current.vnis, &desired.vnis, *id).map(|v| Write::Vni(v, Some(*id))),
+        );
+        let mut slot_written = false;
+        for w in writes {
+            match run.write(w) {
+                Ok(()) => slot_written |= matches!(w, Write::Policy(..)),
+                Err(e) => {
+                    run.fail(*id, e);
+                    // Never leave this id meaning something else, nor half
+                    // of its new meaning active.
+                    if (slot_written || current.policies.contains_key(id))
+                        && run.write(Write::Policy(*id, None)).is_err()
+                    {
+                        run.uncleared.insert(*id);
+                    }
+                    break;
+                }
+            }
+        }
+    }
+    // Pods and marks of a policy that could not be programmed: those of a
+    // fail-closed policy go to the reserved drop slot (their traffic must
+    // not leave with the node's address meanwhile), the others lose their
+    // entry (they leave as the node, as fail-open says).
+    for (k, id) in &desired.marks {
+        let id = if run.failed(*id) {
+            run.sink(*id, current, desired)
+        } else {
+            Some(*id)
+        };
+        let w = match id {
+            Some(id) => (current.marks.get(k) != Some(&id)).then_some(Write::Mark(*k, Some(id))),
+            None => current
+                .marks
+                .contains_key(k)
+                .then_some(Write::Mark(*k, None)),
+        };
+        run.owned(desired.marks[k], w);
+    }
+    for (k, v) in &desired.pods {
+        let id = if run.failed(v.policy_id) {
+            run.sink(v.policy_id, current, desired)
+        } else {
+            Some(v.policy_id)
+        };
+        let w = match id {
+            Some(policy_id) => {
+                let v = PodPolicyV4 { policy_id, ..*v };
+                (current.pods.get(k) != Some(&v)).then_some(Write::Pod(*k, Some(v)))
+            }
+            None => current.pods.contains_key(k).then_some(Write::Pod(*k, None)),
+        };
+        run.owned(v.policy_id, w);
+    }
+    // Another node's selected pod lets its steered packets through this
+    // node's policy: never for a policy that could not be programmed.
+    for (k, v) in &desired.remote_pods {
+        let w = if run.failed(v.policy_id) {
+            current
+                .remote_pods
+                .contains_key(k)
+                .then_some(Write::RemotePod(*k, None))
+        } else {
+            (current.remote_pods.get(k) != Some(v)).then_some(Write::RemotePod(*k, Some(*v)))
+        };
+        run.owned(v.policy_id, w);
+    }
+
+    for (k, v) in &current.remote_pods {
+        if !desired.remote_pods.contains_key(k) {
+            run.owned(v.policy_id, Some(Write::RemotePod(*k, None)));
+        }
+    }
+    for (k, v) in &current.pods {
+        if !desired.pods.contains_key(k) {
+            run.owned(v.policy_id, Some(Write::Pod(*k, None)));
+        }
+    }
+    for (k, id) in &current.marks {
+        if !desired.marks.contains_key(k) {
+            run.owned(*id, Some(Write::Mark(*k, None)));
+        }
+    }
+    for k in current.upstream.keys() {
+        if !desired.upstream.contains_key(k) {
+            run.global(Write::Upstream(*k, None))?;
+        }
+    }
+    for k in current.pod_cidrs.keys() {
+        if !desired.pod_cidrs.contains_key(k) {
+            run.global(Write::PodCidr(*k, None))?;
+        }
+    }
+    for (v, id) in &current.vnis {
+        if !desired.vnis.contains_key(v) {
+            run.owned(*id, Some(Write::Vni(*v, None)));
+        }
+    }
+    for e in current.exclusions.difference(&desired.exclusions) {
+        if e.0 == 0 {
+            run.global(Write::Exclusion(*e, false))?;
+        } else {
+            run.owned(e.0, Some(Write::Exclusion(*e, false)));
+        }
+    }
+    for (a, id) in &current.egress_addrs {
+        if !desired.egress_addrs.contains_key(a) {
+            run.owned(*id, Some(Write::EgressAddr(*a, None)));
+        }
+    }
+    for id in current.policies.keys() {
+        let wanted = desired.policies.contains_key(id) || (*id == NO_USABLE_IP && run.sink_written);
+        if !wanted && let Err(e) = run.write(Write::Policy(*id, None)) {
+            run.uncleared.insert(*id);
+            run.fail(*id, e);
+        }
+    }
+    for k in current.nodes.keys() {
+        if !desired.nodes.contains_key(k) {
+            run.global(Write::Node(*k, None))?;
+        }
+    }
+    let Run {
+        mut out, uncleared, ..
+    } = run;
+    out.present = desired
+        .policies
+        .keys()
+        .filter(|id| !out.failed.contains_key(id))
+        .chain(&uncleared)
+        .copied()
+        .collect();
+    Ok(out)
+}
+
+/// The keys of `desired` whose value is `id` and differs from `current`.
+fn changed_to<'a, K: Ord + Copy>(
+    current: &'a BTreeMap<K, u32>,
+    desired: &'a BTreeMap<K, u32>,
+    id: u32,
+) -> impl Iterator<Item = K> + 'a {
+    desired
+        .iter()
+        .filter(move |(k, v)| **v == id && current.get(k) != Some(v))
+        .map(|(k, _)| *k)
+}
+
+/// One reconcile's progress.
+struct Run<'m, M: ControlMaps> {
+    maps: &'m mut M,
+    out: ApplyOutcome,
+    /// Failed policies whose slot could not be cleared: still present.
+    uncleared: BTreeSet<u32>,
+    /// The reserved drop slot holds pods or marks of failed policies.
+    sink_written: bool,
+}
+
+impl<M: ControlMaps> Run<'_, M> {
+    fn write(&mut self, w: Write) -> Result<()> {
+        self.maps.write(w)?;
+        match w {
+            Write::Policy(_, None)
+            | Write::Node(_, None)
+            | Write::EgressAddr(_, None)
+            | Write::Exclusion(_, false)
+            | Write::Vni(_, None)
+            | Write::Mark(_, None)
+            | Write::Pod(_, None)
+            | Write::Upstream(_, None)
+            | Write::PodCidr(_, None)
+            | Write::RemotePod(_, None) => self.out.report.removed += 1,
+            _ => self.out.report.written += 1,
+        }
+        Ok(())
+    }
+
+    /// A write every policy depends on: its failure ends the reconcile.
+    fn global(&mut self, w: Write) -> Result<()> {
+        self.write(w)
+    }
+
+    /// A write on behalf of policy `id`: its failure fails that policy only.
+    fn owned(&mut self, id: u32, w: Option<Write>) {
+        if let Some(w) = w
+            && let Err(e) = self.write(w)
+        {
+            self.fail(id, e);
+        }
+    }
+
+    fn fail(&mut self, id: u32, e: MapsError) {
+        self.out.failed.entry(id).or_insert_with(|| e.to_string());
+    }
+
+    fn failed(&self, id: u32) -> bool {
+        self.out.failed.contains_key(&id)
+    }
+
+    /// Where the pods and marks of the failed policy `id` point instead:
+    /// the reserved drop slot when `id` is fail-closed (written active here
+    /// if the desired image does not have it already), `None` (no entry)
+    /// when it is fail-open or the slot cannot be written either.
+    fn sink(&mut self, id: u32, current: &DatapathImage, desired: &DatapathImage) -> Option<u32> {
+        let fail_open = desired
+            .policies
+            .get(&id)
+            .is_some_and(|p| p.flags & policy_flags::FAIL_OPEN != 0);
+        if fail_open || self.failed(NO_USABLE_IP) {
+            return None;
+        }
+        if !self.sink_written {
+            let slot = desired
+                .policies
+                .get(&NO_USABLE_IP)
+                .copied()
+                .unwrap_or(DROP_SLOT);
+            if current.policies.get(&NO_USABLE_IP) != Some(&slot)
+                && !desired.policies.contains_key(&NO_USABLE_IP)
+                && let Err(e) = self.write(Write::Policy(NO_USABLE_IP, Some(slot)))
+            {
+                self.fail(NO_USABLE_IP, e);
+                return None;
+            }
+            self.sink_written = true;
+        }
+        Some(NO_USABLE_IP)
+    }
+}
+
+/// The reserved slot's meaning when the desired image has none: active, no
+/// egress node, not fail-open, so pod_ingress drops as `no_egress_node`.
+const DROP_SLOT: PolicyV4 = PolicyV4 {
+    egress_addr: [0; 4],
+    egress_node: [0; 4],
+    flags: policy_flags::ACTIVE,
+    group: NO_USABLE_IP,
+};
 
 /// The reply tuple of a forward entry: where its reverse entry lives.
 pub fn reverse_key(key: &FlowKeyV4, entry: &NatEntryV4) -> FlowKeyV4 {
@@ -569,6 +837,228 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(forward_key(&reply, &rev), fwd);
+    }
+
+    /// The control maps as plain maps: a policy array of `slots` entries
+    /// (as the kernel's, a write beyond it fails), and writes that fail on
+    /// demand.
+    struct Model {
+        image: DatapathImage,
+        slots: u32,
+        fail: Option<Write>,
+        writes: Vec<Write>,
+    }
+
+    impl Model {
+        fn new(image: DatapathImage, slots: u32) -> Self {
+            Self {
+                image,
+                slots,
+                fail: None,
+                writes: Vec::new(),
+            }
+        }
+    }
+
+    impl ControlMaps for Model {
+        fn write(&mut self, w: Write) -> Result<()> {
+            if self.fail == Some(w) {
+                return Err(MapsError::Batch {
+                    name: "injected",
+                    op: "write",
+                    source: std::io::Error::from_raw_os_error(libc_enomem()),
+                });
+            }
+            let i = &mut self.image;
+            match w {
+                Write::Config(c) => i.config = c,
+                Write::Policy(id, _) if id >= self.slots => {
+                    return Err(err(names::POLICIES_V4)(MapError::OutOfBounds {
+                        index: id,
+                        max_entries: self.slots,
+                    }));
+                }
+                Write::Policy(id, Some(p)) => drop(i.policies.insert(id, p)),
+                Write::Policy(id, None) => drop(i.policies.remove(&id)),
+                Write::Node(k, v) => drop(set(&mut i.nodes, k, v)),
+                Write::EgressAddr(k, v) => drop(set(&mut i.egress_addrs, k, v)),
+                Write::Exclusion(e, true) => drop(i.exclusions.insert(e)),
+                Write::Exclusion(e, false) => drop(i.exclusions.remove(&e)),
+                Write::Vni(k, v) => drop(set(&mut i.vnis, k, v)),
+                Write::Mark(k, v) => drop(set(&mut i.marks, k, v)),
+                Write::Pod(k, v) => drop(set(&mut i.pods, k, v)),
+            }
+            self.writes.push(w);
+            Ok(())
+        }
+    }
+
+    fn libc_enomem() -> i32 {
+        12
+    }
+
+    fn set<K: Ord, V>(m: &mut BTreeMap<K, V>, k: K, v: Option<V>) -> Option<V> {
+        match v {
+            Some(v) => m.insert(k, v),
+            None => m.remove(&k),
+        }
+    }
+
+    fn desired(policies: &[(u32, [u8; 4])], pods: &[([u8; 4], u32)]) -> DatapathImage {
+        let mut image = DatapathImage::default();
+        image.config.max_flows = 1000;
+        image.nodes.insert([172, 18, 0, 11], NodeV4::default());
+        image.exclusions.insert((0, [10, 244, 0, 0], 16));
+        for (id, ip) in policies {
+            image.policies.insert(
+                *id,
+                PolicyV4 {
+                    egress_addr: *ip,
+                    flags: policy_flags::ACTIVE,
+                    ..Default::default()
+                },
+            );
+            image.vnis.insert(*id, *id);
+            image.exclusions.insert((*id, [192, 0, 2, 0], 24));
+        }
+        for (pod, id) in pods {
+            image.pods.insert(
+                *pod,
+                PodPolicyV4 {
+                    policy_id: *id,
+                    ifindex: 0,
+                },
+            );
+        }
+        image
+    }
+
+    #[test]
+    fn a_policy_the_datapath_cannot_hold_fails_alone() {
+        // A policy array of 4 slots (max_policies = 4): id 5 does not fit.
+        let want = desired(
+            &[
+                (1, [172, 18, 0, 100]),
+                (2, [172, 18, 0, 101]),
+                (5, [172, 18, 0, 105]),
+            ],
+            &[
+                ([10, 244, 1, 1], 1),
+                ([10, 244, 1, 2], 2),
+                ([10, 244, 1, 5], 5),
+            ],
+        );
+        let mut maps = Model::new(DatapathImage::default(), 4);
+        let out = reconcile(&mut maps, &DatapathImage::default(), &want).unwrap();
+        assert_eq!(out.failed.keys().copied().collect::<Vec<_>>(), [5]);
+        assert!(out.failed[&5].contains("max_entries"), "{}", out.failed[&5]);
+        assert_eq!(out.present, BTreeSet::from([1, 2]));
+        let got = &maps.image;
+        assert_eq!(
+            got.policies.keys().copied().collect::<Vec<_>>(),
+            [NO_USABLE_IP, 1, 2]
+        );
+        assert_eq!(got.policies[&NO_USABLE_IP], DROP_SLOT);
+        assert_eq!(
+            got.pods[&[10, 244, 1, 5]].policy_id,
+            NO_USABLE_IP,
+            "5 is fail-closed: its pod is dropped, never let out as the node"
+        );
+        assert!(got.exclusions.contains(&(0, [10, 244, 0, 0], 16)));
+        assert!(got.exclusions.contains(&(2, [192, 0, 2, 0], 24)));
+        assert_eq!(got.vnis, BTreeMap::from([(1, 1), (2, 2)]));
+        // Everything but policy 5 is what was asked; 5's pod is held closed.
+        let mut expected = want.clone();
+        expected.policies.remove(&5);
+        expected.policies.insert(NO_USABLE_IP, DROP_SLOT);
+        expected.vnis.remove(&5);
+        expected.pods.get_mut(&[10, 244, 1, 5]).unwrap().policy_id = NO_USABLE_IP;
+        expected.exclusions.remove(&(5, [192, 0, 2, 0], 24));
+        assert_eq!(*got, expected);
+
+        // Fixed on the next reconcile: the pod goes to 5, the slot is cleared.
+        let mut maps = Model::new(got.clone(), 4096);
+        let current = got.clone();
+        let out = reconcile(&mut maps, &current, &want).unwrap();
+        assert!(out.failed.is_empty(), "{:?}", out.failed);
+        assert_eq!(maps.image, want);
+    }
+
+    #[test]
+    fn pods_of_a_failed_fail_open_policy_get_no_entry() {
+        let mut want = desired(&[(5, [172, 18, 0, 105])], &[([10, 244, 1, 5], 5)]);
+        want.policies.get_mut(&5).unwrap().flags |= policy_flags::FAIL_OPEN;
+        let mut maps = Model::new(DatapathImage::default(), 4);
+        let out = reconcile(&mut maps, &DatapathImage::default(), &want).unwrap();
+        assert!(out.failed.contains_key(&5));
+        assert!(maps.image.pods.is_empty(), "{:?}", maps.image.pods);
+        assert!(maps.image.policies.is_empty());
+    }
+
+    #[test]
+    fn a_failed_policy_leaves_no_pod_on_another_policy_and_no_older_meaning() {
+        // Programmed: pod .7 uses policy 1, and slot 2 holds an older policy.
+        let before = desired(
+            &[(1, [172, 18, 0, 100]), (2, [172, 18, 0, 99])],
+            &[([10, 244, 1, 7], 1)],
+        );
+        let mut maps = Model::new(before.clone(), 4096);
+        // Now pod .7 moves to policy 2, which means another IP, and one of
+        // 2's entries cannot be written (say its exclusion: the trie is full).
+        let mut after = desired(
+            &[(1, [172, 18, 0, 100]), (2, [172, 18, 0, 102])],
+            &[([10, 244, 1, 7], 2)],
+        );
+        after.exclusions.insert((2, [198, 51, 100, 0], 24));
+        maps.fail = Some(Write::Exclusion((2, [198, 51, 100, 0], 24), true));
+        let out = reconcile(&mut maps, &before, &after).unwrap();
+        assert_eq!(out.failed.keys().copied().collect::<Vec<_>>(), [2]);
+        assert_eq!(
+            maps.image.pods[&[10, 244, 1, 7]].policy_id,
+            NO_USABLE_IP,
+            "the pod is neither left on policy 1 nor put on the failed 2: held closed"
+        );
+        assert!(
+            !maps.image.policies.contains_key(&2),
+            "slot 2 keeps neither its older nor half of its new meaning"
+        );
+        assert!(maps.image.policies.contains_key(&1));
+        assert_eq!(out.present, BTreeSet::from([1]));
+    }
+
+    #[test]
+    fn a_failed_removal_keeps_the_id_present() {
+        let before = desired(&[(1, [172, 18, 0, 100]), (3, [172, 18, 0, 103])], &[]);
+        let after = desired(&[(1, [172, 18, 0, 100])], &[]);
+        let mut maps = Model::new(before.clone(), 4096);
+        maps.fail = Some(Write::Policy(3, None));
+        let out = reconcile(&mut maps, &before, &after).unwrap();
+        assert!(out.failed.contains_key(&3));
+        assert_eq!(out.present, BTreeSet::from([1, 3]), "3 may still be held");
+    }
+
+    #[test]
+    fn what_every_policy_needs_failing_stops_the_reconcile() {
+        let want = desired(&[(1, [172, 18, 0, 100])], &[([10, 244, 1, 1], 1)]);
+        let mut maps = Model::new(DatapathImage::default(), 4096);
+        maps.fail = Some(Write::Exclusion((0, [10, 244, 0, 0], 16), true));
+        assert!(reconcile(&mut maps, &DatapathImage::default(), &want).is_err());
+        assert!(maps.image.policies.is_empty() && maps.image.pods.is_empty());
+    }
+
+    #[test]
+    fn writes_go_in_dependency_order_and_only_what_differs() {
+        let want = desired(&[(1, [172, 18, 0, 100])], &[([10, 244, 1, 1], 1)]);
+        let mut maps = Model::new(DatapathImage::default(), 4096);
+        reconcile(&mut maps, &DatapathImage::default(), &want).unwrap();
+        let pos = |pred: &dyn Fn(&Write) -> bool| maps.writes.iter().position(pred).unwrap();
+        assert!(
+            pos(&|w| matches!(w, Write::Policy(1, Some(_))))
+                < pos(&|w| matches!(w, Write::Pod(_, Some(_))))
+        );
+        let again = reconcile(&mut Model::new(want.clone(), 4096), &want, &want).unwrap();
+        assert!(again.report.is_empty());
+        assert_eq!(again.present, BTreeSet::from([1]));
     }
 
     #[test]

@@ -25,13 +25,13 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     config::{AgentConfig, Mode},
-    fence::Terms,
+    fence::{ControllerFence, Terms},
     gc::{self, monotonic_ns},
     host::{self, HostFacts, Interfaces, PodInterfaces},
     identity::{self, Candidate, Source},
     image::{DatapathImage, Environment},
     loader::{self, Datapath},
-    maps::{Maps, PinLayout},
+    maps::{ApplyOutcome, Maps, PinLayout},
 };
 
 pub struct Options {
@@ -80,6 +80,8 @@ struct Agent {
     lifetime: Lifetime,
     /// Kubernetes mode: the controller's desired state and our reports.
     kube: Option<AgentLink>,
+    /// Whether the controller has sent a fence yet (none applied before).
+    fence: ControllerFence,
 }
 
 /// Where an instance keeps what `egress-agent reset` needs besides the pins.
@@ -228,6 +230,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         collector,
         lifetime: Lifetime::Forever,
         kube: None,
+        fence: ControllerFence::default(),
     };
     let mut controller = None;
     // The pod interfaces first: resolving pods needs to know them. A
@@ -237,7 +240,10 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let desired = match mode {
         Mode::Static => {
             let desired = agent.config.node_state();
-            agent.apply(&desired, &static_claims(&desired)).await?;
+            agent
+                .apply(&desired, &static_claims(&desired))
+                .await?
+                .all_applied()?;
             desired
         }
         Mode::Kubernetes => {
@@ -261,6 +267,9 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     // In Kubernetes mode the agent is ready once it has applied the state of
     // the synced watches, not before (the DaemonSet's startup probe).
     let mut ready_pending = true;
+    // Kubernetes mode: the last apply left policies unprogrammed; retried
+    // every second, and the agent is not ready until none is.
+    let mut apply_incomplete = false;
     if mode == Mode::Static {
         agent.mark_ready()?;
         ready_pending = false;
@@ -270,11 +279,17 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     // The static file is re-read when it changes (its mtime, once a second).
     let mut reload = tokio::time::interval(Duration::from_secs(1));
-    // Pods whose interface is unknown are looked up again every second
-    // (besides on every route and link change: a bridge port shows up in the
-    // forwarding database without one), and every pod now and then.
+    // A Kubernetes-mode apply that left policies unprogrammed is retried.
+    let mut retry = tokio::time::interval(Duration::from_secs(1));
+    // Pods whose interface is still unknown are looked up again every
+    // second, and only those: behind a bridge a pod's port shows up in the
+    // forwarding database when it sends its first frame, which no route or
+    // link notification announces. A resolved pod is looked up again only
+    // when a route to it or an interface changes (never by polling: a bridge
+    // learns a MAC wherever frames claiming it come from, and a periodic
+    // look-up would let a pod forging its neighbour's MAC take over the
+    // neighbour's identity).
     let mut retry_unresolved = tokio::time::interval(Duration::from_secs(1));
-    let mut resolve_all = tokio::time::interval(FULL_RESOLVE_PERIOD);
     // Set once SIGTERM asked the controller to stop (in Kubernetes mode).
     let mut stopping: Option<tokio::time::Instant> = None;
     let stop_timeout =
@@ -293,7 +308,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                 if let Err(e) = agent.on_link_event(event).await {
                     tracing::error!(error = %format!("{e:#}"), "attaching to pod interfaces");
                 }
-                agent.follow_host(false).await;
+                agent.follow_host().await;
             }
             event = next_address_event(&mut address_events) => {
                 if mode == Mode::Kubernetes && agent.changes_subnets(&event) {
@@ -304,24 +319,30 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             event = route_events.next() => {
                 let event = event.context("route notifications ended")?;
                 agent.on_route_event(&event);
-                agent.follow_host(false).await;
+                agent.follow_host().await;
             }
             _ = retry_unresolved.tick() => {
                 if agent.pod_interfaces.has_unresolved() {
-                    agent.follow_host(false).await;
+                    agent.follow_host().await;
                 }
             }
-            _ = resolve_all.tick() => agent.follow_host(true).await,
             _ = reload.tick(), if mode == Mode::Static => agent.reload_if_changed().await,
+            _ = retry.tick(), if apply_incomplete => {
+                apply_incomplete = !agent.apply_kubernetes().await;
+                if ready_pending && !apply_incomplete {
+                    agent.mark_ready()?;
+                    ready_pending = false;
+                }
+            }
             _ = sleep_until(stop_deadline) => {
                 tracing::warn!("the Kubernetes controller did not stop in time; exiting anyway");
                 break;
             }
-            event = from_controller(&mut agent.kube) => match event {
+            event = from_controller(&mut agent.kube, &mut agent.fence) => match event {
                 FromController::Fence => agent.apply_fence().await,
                 FromController::Desired => {
-                    agent.apply_kubernetes().await;
-                    if ready_pending {
+                    apply_incomplete = !agent.apply_kubernetes().await;
+                    if ready_pending && !apply_incomplete {
                         agent.mark_ready()?;
                         ready_pending = false;
                     }
@@ -381,13 +402,16 @@ enum FromController {
 
 /// Waits for the controller's next fence or desired state; never in static
 /// mode, nor once the controller is gone (its last fence stands).
-async fn from_controller(kube: &mut Option<AgentLink>) -> FromController {
+async fn from_controller(
+    kube: &mut Option<AgentLink>,
+    fence: &mut ControllerFence,
+) -> FromController {
     let Some(link) = kube else {
         return std::future::pending().await;
     };
     let event = tokio::select! {
         biased;
-        r = link.fence.changed() => r.map(|()| FromController::Fence),
+        r = fence.changed(&mut link.fence) => r.map(|()| FromController::Fence),
         r = link.desired.changed() => r.map(|()| FromController::Desired),
     };
     match event {
@@ -587,36 +611,32 @@ async fn finished(
     }
 }
 
-/// How often every pod's interface is looked up again (new and unresolved
-/// pods are looked up on every route or link change and every second, every
-/// pod whenever interfaces come or go): bounds how long a pod's route moved
-/// to another existing interface without a route notification goes
-/// unnoticed.
-const FULL_RESOLVE_PERIOD: Duration = Duration::from_secs(60);
-
 impl Agent {
     /// Makes the maps equal to the image of `desired` and of what this
     /// node's stack says (pod interfaces, local addresses).
-    async fn reconcile(&mut self, desired: &NodeState) -> anyhow::Result<()> {
+    async fn reconcile(&mut self, desired: &NodeState) -> anyhow::Result<ApplyOutcome> {
         let host = self.host_facts(desired, false).await?;
         // Map dumps and writes are blocking system calls, thousands of them
         // at scale: off the runtime's worker, so the controller's renewals
         // keep running on the others meanwhile.
         let (maps, env) = (&mut self.maps, &self.env);
-        let report = tokio::task::block_in_place(|| {
+        let outcome = tokio::task::block_in_place(|| {
             let current = maps.read_image()?;
             let image = DatapathImage::from_state(desired, env, &host);
             maps.apply(&current, &image)
         })?;
-        if !report.is_empty() {
+        if !outcome.report.is_empty() {
             tracing::info!(
-                written = report.written,
-                removed = report.removed,
+                written = outcome.report.written,
+                removed = outcome.report.removed,
                 "datapath maps reconciled"
             );
         }
+        for (id, error) in &outcome.failed {
+            tracing::error!(policy = id, %error, "policy not programmed (the others are)");
+        }
         self.desired = Some(desired.clone());
-        Ok(())
+        Ok(outcome)
     }
 
     /// The interfaces the datapath is attached to, pod-side and upstream.
@@ -649,15 +669,16 @@ impl Agent {
     }
 
     /// Follows the node's stack between desired-state changes: looks up the
-    /// pods whose interface is unknown (every pod with `all`, or after
-    /// interfaces came or went), and reconciles again when one changed.
-    async fn follow_host(&mut self, all: bool) {
+    /// pods whose interface is unknown (every pod after interfaces came or
+    /// went, those within a changed route), and reconciles again when one
+    /// changed.
+    async fn follow_host(&mut self) {
         let Some(desired) = self.desired.clone() else {
             return;
         };
         let before = self.pod_interfaces.resolved().clone();
         let outcome = async {
-            let host = self.host_facts(&desired, all).await?;
+            let host = self.host_facts(&desired, false).await?;
             if host.pod_interfaces != before {
                 self.reconcile(&desired).await?;
             }
@@ -709,7 +730,11 @@ impl Agent {
 
     /// Makes the datapath and the node's addresses match `desired`.
     /// Addresses first: a policy becomes local only once its IP is here.
-    async fn apply(&mut self, desired: &NodeState, claims: &[AddressClaim]) -> anyhow::Result<()> {
+    async fn apply(
+        &mut self,
+        desired: &NodeState,
+        claims: &[AddressClaim],
+    ) -> anyhow::Result<ApplyOutcome> {
         self.claim(claims).await?;
         self.reconcile(desired).await
     }
@@ -784,6 +809,9 @@ impl Agent {
         let subnets = self.egress_subnets().await?;
         let mut options = self.config.kubernetes.options(subnets)?;
         options.node_addr = self.config.node.address;
+        // Policy ids index this node's policy array: the assigner keeps
+        // them below the (cluster-wide) max_policies.
+        options.plan.max_policies = self.config.datapath.max_policies;
         options
             .global_excluded
             .extend(self.config.cluster.excluded_cidrs.iter().map(|n| n.trunc()));
@@ -869,8 +897,11 @@ impl Agent {
 
     /// Applies the controller's latest fence: the datapath's claim-validity
     /// stamp (one map write) and the lifetime of the claimed addresses.
+    /// Nothing before the controller has sent one: the previous agent's
+    /// terms stand (see [`ControllerFence`]).
     async fn apply_fence(&mut self) {
-        let Some(fence) = self.kube.as_mut().map(|k| *k.fence.borrow_and_update()) else {
+        let Some(k) = self.kube.as_mut() else { return };
+        let Some(fence) = self.fence.latest(&mut k.fence) else {
             return;
         };
         let remaining = fence.map(|f| f.saturating_duration_since(std::time::Instant::now()));
@@ -895,8 +926,9 @@ impl Agent {
         }
     }
 
-    /// Applies the controller's latest desired state and reports what we hold.
-    async fn apply_kubernetes(&mut self) {
+    /// Applies the controller's latest desired state and reports what we
+    /// hold and what the datapath holds; true once every policy is applied.
+    async fn apply_kubernetes(&mut self) -> bool {
         // The fence of this state first: new claims get its lifetime, and
         // LOCAL policies appear with a valid stamp.
         self.apply_fence().await;
@@ -905,15 +937,27 @@ impl Agent {
             .as_mut()
             .and_then(|k| k.desired.borrow_and_update().clone())
         else {
-            return;
+            return false;
         };
-        if let Err(e) = self.apply(&desired.state, &desired.claims).await {
-            tracing::error!(error = %format!("{e:#}"), "applying the desired state from Kubernetes");
-        }
+        let outcome = self.apply(&desired.state, &desired.claims).await;
+        let complete = match outcome {
+            Ok(outcome) => {
+                let complete = outcome.failed.is_empty();
+                if let Some(k) = &self.kube {
+                    k.applied.send_replace(Some(outcome.into()));
+                }
+                complete
+            }
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "applying the desired state from Kubernetes");
+                false
+            }
+        };
         let held = self.held_addresses(&desired.claims).await;
         if let Some(k) = &self.kube {
             let _ = k.held.send(held);
         }
+        complete
     }
 
     /// Which of the claimed or recorded egress IPs are on our interfaces now.
@@ -1104,7 +1148,10 @@ impl Agent {
         let desired = new.node_state();
         let env = self.env;
         self.env = env.with_settings(&new.datapath);
-        let outcome = self.apply(&desired, &static_claims(&desired)).await;
+        let outcome = self
+            .apply(&desired, &static_claims(&desired))
+            .await
+            .and_then(|o| Ok(o.all_applied()?));
         match outcome {
             Ok(()) => {
                 tracing::info!(policies = new.policies.len(), "configuration reloaded");

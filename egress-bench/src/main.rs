@@ -3,7 +3,6 @@
 //! subcommands are the traffic generators and probes it starts inside the
 //! benchmark namespaces.
 
-mod bpf;
 mod loadgen;
 mod probe;
 mod report;
@@ -13,7 +12,9 @@ mod systems;
 mod topo;
 
 use anyhow::Result;
+// The benchmark's modules name it `crate::bpf`.
 use clap::{Parser, Subcommand};
+use egress_bpf as bpf;
 
 #[derive(Parser)]
 #[command(about = "egress SNAT benchmark: ebpf vs iptables vs nftables vs none")]

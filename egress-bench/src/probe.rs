@@ -199,7 +199,16 @@ pub fn prog_test(a: &ProgTestArgs) -> Result<ProgTestResult> {
     if pod_if == 0 {
         bail!("the agent has not resolved the interface of {pod} (pod_policy_v4 ifindex 0)");
     }
-    let run_fwd = |pkt: &[u8], repeat: u32| bpf::test_run_on(&fwd, pkt, repeat, Some(pod_if));
+    let on_pod_if = bpf::SkbContext {
+        ifindex: pod_if,
+        ..Default::default()
+    };
+    let run_fwd = |pkt: &[u8], repeat: u32| {
+        bpf::test_run_skb(&fwd, pkt, &on_pod_if, repeat).map(|r| bpf::TestRun {
+            retval: r.retval,
+            duration_ns: r.duration_ns,
+        })
+    };
     let samples = a.samples.max(10);
     let mut res = ProgTestResult {
         samples,

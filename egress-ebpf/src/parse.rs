@@ -157,6 +157,13 @@ pub const ICMP_ID: usize = 4;
 pub fn l4(ctx: &TcContext, ip: &Ipv4) -> Result<L4, DropReason> {
     match ip.proto {
         proto::TCP | proto::UDP => {
+            // The whole fixed header must be there, checksum included: a
+            // header cut short after the flags would make a flow whose
+            // rewrite then fails.
+            let fixed = if ip.proto == proto::TCP { 20 } else { 8 };
+            if ctx.data() + ip.l4_off + fixed > ctx.data_end() {
+                return Err(DropReason::Malformed);
+            }
             // Ports are the first four bytes of both headers; TCP flags at 13.
             let ports: *const [u8; 4] = ptr_at(ctx, ip.l4_off).ok_or(DropReason::Malformed)?;
             // SAFETY: bounds checked by ptr_at.

@@ -35,6 +35,15 @@ pub const DRAINING_ANNOTATION: &str = "egress.example.dev/draining";
 /// milliseconds. `leaseDurationSeconds` (whole seconds) says the same for
 /// operators but would round a 1.5 s lifetime up to 2 s.
 pub const CLAIM_TTL_ANNOTATION: &str = "egress.example.dev/claim-ttl-ms";
+/// Annotation on a claims Lease: set by an agent that stops for a restart
+/// (not a drain) while holding IPs: the restart grace in milliseconds.
+/// Everyone treats the claims as live that long after they saw this version
+/// (no clock of the writer is read), and the assigner keeps the IPs on the
+/// node meanwhile; the successor's first renewal removes it.
+pub const RESTART_GRACE_ANNOTATION: &str = "egress.example.dev/restart-grace-ms";
+/// Annotation on a claims Lease: `"true"` when the node's agent takes part
+/// in the assigner election (see `controller::election`).
+pub const ASSIGNER_ANNOTATION: &str = "egress.example.dev/assigner";
 /// Label selecting the claims Leases.
 pub const ROLE_LABEL: &str = "egress.example.dev/role";
 pub const ROLE_CLAIMS: &str = "claims";
@@ -130,6 +139,20 @@ pub struct ClaimView {
     pub live: BTreeMap<Ipv4Addr, BTreeSet<String>>,
     /// Nodes that announced they are shutting down.
     pub draining: BTreeSet<String>,
+    /// Nodes whose Lease changed within its lifetime: they renew (or
+    /// restart within their grace).
+    pub live_nodes: BTreeSet<String>,
+    /// Live nodes whose Lease changed within the tracker's `stale_after`
+    /// (a holder renews every period: one that missed two is late), or
+    /// that restart within their grace.
+    pub renewing: BTreeSet<String>,
+    /// Nodes whose Lease lists IPs but has not changed for its lifetime:
+    /// they stopped renewing while holding, so they have withdrawn (alive
+    /// but cut off from the API server) or are dead. A Lease-based signal
+    /// that the node is down, needing no other observer.
+    pub lapsed: BTreeSet<String>,
+    /// Live nodes under a restart grace.
+    pub restarting: BTreeSet<String>,
 }
 
 /// When each Lease was first seen at its current resourceVersion, by the
@@ -171,14 +194,33 @@ impl VersionClock {
 #[derive(Debug)]
 pub struct ClaimTracker {
     ttl: Duration,
+    /// See [`ClaimView::renewing`]; each Lease's lifetime unless set.
+    stale_after: Option<Duration>,
     seen: VersionClock,
     /// Lease name -> the lifetime its claims are judged by.
     lifetimes: HashMap<String, Duration>,
 }
 
-/// The lifetime of the claims in `lease`: the longer of ours and the one its
-/// holder declares (agents of a rollout may be configured differently).
+/// The lifetime of the claims in `lease`: the longest of ours, the one its
+/// holder declares (agents of a rollout may be configured differently) and
+/// its restart grace.
 fn lifetime(lease: &Lease, ours: Duration) -> Duration {
+    ours.max(declared_lifetime(lease))
+        .max(restart_grace(lease).unwrap_or_default())
+}
+
+/// The restart grace a claims Lease declares.
+pub fn restart_grace(lease: &Lease) -> Option<Duration> {
+    lease
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(RESTART_GRACE_ANNOTATION))
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(Duration::from_millis)
+}
+
+fn declared_lifetime(lease: &Lease) -> Duration {
     let declared_ms = lease
         .metadata
         .annotations
@@ -186,24 +228,31 @@ fn lifetime(lease: &Lease, ours: Duration) -> Duration {
         .and_then(|a| a.get(CLAIM_TTL_ANNOTATION))
         .and_then(|v| v.parse::<u64>().ok())
         .map(Duration::from_millis);
-    let declared = declared_ms.unwrap_or_else(|| {
+    declared_ms.unwrap_or_else(|| {
         lease
             .spec
             .as_ref()
             .and_then(|s| s.lease_duration_seconds)
             .map(|s| Duration::from_secs(s.max(0) as u64))
             .unwrap_or_default()
-    });
-    ours.max(declared)
+    })
 }
 
 impl ClaimTracker {
     pub fn new(ttl: Duration) -> Self {
         Self {
             ttl,
+            stale_after: None,
             seen: VersionClock::default(),
             lifetimes: HashMap::new(),
         }
+    }
+
+    /// Judges a live node as no longer renewing once its Lease has not
+    /// changed for `d` (see [`ClaimView::renewing`]).
+    pub fn with_stale_after(mut self, d: Duration) -> Self {
+        self.stale_after = Some(d);
+        self
     }
 
     /// Judges the claims in `leases` at `now`.
@@ -224,21 +273,34 @@ impl ClaimTracker {
             let Some(holder) = spec.and_then(|s| s.holder_identity.clone()) else {
                 continue;
             };
+            let annotations = lease.metadata.annotations.as_ref();
+            let claimed = annotations
+                .and_then(|a| a.get(CLAIMED_ANNOTATION))
+                .map(|raw| parse_claims(raw))
+                .unwrap_or_default();
             if now.saturating_duration_since(changed_at) >= ttl {
+                if !claimed.is_empty() {
+                    view.lapsed.insert(holder);
+                }
                 continue;
             }
-            let annotations = lease.metadata.annotations.as_ref();
+            view.live_nodes.insert(holder.clone());
+            let restarting = restart_grace(lease).is_some();
+            if restarting {
+                view.restarting.insert(holder.clone());
+            }
+            if restarting
+                || now.saturating_duration_since(changed_at) < self.stale_after.unwrap_or(ttl)
+            {
+                view.renewing.insert(holder.clone());
+            }
             if annotations
                 .and_then(|a| a.get(DRAINING_ANNOTATION))
                 .is_some_and(|v| v == "true")
             {
                 view.draining.insert(holder.clone());
             }
-            for ip in annotations
-                .and_then(|a| a.get(CLAIMED_ANNOTATION))
-                .map(|raw| parse_claims(raw))
-                .unwrap_or_default()
-            {
+            for ip in claimed {
                 view.live.entry(ip).or_default().insert(holder.clone());
             }
         }
@@ -247,12 +309,14 @@ impl ClaimTracker {
         view
     }
 
-    /// When the next live claim would expire if nothing changes: the caller
-    /// re-evaluates then.
+    /// When the next live claim would expire (or turn stale) if nothing
+    /// changes: the caller re-evaluates then.
     pub fn next_expiry(&self, now: Instant) -> Option<Duration> {
         self.lifetimes
             .iter()
-            .filter_map(|(name, ttl)| Some(self.seen.first_seen(name)? + *ttl))
+            .filter_map(|(name, ttl)| Some((self.seen.first_seen(name)?, *ttl)))
+            .flat_map(|(seen, ttl)| [Some(seen + ttl), self.stale_after.map(|d| seen + d)])
+            .flatten()
             .map(|t| t.saturating_duration_since(now))
             .filter(|d| !d.is_zero())
             .min()
@@ -408,6 +472,61 @@ mod tests {
         b2.spec.as_mut().unwrap().lease_duration_seconds = Some(3);
         t.view(&[&b2], t0);
         assert_eq!(t.next_expiry(t0), Some(Duration::from_secs(3)));
+    }
+
+    #[test]
+    fn a_holder_that_stops_renewing_lapses_an_idle_one_does_not_and_a_restart_grace_keeps_it_live()
+    {
+        let mut t = ClaimTracker::new(Duration::from_secs(2));
+        let t0 = Instant::now();
+        let holder = lease("node1", "1", "172.18.0.100", false);
+        let idle = lease("node2", "1", "", false);
+        let mut restarting = lease("node3", "1", "172.18.0.101", false);
+        restarting
+            .metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .insert(RESTART_GRACE_ANNOTATION.into(), "10000".into());
+        let all = [&holder, &idle, &restarting];
+        let v = t.view(&all, t0);
+        assert_eq!(v.live_nodes.len(), 3);
+        assert_eq!(v.renewing.len(), 3);
+        assert_eq!(v.restarting, BTreeSet::from(["node3".to_string()]));
+        assert!(v.lapsed.is_empty());
+        let v = t.view(&all, t0 + Duration::from_secs(2));
+        assert_eq!(v.lapsed, BTreeSet::from(["node1".to_string()]));
+        assert_eq!(v.live_nodes, BTreeSet::from(["node3".to_string()]));
+        assert!(v.live.contains_key(&"172.18.0.101".parse().unwrap()));
+        assert_eq!(
+            t.next_expiry(t0 + Duration::from_secs(2)),
+            Some(Duration::from_secs(8))
+        );
+        let v = t.view(&all, t0 + Duration::from_secs(10));
+        assert_eq!(
+            v.lapsed,
+            BTreeSet::from(["node1".to_string(), "node3".to_string()])
+        );
+        assert!(v.live.is_empty());
+    }
+
+    #[test]
+    fn a_holder_that_missed_renewals_is_no_longer_renewing_before_its_claim_lapses() {
+        let mut t = ClaimTracker::new(Duration::from_millis(1500))
+            .with_stale_after(Duration::from_millis(600));
+        let t0 = Instant::now();
+        let a = lease("node1", "1", "172.18.0.100", false);
+        t.view(&[&a], t0);
+        let a2 = lease("node1", "2", "172.18.0.100", false);
+        let v = t.view(&[&a2], t0 + Duration::from_millis(300));
+        assert!(v.renewing.contains("node1"));
+        assert_eq!(
+            t.next_expiry(t0 + Duration::from_millis(300)),
+            Some(Duration::from_millis(600))
+        );
+        let v = t.view(&[&a2], t0 + Duration::from_millis(900));
+        assert!(v.live_nodes.contains("node1") && !v.renewing.contains("node1"));
+        assert!(v.lapsed.is_empty());
     }
 
     #[test]

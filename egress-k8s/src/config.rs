@@ -30,8 +30,14 @@ pub struct KubernetesConfig {
     pub egress_interfaces: Vec<String>,
     pub claim_ttl_ms: u64,
     pub claim_renew_ms: u64,
+    /// How long a restarting agent's IPs wait for its successor (not on a
+    /// drain or node deletion, which hand them over); 0 hands them over on
+    /// every stop. See `Options::restart_grace`.
+    pub restart_grace_ms: u64,
     /// Take part in the election of the assigner.
     pub assigner: bool,
+    /// How many agents stand by as assigner candidates.
+    pub assigner_candidates: usize,
     pub leader_lease: String,
     pub leader_ttl_ms: u64,
     pub leader_renew_ms: u64,
@@ -72,7 +78,9 @@ impl Default for KubernetesConfig {
             egress_interfaces: Vec::new(),
             claim_ttl_ms: ms(o.claim_ttl),
             claim_renew_ms: ms(o.claim_renew),
+            restart_grace_ms: ms(o.restart_grace),
             assigner: o.assigner,
+            assigner_candidates: o.assigner_candidates,
             leader_lease: o.leader_lease,
             leader_ttl_ms: ms(o.leader_ttl),
             leader_renew_ms: ms(o.leader_renew),
@@ -119,6 +127,7 @@ impl KubernetesConfig {
             namespace: self.namespace.clone(),
             plan: PlanConfig {
                 assignable_label: self.assignable_label.clone(),
+                ..PlanConfig::default()
             },
             global_excluded: self
                 .cluster_cidrs
@@ -130,7 +139,9 @@ impl KubernetesConfig {
             subnets,
             claim_ttl: ms(self.claim_ttl_ms),
             claim_renew: ms(self.claim_renew_ms),
+            restart_grace: ms(self.restart_grace_ms),
             assigner: self.assigner,
+            assigner_candidates: self.assigner_candidates,
             leader_lease: self.leader_lease.clone(),
             leader_ttl: ms(self.leader_ttl_ms),
             leader_renew: ms(self.leader_renew_ms),

@@ -11,7 +11,7 @@ use std::{
     net::{Ipv4Addr, Ipv6Addr},
 };
 
-use egress_model::{FailurePolicy, MAX_POLICY_ID, PolicyId};
+use egress_model::{FailurePolicy, PolicyId};
 use ipnet::Ipv4Net;
 use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::{Condition, Time},
@@ -21,6 +21,7 @@ use k8s_openapi::{
 use crate::{
     crd::{EgressIP, EgressIPAddressStatus, EgressIPStatus, EgressIPStatusItem, condition},
     facts::{NodeInfo, PodInfo},
+    ids::{self, IdSpace},
     selector::Selector,
 };
 
@@ -29,12 +30,15 @@ use crate::{
 pub struct PlanConfig {
     /// Nodes need this label (any value) to hold egress IPs.
     pub assignable_label: String,
+    /// The nodes' `[datapath] max_policies`: policy ids are below it.
+    pub max_policies: u32,
 }
 
 impl Default for PlanConfig {
     fn default() -> Self {
         Self {
             assignable_label: crate::facts::DEFAULT_ASSIGNABLE_LABEL.to_string(),
+            max_policies: egress_common::maps::DEFAULT_MAX_POLICIES,
         }
     }
 }
@@ -461,45 +465,13 @@ fn explain_unplaced(
     )
 }
 
-/// Keeps every valid IP's policy id from `previous` (resource name, IP) and
-/// gives new IPs the lowest free id. Ids of IPs that are no longer valid are
-/// released. Duplicates in `previous` (hand-edited status) go to the resource
-/// first in precedence order; the other gets a new id.
+/// The policy id of every valid IP, within `space` (see [`ids::allocate`]).
 pub fn allocate_ids(
     checked: &[Checked],
     previous: &BTreeMap<(String, Ipv4Addr), PolicyId>,
+    space: &IdSpace,
 ) -> BTreeMap<Ipv4Addr, PolicyId> {
-    let mut taken: BTreeSet<PolicyId> = BTreeSet::new();
-    let mut out = BTreeMap::new();
-    for c in checked {
-        for ip in c.valid_ips() {
-            if let Some(&id) = previous.get(&(c.name.clone(), ip))
-                && (1..=MAX_POLICY_ID).contains(&id)
-                && taken.insert(id)
-            {
-                out.insert(ip, id);
-            }
-        }
-    }
-    let mut next: PolicyId = 1;
-    for c in checked {
-        for ip in c.valid_ips() {
-            if out.contains_key(&ip) {
-                continue;
-            }
-            while taken.contains(&next) {
-                next += 1;
-            }
-            if next > MAX_POLICY_ID {
-                // 16 million policies: not reachable in practice; the IP then
-                // simply stays without an id (and is not applied).
-                break;
-            }
-            taken.insert(next);
-            out.insert(ip, next);
-        }
-    }
-    out
+    ids::allocate(checked, previous, space)
 }
 
 /// The assignment and ids recorded in existing statuses.
@@ -542,6 +514,10 @@ pub struct StatusInput<'a> {
     pub selection: &'a Selection,
     pub previous: Option<&'a EgressIPStatus>,
     pub now: Timestamp,
+    /// Why valid IPs without an id got none (the id space is exhausted).
+    pub shortage: Option<&'a Problem>,
+    /// Policy id -> (node, error) for each node that failed to program it.
+    pub apply_failures: &'a BTreeMap<PolicyId, Vec<(String, String)>>,
 }
 
 struct Conds<'a> {
@@ -618,7 +594,15 @@ pub fn build_status(input: &StatusInput<'_>) -> EgressIPStatus {
             IpVerdict::Valid(ip) => {
                 policy_id = input.ids.get(ip).copied();
                 let live: BTreeSet<String> = input.claims.get(ip).cloned().unwrap_or_default();
-                match input.assignments.get(ip) {
+                let unplaceable = policy_id.is_none().then_some(input.shortage).flatten();
+                match unplaceable
+                    .map(Err)
+                    .or(input.assignments.get(ip).map(|a| a.as_ref()))
+                {
+                    Some(Err(p)) => {
+                        conds.set(condition::ASSIGNED, false, p.reason, p.message.clone());
+                        conds.set(condition::ANNOUNCED, false, "NotAssigned", String::new());
+                    }
                     Some(Ok(n)) => {
                         node = Some(n.clone());
                         items.push(EgressIPStatusItem {
@@ -662,10 +646,6 @@ pub fn build_status(input: &StatusInput<'_>) -> EgressIPStatus {
                             );
                         }
                     }
-                    Some(Err(p)) => {
-                        conds.set(condition::ASSIGNED, false, p.reason, p.message.clone());
-                        conds.set(condition::ANNOUNCED, false, "NotAssigned", String::new());
-                    }
                     None => {
                         conds.set(condition::ASSIGNED, false, "Pending", String::new());
                         conds.set(condition::ANNOUNCED, false, "NotAssigned", String::new());
@@ -674,6 +654,23 @@ pub fn build_status(input: &StatusInput<'_>) -> EgressIPStatus {
                 conds.set(condition::CONFLICT, false, "NoConflict", String::new());
                 conds.set(condition::INVALID, false, "Valid", String::new());
             }
+        }
+        match policy_id.map(|id| (id, input.apply_failures.get(&id))) {
+            Some((id, Some(failures))) => conds.set(
+                condition::APPLIED,
+                false,
+                "ApplyFailed",
+                format!(
+                    "policy {id} could not be programmed on {}",
+                    failures
+                        .iter()
+                        .map(|(node, e)| format!("node {node}: {e}"))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                ),
+            ),
+            Some(_) => conds.set(condition::APPLIED, true, "NoFailures", String::new()),
+            None => conds.set(condition::APPLIED, false, "NotApplied", String::new()),
         }
         ips.push(EgressIPAddressStatus {
             egress_ip: entry.raw.clone(),

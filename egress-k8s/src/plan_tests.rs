@@ -54,6 +54,10 @@ fn verdicts(c: &Checked) -> Vec<Result<Ipv4Addr, &'static str>> {
         .collect()
 }
 
+fn space() -> IdSpace {
+    IdSpace::new(egress_common::maps::DEFAULT_MAX_POLICIES, BTreeSet::new())
+}
+
 fn cfg() -> PlanConfig {
     PlanConfig::default()
 }
@@ -262,6 +266,7 @@ fn node_selector_narrows_eligible_subnets() {
 fn configurable_assignable_label() {
     let cfg = PlanConfig {
         assignable_label: "zone".into(),
+        ..PlanConfig::default()
     };
     // node4 has no zone label; the other three do.
     let c = check_all(
@@ -437,7 +442,7 @@ fn policy_ids_are_stable_lowest_free_and_released() {
         simple("b", "2026-01-02T00:00:00Z", &["172.18.0.110"]),
     ];
     let c = check_all(&eips, &nodes(), &cfg());
-    let ids = allocate_ids(&c, &BTreeMap::new());
+    let ids = allocate_ids(&c, &BTreeMap::new(), &space());
     assert_eq!(ids[&ip("172.18.0.100")], 1);
     assert_eq!(ids[&ip("172.18.0.101")], 2);
     assert_eq!(ids[&ip("172.18.0.110")], 3);
@@ -455,7 +460,7 @@ fn policy_ids_are_stable_lowest_free_and_released() {
         simple("c", "2026-01-03T00:00:00Z", &["172.18.0.120"]),
     ];
     let c = check_all(&eips, &nodes(), &cfg());
-    let ids = allocate_ids(&c, &prev);
+    let ids = allocate_ids(&c, &prev, &space());
     assert_eq!(ids.get(&ip("172.18.0.101")), None);
     assert_eq!(ids[&ip("172.18.0.110")], 3);
     assert_eq!(ids[&ip("172.18.0.120")], 2);
@@ -474,10 +479,13 @@ fn duplicate_or_out_of_range_ids_in_status_are_reallocated() {
     let prev = BTreeMap::from([
         (("a".into(), ip("172.18.0.100")), 7),
         (("b".into(), ip("172.18.0.110")), 7),
-        (("b".into(), ip("172.18.0.111")), MAX_POLICY_ID + 1),
+        (
+            ("b".into(), ip("172.18.0.111")),
+            egress_model::MAX_POLICY_ID + 1,
+        ),
     ]);
     let c = check_all(&eips, &nodes(), &cfg());
-    let ids = allocate_ids(&c, &prev);
+    let ids = allocate_ids(&c, &prev, &space());
     assert_eq!(ids[&ip("172.18.0.100")], 7);
     assert_eq!(ids[&ip("172.18.0.110")], 1);
     assert_eq!(ids[&ip("172.18.0.111")], 2);
@@ -598,7 +606,7 @@ fn status_reports_assignment_claims_conflicts_and_shadowing() {
     let b = simple("b", "2026-01-02T00:00:00Z", &["172.18.0.100"]);
     let c = check_all(&[a, b], &nodes(), &cfg());
     let assignments = assign(&c, &nodes(), &BTreeMap::new(), &BTreeSet::new(), &cfg());
-    let ids = allocate_ids(&c, &BTreeMap::new());
+    let ids = allocate_ids(&c, &BTreeMap::new(), &space());
     // node1 claims .100; node3 (previous holder) still claims .101, which now goes to node2.
     let claims = BTreeMap::from([
         (ip("172.18.0.100"), BTreeSet::from(["node1".to_string()])),
@@ -621,6 +629,8 @@ fn status_reports_assignment_claims_conflicts_and_shadowing() {
             selection: &selection,
             previous,
             now,
+            shortage: None,
+            apply_failures: &BTreeMap::new(),
         })
     };
     let sa = st(0, None, now);
@@ -671,4 +681,71 @@ fn status_reports_assignment_claims_conflicts_and_shadowing() {
     // the assigner writes nothing.
     let later: Timestamp = "2026-05-01T12:05:00Z".parse().unwrap();
     assert_eq!(st(0, Some(&sa), later), sa);
+}
+
+#[test]
+fn status_reports_exhausted_ids_and_nodes_that_failed_to_apply() {
+    let a = simple(
+        "a",
+        "2026-01-01T00:00:00Z",
+        &["172.18.0.100", "172.18.0.101"],
+    );
+    let c = check_all(&[a], &nodes(), &cfg());
+    let assignments = assign(&c, &nodes(), &BTreeMap::new(), &BTreeSet::new(), &cfg());
+    // max_policies = 2: one id for two IPs.
+    let space = IdSpace::new(2, BTreeSet::new());
+    let ids = allocate_ids(&c, &BTreeMap::new(), &space);
+    let shortage = ids::shortage(&ids, &space);
+    let failures = BTreeMap::from([(
+        1,
+        vec![(
+            "node2".to_string(),
+            "map policies_v4: the index 1 is out of bounds".to_string(),
+        )],
+    )]);
+    let st = build_status(&StatusInput {
+        checked: &c[0],
+        assignments: &assignments,
+        ids: &ids,
+        claims: &BTreeMap::new(),
+        selection: &Selection::default(),
+        previous: None,
+        now: "2026-05-01T12:00:00Z".parse().unwrap(),
+        shortage: Some(&shortage),
+        apply_failures: &failures,
+    });
+    let cond = |i: usize, t: &str| {
+        st.ips[i]
+            .conditions
+            .iter()
+            .find(|c| c.type_ == t)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(st.ips[0].policy_id, Some(1));
+    let applied = cond(0, "Applied");
+    assert_eq!(
+        (applied.status.as_str(), applied.reason.as_str()),
+        ("False", "ApplyFailed")
+    );
+    assert!(
+        applied.message.contains("node node2: map policies_v4"),
+        "{}",
+        applied.message
+    );
+    // The second IP has no id: not assigned to any node, and says why.
+    assert_eq!(st.ips[1].policy_id, None);
+    assert_eq!(st.ips[1].node, None);
+    let assigned = cond(1, "Assigned");
+    assert_eq!(
+        (assigned.status.as_str(), assigned.reason.as_str()),
+        ("False", "NoPolicyId")
+    );
+    assert!(
+        assigned.message.contains("max_policies = 2"),
+        "{}",
+        assigned.message
+    );
+    assert_eq!(st.items.len(), 1, "only the IP with an id is in items");
+    assert_eq!(cond(1, "Applied").reason, "NotApplied");
 }

@@ -9,6 +9,7 @@ use std::{collections::BTreeSet, path::PathBuf};
 use egress_k8s::{KubernetesConfig, crd::EgressIP};
 use k8s_openapi::{
     api::{
+        admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding},
         apps::v1::DaemonSet,
         core::v1::{ConfigMap, Namespace, ServiceAccount},
         rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding},
@@ -129,12 +130,18 @@ fn every_manifest_is_schema_valid() {
                 "ConfigMap" => drop(strict::<ConfigMap>(file, &doc)),
                 "DaemonSet" => drop(strict::<DaemonSet>(file, &doc)),
                 "CustomResourceDefinition" => drop(strict::<CustomResourceDefinition>(file, &doc)),
+                "ValidatingAdmissionPolicy" => {
+                    drop(strict::<ValidatingAdmissionPolicy>(file, &doc))
+                }
+                "ValidatingAdmissionPolicyBinding" => {
+                    drop(strict::<ValidatingAdmissionPolicyBinding>(file, &doc))
+                }
                 other => panic!("{file}: unexpected kind {other}"),
             }
             kinds.insert(kind);
         }
     }
-    assert_eq!(kinds.len(), 9, "{kinds:?}");
+    assert_eq!(kinds.len(), 11, "{kinds:?}");
 }
 
 fn one<T: DeserializeOwned + Serialize>(file: &str, kind: &str) -> T {
@@ -355,4 +362,141 @@ fn example_egressip_is_valid() {
     let eip: EgressIP = strict("examples/egressip.yaml", &doc);
     assert_eq!(eip.spec.egress_ips.len(), 2);
     assert!(eip.spec.node_selector.is_some());
+}
+
+fn daemonset_pod() -> k8s_openapi::api::core::v1::PodSpec {
+    let ds: DaemonSet = one("daemonset.yaml", "DaemonSet");
+    ds.spec.unwrap().template.spec.unwrap()
+}
+
+/// Server-side apply merges `env` by name and rejects a list with the same
+/// name twice (`duplicate entries for key [name="NODE_IP"]`); client-side
+/// apply silently keeps the last one.
+#[test]
+fn daemonset_env_keys_are_unique() {
+    let pod = daemonset_pod();
+    let containers = pod.init_containers.iter().flatten().chain(&pod.containers);
+    for c in containers {
+        let mut seen = BTreeSet::new();
+        for e in c.env.iter().flatten() {
+            assert!(
+                seen.insert(e.name.as_str()),
+                "container {}: env {} is set twice",
+                c.name,
+                e.name
+            );
+        }
+        let mut mounts = BTreeSet::new();
+        for m in c.volume_mounts.iter().flatten() {
+            assert!(
+                mounts.insert(m.mount_path.as_str()),
+                "container {}: {} mounted twice",
+                c.name,
+                m.mount_path
+            );
+        }
+    }
+}
+
+/// The runtimes' default AppArmor profiles deny what pinning under
+/// /sys/fs/bpf needs; the agent runs Unconfined (as Cilium's agent does).
+#[test]
+fn agent_runs_without_the_default_apparmor_profile() {
+    let pod = daemonset_pod();
+    let agent = &pod.containers[0];
+    let profile = agent
+        .security_context
+        .as_ref()
+        .and_then(|s| s.app_armor_profile.as_ref())
+        .or(pod
+            .security_context
+            .as_ref()
+            .and_then(|s| s.app_armor_profile.as_ref()))
+        .expect("an AppArmor profile for the agent");
+    assert_eq!(profile.type_, "Unconfined");
+}
+
+/// The pins must be in the host's bpffs: either the host mounts it, or an
+/// init container that may mount (privileged, which Bidirectional
+/// propagation requires) mounts it and propagates the mount to the host.
+#[test]
+fn bpffs_is_the_hosts_and_an_init_container_mounts_it_if_needed() {
+    let pod = daemonset_pod();
+    let volumes = pod.volumes.as_deref().unwrap();
+    let bpffs = volumes
+        .iter()
+        .find(|v| {
+            v.host_path
+                .as_ref()
+                .is_some_and(|h| h.path == "/sys/fs/bpf")
+        })
+        .expect("a hostPath volume for /sys/fs/bpf");
+    let mounts_of = |c: &k8s_openapi::api::core::v1::Container| {
+        c.volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.name == bpffs.name)
+            .cloned()
+    };
+    let agent = &pod.containers[0];
+    let agent_mount = mounts_of(agent).expect("the agent mounts bpffs");
+    assert_eq!(agent_mount.mount_path, "/sys/fs/bpf");
+    assert_ne!(agent_mount.read_only, Some(true), "the agent pins there");
+    assert_eq!(
+        agent_mount.mount_propagation.as_deref(),
+        Some("HostToContainer"),
+        "the agent must see a bpffs the host or the init container mounted"
+    );
+    let init = pod
+        .init_containers
+        .iter()
+        .flatten()
+        .find(|c| mounts_of(c).is_some())
+        .expect("an init container that mounts bpffs");
+    let init_mount = mounts_of(init).unwrap();
+    assert_eq!(init_mount.mount_path, "/sys/fs/bpf");
+    assert_eq!(
+        init_mount.mount_propagation.as_deref(),
+        Some("Bidirectional"),
+        "the mount must reach the host"
+    );
+    let sc = init.security_context.as_ref().unwrap();
+    assert_eq!(
+        sc.privileged,
+        Some(true),
+        "Bidirectional propagation is allowed only in privileged containers"
+    );
+    let script = init
+        .command
+        .iter()
+        .flatten()
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(
+        script.contains("mount -t bpf bpf /sys/fs/bpf") && script.contains("/proc/self/mounts"),
+        "mounts bpffs only when it is not mounted yet: {script}"
+    );
+    // The agent itself stays unprivileged.
+    assert_eq!(
+        agent.security_context.as_ref().unwrap().privileged,
+        Some(false)
+    );
+}
+
+/// `status.ips[].policyId` indexes the nodes' policy arrays: the shipped
+/// CRD's maximum is what the shipped `[datapath] max_policies` holds.
+#[test]
+fn crd_policy_id_bound_matches_the_shipped_max_policies() {
+    let config_map: ConfigMap = one("configmap.yaml", "ConfigMap");
+    let table: toml::Table = toml::from_str(&config_map.data.unwrap()["config.toml"]).unwrap();
+    let max_policies = table["datapath"]["max_policies"].as_integer().unwrap();
+    let crd = documents("crd.yaml").remove(0);
+    let id = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
+        ["ips"]["items"]["properties"]["policyId"];
+    assert_eq!(
+        id["maximum"].as_f64(),
+        Some((max_policies - 1) as f64),
+        "regenerate deploy/crd.yaml with `egress-crdgen --max-policies {max_policies}`"
+    );
 }

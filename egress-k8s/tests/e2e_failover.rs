@@ -1,362 +1,280 @@
 //! Failover end to end against the in-test API server, with real heartbeats
-//! on loopback: the egress node's agent dies without releasing anything; the
-//! assigner notices through missed heartbeats and moves the IP; the new node
-//! claims it only once the dead node's claim has expired.
+//! on loopback: a dead egress node (also when it is the elected assigner),
+//! a node that cannot renew, heartbeats lost at the assigner only, and
+//! forged heartbeat replies.
+
+mod common;
 
 use std::{
     collections::BTreeSet,
-    net::{IpAddr, Ipv4Addr},
     time::{Duration, Instant},
 };
 
+use common::*;
 use egress_fake_api::FakeApi;
-use egress_k8s::{
-    Options,
-    facts::{DEFAULT_ASSIGNABLE_LABEL, EgressSubnet},
-    heartbeat::HeartbeatConfig,
-};
-use serde_json::{Value, json};
-
-const NODES: &str = "/api/v1/nodes";
-const NAMESPACES: &str = "/api/v1/namespaces";
-const PODS: &str = "/api/v1/pods";
-const EIPS: &str = "/apis/egress.example.dev/v1/egressips";
-const LEASES: &str = "/apis/coordination.k8s.io/v1/leases";
-
-const CLAIM_TTL: Duration = Duration::from_secs(2);
-
-/// Node addresses on loopback so that heartbeats really flow; the egress
-/// subnet is published separately.
-fn node(name: &str, addr: &str) -> Value {
-    json!({
-        "metadata": {"name": name, "labels": {DEFAULT_ASSIGNABLE_LABEL: ""}},
-        "status": {
-            "addresses": [{"type": "InternalIP", "address": addr}],
-            "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
-                "lastHeartbeatTime": "2026-01-10T09:00:00Z", "lastTransitionTime": "2026-01-10T08:00:10Z"}]
-        }
-    })
-}
-
-fn options(addr: Ipv4Addr, port: u16, subnet: &str, assigner: bool) -> Options {
-    Options {
-        subnets: vec![EgressSubnet {
-            interface: "eth0".into(),
-            address: subnet.parse().unwrap(),
-        }],
-        claim_ttl: CLAIM_TTL,
-        claim_renew: Duration::from_millis(400),
-        assigner,
-        leader_ttl: Duration::from_secs(2),
-        leader_renew: Duration::from_millis(200),
-        heartbeat: Some(HeartbeatConfig {
-            bind: IpAddr::V4(addr),
-            port,
-            interval: Duration::from_millis(200),
-            timeout: Duration::from_millis(1000),
-        }),
-        ..Options::default()
-    }
-}
-
-async fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_egress_node_is_detected_and_its_ip_moves_after_its_claim_expires() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter("egress_k8s=debug")
-        .with_test_writer()
-        .try_init();
+    trace();
     let api = FakeApi::start().await;
-    let (a1, a2) = (Ipv4Addr::new(127, 0, 0, 11), Ipv4Addr::new(127, 0, 0, 12));
-    // A free UDP port, shared by both responders on their own addresses.
-    let port = std::net::UdpSocket::bind("127.0.0.11:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    api.create(NODES, node("node1", "127.0.0.11"));
-    api.create(NODES, node("node2", "127.0.0.12"));
-    api.create(
-        NAMESPACES,
-        json!({"metadata": {"name": "shop", "labels": {"team": "a"}}}),
-    );
-    api.create(PODS, json!({
-        "metadata": {"name": "web-2", "namespace": "shop"},
-        "spec": {"nodeName": "node2", "containers": [{"name": "app", "image": "registry.k8s.io/pause:3.10"}]},
-        "status": {"phase": "Running", "podIP": "10.244.2.4", "podIPs": [{"ip": "10.244.2.4"}]}
-    }));
-
+    let port = free_port();
+    seed(&api, 2);
     // node2 runs the assigner; node1 is only a candidate egress node.
-    let start = |name: &str, addr, subnet, assigner| {
-        let (ctl, agent) = egress_k8s::link();
-        let task = tokio::spawn(egress_k8s::run(
-            api.client(),
-            name.to_string(),
-            options(addr, port, subnet, assigner),
-            ctl,
-        ));
-        let mut desired = agent.desired.clone();
-        let held = agent.held.clone();
-        // The agent applies claims at once.
-        tokio::spawn(async move {
-            while desired.changed().await.is_ok() {
-                let ips = desired
-                    .borrow()
-                    .as_ref()
-                    .map(|d| d.claims.iter().map(|c| c.ip).collect())
-                    .unwrap_or_default();
-                held.send_replace(ips);
-            }
-        });
-        (agent, task)
-    };
-    let (agent2, _task2) = start("node2", a2, "172.18.0.12/16", true);
-    let (agent1, task1) = start("node1", a1, "172.18.0.11/16", false);
-
-    // Both agents synced and node1's subnets published before the EgressIP
-    // exists, so that the first placement is deterministic (node1, by name).
-    for agent in [&agent1, &agent2] {
-        let desired = agent.desired.clone();
-        eventually("synced", || desired.borrow().as_ref().map(|_| ())).await;
-    }
-    for n in ["node1", "node2"] {
-        eventually("subnets published", || {
-            api.get(NODES, None, n)?["metadata"]["annotations"]["egress.example.dev/egress-subnets"]
-                .as_str()
-                .map(|_| ())
-        })
-        .await;
-    }
-    // Watches are separate streams, so the assigner may see the EgressIP
-    // before node1's subnets: only node1 matches the nodeSelector at first,
-    // which makes the first placement deterministic either way.
-    api.patch(
-        NODES,
-        None,
-        "node1",
-        json!({"metadata": {"labels": {"egress": "yes"}}}),
-    );
-    api.create(EIPS, json!({
-        "metadata": {"name": "team-a"},
-        "spec": {"egressIPs": ["172.18.0.100"], "namespaceSelector": {"matchLabels": {"team": "a"}},
-                 "nodeSelector": {"matchLabels": {"egress": "yes"}}}
-    }));
+    let agent2 = Agent::start(&api, "node2", options(2, port, true));
+    let agent1 = Agent::start(&api, "node1", options(1, port, false));
+    all_ready(&api, &[("node1", &agent1), ("node2", &agent2)]).await;
+    // Only node1 may hold it at first, so that the placement is
+    // deterministic whatever the assigner has seen of node2 yet.
+    egress_ip_on(&api, &["node1"]);
     eventually("node1 holds", || {
-        agent1
-            .desired
-            .borrow()
-            .as_ref()
-            .filter(|d| !d.claims.is_empty())
-            .map(|_| ())
+        agent1.claims().contains(&EGRESS_IP).then_some(())
     })
     .await;
-    eventually("status announced by node1", || {
-        let e = api.get(EIPS, None, "team-a")?;
-        (e["status"]["ips"][0]["node"] == "node1"
-            && e["status"]["ips"][0]["conditions"]
-                .as_array()?
-                .iter()
-                .any(|c| c["type"] == "Announced" && c["status"] == "True"))
-        .then_some(())
-    })
-    .await;
+    announced_by(&api, "node1").await;
     // node2 becomes eligible too (relabel): nothing moves, assignments are sticky.
-    api.patch(
-        NODES,
-        None,
-        "node2",
-        json!({"metadata": {"labels": {"egress": "yes"}}}),
-    );
-    // Healthy for a while: heartbeats keep node1 up, nothing moves.
+    make_eligible(&api, "node2");
+    // Healthy for a while: heartbeats and renewals keep node1, nothing moves.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(
-        api.get(EIPS, None, "team-a").unwrap()["status"]["ips"][0]["node"],
-        "node1"
-    );
+    assert_eq!(holder(&api).unwrap().0, "node1");
 
     // node1's agent dies: no release, no more renewals or heartbeats.
-    task1.abort();
-    let killed = Instant::now();
-    drop(agent1);
+    let killed = agent1.kill();
 
     let moved = eventually("status moved to node2", || {
-        let e = api.get(EIPS, None, "team-a")?;
-        (e["status"]["ips"][0]["node"] == "node2").then(Instant::now)
+        (holder(&api)?.0 == "node2").then(Instant::now)
     })
     .await;
-    let d2 = eventually("node2 holds", || {
-        agent2
-            .desired
-            .borrow()
-            .as_ref()
-            .filter(|d| !d.claims.is_empty())
-            .map(|d| (Instant::now(), d.clone()))
+    let claimed = eventually("node2 holds", || {
+        agent2.claims().contains(&EGRESS_IP).then(Instant::now)
     })
     .await;
-    let detect = moved - killed;
-    let takeover = d2.0 - killed;
+    let (detect, takeover) = (moved - killed, claimed - killed);
     println!("failover: reassigned after {detect:?}, claimed after {takeover:?}");
-    // Not a speed check (that is `cargo xtask failover`): detection must not
+    // Not a speed check (that is `cargo xtask failover`): the move must not
     // come before the heartbeat timeout, and must come at all.
     assert!(
-        detect >= Duration::from_millis(700) && detect < Duration::from_secs(10),
+        detect >= Duration::from_millis(700) && detect < Duration::from_secs(15),
         "detection took {detect:?}"
     );
-    assert!(
-        takeover < Duration::from_secs(15),
-        "take-over took {takeover:?}"
-    );
-    assert_eq!(d2.1.state.policies[&1].egress_node, Some(a2));
-    assert_eq!(
-        d2.1.state.pods.get(&"10.244.2.4".parse().unwrap()),
-        Some(&1)
-    );
+    let d2 = agent2.link.desired.borrow().clone().unwrap();
+    assert_eq!(d2.state.policies[&1].egress_node, Some(node_addr(2)));
+    assert_eq!(d2.state.pods.get(&"10.244.9.4".parse().unwrap()), Some(&1));
+    fenced_handover(&api, "node1", "node2");
+}
 
-    // Fencing: node2's first claim on the IP was written at least a claim
-    // lifetime after node1's claims Lease last changed.
-    let history = api.history();
-    let leases: Vec<_> = history.iter().filter(|e| e.collection == LEASES).collect();
-    let last_node1 = leases
-        .iter()
-        .rev()
-        .find(|e| e.object["metadata"]["name"] == "egress-claims-node1")
+/// node2's first claim on the IP was written at least a claim lifetime
+/// after `from`'s claims Lease last changed, and the IP's lock went from
+/// `from` to `to` before `to` published its claim.
+fn fenced_handover(api: &FakeApi, from: &str, to: &str) {
+    let last_from = lease_history(api, &format!("egress-claims-{from}"))
+        .last()
         .unwrap()
-        .at;
-    let first_node2 = leases
-        .iter()
-        .find(|e| {
-            e.object["metadata"]["name"] == "egress-claims-node2"
-                && e.object["metadata"]["annotations"]["egress.example.dev/claimed-ips"]
-                    == "172.18.0.100"
-        })
-        .unwrap()
-        .at;
-    let gap = first_node2.duration_since(last_node1);
+        .0;
+    let first_to = first_claim(api, to, last_from).expect("the new holder's claim");
+    let gap = first_to.duration_since(last_from);
     assert!(
         gap >= CLAIM_TTL,
-        "node2 claimed {gap:?} after node1's last renewal"
+        "{to} claimed {gap:?} after {from}'s last renewal"
     );
-    // The IP's lock went from node1 to node2, taken over before node2
-    // published its claim.
-    let lock_holders: Vec<(&str, Instant)> = leases
-        .iter()
-        .filter(|e| e.object["metadata"]["name"] == "egress-ip-172-18-0-100")
-        .filter_map(|e| Some((e.object["spec"]["holderIdentity"].as_str()?, e.at)))
+    let lock: Vec<(Instant, String)> = lease_history(api, LOCK)
+        .into_iter()
+        .filter_map(|(at, l)| Some((at, l["spec"]["holderIdentity"].as_str()?.to_string())))
         .collect();
-    let holders: Vec<&str> = lock_holders.iter().map(|(h, _)| *h).collect();
-    assert_eq!(holders, ["node1", "node2"], "lock history");
-    assert!(lock_holders[1].1 <= first_node2);
-
-    // The (fake) agent applied it.
-    eventually("node2 reports it held", || {
-        let held: BTreeSet<Ipv4Addr> = agent2.held.borrow().clone();
-        held.contains(&Ipv4Addr::new(172, 18, 0, 100)).then_some(())
-    })
-    .await;
+    let holders: Vec<&str> = lock.iter().map(|(_, h)| h.as_str()).collect();
+    assert_eq!(holders, [from, to], "lock history");
+    assert!(lock[1].0 <= first_to);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_cannot_renew_its_claim_withdraws_and_reclaims_when_back() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter("egress_k8s=debug")
-        .with_test_writer()
-        .try_init();
+    trace();
     let api = FakeApi::start().await;
-    api.create(NODES, node("node1", "127.0.0.21"));
-    api.create(
-        NAMESPACES,
-        json!({"metadata": {"name": "shop", "labels": {"team": "a"}}}),
-    );
-    let (ctl, agent) = egress_k8s::link();
-    let mut opts = options(Ipv4Addr::new(127, 0, 0, 21), 0, "172.18.0.11/16", true);
+    seed(&api, 1);
+    let mut opts = options(1, 0, true);
     opts.heartbeat = None;
-    let _task = tokio::spawn(egress_k8s::run(api.client(), "node1".into(), opts, ctl));
-    let desired = agent.desired.clone();
-    let held = agent.held.clone();
-    tokio::spawn({
-        let mut desired = desired.clone();
-        async move {
-            while desired.changed().await.is_ok() {
-                let ips = desired
-                    .borrow()
-                    .as_ref()
-                    .map(|d| d.claims.iter().map(|c| c.ip).collect())
-                    .unwrap_or_default();
-                held.send_replace(ips);
-            }
-        }
-    });
-    eventually("synced", || desired.borrow().as_ref().map(|_| ())).await;
-    // Watches are separate streams, so the assigner may see the EgressIP
-    // before node1's subnets: only node1 matches the nodeSelector at first,
-    // which makes the first placement deterministic either way.
-    api.patch(
-        NODES,
-        None,
-        "node1",
-        json!({"metadata": {"labels": {"egress": "yes"}}}),
-    );
-    api.create(EIPS, json!({
-        "metadata": {"name": "team-a"},
-        "spec": {"egressIPs": ["172.18.0.100"], "namespaceSelector": {"matchLabels": {"team": "a"}},
-                 "nodeSelector": {"matchLabels": {"egress": "yes"}}}
-    }));
+    let agent = Agent::start(&api, "node1", opts);
+    eventually("synced", || agent.synced().then_some(())).await;
+    egress_ip_on(&api, &["node1"]);
     eventually("node1 holds", || {
-        desired
-            .borrow()
-            .as_ref()
-            .filter(|d| !d.claims.is_empty())
-            .map(|_| ())
+        agent.claims().contains(&EGRESS_IP).then_some(())
     })
     .await;
 
     // The node's claim renewals fail (its API access is gone).
     api.cut("/leases/egress-claims-node1");
     let cut = Instant::now();
-    let withdrawn = eventually("withdrawn", || {
-        desired
-            .borrow()
-            .as_ref()
-            .filter(|d| d.claims.is_empty())
-            .map(|d| (Instant::now(), d.clone()))
+    let (after, withdrawn) = eventually("withdrawn", || {
+        let d = agent.link.desired.borrow().clone()?;
+        d.claims.is_empty().then(|| (cut.elapsed(), d))
     })
     .await;
-    let after = withdrawn.0 - cut;
     // Withdrawn before anyone else may claim: the claim lifetime minus one
     // renewal period after the last renewal, which was at most one period
     // before the cut.
-    let renew = Duration::from_millis(400);
     assert!(
-        after >= CLAIM_TTL - 2 * renew && after < CLAIM_TTL,
+        after >= CLAIM_TTL - 2 * CLAIM_RENEW && after < CLAIM_TTL,
         "withdrew after {after:?}"
     );
     assert_eq!(
-        withdrawn.1.state.policies[&1].egress_node, None,
+        withdrawn.state.policies[&1].egress_node, None,
         "the datapath no longer treats it as local"
     );
+    assert_eq!(*agent.link.fence.borrow(), None);
 
-    // Access is back: the status still names node1 and nobody else claims
-    // the IP, so it takes it again.
+    // Access is back: nobody else can hold it, so it comes back here.
     api.restore();
     eventually("reclaimed", || {
-        desired
-            .borrow()
-            .as_ref()
-            .filter(|d| !d.claims.is_empty())
-            .map(|_| ())
+        agent.claims().contains(&EGRESS_IP).then_some(())
     })
     .await;
+}
+
+/// The elected assigner holds the IP and dies: a warm standby takes the
+/// leader Lease and moves the IP as for any other holder, fenced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_assigner_dying_while_holding_fails_over_like_any_holder() {
+    trace();
+    let api = FakeApi::start().await;
+    let port = free_port();
+    seed(&api, 3);
+    // node1 first, so that it is elected.
+    let agent1 = Agent::start(&api, "node1", options(1, port, true));
+    eventually("node1 elected", || {
+        let l = api.get(LEASES, Some(NS), "egress-assigner")?;
+        (l["spec"]["holderIdentity"] == "node1").then_some(())
+    })
+    .await;
+    let agent2 = Agent::start(&api, "node2", options(2, port, true));
+    let agent3 = Agent::start(&api, "node3", options(3, port, true));
+    all_ready(
+        &api,
+        &[("node1", &agent1), ("node2", &agent2), ("node3", &agent3)],
+    )
+    .await;
+    egress_ip_on(&api, &["node1"]);
+    announced_by(&api, "node1").await;
+    make_eligible(&api, "node2");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(holder(&api).unwrap().0, "node1");
+
+    let killed = agent1.kill();
+    let elected = eventually("a standby takes the leader Lease", || {
+        let l = api.get(LEASES, Some(NS), "egress-assigner")?;
+        let h = l["spec"]["holderIdentity"].as_str()?.to_string();
+        (h == "node2" || h == "node3").then(Instant::now)
+    })
+    .await;
+    announced_by(&api, "node2").await;
+    let announced = Instant::now();
+    println!(
+        "assigner failover: new leader after {:?}, announced by node2 after {:?}",
+        elected - killed,
+        announced - killed
+    );
+    // Announced once node2's claim is stored; its agent gets the address
+    // when the write's answer is back.
+    eventually("node2 holds", || {
+        agent2.claims().contains(&EGRESS_IP).then_some(())
+    })
+    .await;
+    assert!(agent3.claims().is_empty());
+    fenced_handover(&api, "node1", "node2");
+}
+
+/// The assigner's own heartbeat port is dead (here: it probes a port
+/// nobody answers on): every node looks silent to it, but the holder keeps
+/// renewing its claims, so nothing moves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_lost_at_the_assigner_only_move_nothing() {
+    trace();
+    let api = FakeApi::start().await;
+    seed(&api, 2);
+    let agent1 = Agent::start(&api, "node1", options(1, free_port(), false));
+    let agent2 = Agent::start(&api, "node2", options(2, free_port(), true));
+    all_ready(&api, &[("node1", &agent1), ("node2", &agent2)]).await;
+    egress_ip_on(&api, &["node1", "node2"]);
+    announced_by(&api, "node1").await;
+    let since = Instant::now();
+
+    // Heartbeat timeout (1 s) and claim lifetime (2 s) well passed.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(holder(&api), Some(("node1".to_string(), true)));
+    let moved = api.history().into_iter().any(|e| {
+        e.collection == EIPS && e.at > since && e.object["status"]["ips"][0]["node"] != "node1"
+    });
+    assert!(!moved, "the status moved the IP away from its live holder");
+    assert!(
+        agent2
+            .history
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|d| d.claims.is_empty())
+    );
+    assert!(agent1.claims().contains(&EGRESS_IP));
+}
+
+/// node1's agent is dead; someone who sees the probes sent to it answers
+/// them, from another address with the right nonce, and from node1's
+/// address with guessed nonces. The assigner does not take node1 for alive:
+/// a new IP goes to node2, not to node1 (which placement prefers by name).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_heartbeat_reply_does_not_keep_a_dead_node_eligible() {
+    trace();
+    let api = FakeApi::start().await;
+    let port = free_port();
+    seed(&api, 2);
+    let agent1 = Agent::start(&api, "node1", options(1, port, false));
+    let agent2 = Agent::start(&api, "node2", options(2, port, true));
+    all_ready(&api, &[("node1", &agent1), ("node2", &agent2)]).await;
+    agent1.kill();
+
+    // The forger takes over node1's heartbeat port once the dead agent's
+    // socket is gone.
+    let probes = eventually("node1's heartbeat port free", || {
+        std::net::UdpSocket::bind((node_addr(1), port)).ok()
+    })
+    .await;
+    let probes = tokio::net::UdpSocket::from_std({
+        probes.set_nonblocking(true).unwrap();
+        probes
+    })
+    .unwrap();
+    let elsewhere = tokio::net::UdpSocket::bind("127.0.0.66:0").await.unwrap();
+    let node1_other_port = tokio::net::UdpSocket::bind((node_addr(1), 0))
+        .await
+        .unwrap();
+    let forged = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let count = forged.clone();
+    let forger = tokio::spawn(async move {
+        let mut buf = [0u8; 64];
+        loop {
+            let (n, prober) = probes.recv_from(&mut buf).await.unwrap();
+            // A probe: "EGHB", version 2, kind 0 (probe), 2 bytes of
+            // padding, a 16-byte nonce. The reply is the same with kind 1.
+            if n != 24 || &buf[..4] != b"EGHB" || buf[4] != 2 || buf[5] != 0 {
+                continue;
+            }
+            let mut reply = buf[..24].to_vec();
+            reply[5] = 1;
+            elsewhere.send_to(&reply, prober).await.unwrap();
+            reply[8] ^= 0xff;
+            node1_other_port.send_to(&reply, prober).await.unwrap();
+            count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    });
+    // Long enough for node1 to be declared silent (1 s) and for its idle
+    // claims Lease to be old (2 s).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        forged.load(std::sync::atomic::Ordering::Relaxed) > 5,
+        "the forger saw no probes"
+    );
+    egress_ip_on(&api, &["node1", "node2"]);
+    announced_by(&api, "node2").await;
+    eventually("node2 holds", || {
+        (agent2.claims() == BTreeSet::from([EGRESS_IP])).then_some(())
+    })
+    .await;
+    forger.abort();
 }

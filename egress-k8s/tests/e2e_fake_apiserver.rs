@@ -4,6 +4,9 @@
 
 use std::{collections::BTreeSet, net::Ipv4Addr, time::Duration};
 
+mod common;
+
+use common::eventually;
 use egress_fake_api::FakeApi;
 use egress_k8s::{
     AgentLink, Desired, Options,
@@ -53,8 +56,8 @@ fn options(addr: &str) -> Options {
         claim_renew: Duration::from_millis(300),
         leader_ttl: Duration::from_secs(2),
         leader_renew: Duration::from_millis(200),
-        // The fixture's node addresses are not reachable from here; failures
-        // are injected through AgentLink::down instead.
+        // The fixture's node addresses are not reachable from here; nodes
+        // go away by being cordoned or drained instead.
         heartbeat: None,
         ..Options::default()
     }
@@ -77,20 +80,6 @@ fn fake_agent(mut link: AgentLink) -> (tokio::sync::watch::Receiver<Option<Desir
     });
     link.desired = seen.clone();
     (seen, link)
-}
-
-async fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 fn condition<'a>(eip: &'a Value, ip_idx: usize, t: &str) -> &'a Value {
@@ -306,13 +295,14 @@ async fn egressip_lifecycle_against_a_fake_api_server() {
         "node1"
     );
 
-    // node1 fails its heartbeats (as reported by the agents' probes): the
-    // assigner moves the IP, node1 releases, and node2 claims only then.
-    for (agent, _) in &agents {
-        agent
-            .down
-            .send_replace(BTreeSet::from(["node1".to_string()]));
-    }
+    // node1 is cordoned: the assigner moves the IP, node1 releases it, and
+    // node2 claims it only then.
+    api.patch(
+        NODES,
+        None,
+        "node1",
+        json!({"spec": {"unschedulable": true}}),
+    );
     let eip = eventually("moved and announced by node2", || {
         let e = api.get(EIPS, None, "team-a")?;
         (e["status"]["ips"][0]["node"] == "node2"
@@ -377,18 +367,28 @@ async fn egressip_lifecycle_against_a_fake_api_server() {
     assert_eq!(views[1].borrow().as_ref().unwrap().state.policies.len(), 1);
 
     // node1 is back: no failback.
-    for (agent, _) in &agents {
-        agent.down.send_replace(BTreeSet::new());
-    }
+    api.patch(
+        NODES,
+        None,
+        "node1",
+        json!({"spec": {"unschedulable": null}}),
+    );
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(
         api.get(EIPS, None, "team-a").unwrap()["status"]["ips"][0]["node"],
         "node2"
     );
 
-    // Graceful shutdown of node2: it marks itself draining, the assigner
-    // moves the IP to node1, node2 releases it, node1 claims it, and node2's
-    // run returns.
+    // node2 is about to be deleted (the autoscaler's taint, which placement
+    // alone ignores) and its agent stops: it marks itself draining, the
+    // assigner moves the IP to node1, node2 releases it, node1 claims it,
+    // and node2's run returns.
+    api.patch(
+        NODES,
+        None,
+        "node2",
+        json!({"spec": {"taints": [{"key": "ToBeDeletedByClusterAutoscaler", "value": "1700000000", "effect": "NoSchedule"}]}}),
+    );
     let (agent2, task2) = agents.pop().unwrap();
     agent2.shutdown.send_replace(true);
     let returned = tokio::time::timeout(Duration::from_secs(15), task2).await;

@@ -1,9 +1,11 @@
 //! Failover measured with real traffic in a Kubernetes-mode lab.
 //!
-//! A pod on the elected assigner's node sends a numbered UDP datagram every
-//! 10 ms to the server through an egress IP held by another node, A. Then
-//! A's uplink is cut (the router's end of its link goes down) and A's agent
-//! is killed with SIGKILL at the same moment. A is cut off, so every
+//! A pod sends a numbered UDP datagram every 10 ms to the server through an
+//! egress IP held by another node, A. Then A's uplink is cut (the router's
+//! end of its link goes down) and A's agent is killed with SIGKILL at the
+//! same moment. A is either another node than the elected assigner (the
+//! sender is then on the assigner's node) or the assigner itself
+//! ([`Holder::Leader`]: a standby must take the leader Lease as well). A is cut off, so every
 //! datagram the server sees with the egress IP as its source after the cut
 //! came through the new holder: the figure is the time from the cut to the
 //! first of those. Fail-closed means that none may arrive with a node's own
@@ -46,11 +48,26 @@ pub const FAILOVER_UDP_PORT: u16 = 8091;
 const SEND_INTERVAL: Duration = Duration::from_millis(10);
 const POLICY_NAME: &str = "failover";
 
+/// Which node holds the IP that fails over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum Holder {
+    /// Another node than the elected assigner.
+    NotLeader,
+    /// The elected assigner itself.
+    Leader,
+}
+
 /// What one failover looked like. Times are milliseconds after the cut.
 #[derive(Clone, Debug, Serialize)]
 pub struct FailoverReport {
-    /// The elected assigner (it detects the failure and moves the IP).
+    /// The elected assigner before the cut.
     pub leader: String,
+    /// Whether the cut-off holder was that assigner.
+    pub holder: Holder,
+    /// The assigner after the cut, and when it took the leader Lease (when
+    /// the holder was the assigner).
+    pub new_leader: Option<String>,
+    pub cut_to_new_leader_ms: Option<u64>,
     /// The node that held the IP and was cut off.
     pub old_holder: String,
     /// The node that took the IP over.
@@ -87,11 +104,20 @@ impl FailoverReport {
     pub fn summary(&self) -> String {
         let ms = |v: Option<u64>| v.map_or("?".to_owned(), |v| format!("{v} ms"));
         format!(
-            "failover: link cut -> first packet via {}: {} ms (old holder {}, leader {}, sender on {}; status moved {}, old claim last renewed {} before the cut, claimed {}, address up {}, announced {}; {} of {} datagrams arrived, {} leaked)",
+            "failover: link cut -> first packet via {}: {} ms (old holder {}{}, leader {}{}, sender on {}; status moved {}, old claim last renewed {} before the cut, claimed {}, address up {}, announced {}; {} of {} datagrams arrived, {} leaked)",
             self.new_holder,
             self.cut_to_first_packet_ms,
             self.old_holder,
+            if self.holder == Holder::Leader {
+                " = the assigner"
+            } else {
+                ""
+            },
             self.leader,
+            match (&self.new_leader, self.cut_to_new_leader_ms) {
+                (Some(l), Some(ms)) => format!(" then {l} after {ms} ms"),
+                _ => String::new(),
+            },
             self.sender_node,
             ms(self.cut_to_status_moved_ms),
             ms(self.old_claim_renewed_ms_before_cut),
@@ -277,8 +303,17 @@ fn watch_for_address(
 /// new holder waits until that claim expires, a claim lifetime after the
 /// renewal, so `Duration::ZERO` measures the longest failover and
 /// `claim_renew_ms` the shortest. `lab`'s holder node is left cut off with
-/// its agent dead.
+/// its agent dead. The holder is not the elected assigner.
 pub fn measure_failover(lab: &mut Lab, after_renewal: Duration) -> Result<FailoverReport> {
+    measure_failover_of(lab, after_renewal, Holder::NotLeader)
+}
+
+/// [`measure_failover`] with the holder chosen by `holder`.
+pub fn measure_failover_of(
+    lab: &mut Lab,
+    after_renewal: Duration,
+    holder: Holder,
+) -> Result<FailoverReport> {
     let nodes = lab.spec().nodes;
     let k8s = lab
         .spec()
@@ -298,14 +333,18 @@ pub fn measure_failover(lab: &mut Lab, after_renewal: Duration) -> Result<Failov
     })?;
     let leader_n = kubernetes::node_number(&leader)
         .ok_or_else(|| LabError::Spec(format!("leader {leader} is not a lab node")))?;
-    // The holder must not be the assigner: killing the assigner would add a
-    // leader election to the failover and measure that instead.
+    // A holds, B takes over, the pod sends from S; A is the assigner or
+    // not, and S is never A nor B.
     let mut others = (1..=nodes).filter(|n| *n != leader_n);
-    let (a, b) = match (others.next(), others.next()) {
+    let (first, second) = match (others.next(), others.next()) {
         (Some(a), Some(b)) => (a, b),
         _ => unreachable!("three nodes or more"),
     };
-    let sender_pod = PodRef::new(leader_n, 1);
+    let (a, b, sender_n) = match holder {
+        Holder::NotLeader => (first, second, leader_n),
+        Holder::Leader => (leader_n, first, second),
+    };
+    let sender_pod = PodRef::new(sender_n, 1);
     let ip = FAILOVER_EGRESS_IP;
     lab.set_policies(vec![PolicySpec {
         name: POLICY_NAME.into(),
@@ -462,11 +501,22 @@ pub fn measure_failover(lab: &mut Lab, after_renewal: Duration) -> Result<Failov
 
     let cut_to_status_moved_ms = status_event(false).and_then(|e| after(e.at));
     let cut_to_announced_ms = status_event(true).and_then(|e| after(e.at));
+    let new_leader = history.iter().find_map(|e| {
+        let h = e.object["spec"]["holderIdentity"].as_str()?;
+        (e.collection == LEASES
+            && e.at > cut
+            && e.object["metadata"]["name"] == kubernetes::LEADER_LEASE
+            && h != leader)
+            .then(|| (h.to_owned(), after(e.at)))
+    });
     Ok(FailoverReport {
+        holder,
+        new_leader: new_leader.as_ref().map(|(l, _)| l.clone()),
+        cut_to_new_leader_ms: new_leader.and_then(|(_, at)| at),
         leader,
         old_holder: kubernetes::node_name(a),
         new_holder,
-        sender_node: kubernetes::node_name(leader_n),
+        sender_node: kubernetes::node_name(sender_n),
         egress_ip: ip,
         cut_to_first_packet_ms: after(first.at).unwrap_or_default(),
         cut_to_status_moved_ms,

@@ -168,14 +168,16 @@ impl Default for DatapathSpec {
 /// in-memory API server on the router, and the lab's policies become
 /// `EgressIP` objects. Times in milliseconds, as in the agent's
 /// `[kubernetes]` section; the defaults are the agent's own except the
-/// leader lease and the drain, which are short so that tests start and stop
-/// quickly.
+/// drain, which is short so that tests stop quickly.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct KubernetesSpec {
     pub claim_ttl_ms: u64,
     pub claim_renew_ms: u64,
+    pub restart_grace_ms: u64,
     pub leader_ttl_ms: u64,
     pub leader_renew_ms: u64,
+    /// Every node of a small lab stands by as assigner.
+    pub assigner_candidates: usize,
     pub drain_timeout_ms: u64,
     pub heartbeat_interval_ms: u64,
     pub heartbeat_timeout_ms: u64,
@@ -189,8 +191,10 @@ impl Default for KubernetesSpec {
         Self {
             claim_ttl_ms: 1500,
             claim_renew_ms: 300,
-            leader_ttl_ms: 3000,
-            leader_renew_ms: 500,
+            restart_grace_ms: 30_000,
+            leader_ttl_ms: 1000,
+            leader_renew_ms: 250,
+            assigner_candidates: 3,
             drain_timeout_ms: 2000,
             heartbeat_interval_ms: 200,
             heartbeat_timeout_ms: 1000,

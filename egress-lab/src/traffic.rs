@@ -759,13 +759,35 @@ impl TcpConn {
 
     /// Sends `bytes` (evenly over `duration` when given), closes the sending
     /// side and checks that the server counted exactly `bytes`.
-    pub fn transfer(mut self, bytes: u64, duration: Option<Duration>) -> Result<Transfer> {
+    pub fn transfer(self, bytes: u64, duration: Option<Duration>) -> Result<Transfer> {
+        let rate = duration.map(|d| (bytes, d));
+        self.send(rate, |sent| sent < bytes, Some(bytes))
+    }
+
+    /// Sends `bytes_per_sec` until `stop` is set, then closes the sending
+    /// side and checks that the server counted every byte sent: a stream
+    /// that must keep flowing for as long as something else takes.
+    pub fn stream_until(self, bytes_per_sec: u64, stop: Arc<AtomicBool>) -> Result<Transfer> {
+        let rate = Some((bytes_per_sec, Duration::from_secs(1)));
+        self.send(rate, |_| !stop.load(Ordering::Relaxed), None)
+    }
+
+    /// Writes while `more(sent)` holds, paced to `rate` (bytes per period)
+    /// when given, then shuts the sending side down and compares the
+    /// server's count with what was sent (`total`, when known up front).
+    fn send(
+        mut self,
+        rate: Option<(u64, Duration)>,
+        more: impl Fn(u64) -> bool,
+        total: Option<u64>,
+    ) -> Result<Transfer> {
         let started = Instant::now();
         let chunk = vec![0x5au8; 64 * 1024];
         let mut sent: u64 = 0;
+        let of = total.map(|b| format!(" of {b}")).unwrap_or_default();
         let fail = |what: String, sent: u64, e: &dyn std::fmt::Display| {
             traffic_err(format!(
-                "TCP transfer {} -> {} (from `{}`, seen as {}): {what} after {sent} of {bytes} bytes, {:?} in: {e}",
+                "TCP transfer {} -> {} (from `{}`, seen as {}): {what} after {sent}{of} bytes, {:?} in: {e}",
                 self.local,
                 self.server,
                 self.ns,
@@ -773,15 +795,16 @@ impl TcpConn {
                 started.elapsed()
             ))
         };
-        while sent < bytes {
-            let n = (bytes - sent).min(chunk.len() as u64) as usize;
+        while more(sent) {
+            let n =
+                total.map_or(chunk.len() as u64, |b| (b - sent).min(chunk.len() as u64)) as usize;
             self.stream
                 .write_all(&chunk[..n])
                 .map_err(|e| fail("write stalled or failed".into(), sent, &e))?;
             sent += n as u64;
             self.progress.store(sent, Ordering::Relaxed);
-            if let Some(d) = duration {
-                let due = d.mul_f64(sent as f64 / bytes as f64);
+            if let Some((bytes, period)) = rate {
+                let due = period.mul_f64(sent as f64 / bytes as f64);
                 if let Some(wait) = due.checked_sub(started.elapsed()) {
                     thread::sleep(wait);
                 }
@@ -801,7 +824,7 @@ impl TcpConn {
             .trim()
             .parse()
             .map_err(|e| fail(format!("server answered `{line}`"), sent, &e))?;
-        if received != bytes {
+        if received != sent {
             return Err(fail(
                 format!("server received {received} bytes"),
                 sent,

@@ -207,6 +207,41 @@ fn failover_after_a_link_cut_and_an_agent_crash() {
     );
 }
 
+/// The same when the holder is the elected assigner: a warm standby takes
+/// the leader Lease and moves the IP; nothing leaks meanwhile.
+#[test]
+fn failover_when_the_holder_is_the_assigner() {
+    let mut c = Cluster::new(LabSpec {
+        policies: Vec::new(),
+        ..LabSpec::kubernetes()
+    });
+    let report =
+        match failover::measure_failover_of(&mut c.lab, Duration::ZERO, failover::Holder::Leader) {
+            Ok(r) => r,
+            Err(e) => c.fail(format!("failover: {e}")),
+        };
+    let summary = report.summary();
+    println!("{summary}");
+    let path = workspace_root().join("target/lab/failover-holder-is-leader.json");
+    if let Err(e) = report.write_json(&path) {
+        c.fail(format!("writing {}: {e}\n{summary}", path.display()));
+    }
+    assert_eq!(report.old_holder, report.leader, "{summary}");
+    assert_ne!(report.new_holder, report.old_holder, "{summary}");
+    assert!(
+        report
+            .new_leader
+            .as_ref()
+            .is_some_and(|l| *l != report.leader),
+        "no standby took the leader Lease: {summary}"
+    );
+    assert_eq!(report.leaked, 0, "fail-closed leaked: {summary}");
+    assert!(
+        report.cut_to_first_packet_ms < 10_000,
+        "failover took too long: {summary}"
+    );
+}
+
 #[test]
 fn without_node_ip_each_agent_takes_its_address_from_its_node_object() {
     let mut spec = LabSpec::kubernetes();

@@ -49,7 +49,8 @@ enum Cmd {
     },
     /// Measure failover in a three-node Kubernetes-mode lab: cut the egress
     /// node's link, kill its agent, time the first packet through the new
-    /// holder (also written to target/lab/failover.json).
+    /// holder (also written to target/lab/failover.json, or
+    /// failover-holder-is-leader.json).
     Failover {
         /// Use the binaries already built.
         #[arg(long)]
@@ -58,6 +59,10 @@ enum Cmd {
         /// longest failover, `claim_renew_ms` (300) the shortest.
         #[arg(long, default_value_t = 0)]
         after_renewal_ms: u64,
+        /// The holder is the elected assigner: a standby must take the
+        /// leader Lease as well (by default the holder is another node).
+        #[arg(long)]
+        holder_is_leader: bool,
     },
     /// Measure the new-pod window: a selected pod's interface is created
     /// while the pod already sends a datagram every millisecond; prints when
@@ -87,6 +92,27 @@ enum Cmd {
         flows: Option<u64>,
         #[arg(long, default_value_t = 20)]
         seconds: u64,
+    },
+    /// Run the datapath fuzz target (egress-testrun, release build): mutated
+    /// packets through pod_ingress and uplink_ingress with invariants checked
+    /// after each; prints packets, verdicts, drops and violations with reproducers.
+    Fuzz {
+        /// Seconds to run.
+        #[arg(long, default_value_t = 60)]
+        duration: u64,
+        /// The generator's seed (default: from the clock; printed).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Stop after this many packets instead (replays a finding).
+        #[arg(long)]
+        packets: Option<u64>,
+    },
+    /// Measure the assigner's pod store at N realistic pods served by
+    /// egress-fake-api: retained heap and RSS with full Pod objects (as
+    /// before) and with the slim PodInfo store (egress-k8s/src/pods.rs).
+    AssignerMemory {
+        #[arg(long, default_value_t = 20_000)]
+        pods: usize,
     },
     /// Run the benchmark (egress-bench, release build); arguments pass through.
     Bench {
@@ -151,11 +177,17 @@ fn main() -> Result<()> {
         Cmd::Failover {
             no_build,
             after_renewal_ms,
+            holder_is_leader,
         } => {
             if !no_build {
                 build_agent()?;
             }
-            failover(std::time::Duration::from_millis(after_renewal_ms))
+            let holder = if holder_is_leader {
+                egress_lab::failover::Holder::Leader
+            } else {
+                egress_lab::failover::Holder::NotLeader
+            };
+            failover(std::time::Duration::from_millis(after_renewal_ms), holder)
         }
         Cmd::NewPodWindow {
             no_build,
@@ -178,18 +210,40 @@ fn main() -> Result<()> {
             measure::renewal_jitter(flows, seconds)
         }
         Cmd::Bench { args } => bench(&args),
+        Cmd::Fuzz {
+            duration,
+            seed,
+            packets,
+        } => fuzz(duration, seed, packets),
+        Cmd::AssignerMemory { pods } => run(cargo().args([
+            "run",
+            "--release",
+            "-p",
+            "egress-k8s",
+            "--example",
+            "assigner_memory",
+            "--",
+            "--pods",
+            &pods.to_string(),
+        ])),
     }
 }
 
 /// A lab of its own (unique prefix, removed afterwards) for one failover.
-fn failover(after_renewal: std::time::Duration) -> Result<()> {
+fn failover(
+    after_renewal: std::time::Duration,
+    holder: egress_lab::failover::Holder,
+) -> Result<()> {
     let mut lab = egress_lab::Lab::build(egress_lab::LabSpec {
         policies: Vec::new(),
         ..egress_lab::LabSpec::kubernetes()
     })?;
     lab.start_agents()?;
-    let report = egress_lab::failover::measure_failover(&mut lab, after_renewal)?;
-    let path = root().join("target/lab/failover.json");
+    let report = egress_lab::failover::measure_failover_of(&mut lab, after_renewal, holder)?;
+    let path = root().join(match holder {
+        egress_lab::failover::Holder::NotLeader => "target/lab/failover.json",
+        egress_lab::failover::Holder::Leader => "target/lab/failover-holder-is-leader.json",
+    });
     report.write_json(&path)?;
     println!("{}", report.summary());
     println!("(details in {})", path.display());
@@ -357,6 +411,29 @@ fn parse_test_result(line: &str) -> Option<(u64, u64)> {
 /// The benchmark's quick mode, which CI runs so that the harness keeps working.
 fn bench_smoke() -> Result<()> {
     run(cargo().args(["run", "-p", "egress-bench", "--", "run", "--quick"]))
+}
+
+fn fuzz(duration: u64, seed: Option<u64>, packets: Option<u64>) -> Result<()> {
+    prereq::ensure_all()?;
+    let mut cmd = cargo();
+    cmd.args([
+        "run",
+        "--release",
+        "-p",
+        "egress-testrun",
+        "--bin",
+        "egress-fuzz",
+        "--",
+    ])
+    .args(["--duration", &duration.to_string()])
+    .env("PATH", prereq::path_with_llvm());
+    if let Some(seed) = seed {
+        cmd.args(["--seed", &seed.to_string()]);
+    }
+    if let Some(packets) = packets {
+        cmd.args(["--packets", &packets.to_string()]);
+    }
+    run(&mut cmd)
 }
 
 fn bench(args: &[String]) -> Result<()> {
