@@ -6,8 +6,10 @@
 //! `pod_egress` (TC egress of the pod's host-side interface) records each
 //! one in `inbound_v4`, keyed by the pod's side of the tuple, and
 //! `pod_ingress` consults that map only when a selected pod's packet would
-//! start a new flow. A TCP flow whose first packet is a SYN-ACK is inbound
-//! by construction and needs no record.
+//! start a new flow. A TCP SYN-ACK is inbound only when its SYN was
+//! recorded: a selected pod must not get untranslated packets out (with its
+//! own or, masqueraded, the node's address) just by setting SYN and ACK on
+//! them.
 //!
 //! Replies that the datapath itself delivers to a pod (reverse-translated
 //! on the uplink, or arriving through the tunnel) pass the same egress
@@ -49,17 +51,9 @@ pub fn key(ip: &parse::Ipv4, l4: &L4) -> Option<FlowKeyV4> {
 }
 
 /// Whether a selected pod's packet that would start a new flow belongs to
-/// a connection opened from outside: a SYN-ACK, or a recorded tuple.
+/// a connection opened from outside: a recorded tuple.
 #[inline(always)]
 pub fn started_outside(ip: &parse::Ipv4, l4: &L4) -> bool {
-    if let L4::Ports {
-        tcp_flags: flags, ..
-    } = *l4
-        && ip.proto == proto::TCP
-        && flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN | tcp_flags::ACK
-    {
-        return true;
-    }
     match key(ip, l4) {
         Some(k) => INBOUND_V4.get_ptr(k).is_some(),
         None => false,

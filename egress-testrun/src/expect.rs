@@ -13,8 +13,9 @@
 //!   dropped ([`spoofed_source_invariant`]); tunnel arrivals are checked
 //!   against the sender's pods and live flows ([`tunnel_unsolicited_to_pod`],
 //!   [`tunnel_foreign_inner_source`]); a selected pod's TCP SYN-ACK without a
-//!   flow answers a connection opened from outside and passes untranslated
-//!   ([`pod_syn_ack_passes`]). No known hole is left ([`known_hole`]).
+//!   flow passes untranslated only when pod_egress recorded its SYN, which
+//!   the harness never runs ([`pod_syn_ack_passes`]). No known hole is left
+//!   ([`known_hole`]).
 
 use egress_common::{CtState, DropReason, NatEntryV4, ct_flags};
 
@@ -67,11 +68,12 @@ pub fn needs_reverse_twin(entry: &NatEntryV4) -> bool {
     entry.flags & ct_flags::STEERED == 0
 }
 
-/// A selected pod's TCP SYN-ACK that matches no flow answers a connection
-/// a client opened to it (NodePort, hostPort): it passes untranslated and
-/// the kernel reverses the client's DNAT.
+/// Whether a selected pod's TCP SYN-ACK that matches no flow passes
+/// untranslated by itself. It does not: only when pod_egress recorded the
+/// client's SYN (`inbound_v4`), else any pod could get packets out
+/// untranslated by setting both flags.
 pub fn pod_syn_ack_passes() -> bool {
-    true
+    false
 }
 
 /// A selected pod's packet with TTL ≤ 1 to a server: passed to the stack,

@@ -100,14 +100,19 @@ fn pod_to_an_address_of_its_node_is_not_translated() {
 }
 
 #[test]
-fn syn_ack_without_a_flow_passes_untranslated() {
+fn syn_ack_of_no_recorded_connection_is_translated() {
     let h = Harness::node().unwrap();
-    // The pod answers a client that reached it through a NodePort.
+    // No client opened this connection (pod_egress recorded no SYN): the
+    // flags alone must not get the pod's packet out untranslated.
     let pkt = Frame::tcp(POD_LOCAL.ip, 8080, SERVER, SPORT, tcp::SYN | tcp::ACK).build();
     let out = h.pod_ingress(POD_LOCAL, &pkt).unwrap();
-    assert_eq!(out.verdict, Verdict::Pass);
-    assert_eq!(check::view(&out.packet).unwrap().src, POD_LOCAL.ip);
-    assert!(h.flows().unwrap().fwd.is_empty());
+    assert_eq!(out.verdict, Verdict::Redirect);
+    assert_eq!(check::view(&out.packet).unwrap().src, LOCAL_EGRESS);
+    // Steered pods alike: through the tunnel, with a steered entry.
+    let pkt = Frame::tcp(POD_STEERED.ip, 8080, SERVER, SPORT, tcp::SYN | tcp::ACK).build();
+    let out = h.pod_ingress(POD_STEERED, &pkt).unwrap();
+    assert_eq!(out.verdict, Verdict::Redirect);
+    assert_eq!(h.flows().unwrap().fwd.len(), 2);
 }
 
 #[test]
