@@ -301,9 +301,13 @@ fn credential(pod: Pod, input: &[u8], out: &Outcome, flows: &Flows) -> Option<Vi
 }
 
 /// No pod's packet (selected or not) reaches a cluster node's tunnel port.
+/// A later fragment carries no port: it is judged by its first fragment,
+/// without which it never reassembles.
 fn not_to_tunnel(pod: Pod, input: &[u8]) -> Option<Violation> {
     let before = check::view(input).ok()?;
-    let to_tunnel = before.proto == proto::UDP
+    let offset = u16::from_be_bytes([input[raw::IP + 6], input[raw::IP + 7]]) & 0x1fff;
+    let to_tunnel = offset == 0
+        && before.proto == proto::UDP
         && before.dport == world::TUNNEL_PORT
         && world::shared_node_state().nodes.contains(&before.dst);
     to_tunnel.then(|| {

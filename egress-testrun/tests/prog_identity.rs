@@ -48,7 +48,7 @@ fn pod_packet_to_a_node_tunnel_port_is_dropped() {
     let out = h.pod_ingress(POD_LOCAL, &pkt).unwrap();
     assert_eq!(out.verdict, Verdict::Redirect);
     assert_eq!(check::view(&out.packet).unwrap().src, LOCAL_EGRESS);
-    assert!(h.flows().unwrap().fwd.len() == 1);
+    assert_eq!(h.flows().unwrap().fwd.len(), 1);
 }
 
 #[test]
