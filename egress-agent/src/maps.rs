@@ -887,6 +887,9 @@ mod tests {
                 Write::Vni(k, v) => drop(set(&mut i.vnis, k, v)),
                 Write::Mark(k, v) => drop(set(&mut i.marks, k, v)),
                 Write::Pod(k, v) => drop(set(&mut i.pods, k, v)),
+                Write::Upstream(k, v) => drop(set(&mut i.upstream, k, v)),
+                Write::PodCidr(k, v) => drop(set(&mut i.pod_cidrs, k, v)),
+                Write::RemotePod(k, v) => drop(set(&mut i.remote_pods, k, v)),
             }
             self.writes.push(w);
             Ok(())
@@ -982,6 +985,69 @@ mod tests {
         let out = reconcile(&mut maps, &current, &want).unwrap();
         assert!(out.failed.is_empty(), "{:?}", out.failed);
         assert_eq!(maps.image, want);
+    }
+
+    #[test]
+    fn remote_pods_of_a_failed_policy_are_not_accepted() {
+        // Policy 5 does not fit: node2's pod it selects must not be accepted
+        // through the tunnel meanwhile; policy 1's is, and the node's pod
+        // CIDRs and upstream devices are written before any pod.
+        let mut want = desired(
+            &[(1, [172, 18, 0, 100]), (5, [172, 18, 0, 105])],
+            &[([10, 244, 1, 1], 1)],
+        );
+        let remote = |policy_id| RemotePodV4 {
+            policy_id,
+            node_addr: [172, 18, 0, 12],
+        };
+        want.remote_pods.insert([10, 244, 2, 1], remote(1));
+        want.remote_pods.insert([10, 244, 2, 5], remote(5));
+        want.pod_cidrs
+            .insert(([10, 244, 2, 0], 24), [172, 18, 0, 12]);
+        want.upstream.insert(9, 1);
+        let mut maps = Model::new(DatapathImage::default(), 4);
+        let out = reconcile(&mut maps, &DatapathImage::default(), &want).unwrap();
+        assert_eq!(out.failed.keys().copied().collect::<Vec<_>>(), [5]);
+        assert_eq!(
+            maps.image.remote_pods,
+            BTreeMap::from([([10, 244, 2, 1], remote(1))])
+        );
+        assert_eq!(maps.image.pod_cidrs, want.pod_cidrs);
+        let first_pod = maps
+            .writes
+            .iter()
+            .position(|w| matches!(w, Write::Pod(..)))
+            .unwrap();
+        for early in [
+            Write::Upstream(9, Some(1)),
+            Write::PodCidr(([10, 244, 2, 0], 24), Some([172, 18, 0, 12])),
+        ] {
+            let at = maps.writes.iter().position(|w| *w == early).unwrap();
+            assert!(at < first_pod, "{early:?} after the first pod");
+        }
+
+        // Everything removed again: pods before the upstream devices.
+        let current = maps.image.clone();
+        let empty = DatapathImage {
+            config: want.config,
+            nodes: want.nodes.clone(),
+            ..Default::default()
+        };
+        let mut maps = Model::new(current.clone(), 4);
+        reconcile(&mut maps, &current, &empty).unwrap();
+        assert!(maps.image.remote_pods.is_empty() && maps.image.pod_cidrs.is_empty());
+        assert!(maps.image.upstream.is_empty());
+        let pod_gone = maps
+            .writes
+            .iter()
+            .position(|w| matches!(w, Write::Pod(_, None)))
+            .unwrap();
+        let upstream_gone = maps
+            .writes
+            .iter()
+            .position(|w| *w == Write::Upstream(9, None))
+            .unwrap();
+        assert!(pod_gone < upstream_gone);
     }
 
     #[test]
