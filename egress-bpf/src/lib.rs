@@ -274,11 +274,12 @@ fn injector_insns(prog_array_fd: i32) -> Vec<u8> {
     const KEY_SIZE: i32 = 44;
     const SKB_SET_TUNNEL_KEY: i32 = 21;
     const TAIL_CALL: i32 = 12;
-    let mut p = Vec::new();
-    p.push(insn(0xbf, 6, 1, 0, 0)); // r6 = r1
-    p.push(insn(0x61, 2, 1, SK_BUFF_CB as i16, 0)); // r2 = cb[0]
-    p.push(insn(0x61, 3, 1, SK_BUFF_CB as i16 + 4, 0)); // r3 = cb[1]
-    p.push(insn(0x61, 4, 1, SK_BUFF_CB as i16 + 8, 0)); // r4 = cb[2]
+    let mut p = vec![
+        insn(0xbf, 6, 1, 0, 0),                     // r6 = r1
+        insn(0x61, 2, 1, SK_BUFF_CB as i16, 0),     // r2 = cb[0]
+        insn(0x61, 3, 1, SK_BUFF_CB as i16 + 4, 0), // r3 = cb[1]
+        insn(0x61, 4, 1, SK_BUFF_CB as i16 + 8, 0), // r4 = cb[2]
+    ];
     for word in 0..KEY_SIZE as i16 / 4 {
         p.push(insn(0x62, 10, 0, KEY + 4 * word, 0)); // *(u32 *)(r10 + off) = 0
     }
