@@ -11,7 +11,7 @@ use std::{
 };
 
 use egress_common::CtState;
-use egress_model::{FailurePolicy, MAX_POLICY_ID, NodeState, PolicyId, PolicyState};
+use egress_model::{FailurePolicy, MAX_POLICY_ID, NodeState, PolicyId, PolicyState, RemotePod};
 use ipnet::Ipv4Net;
 use serde::Deserialize;
 
@@ -99,9 +99,43 @@ impl Default for NodeConfig {
 #[serde(deny_unknown_fields)]
 pub struct ClusterConfig {
     #[serde(default)]
-    pub nodes: Vec<Ipv4Addr>,
+    pub nodes: Vec<ClusterNode>,
     #[serde(default)]
     pub excluded_cidrs: Vec<Ipv4Net>,
+}
+
+/// A `cluster.nodes` entry: `"172.18.0.12"`, or
+/// `{ address = "172.18.0.12", pod_cidr = "10.244.2.0/24" }`. The pod CIDR
+/// says which node hosts which selected pod: an egress node accepts a
+/// pod's steered traffic only from the node whose pod CIDR holds it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum ClusterNode {
+    Address(Ipv4Addr),
+    WithPods(NodeWithPods),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeWithPods {
+    pub address: Ipv4Addr,
+    pub pod_cidr: Option<Ipv4Net>,
+}
+
+impl ClusterNode {
+    pub fn address(&self) -> Ipv4Addr {
+        match self {
+            Self::Address(a) => *a,
+            Self::WithPods(n) => n.address,
+        }
+    }
+
+    pub fn pod_cidr(&self) -> Option<Ipv4Net> {
+        match self {
+            Self::Address(_) => None,
+            Self::WithPods(n) => n.pod_cidr.map(|c| c.trunc()),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
@@ -241,6 +275,11 @@ pub struct PolicyConfig {
     pub vnis: Vec<u32>,
     #[serde(default)]
     pub excluded_cidrs: Vec<Ipv4Net>,
+    /// Policies with the same group are the several egress IPs of one
+    /// EgressIP: a flow keeps the egress IP it started with while that IP is
+    /// held, when its pod moves to another policy of the group.
+    #[serde(default)]
+    pub group: Option<String>,
 }
 
 impl AgentConfig {
@@ -297,9 +336,26 @@ impl AgentConfig {
                 ),
             );
         }
-        let nodes: BTreeSet<Ipv4Addr> = self.cluster.nodes.iter().copied().collect();
+        let nodes: BTreeSet<Ipv4Addr> = self.cluster.nodes.iter().map(|n| n.address()).collect();
         if nodes.len() != self.cluster.nodes.len() {
             return bad("cluster.nodes", "lists an address twice".into());
+        }
+        let cidrs: Vec<(Ipv4Net, Ipv4Addr)> = self
+            .cluster
+            .nodes
+            .iter()
+            .filter_map(|n| Some((n.pod_cidr()?, n.address())))
+            .collect();
+        for (i, (a, node)) in cidrs.iter().enumerate() {
+            if let Some((b, other)) = cidrs[i + 1..]
+                .iter()
+                .find(|(b, _)| a.contains(b) || b.contains(a))
+            {
+                return bad(
+                    "cluster.nodes",
+                    format!("the pod CIDRs of {node} ({a}) and {other} ({b}) overlap"),
+                );
+            }
         }
         if mode == Mode::Kubernetes {
             if !self.policies.is_empty() {
@@ -330,8 +386,23 @@ impl AgentConfig {
             if self.node.uplink.is_none() {
                 return bad("node.uplink", "required".into());
             }
-            if self.node.pod_cidr.is_none() {
+            let Some(own) = self.node.pod_cidr else {
                 return bad("node.pod_cidr", "required".into());
+            };
+            if let Some(listed) = self
+                .cluster
+                .nodes
+                .iter()
+                .find(|n| n.address() == address)
+                .and_then(|n| n.pod_cidr())
+                && listed != own.trunc()
+            {
+                return bad(
+                    "node.pod_cidr",
+                    format!(
+                        "{own} differs from the pod_cidr cluster.nodes gives {address} ({listed})"
+                    ),
+                );
             }
         }
         if self
@@ -464,6 +535,37 @@ impl AgentConfig {
                         format!("{pod} is also selected by policies[{other}]"),
                     );
                 }
+                if mode == Mode::Static && self.node_of(*pod).is_none() {
+                    return bad(
+                        &at("pods"),
+                        format!(
+                            "{pod} is in no node's pod CIDR (node.pod_cidr, or a cluster.nodes entry written \
+                             {{ address = \"…\", pod_cidr = \"…\" }}): the egress node accepts a pod's \
+                             steered traffic only from the node that hosts it"
+                        ),
+                    );
+                }
+            }
+            if mode == Mode::Static
+                && (!p.marks.is_empty() || !p.vnis.is_empty())
+                && let Some(bare) = self
+                    .cluster
+                    .nodes
+                    .iter()
+                    .find(|n| n.pod_cidr().is_none() && Some(n.address()) != self.node.address)
+            {
+                return bad(
+                    &at("marks"),
+                    format!(
+                        "pods selected by mark or VNI are chosen on their own node, so the egress node \
+                         accepts their steered traffic by the sending node's pod CIDR: give cluster.nodes \
+                         entry {} a pod_cidr ({{ address = \"…\", pod_cidr = \"…\" }})",
+                        bare.address()
+                    ),
+                );
+            }
+            if p.group.as_deref().is_some_and(str::is_empty) {
+                return bad(&at("group"), "must not be empty".into());
             }
             for mark in &p.marks {
                 if *mark == 0 {
@@ -508,15 +610,52 @@ impl AgentConfig {
         Ok(())
     }
 
+    /// Every node's pod CIDR and address: this node's from `[node]`, the
+    /// others' from `cluster.nodes`.
+    fn pod_cidrs(&self) -> BTreeMap<Ipv4Net, Ipv4Addr> {
+        let mut out: BTreeMap<Ipv4Net, Ipv4Addr> = self
+            .cluster
+            .nodes
+            .iter()
+            .filter_map(|n| Some((n.pod_cidr()?, n.address())))
+            .collect();
+        if let (Some(cidr), Some(address)) = (self.node.pod_cidr, self.node.address) {
+            out.insert(cidr.trunc(), address);
+        }
+        out
+    }
+
+    /// The address of the node whose pod CIDR holds `pod`.
+    fn node_of(&self, pod: Ipv4Addr) -> Option<Ipv4Addr> {
+        self.pod_cidrs()
+            .into_iter()
+            .find(|(cidr, _)| cidr.contains(&pod))
+            .map(|(_, node)| node)
+    }
+
     /// The desired datapath state of this node.
     pub fn node_state(&self) -> NodeState {
+        let pod_cidrs = self.pod_cidrs();
         let mut state = NodeState {
             node_addr: self.node.address,
-            nodes: self.cluster.nodes.iter().copied().collect(),
+            nodes: self.cluster.nodes.iter().map(|n| n.address()).collect(),
             global_excluded: self.cluster.excluded_cidrs.iter().copied().collect(),
+            pod_cidrs: pod_cidrs.clone(),
             ..Default::default()
         };
+        let mut groups: BTreeMap<&str, PolicyId> = BTreeMap::new();
         for p in &self.policies {
+            if let Some(g) = &p.group {
+                let first = groups.entry(g.as_str()).or_insert(p.id);
+                *first = (*first).min(p.id);
+            }
+        }
+        for p in &self.policies {
+            if let Some(first) = p.group.as_deref().and_then(|g| groups.get(g))
+                && *first != p.id
+            {
+                state.groups.insert(p.id, *first);
+            }
             state.policies.insert(
                 p.id,
                 PolicyState {
@@ -527,12 +666,22 @@ impl AgentConfig {
                     excluded: p.excluded_cidrs.iter().copied().collect(),
                 },
             );
-            for pod in p
-                .pods
-                .iter()
-                .filter(|pod| self.node.pod_cidr.is_some_and(|cidr| cidr.contains(*pod)))
-            {
-                state.pods.insert(*pod, p.id);
+            for pod in &p.pods {
+                let node = pod_cidrs
+                    .iter()
+                    .find(|(cidr, _)| cidr.contains(pod))
+                    .map(|(_, node)| *node);
+                match node {
+                    Some(n) if Some(n) == self.node.address => {
+                        state.pods.insert(*pod, p.id);
+                    }
+                    Some(node) => {
+                        state
+                            .remote_pods
+                            .insert(*pod, RemotePod { policy: p.id, node });
+                    }
+                    None => {}
+                }
             }
             state.marks.extend(p.marks.iter().map(|m| (*m, p.id)));
             state.vnis.extend(p.vnis.iter().map(|v| (*v, p.id)));
@@ -566,6 +715,93 @@ mod tests {
         assert_eq!(c.datapath.timeouts.tcp_closing, 30);
     }
 
+    /// The example's `cluster.nodes` written the old way: bare addresses.
+    fn with_bare_nodes(text: &str) -> String {
+        let start = text.find("nodes = [").unwrap();
+        let end = start + text[start..].find("\n]").unwrap() + 2;
+        format!(
+            "{}nodes = [\"172.18.0.11\", \"172.18.0.12\", \"172.18.0.13\"]{}",
+            &text[..start],
+            &text[end..]
+        )
+    }
+
+    #[test]
+    fn pods_are_attributed_to_the_node_whose_pod_cidr_holds_them() {
+        let s = parse(EXAMPLE).unwrap().node_state();
+        assert_eq!(
+            s.remote_pods,
+            BTreeMap::from([(
+                Ipv4Addr::new(10, 244, 2, 2),
+                RemotePod {
+                    policy: 1,
+                    node: Ipv4Addr::new(172, 18, 0, 12)
+                }
+            )])
+        );
+        assert_eq!(s.pod_cidrs.len(), 3);
+        assert_eq!(
+            s.pod_cidrs[&"10.244.3.0/24".parse().unwrap()],
+            Ipv4Addr::new(172, 18, 0, 13)
+        );
+    }
+
+    #[test]
+    fn old_files_with_bare_node_addresses_stay_valid_or_say_what_is_missing() {
+        let old = with_bare_nodes(EXAMPLE);
+        // Policy 1 selects 10.244.2.2, which no known pod CIDR holds.
+        match parse(&old) {
+            Err(ConfigError::Invalid { field, message, .. }) => {
+                assert_eq!(field, "policies[0].pods");
+                assert!(message.contains("10.244.2.2"), "{message}");
+                assert!(message.contains("pod_cidr"), "{message}");
+            }
+            other => panic!("expected a validation error, got {other:?}"),
+        }
+        // Only this node's pods: still valid as it was.
+        let local_only = old.replace(
+            "pods = [\"10.244.1.2\", \"10.244.2.2\"]",
+            "pods = [\"10.244.1.2\"]",
+        );
+        let s = parse(&local_only).unwrap().node_state();
+        assert_eq!(s.pods.len(), 1);
+        assert!(s.remote_pods.is_empty());
+        // Marks are judged by the sending node's pod CIDR, which must be known.
+        assert_eq!(
+            invalid_field(&local_only.replace("marks = []", "marks = [7]")),
+            "policies[0].marks"
+        );
+        assert!(parse(&EXAMPLE.replace("marks = []", "marks = [7]")).is_ok());
+    }
+
+    #[test]
+    fn node_pod_cidrs_must_agree_and_not_overlap() {
+        assert_eq!(
+            invalid_field(&EXAMPLE.replace(
+                "pod_cidr = \"10.244.3.0/24\"",
+                "pod_cidr = \"10.244.0.0/16\""
+            )),
+            "cluster.nodes"
+        );
+        assert_eq!(
+            invalid_field(&EXAMPLE.replace(
+                "pod_cidr = \"10.244.1.0/24\" }",
+                "pod_cidr = \"10.244.9.0/24\" }"
+            )),
+            "node.pod_cidr"
+        );
+    }
+
+    #[test]
+    fn policies_of_one_group_share_its_lowest_id() {
+        let policies = "\n[[policies]]\nid = 5\nname = \"a5\"\negress_ip = \"172.18.0.105\"\ngroup = \"a\"\n\
+                        \n[[policies]]\nid = 3\nname = \"a3\"\negress_ip = \"172.18.0.103\"\ngroup = \"a\"\n\
+                        \n[[policies]]\nid = 4\nname = \"b\"\negress_ip = \"172.18.0.104\"\n";
+        let s = parse(&format!("{EXAMPLE}{policies}")).unwrap().node_state();
+        assert_eq!(s.groups, BTreeMap::from([(5, 3)]));
+        assert_eq!((s.group_of(3), s.group_of(4), s.group_of(1)), (3, 4, 1));
+    }
+
     #[test]
     fn node_state_keeps_only_local_pods() {
         let s = parse(EXAMPLE).unwrap().node_state();
@@ -591,9 +827,11 @@ mod tests {
     #[test]
     fn semantic_errors_name_the_field() {
         assert_eq!(
-            invalid_field(
-                &EXAMPLE.replace("address = \"172.18.0.11\"", "address = \"172.18.0.99\"")
-            ),
+            invalid_field(&EXAMPLE.replacen(
+                "address = \"172.18.0.11\"",
+                "address = \"172.18.0.99\"",
+                1
+            )),
             "node.address"
         );
         assert_eq!(
@@ -659,9 +897,12 @@ mod tests {
         assert_eq!(k8s(EXAMPLE), "policies");
         let without_policies = &EXAMPLE[..EXAMPLE.rfind("\n[[policies]]").unwrap()];
         assert_eq!(k8s(without_policies), "cluster.nodes");
-        let bare = without_policies.replace(
-            "nodes = [\"172.18.0.11\", \"172.18.0.12\", \"172.18.0.13\"]",
-            "nodes = []",
+        let start = without_policies.find("nodes = [").unwrap();
+        let end = start + without_policies[start..].find("\n]").unwrap() + 2;
+        let bare = format!(
+            "{}nodes = []{}",
+            &without_policies[..start],
+            &without_policies[end..]
         );
         let c = AgentConfig::parse_for(&bare, Path::new("k.toml"), Mode::Kubernetes).unwrap();
         assert_eq!(c.kubernetes.namespace, "egress-system");

@@ -24,7 +24,9 @@ use std::{
 };
 
 use aya::maps::{IterableMap, MapError};
-use egress_common::{CtState, FlowKeyV4, NatEntryV4, PodFlowsV4, RevNatEntryV4, maps as names};
+use egress_common::{
+    CtState, FlowKeyV4, NatEntryV4, PodFlowsV4, RevNatEntryV4, ct_flags, maps as names,
+};
 
 use crate::{
     batch,
@@ -112,6 +114,8 @@ pub struct SweepReport {
     pub drift: i64,
     /// Pods whose counters were written or removed.
     pub pods_written: usize,
+    /// Records of connections opened from outside, idle past their timeout.
+    pub inbound_expired: usize,
 }
 
 /// Keeps what one sweep must remember for the next.
@@ -265,8 +269,10 @@ impl Collector {
             )
         });
         let forward: Vec<FlowKeyV4> = expired_flows.iter().map(|(k, _)| *k).collect();
+        // Steered flows (the pod's node's half) have no reverse entry.
         let reverse: Vec<FlowKeyV4> = expired_flows
             .iter()
+            .filter(|(_, e)| e.flags & ct_flags::STEERED == 0)
             .map(|(k, e)| reverse_key(k, e))
             .collect();
         report.expired =
@@ -323,6 +329,21 @@ impl Collector {
                 .map(|(pod, c)| (*pod, c.created))
                 .collect();
         }
+
+        let inbound = IterableMap::map(&maps.inbound)
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(batch_err(names::INBOUND_V4, "dup"))?;
+        let records: Vec<(FlowKeyV4, u64)> =
+            batch::lookup_all(inbound.as_fd()).map_err(batch_err(names::INBOUND_V4, "lookup"))?;
+        let idle: Vec<FlowKeyV4> = records
+            .iter()
+            .filter(|(key, seen)| inbound_expired(timeouts, key.proto, *seen, now_ns))
+            .map(|(key, _)| *key)
+            .collect();
+        report.inbound_expired = batch::delete_all(inbound.as_fd(), &idle)
+            .map_err(batch_err(names::INBOUND_V4, "delete"))?;
         Ok(report)
     }
 
@@ -347,6 +368,18 @@ impl Collector {
         }
         Ok(())
     }
+}
+
+/// Whether a connection opened from outside, last seen at `last_seen_ns`,
+/// has been idle longer than an established flow of its protocol may be.
+fn inbound_expired(timeouts: &Timeouts, proto: u8, last_seen_ns: u64, now_ns: u64) -> bool {
+    let state = if proto == egress_common::proto::TCP {
+        CtState::Established
+    } else {
+        CtState::Open
+    };
+    let answered = ct_flags::SEEN_REPLY;
+    expired(timeouts, proto, state, answered, last_seen_ns, now_ns)
 }
 
 /// Splits the reverse entries without a live forward half into orphans (also
@@ -386,7 +419,7 @@ mod tests {
             ..Default::default()
         };
         let s = 1_000_000_000;
-        let r = egress_common::ct_flags::SEEN_REPLY;
+        let r = ct_flags::SEEN_REPLY;
         assert!(!expired(&t, proto::TCP, CtState::Established, r, 0, 10 * s));
         assert!(expired(
             &t,
@@ -440,6 +473,19 @@ mod tests {
         let previous = HashMap::from([(b, 3)]);
         let plan = plan_pods(&before, &after, &live, &released, &previous);
         assert!(!plan.remove.contains(&b));
+    }
+
+    #[test]
+    fn inbound_records_live_as_long_as_an_established_flow() {
+        let t = Timeouts {
+            tcp_established: 100,
+            udp: 3,
+            ..Default::default()
+        };
+        let s = 1_000_000_000;
+        assert!(!inbound_expired(&t, proto::TCP, 0, 100 * s));
+        assert!(inbound_expired(&t, proto::TCP, 0, 101 * s));
+        assert!(inbound_expired(&t, proto::UDP, 0, 4 * s));
     }
 
     #[test]

@@ -4,10 +4,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use egress_common::{DatapathConfig, NodeV4, PodPolicyV4, PolicyV4, policy_flags};
+use egress_common::{DatapathConfig, NodeV4, PodPolicyV4, PolicyV4, RemotePodV4, policy_flags};
 use egress_model::{FailurePolicy, NO_USABLE_IP, NodeState};
 
 use crate::config::DatapathSettings;
+
+use crate::host::HostFacts;
 
 /// Facts about this node that the desired state does not carry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,11 +71,19 @@ impl Environment {
 /// An exclusion as stored in the LPM trie: (policy id or 0, network, prefix length).
 pub type Exclusion = (u32, [u8; 4], u8);
 
+/// A pod CIDR as stored in its LPM trie: (network, prefix length).
+pub type PodCidr = ([u8; 4], u8);
+
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DatapathImage {
     pub config: DatapathConfig,
     pub policies: BTreeMap<u32, PolicyV4>,
     pub pods: BTreeMap<[u8; 4], PodPolicyV4>,
+    pub remote_pods: BTreeMap<[u8; 4], RemotePodV4>,
+    /// Pod CIDR -> node address.
+    pub pod_cidrs: BTreeMap<PodCidr, [u8; 4]>,
+    /// Upstream devices' ifindexes (value 1).
+    pub upstream: BTreeMap<u32, u32>,
     pub marks: BTreeMap<u32, u32>,
     pub vnis: BTreeMap<u32, u32>,
     pub exclusions: BTreeSet<Exclusion>,
@@ -82,7 +92,7 @@ pub struct DatapathImage {
 }
 
 impl DatapathImage {
-    pub fn from_state(state: &NodeState, env: &Environment) -> Self {
+    pub fn from_state(state: &NodeState, env: &Environment, host: &HostFacts) -> Self {
         let node_addr = state.node_addr.map(|a| a.octets()).unwrap_or_default();
         let mut image = Self {
             config: DatapathConfig {
@@ -123,13 +133,16 @@ impl DatapathImage {
             if policy.failure_policy == FailurePolicy::FailOpen {
                 flags |= policy_flags::FAIL_OPEN;
             }
+            if state.selected_by_node(*id) {
+                flags |= policy_flags::SELECTED_BY_NODE;
+            }
             image.policies.insert(
                 *id,
                 PolicyV4 {
                     egress_addr: policy.egress_ip.octets(),
                     egress_node: policy.egress_node.map(|n| n.octets()).unwrap_or_default(),
                     flags,
-                    _reserved: 0,
+                    group: state.group_of(*id),
                 },
             );
             // The policy's own id is the VNI that steers its traffic here;
@@ -148,6 +161,11 @@ impl DatapathImage {
                 .exclusions
                 .insert((0, net.network().octets(), net.prefix_len()));
         }
+        // Traffic to any address of this node (a node-local DNS cache, a
+        // hostNetwork service on another interface) stays local.
+        for addr in host.local_addrs.iter().filter(|a| !a.is_loopback()) {
+            image.exclusions.insert((0, addr.octets(), 32));
+        }
         image.vnis.extend(state.vnis.iter().map(|(v, p)| (*v, *p)));
         image
             .marks
@@ -157,10 +175,28 @@ impl DatapathImage {
                 pod.octets(),
                 PodPolicyV4 {
                     policy_id: *id,
-                    _reserved: 0,
+                    // Unresolved: 0, which no packet arrives on (fail-closed).
+                    ifindex: host.pod_interfaces.get(pod).copied().unwrap_or(0),
                 },
             );
         }
+        for (pod, remote) in &state.remote_pods {
+            image.remote_pods.insert(
+                pod.octets(),
+                RemotePodV4 {
+                    policy_id: remote.policy,
+                    node_addr: remote.node.octets(),
+                },
+            );
+        }
+        for (cidr, node) in &state.pod_cidrs {
+            image
+                .pod_cidrs
+                .insert((cidr.network().octets(), cidr.prefix_len()), node.octets());
+        }
+        image
+            .upstream
+            .extend(host.upstream.iter().map(|ifindex| (*ifindex, 1)));
         image
     }
 }
@@ -223,10 +259,10 @@ mod tests {
 
     #[test]
     fn local_policies_own_their_egress_address() {
-        let image = DatapathImage::from_state(&state(), &env());
+        let image = DatapathImage::from_state(&state(), &env(), &HostFacts::default());
         assert_eq!(
             image.policies[&1].flags,
-            policy_flags::ACTIVE | policy_flags::LOCAL
+            policy_flags::ACTIVE | policy_flags::LOCAL | policy_flags::SELECTED_BY_NODE
         );
         assert_eq!(image.egress_addrs, BTreeMap::from([([172, 18, 0, 100], 1)]));
         assert_eq!(
@@ -238,7 +274,7 @@ mod tests {
 
     #[test]
     fn unowned_policies_carry_their_failure_policy() {
-        let image = DatapathImage::from_state(&state(), &env());
+        let image = DatapathImage::from_state(&state(), &env(), &HostFacts::default());
         let p = image.policies[&3];
         assert_eq!(p.egress_node, [0; 4]);
         assert_ne!(p.flags & policy_flags::FAIL_OPEN, 0);
@@ -247,7 +283,7 @@ mod tests {
 
     #[test]
     fn every_policy_id_is_a_vni_and_extras_are_added() {
-        let image = DatapathImage::from_state(&state(), &env());
+        let image = DatapathImage::from_state(&state(), &env(), &HostFacts::default());
         assert_eq!(
             image.vnis,
             BTreeMap::from([(1, 1), (2, 2), (3, 3), (5000, 3)])
@@ -257,7 +293,7 @@ mod tests {
 
     #[test]
     fn exclusions_are_global_or_per_policy() {
-        let image = DatapathImage::from_state(&state(), &env());
+        let image = DatapathImage::from_state(&state(), &env(), &HostFacts::default());
         assert!(image.exclusions.contains(&(0, [10, 244, 0, 0], 16)));
         assert!(image.exclusions.contains(&(2, [192, 0, 2, 0], 24)));
         // Node addresses are excluded globally.
@@ -266,8 +302,61 @@ mod tests {
     }
 
     #[test]
+    fn host_facts_fill_pod_interfaces_upstreams_and_local_exclusions() {
+        let mut s = state();
+        s.pods.insert(Ipv4Addr::new(10, 244, 1, 3), 1);
+        s.remote_pods.insert(
+            Ipv4Addr::new(10, 244, 2, 7),
+            egress_model::RemotePod {
+                policy: 2,
+                node: Ipv4Addr::new(172, 18, 0, 12),
+            },
+        );
+        s.pod_cidrs.insert(
+            "10.244.2.0/24".parse().unwrap(),
+            Ipv4Addr::new(172, 18, 0, 12),
+        );
+        let host = HostFacts {
+            pod_interfaces: BTreeMap::from([(Ipv4Addr::new(10, 244, 1, 2), 5)]),
+            upstream: BTreeSet::from([9]),
+            local_addrs: BTreeSet::from([
+                Ipv4Addr::new(169, 254, 20, 10),
+                Ipv4Addr::new(172, 18, 0, 11),
+            ]),
+        };
+        let image = DatapathImage::from_state(&s, &env(), &host);
+        assert_eq!(image.pods[&[10, 244, 1, 2]].ifindex, 5);
+        // Not resolved: the datapath refuses its packets everywhere.
+        assert_eq!(image.pods[&[10, 244, 1, 3]].ifindex, 0);
+        assert_eq!(
+            image.remote_pods[&[10, 244, 2, 7]],
+            RemotePodV4 {
+                policy_id: 2,
+                node_addr: [172, 18, 0, 12]
+            }
+        );
+        assert_eq!(image.pod_cidrs[&([10, 244, 2, 0], 24)], [172, 18, 0, 12]);
+        assert_eq!(image.upstream, BTreeMap::from([(9, 1)]));
+        assert!(image.exclusions.contains(&(0, [169, 254, 20, 10], 32)));
+    }
+
+    #[test]
+    fn groups_and_node_selection_reach_the_policy_entries() {
+        let mut s = state();
+        s.groups.insert(2, 1);
+        let image = DatapathImage::from_state(&s, &env(), &HostFacts::default());
+        assert_eq!(image.policies[&1].group, 1);
+        assert_eq!(image.policies[&2].group, 1);
+        assert_eq!(image.policies[&3].group, 3);
+        // Policy 1 has a mark, policy 3 an extra VNI: chosen on the pod's node.
+        assert_ne!(image.policies[&1].flags & policy_flags::SELECTED_BY_NODE, 0);
+        assert_ne!(image.policies[&3].flags & policy_flags::SELECTED_BY_NODE, 0);
+        assert_eq!(image.policies[&2].flags & policy_flags::SELECTED_BY_NODE, 0);
+    }
+
+    #[test]
     fn the_local_node_is_marked() {
-        let image = DatapathImage::from_state(&state(), &env());
+        let image = DatapathImage::from_state(&state(), &env(), &HostFacts::default());
         assert_eq!(image.nodes[&[172, 18, 0, 11]].is_self, 1);
         assert_eq!(image.nodes[&[172, 18, 0, 12]].is_self, 0);
         assert_eq!(image.config.node_addr, [172, 18, 0, 11]);
@@ -279,7 +368,7 @@ mod tests {
         let mut s = state();
         s.policies.insert(NO_USABLE_IP, PolicyState::no_usable_ip());
         s.pods.insert(Ipv4Addr::new(10, 244, 1, 9), NO_USABLE_IP);
-        let image = DatapathImage::from_state(&s, &env());
+        let image = DatapathImage::from_state(&s, &env(), &HostFacts::default());
         let slot = image.policies[&NO_USABLE_IP];
         // Active, not local, not fail-open, no egress node: pod_ingress
         // drops its pods' external traffic as no_egress_node.
@@ -293,7 +382,7 @@ mod tests {
     #[test]
     fn datapath_settings_reach_the_config_entry() {
         let mut env = env();
-        let image = DatapathImage::from_state(&state(), &env);
+        let image = DatapathImage::from_state(&state(), &env, &HostFacts::default());
         assert_eq!(image.config.max_flows, 1000);
         assert_eq!(image.config.max_flows_per_pod, 10);
         assert_eq!(
@@ -303,7 +392,7 @@ mod tests {
         assert_eq!(image.config.claims_valid_until_ns, u64::MAX);
         // The fence carried by the environment is what a reconcile writes.
         env.claims_valid_until_ns = 123;
-        let image = DatapathImage::from_state(&state(), &env);
+        let image = DatapathImage::from_state(&state(), &env, &HostFacts::default());
         assert_eq!(image.config.claims_valid_until_ns, 123);
     }
 }

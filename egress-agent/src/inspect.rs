@@ -130,6 +130,8 @@ pub fn nat_list(instance: &str, as_json: bool) -> anyhow::Result<()> {
             "state": format!("{:?}", CtState::from_u8(e.state)),
             "replied": e.flags & ct_flags::SEEN_REPLY != 0,
             "origin_node": if e.flags & ct_flags::REMOTE_ORIGIN != 0 { Some(ip(e.origin_node).to_string()) } else { None },
+            // A flow of a local pod steered to that egress node (no reverse entry here).
+            "steered_to": if e.flags & ct_flags::STEERED != 0 { Some(ip(e.origin_node).to_string()) } else { None },
             "idle_secs": now.saturating_sub(e.last_seen_ns) / 1_000_000_000,
             "age_secs": now.saturating_sub(e.created_ns) / 1_000_000_000,
             "reverse_entry": reverse_present,

@@ -9,6 +9,7 @@ pub mod config;
 pub mod fence;
 pub mod gc;
 pub mod hold;
+pub mod host;
 pub mod identity;
 pub mod image;
 pub mod inspect;

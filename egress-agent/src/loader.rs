@@ -18,8 +18,9 @@ use aya::{
     sys::SyscallError,
 };
 use egress_common::{
-    DatapathConfig, ExclusionKeyV4, FlowKeyV4, NatEntryV4, NodeV4, PodFlowsV4, PodPolicyV4,
-    PolicyStats, PolicyV4, RevNatEntryV4, UNREPLIED_RING_SLOTS, flow_count, maps as names,
+    DatapathConfig, ExclusionKeyV4, FlowKeyV4, NatEntryV4, NodeV4, PodCidrKeyV4, PodFlowsV4,
+    PodPolicyV4, PolicyStats, PolicyV4, RemotePodV4, RevNatEntryV4, UNREPLIED_RING_SLOTS,
+    flow_count, maps as names,
 };
 
 use crate::{
@@ -28,10 +29,14 @@ use crate::{
 };
 
 /// The embedded programs, built by build.rs.
-const OBJECTS: [(&str, &[u8]); 3] = [
+const OBJECTS: [(&str, &[u8]); 4] = [
     (
         names::programs::POD_INGRESS,
         aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pod_ingress")),
+    ),
+    (
+        names::programs::POD_EGRESS,
+        aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pod_egress")),
     ),
     (
         names::programs::TUNNEL_INGRESS,
@@ -127,6 +132,13 @@ pub fn shapes(settings: &DatapathSettings) -> Vec<Shape> {
         shape::<u32, DatapathConfig>(names::CONFIG, 1),
         shape::<u32, PolicyV4>(names::POLICIES_V4, settings.max_policies),
         shape::<[u8; 4], PodPolicyV4>(names::POD_POLICY_V4, settings.max_pods),
+        shape::<[u8; 4], RemotePodV4>(names::REMOTE_PODS_V4, settings.max_pods),
+        shape::<aya::maps::lpm_trie::Key<PodCidrKeyV4>, [u8; 4]>(
+            names::POD_CIDRS_V4,
+            names::MAX_NODES,
+        ),
+        shape::<u32, u32>(names::UPSTREAM_IFACES, names::MAX_UPSTREAM_INTERFACES),
+        shape::<FlowKeyV4, u64>(names::INBOUND_V4, nat),
         shape::<u32, u32>(names::MARK_POLICY, names::MAX_MARKS),
         shape::<u32, u32>(names::VNI_POLICY, names::MAX_MARKS),
         shape::<aya::maps::lpm_trie::Key<ExclusionKeyV4>, u32>(
@@ -201,8 +213,9 @@ impl Datapath {
         })
     }
 
-    /// Attaches `program` to TC ingress of `interface`, atomically replacing
-    /// the program of a link a previous agent pinned there.
+    /// Attaches `program` to its TC hook of `interface` (egress for
+    /// `pod_egress`, ingress for the others), atomically replacing the
+    /// program of a link a previous agent pinned there.
     pub fn attach(&mut self, program: &'static str, interface: &str) -> Result<(), LoadError> {
         let path = self.layout.link(program, interface);
         let (_, ebpf) = self
@@ -242,10 +255,15 @@ impl Datapath {
                 if io_error.kind() == io::ErrorKind::NotFound => {}
             Err(source) => return Err(LoadError::Link { path, source }),
         }
+        let hook = if program == names::programs::POD_EGRESS {
+            TcAttachType::Egress
+        } else {
+            TcAttachType::Ingress
+        };
         let id = prog
             .attach_with_options(
                 interface,
-                TcAttachType::Ingress,
+                hook,
                 TcAttachOptions::TcxOrder(LinkOrder::default()),
             )
             .map_err(attach_err)?;

@@ -12,13 +12,14 @@ use aya::{
     maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, lpm_trie::Key},
 };
 use egress_common::{
-    DatapathConfig, ExclusionKeyV4, FlowKeyV4, NatEntryV4, NodeV4, PodFlowsV4, PodPolicyV4,
-    PolicyStats, PolicyV4, RevNatEntryV4, flow_count, maps as names, policy_flags,
+    DatapathConfig, ExclusionKeyV4, FlowKeyV4, NatEntryV4, NodeV4, PodCidrKeyV4, PodFlowsV4,
+    PodPolicyV4, PolicyStats, PolicyV4, RemotePodV4, RevNatEntryV4, flow_count, maps as names,
+    policy_flags,
 };
 
 use egress_model::NO_USABLE_IP;
 
-use crate::image::{DatapathImage, Exclusion};
+use crate::image::{DatapathImage, Exclusion, PodCidr};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MapsError {
@@ -137,6 +138,10 @@ pub struct Maps {
     pub config: Array<MapData, DatapathConfig>,
     pub policies: Array<MapData, PolicyV4>,
     pub pods: HashMap<MapData, [u8; 4], PodPolicyV4>,
+    pub remote_pods: HashMap<MapData, [u8; 4], RemotePodV4>,
+    pub pod_cidrs: LpmTrie<MapData, PodCidrKeyV4, [u8; 4]>,
+    pub upstream: HashMap<MapData, u32, u32>,
+    pub inbound: HashMap<MapData, FlowKeyV4, u64>,
     pub marks: HashMap<MapData, u32, u32>,
     pub vnis: HashMap<MapData, u32, u32>,
     pub excluded: LpmTrie<MapData, ExclusionKeyV4, u32>,
@@ -164,6 +169,10 @@ impl Maps {
             config: typed!(layout, names::CONFIG),
             policies: typed!(layout, names::POLICIES_V4),
             pods: typed!(layout, names::POD_POLICY_V4),
+            remote_pods: typed!(layout, names::REMOTE_PODS_V4),
+            pod_cidrs: typed!(layout, names::POD_CIDRS_V4),
+            upstream: typed!(layout, names::UPSTREAM_IFACES),
+            inbound: typed!(layout, names::INBOUND_V4),
             marks: typed!(layout, names::MARK_POLICY),
             vnis: typed!(layout, names::VNI_POLICY),
             excluded: typed!(layout, names::EXCLUDED_V4),
@@ -193,6 +202,14 @@ impl Maps {
             }
         }
         image.pods = collect(&self.pods, names::POD_POLICY_V4)?;
+        image.remote_pods = collect(&self.remote_pods, names::REMOTE_PODS_V4)?;
+        image.upstream = collect(&self.upstream, names::UPSTREAM_IFACES)?;
+        for entry in self.pod_cidrs.iter() {
+            let (key, node) = entry.map_err(err(names::POD_CIDRS_V4))?;
+            image
+                .pod_cidrs
+                .insert((key.data().addr, key.prefix_len() as u8), node);
+        }
         image.marks = collect(&self.marks, names::MARK_POLICY)?;
         image.vnis = collect(&self.vnis, names::VNI_POLICY)?;
         image.nodes = collect(&self.nodes, names::NODES_V4)?;
@@ -311,6 +328,10 @@ impl Maps {
     }
 }
 
+fn pod_cidr_key(&(addr, prefix): &PodCidr) -> Key<PodCidrKeyV4> {
+    Key::new(u32::from(prefix), PodCidrKeyV4 { addr })
+}
+
 fn exclusion_key(&(policy, addr, prefix): &Exclusion) -> Key<ExclusionKeyV4> {
     Key::new(
         ExclusionKeyV4::POLICY_ID_BITS + u32::from(prefix),
@@ -367,6 +388,9 @@ pub enum Write {
     Vni(u32, Option<u32>),
     Mark(u32, Option<u32>),
     Pod([u8; 4], Option<PodPolicyV4>),
+    Upstream(u32, Option<u32>),
+    PodCidr(PodCidr, Option<[u8; 4]>),
+    RemotePod([u8; 4], Option<RemotePodV4>),
 }
 
 /// Where [`reconcile`] writes: the pinned maps, or a model of them in tests.
@@ -414,6 +438,30 @@ impl ControlMaps for Maps {
             Write::Mark(m, None) => self.marks.remove(&m).or_else(gone(names::MARK_POLICY)),
             Write::Pod(p, Some(v)) => self.pods.insert(p, v, 0).map_err(err(names::POD_POLICY_V4)),
             Write::Pod(p, None) => self.pods.remove(&p).or_else(gone(names::POD_POLICY_V4)),
+            Write::Upstream(i, Some(v)) => self
+                .upstream
+                .insert(i, v, 0)
+                .map_err(err(names::UPSTREAM_IFACES)),
+            Write::Upstream(i, None) => self
+                .upstream
+                .remove(&i)
+                .or_else(gone(names::UPSTREAM_IFACES)),
+            Write::PodCidr(c, Some(node)) => self
+                .pod_cidrs
+                .insert(&pod_cidr_key(&c), node, 0)
+                .map_err(err(names::POD_CIDRS_V4)),
+            Write::PodCidr(c, None) => self
+                .pod_cidrs
+                .remove(&pod_cidr_key(&c))
+                .or_else(gone(names::POD_CIDRS_V4)),
+            Write::RemotePod(p, Some(v)) => self
+                .remote_pods
+                .insert(p, v, 0)
+                .map_err(err(names::REMOTE_PODS_V4)),
+            Write::RemotePod(p, None) => self
+                .remote_pods
+                .remove(&p)
+                .or_else(gone(names::REMOTE_PODS_V4)),
         }
     }
 }
@@ -507,6 +555,18 @@ pub fn reconcile(
     for e in added.iter().filter(|e| e.0 == 0) {
         run.global(Write::Exclusion(*e, true))?;
     }
+    // Upstream devices before the pods whose packets they may carry; the
+    // other nodes' pod CIDRs before the arrivals they attribute.
+    for (k, v) in &desired.upstream {
+        if current.upstream.get(k) != Some(v) {
+            run.global(Write::Upstream(*k, Some(*v)))?;
+        }
+    }
+    for (k, v) in &desired.pod_cidrs {
+        if current.pod_cidrs.get(k) != Some(v) {
+            run.global(Write::PodCidr(*k, Some(*v)))?;
+        }
+    }
 
     for (id, policy) in &desired.policies {
         let mut writes = Vec::new();
@@ -578,7 +638,25 @@ pub fn reconcile(
         };
         run.owned(v.policy_id, w);
     }
+    // Another node's selected pod lets its steered packets through this
+    // node's policy: never for a policy that could not be programmed.
+    for (k, v) in &desired.remote_pods {
+        let w = if run.failed(v.policy_id) {
+            current
+                .remote_pods
+                .contains_key(k)
+                .then_some(Write::RemotePod(*k, None))
+        } else {
+            (current.remote_pods.get(k) != Some(v)).then_some(Write::RemotePod(*k, Some(*v)))
+        };
+        run.owned(v.policy_id, w);
+    }
 
+    for (k, v) in &current.remote_pods {
+        if !desired.remote_pods.contains_key(k) {
+            run.owned(v.policy_id, Some(Write::RemotePod(*k, None)));
+        }
+    }
     for (k, v) in &current.pods {
         if !desired.pods.contains_key(k) {
             run.owned(v.policy_id, Some(Write::Pod(*k, None)));
@@ -587,6 +665,16 @@ pub fn reconcile(
     for (k, id) in &current.marks {
         if !desired.marks.contains_key(k) {
             run.owned(*id, Some(Write::Mark(*k, None)));
+        }
+    }
+    for k in current.upstream.keys() {
+        if !desired.upstream.contains_key(k) {
+            run.global(Write::Upstream(*k, None))?;
+        }
+    }
+    for k in current.pod_cidrs.keys() {
+        if !desired.pod_cidrs.contains_key(k) {
+            run.global(Write::PodCidr(*k, None))?;
         }
     }
     for (v, id) in &current.vnis {
@@ -663,7 +751,10 @@ impl<M: ControlMaps> Run<'_, M> {
             | Write::Exclusion(_, false)
             | Write::Vni(_, None)
             | Write::Mark(_, None)
-            | Write::Pod(_, None) => self.out.report.removed += 1,
+            | Write::Pod(_, None)
+            | Write::Upstream(_, None)
+            | Write::PodCidr(_, None)
+            | Write::RemotePod(_, None) => self.out.report.removed += 1,
             _ => self.out.report.written += 1,
         }
         Ok(())
@@ -728,7 +819,7 @@ const DROP_SLOT: PolicyV4 = PolicyV4 {
     egress_addr: [0; 4],
     egress_node: [0; 4],
     flags: policy_flags::ACTIVE,
-    _reserved: 0,
+    group: NO_USABLE_IP,
 };
 
 /// The reply tuple of a forward entry: where its reverse entry lives.
@@ -841,6 +932,9 @@ mod tests {
                 Write::Vni(k, v) => drop(set(&mut i.vnis, k, v)),
                 Write::Mark(k, v) => drop(set(&mut i.marks, k, v)),
                 Write::Pod(k, v) => drop(set(&mut i.pods, k, v)),
+                Write::Upstream(k, v) => drop(set(&mut i.upstream, k, v)),
+                Write::PodCidr(k, v) => drop(set(&mut i.pod_cidrs, k, v)),
+                Write::RemotePod(k, v) => drop(set(&mut i.remote_pods, k, v)),
             }
             self.writes.push(w);
             Ok(())
@@ -880,7 +974,7 @@ mod tests {
                 *pod,
                 PodPolicyV4 {
                     policy_id: *id,
-                    _reserved: 0,
+                    ifindex: 0,
                 },
             );
         }
@@ -936,6 +1030,69 @@ mod tests {
         let out = reconcile(&mut maps, &current, &want).unwrap();
         assert!(out.failed.is_empty(), "{:?}", out.failed);
         assert_eq!(maps.image, want);
+    }
+
+    #[test]
+    fn remote_pods_of_a_failed_policy_are_not_accepted() {
+        // Policy 5 does not fit: node2's pod it selects must not be accepted
+        // through the tunnel meanwhile; policy 1's is, and the node's pod
+        // CIDRs and upstream devices are written before any pod.
+        let mut want = desired(
+            &[(1, [172, 18, 0, 100]), (5, [172, 18, 0, 105])],
+            &[([10, 244, 1, 1], 1)],
+        );
+        let remote = |policy_id| RemotePodV4 {
+            policy_id,
+            node_addr: [172, 18, 0, 12],
+        };
+        want.remote_pods.insert([10, 244, 2, 1], remote(1));
+        want.remote_pods.insert([10, 244, 2, 5], remote(5));
+        want.pod_cidrs
+            .insert(([10, 244, 2, 0], 24), [172, 18, 0, 12]);
+        want.upstream.insert(9, 1);
+        let mut maps = Model::new(DatapathImage::default(), 4);
+        let out = reconcile(&mut maps, &DatapathImage::default(), &want).unwrap();
+        assert_eq!(out.failed.keys().copied().collect::<Vec<_>>(), [5]);
+        assert_eq!(
+            maps.image.remote_pods,
+            BTreeMap::from([([10, 244, 2, 1], remote(1))])
+        );
+        assert_eq!(maps.image.pod_cidrs, want.pod_cidrs);
+        let first_pod = maps
+            .writes
+            .iter()
+            .position(|w| matches!(w, Write::Pod(..)))
+            .unwrap();
+        for early in [
+            Write::Upstream(9, Some(1)),
+            Write::PodCidr(([10, 244, 2, 0], 24), Some([172, 18, 0, 12])),
+        ] {
+            let at = maps.writes.iter().position(|w| *w == early).unwrap();
+            assert!(at < first_pod, "{early:?} after the first pod");
+        }
+
+        // Everything removed again: pods before the upstream devices.
+        let current = maps.image.clone();
+        let empty = DatapathImage {
+            config: want.config,
+            nodes: want.nodes.clone(),
+            ..Default::default()
+        };
+        let mut maps = Model::new(current.clone(), 4);
+        reconcile(&mut maps, &current, &empty).unwrap();
+        assert!(maps.image.remote_pods.is_empty() && maps.image.pod_cidrs.is_empty());
+        assert!(maps.image.upstream.is_empty());
+        let pod_gone = maps
+            .writes
+            .iter()
+            .position(|w| matches!(w, Write::Pod(_, None)))
+            .unwrap();
+        let upstream_gone = maps
+            .writes
+            .iter()
+            .position(|w| *w == Write::Upstream(9, None))
+            .unwrap();
+        assert!(pod_gone < upstream_gone);
     }
 
     #[test]

@@ -17,6 +17,7 @@ use egress_k8s::{AgentLink, config::interface_matches, facts::EgressSubnet};
 use egress_model::{AddressClaim, NodeState};
 use egress_netlink::{
     AddressEvent, AddressEvents, ClaimLedger, InterfaceAddress, Lifetime, Link, LinkEvent, Netlink,
+    RouteEvent,
 };
 use futures_util::StreamExt as _;
 use ipnet::Ipv4Net;
@@ -27,6 +28,7 @@ use crate::{
     fence::{ControllerFence, Terms},
     gc::{self, monotonic_ns},
     hold::Holds,
+    host::{self, HostFacts, Interfaces, PodInterfaces},
     identity::{self, Candidate, Source},
     image::{DatapathImage, Environment},
     loader::{self, Datapath},
@@ -66,8 +68,16 @@ struct Agent {
     env: Environment,
     uplink: String,
     tunnel: String,
-    /// Interfaces carrying pod_ingress, by name -> ifindex.
+    /// Interfaces carrying pod_ingress and pod_egress, by name -> ifindex.
     attached: BTreeMap<String, u32>,
+    /// Host-side interfaces of the local selected pods.
+    pod_interfaces: PodInterfaces,
+    /// This node's own addresses (all interfaces, loopback's 127/8 aside),
+    /// followed through address notifications: global exclusions.
+    local_addrs: BTreeSet<Ipv4Addr>,
+    /// The desired state last applied, reconciled again when the node's
+    /// interfaces, routes or addresses change.
+    desired: Option<NodeState>,
     ledger: ClaimLedger,
     collector: gc::Background,
     /// The lifetime new claims get: that of the latest fence.
@@ -199,14 +209,18 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let mut link_events = netlink
         .link_events()
         .context("subscribing to link notifications")?;
-    let mut address_events = match mode {
-        Mode::Kubernetes => Some(
-            netlink
-                .address_events()
-                .context("subscribing to address notifications")?,
-        ),
-        Mode::Static => None,
-    };
+    // Every address of the node is a global exclusion (and, in Kubernetes
+    // mode, may change the egress subnets); routes lead to the pods'
+    // interfaces.
+    let mut address_events = Some(
+        netlink
+            .address_events()
+            .context("subscribing to address notifications")?,
+    );
+    let mut route_events = netlink
+        .route_events()
+        .context("subscribing to route notifications")?;
+    let local_addrs = host::local_addresses(&netlink).await?;
 
     let mut agent = Agent {
         config,
@@ -220,6 +234,9 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         uplink: uplink.name.clone(),
         tunnel: tunnel.name.clone(),
         attached: BTreeMap::new(),
+        pod_interfaces: PodInterfaces::default(),
+        local_addrs,
+        desired: None,
         ledger,
         collector,
         lifetime: Lifetime::Forever,
@@ -230,6 +247,14 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         hold_new: false,
     };
     let mut controller = None;
+    // The pod interfaces first: resolving pods needs to know them. A
+    // previous agent's links get the new programs, whose pod entries the
+    // reconcile below (or, in Kubernetes mode, `reconcile_settings`) fills.
+    agent.sync_pod_interfaces().await?;
+    if mode == Mode::Kubernetes {
+        // Interfaces from now on are new pods'.
+        agent.start_holding()?;
+    }
     let desired = match mode {
         Mode::Static => {
             let desired = agent.config.node_state();
@@ -243,7 +268,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             // Until the watches have synced nothing is programmed or announced:
             // the pinned state of a previous run stays as it is. Only this
             // node's own settings (tunnel device, port range) are refreshed.
-            agent.reconcile_settings()?;
+            agent.reconcile_settings().await?;
             let (task, link) = agent.start_controller().await?;
             controller = Some(task);
             agent.kube = Some(link);
@@ -256,10 +281,6 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     agent
         .datapath
         .attach(programs::TUNNEL_INGRESS, &agent.tunnel)?;
-    agent.sync_pod_interfaces().await?;
-    if mode == Mode::Kubernetes {
-        agent.start_holding()?;
-    }
     agent.check_mtu(&desired).await;
     // In Kubernetes mode the agent is ready once it has applied the state of
     // the synced watches, not before (the DaemonSet's startup probe).
@@ -280,6 +301,15 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let mut retry = tokio::time::interval(Duration::from_secs(1));
     // Ended holds on new pod interfaces leave the map.
     let mut hold_sweep = tokio::time::interval(HOLD_SWEEP);
+    // Pods whose interface is still unknown are looked up again every
+    // second, and only those: behind a bridge a pod's port shows up in the
+    // forwarding database when it sends its first frame, which no route or
+    // link notification announces. A resolved pod is looked up again only
+    // when a route to it or an interface changes (never by polling: a bridge
+    // learns a MAC wherever frames claiming it come from, and a periodic
+    // look-up would let a pod forging its neighbour's MAC take over the
+    // neighbour's identity).
+    let mut retry_unresolved = tokio::time::interval(Duration::from_secs(1));
     // Set once SIGTERM asked the controller to stop (in Kubernetes mode).
     let mut stopping: Option<tokio::time::Instant> = None;
     let stop_timeout =
@@ -298,10 +328,22 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                 if let Err(e) = agent.on_link_event(event).await {
                     tracing::error!(error = %format!("{e:#}"), "attaching to pod interfaces");
                 }
+                agent.follow_host().await;
             }
             event = next_address_event(&mut address_events) => {
-                if agent.changes_subnets(&event) {
+                if mode == Mode::Kubernetes && agent.changes_subnets(&event) {
                     agent.refresh_subnets().await;
+                }
+                agent.on_address_event(&event).await;
+            }
+            event = route_events.next() => {
+                let event = event.context("route notifications ended")?;
+                agent.on_route_event(&event);
+                agent.follow_host().await;
+            }
+            _ = retry_unresolved.tick() => {
+                if agent.pod_interfaces.has_unresolved() {
+                    agent.follow_host().await;
                 }
             }
             _ = reload.tick(), if mode == Mode::Static => agent.reload_if_changed().await,
@@ -366,7 +408,7 @@ async fn next_address_event(events: &mut Option<AddressEvents>) -> AddressEvent 
             Some(ev) => ev,
             None => {
                 tracing::error!(
-                    "address notifications ended; egress subnets are no longer followed"
+                    "address notifications ended; egress subnets and local addresses are no longer followed"
                 );
                 *events = None;
                 std::future::pending().await
@@ -595,14 +637,17 @@ async fn finished(
 }
 
 impl Agent {
-    fn reconcile(&mut self, desired: &NodeState) -> anyhow::Result<ApplyOutcome> {
+    /// Makes the maps equal to the image of `desired` and of what this
+    /// node's stack says (pod interfaces, local addresses).
+    async fn reconcile(&mut self, desired: &NodeState) -> anyhow::Result<ApplyOutcome> {
+        let host = self.host_facts(desired, false).await?;
         // Map dumps and writes are blocking system calls, thousands of them
         // at scale: off the runtime's worker, so the controller's renewals
         // keep running on the others meanwhile.
         let (maps, env) = (&mut self.maps, &self.env);
         let outcome = tokio::task::block_in_place(|| {
             let current = maps.read_image()?;
-            let image = DatapathImage::from_state(desired, env);
+            let image = DatapathImage::from_state(desired, env, &host);
             maps.apply(&current, &image)
         })?;
         if !outcome.report.is_empty() {
@@ -615,7 +660,97 @@ impl Agent {
         for (id, error) in &outcome.failed {
             tracing::error!(policy = id, %error, "policy not programmed (the others are)");
         }
+        self.desired = Some(desired.clone());
         Ok(outcome)
+    }
+
+    /// The interfaces the datapath is attached to, pod-side and upstream.
+    fn interfaces(&self) -> Interfaces {
+        let upstream_patterns = &self.config.node.upstream_interfaces;
+        let mut out = Interfaces::default();
+        for (name, index) in &self.attached {
+            if interface_matches(upstream_patterns, name) {
+                out.upstream.insert(*index, name.clone());
+            } else {
+                out.pods.insert(*index, name.clone());
+            }
+        }
+        out
+    }
+
+    /// Resolves the interfaces of `desired`'s local pods (all of them with
+    /// `all`, else those not known yet).
+    async fn host_facts(&mut self, desired: &NodeState, all: bool) -> anyhow::Result<HostFacts> {
+        let interfaces = self.interfaces();
+        let wanted: BTreeSet<Ipv4Addr> = desired.pods.keys().copied().collect();
+        self.pod_interfaces
+            .refresh(&self.netlink, &wanted, &interfaces, all)
+            .await?;
+        Ok(HostFacts {
+            pod_interfaces: self.pod_interfaces.resolved().clone(),
+            upstream: interfaces.upstream.keys().copied().collect(),
+            local_addrs: self.local_addrs.clone(),
+        })
+    }
+
+    /// Follows the node's stack between desired-state changes: looks up the
+    /// pods whose interface is unknown (every pod after interfaces came or
+    /// went, those within a changed route), and reconciles again when one
+    /// changed.
+    async fn follow_host(&mut self) {
+        let Some(desired) = self.desired.clone() else {
+            return;
+        };
+        let before = self.pod_interfaces.resolved().clone();
+        let outcome = async {
+            let host = self.host_facts(&desired, false).await?;
+            if host.pod_interfaces != before {
+                self.reconcile(&desired).await?;
+            }
+            anyhow::Ok(())
+        }
+        .await;
+        if let Err(e) = outcome {
+            tracing::error!(error = %format!("{e:#}"), "following the pods' interfaces");
+        }
+    }
+
+    /// A route to a resolved pod changed: look it up again.
+    fn on_route_event(&mut self, event: &RouteEvent) {
+        match event {
+            RouteEvent::Changed { dst } => self.pod_interfaces.forget_within(dst),
+            RouteEvent::Overrun => self.pod_interfaces.invalidate(),
+        }
+    }
+
+    /// Keeps the node's addresses (global exclusions) current.
+    async fn on_address_event(&mut self, event: &AddressEvent) {
+        let mut addrs = self.local_addrs.clone();
+        match event {
+            AddressEvent::Added { addr, .. } if !addr.addr().is_loopback() => {
+                addrs.insert(addr.addr());
+            }
+            AddressEvent::Removed { addr, .. } => {
+                addrs.remove(&addr.addr());
+            }
+            AddressEvent::Added { .. } => {}
+            AddressEvent::Overrun => match host::local_addresses(&self.netlink).await {
+                Ok(now) => addrs = now,
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "listing the node's addresses");
+                    return;
+                }
+            },
+        }
+        if addrs == self.local_addrs {
+            return;
+        }
+        self.local_addrs = addrs;
+        if let Some(desired) = self.desired.clone()
+            && let Err(e) = self.reconcile(&desired).await
+        {
+            tracing::error!(error = %format!("{e:#}"), "excluding the node's addresses");
+        }
     }
 
     /// Makes the datapath and the node's addresses match `desired`.
@@ -626,22 +761,31 @@ impl Agent {
         claims: &[AddressClaim],
     ) -> anyhow::Result<ApplyOutcome> {
         self.claim(claims).await?;
-        self.reconcile(desired)
+        self.reconcile(desired).await
     }
 
-    /// Writes only this node's own settings (the `config` entry), leaving
-    /// policies, pods and flows as they are.
-    fn reconcile_settings(&mut self) -> anyhow::Result<()> {
+    /// Writes only this node's own settings (the `config` entry) and the
+    /// interfaces of the pods already programmed (a previous agent's
+    /// entries may predate the interface check, or the interfaces may have
+    /// been recreated meanwhile), leaving policies, pods and flows as they
+    /// are.
+    async fn reconcile_settings(&mut self) -> anyhow::Result<()> {
         let current = self.maps.read_image()?;
-        let fresh = DatapathImage::from_state(
-            &NodeState {
-                node_addr: self.config.node.address,
-                ..Default::default()
-            },
-            &self.env,
-        );
+        let pinned = NodeState {
+            node_addr: self.config.node.address,
+            pods: current
+                .pods
+                .iter()
+                .map(|(ip, p)| (Ipv4Addr::from(*ip), p.policy_id))
+                .collect(),
+            ..Default::default()
+        };
+        let host = self.host_facts(&pinned, true).await?;
+        let fresh = DatapathImage::from_state(&pinned, &self.env, &host);
         let desired = DatapathImage {
             config: fresh.config,
+            pods: fresh.pods,
+            upstream: fresh.upstream,
             ..current.clone()
         };
         self.maps.apply(&current, &desired)?;
@@ -998,8 +1142,10 @@ impl Agent {
             self.hold(name, index)?;
         }
         self.datapath.attach(programs::POD_INGRESS, name)?;
-        tracing::info!(interface = %name, "pod_ingress attached");
+        self.datapath.attach(programs::POD_EGRESS, name)?;
+        tracing::info!(interface = %name, "pod_ingress and pod_egress attached");
         self.attached.insert(name.to_string(), index);
+        self.pod_interfaces.invalidate();
         Ok(())
     }
 
@@ -1016,11 +1162,13 @@ impl Agent {
 
     fn pod_link_gone(&mut self, name: &str) -> anyhow::Result<()> {
         loader::detach(&self.layout, programs::POD_INGRESS, name)?;
+        loader::detach(&self.layout, programs::POD_EGRESS, name)?;
         if let Some(index) = self.attached.remove(name)
             && self.holds.forget(index)
         {
             self.maps.release_interface(index)?;
         }
+        self.pod_interfaces.invalidate();
         tracing::info!(interface = %name, "pod interface gone");
         Ok(())
     }
@@ -1055,8 +1203,8 @@ impl Agent {
         }
     }
 
-    /// Attaches pod_ingress to new interfaces matching the patterns and
-    /// forgets links of interfaces that disappeared.
+    /// Attaches pod_ingress and pod_egress to new interfaces matching the
+    /// patterns and forgets links of interfaces that disappeared.
     async fn sync_pod_interfaces(&mut self) -> anyhow::Result<()> {
         let patterns = self.pod_interface_patterns();
         let links = self.netlink.links().await?;

@@ -188,6 +188,27 @@ pub fn prog_test(a: &ProgTestArgs) -> Result<ProgTestResult> {
     let nat_fwd = open_map(&a.instance, maps::NAT_FWD_V4)?;
     let empty = empty_tc_prog()?;
     let pod = pod_addr(POD1_BASE, a.policy_index);
+    // The pod's packets must arrive on the interface the agent resolved for
+    // it, or pod_ingress refuses them (invalid_source).
+    let pods = open_map(&a.instance, maps::POD_POLICY_V4)?;
+    let mut entry = [0u8; size_of::<PodPolicyV4>()];
+    if !bpf::lookup(&pods, &pod.octets(), &mut entry)? {
+        bail!("pod_policy_v4 has no entry for {pod}");
+    }
+    let pod_if = u32::from_ne_bytes([entry[4], entry[5], entry[6], entry[7]]);
+    if pod_if == 0 {
+        bail!("the agent has not resolved the interface of {pod} (pod_policy_v4 ifindex 0)");
+    }
+    let on_pod_if = bpf::SkbContext {
+        ifindex: pod_if,
+        ..Default::default()
+    };
+    let run_fwd = |pkt: &[u8], repeat: u32| {
+        bpf::test_run_skb(&fwd, pkt, &on_pod_if, repeat).map(|r| bpf::TestRun {
+            retval: r.retval,
+            duration_ns: r.duration_ns,
+        })
+    };
     let samples = a.samples.max(10);
     let mut res = ProgTestResult {
         samples,
@@ -198,7 +219,7 @@ pub fn prog_test(a: &ProgTestArgs) -> Result<ProgTestResult> {
     // One flow brought to Established through the programs themselves.
     let (sport, dport) = (40_000u16, 8000u16);
     let syn = tcp_frame(pod, SERVER, sport, dport, TCP_SYN, 0);
-    let r = bpf::test_run(&fwd, &syn, 1)?;
+    let r = run_fwd(&syn, 1)?;
     res.retvals.insert("syn".into(), r.retval);
     let key = FlowKeyV4::new(pod.octets(), SERVER.octets(), sport, dport, proto::TCP);
     let mut val = [0u8; size_of::<NatEntryV4>()];
@@ -227,7 +248,7 @@ pub fn prog_test(a: &ProgTestArgs) -> Result<ProgTestResult> {
     let (mut est_ret, mut reply_ret) = (0, 0);
     for _ in 0..samples {
         e.push(bpf::test_run(&empty, &probe, 1)?.duration_ns);
-        let r = bpf::test_run(&fwd, &est, 1)?;
+        let r = run_fwd(&est, 1)?;
         est_ret = r.retval;
         fwd_v.push(r.duration_ns);
         let r = bpf::test_run(&rev, &reply, 1)?;
@@ -245,14 +266,14 @@ pub fn prog_test(a: &ProgTestArgs) -> Result<ProgTestResult> {
         let sp = 10_000 + (k % 50_000) as u16;
         let dp = 20_000 + (k / 50_000) as u16;
         let syn = tcp_frame(pod, SERVER, sp, dp, TCP_SYN, 0);
-        let r = bpf::test_run(&fwd, &syn, 1)?;
+        let r = run_fwd(&syn, 1)?;
         res.retvals.insert("new_flow".into(), r.retval);
         new_v.push(f64::from(r.duration_ns) - res.empty_ns);
     }
     res.new_flow_ns = median(&mut new_v);
     res.new_flow_p99_ns = p99(&mut new_v);
 
-    res.batched_fwd_ns = f64::from(bpf::test_run(&fwd, &est, a.repeat)?.duration_ns);
+    res.batched_fwd_ns = f64::from(run_fwd(&est, a.repeat)?.duration_ns);
     res.batched_rev_ns = f64::from(bpf::test_run(&rev, &reply, a.repeat)?.duration_ns);
     Ok(res)
 }
@@ -274,11 +295,11 @@ pub fn map_add_remove(
         egress_addr: egress.octets(),
         egress_node: crate::topo::NODE1.octets(),
         flags: policy_flags::ACTIVE | policy_flags::LOCAL,
-        _reserved: 0,
+        group: id,
     };
     let pp = PodPolicyV4 {
         policy_id: id,
-        _reserved: 0,
+        ifindex: 0,
     };
     let t = Instant::now();
     bpf::update(&policies, &id.to_ne_bytes(), bpf::bytes_of(&policy))?;

@@ -479,7 +479,10 @@ tunnel_interface = "egress-vxlan"
 tunnel_port = 4789
 
 [cluster]
-nodes = ["{NODE1}", "{NODE2}"]
+nodes = [
+    {{ address = "{NODE1}", pod_cidr = "{POD1_CIDR}" }},
+    {{ address = "{NODE2}", pod_cidr = "{POD2_CIDR}" }},
+]
 excluded_cidrs = ["10.244.0.0/16"]
 
 [datapath]

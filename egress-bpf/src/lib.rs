@@ -235,14 +235,20 @@ impl TunnelInjector {
         })
     }
 
-    /// The `skb->cb` words that make the injector set VNI `vni` and outer
-    /// source `remote` (what `bpf_skb_get_tunnel_key` then reports as the
-    /// remote end).
-    pub fn context(ifindex: u32, vni: u32, remote: [u8; 4]) -> SkbContext {
+    /// The `skb->cb` words that make the injector set VNI `vni`, outer
+    /// source `remote` and outer destination `local` (what
+    /// `bpf_skb_get_tunnel_key` then reports as the remote and local ends).
+    pub fn context(ifindex: u32, vni: u32, remote: [u8; 4], local: [u8; 4]) -> SkbContext {
         SkbContext {
             ifindex,
             mark: 0,
-            cb: [vni, u32::from_be_bytes(remote), 0, 0, 0],
+            cb: [
+                vni,
+                u32::from_be_bytes(remote),
+                u32::from_be_bytes(local),
+                0,
+                0,
+            ],
         }
     }
 }
@@ -257,24 +263,29 @@ fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> [u8; 8] {
     i
 }
 
-/// r6 = ctx; key = {tunnel_id: cb[0], local_ipv4: cb[1], ttl 64} on the
-/// stack; bpf_skb_set_tunnel_key(ctx, &key, 44, 0); tail call prog_array[0].
-/// (The kernel stores `local_ipv4` as the key's source address, which is
-/// what the receiving side's `bpf_skb_get_tunnel_key` returns as `remote_ipv4`.)
+/// r6 = ctx; key = {tunnel_id: cb[0], local_ipv4: cb[1], remote_ipv4:
+/// cb[2], ttl 64} on the stack; bpf_skb_set_tunnel_key(ctx, &key, 44, 0);
+/// tail call prog_array[0]. (The kernel stores `local_ipv4` as the key's
+/// source address and `remote_ipv4` as its destination, which the receiving
+/// side's `bpf_skb_get_tunnel_key` returns as `remote_ipv4` and
+/// `local_ipv4`.)
 fn injector_insns(prog_array_fd: i32) -> Vec<u8> {
     const KEY: i16 = -48;
     const KEY_SIZE: i32 = 44;
     const SKB_SET_TUNNEL_KEY: i32 = 21;
     const TAIL_CALL: i32 = 12;
-    let mut p = Vec::new();
-    p.push(insn(0xbf, 6, 1, 0, 0)); // r6 = r1
-    p.push(insn(0x61, 2, 1, SK_BUFF_CB as i16, 0)); // r2 = cb[0]
-    p.push(insn(0x61, 3, 1, SK_BUFF_CB as i16 + 4, 0)); // r3 = cb[1]
+    let mut p = vec![
+        insn(0xbf, 6, 1, 0, 0),                     // r6 = r1
+        insn(0x61, 2, 1, SK_BUFF_CB as i16, 0),     // r2 = cb[0]
+        insn(0x61, 3, 1, SK_BUFF_CB as i16 + 4, 0), // r3 = cb[1]
+        insn(0x61, 4, 1, SK_BUFF_CB as i16 + 8, 0), // r4 = cb[2]
+    ];
     for word in 0..KEY_SIZE as i16 / 4 {
         p.push(insn(0x62, 10, 0, KEY + 4 * word, 0)); // *(u32 *)(r10 + off) = 0
     }
     p.push(insn(0x63, 10, 2, KEY, 0)); // tunnel_id
     p.push(insn(0x63, 10, 3, KEY + 28, 0)); // local_ipv4
+    p.push(insn(0x63, 10, 4, KEY + 4, 0)); // remote_ipv4
     p.push(insn(0x62, 10, 0, KEY + 20, 64 << 8)); // tunnel_tos 0, tunnel_ttl 64
     p.push(insn(0xbf, 1, 6, 0, 0)); // r1 = ctx
     p.push(insn(0xbf, 2, 10, 0, 0)); // r2 = r10

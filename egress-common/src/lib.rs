@@ -119,6 +119,10 @@ pub mod ct_flags {
     pub const FIN_REPLY: u8 = 1 << 2;
     /// The pod reached us through the tunnel: replies go back to `origin_node`.
     pub const REMOTE_ORIGIN: u8 = 1 << 3;
+    /// A local pod's flow that this node steers to the egress node
+    /// `origin_node` names. Its replies are accepted from that node's tunnel
+    /// only; it has no reverse entry here (the egress node translates).
+    pub const STEERED: u8 = 1 << 4;
 }
 
 /// Forward NAT and conntrack entry, keyed by the pod's original tuple
@@ -129,7 +133,9 @@ pub mod ct_flags {
 pub struct NatEntryV4 {
     /// Source address after translation: the egress IP.
     pub nat_addr: [u8; 4],
-    /// Node the pod lives on when it reached us through the tunnel; zero for a local pod.
+    /// The other node of a flow that crosses the tunnel: the pod's node on
+    /// the egress node (`REMOTE_ORIGIN`), the egress node on the pod's node
+    /// (`STEERED`); zero for a flow translated where its pod lives.
     pub origin_node: [u8; 4],
     /// Source port (or ICMP identifier) after translation.
     pub nat_port: u16,
@@ -200,6 +206,11 @@ pub mod policy_flags {
     pub const FAIL_OPEN: u32 = 1 << 2;
     /// Clamp the MSS of SYNs steered through the tunnel to `DatapathConfig::tunnel_mss`.
     pub const CLAMP_MSS: u32 = 1 << 3;
+    /// The policy's pods are chosen on their own node by `skb->mark` or by
+    /// an extra VNI, which the egress node cannot see: a tunnel arrival is
+    /// accepted when its inner source is in the pod CIDR of the node that
+    /// sent it (`pod_cidrs_v4`) rather than in `remote_pods_v4`.
+    pub const SELECTED_BY_NODE: u32 = 1 << 4;
 }
 
 /// An egress policy, in the `policies_v4` array at index `policy_id`.
@@ -212,15 +223,41 @@ pub struct PolicyV4 {
     pub egress_node: [u8; 4],
     /// `policy_flags` bits.
     pub flags: u32,
-    pub _reserved: u32,
+    /// The lowest policy id of the same EgressIP (several egress IPs of one
+    /// resource share it; a policy of its own has its own id). A flow stays
+    /// on the policy it started with while that policy is in force and in
+    /// the same group as the pod's current one.
+    pub group: u32,
 }
 
-/// Value of `pod_policy_v4`: which policy a local pod belongs to.
+/// Value of `pod_policy_v4`: which policy a local pod belongs to, and the
+/// host-side interface its packets must arrive on (as Cilium's endpoint
+/// map records it).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PodPolicyV4 {
     pub policy_id: u32,
-    pub _reserved: u32,
+    /// The pod's host-side interface; 0 while the agent cannot resolve it,
+    /// and then every packet with the pod's source is dropped
+    /// (`invalid_source`): fail-closed, never silently unselected.
+    pub ifindex: u32,
+}
+
+/// Value of `remote_pods_v4`: a selected pod of another node.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RemotePodV4 {
+    pub policy_id: u32,
+    /// The address of the node that hosts the pod: the only outer source
+    /// its steered packets may arrive from.
+    pub node_addr: [u8; 4],
+}
+
+/// LPM key data of `pod_cidrs_v4`: a node's pod CIDR (value: the node's address).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodCidrKeyV4 {
+    pub addr: [u8; 4],
 }
 
 /// LPM key data of `excluded_v4`: destinations a policy never translates.
@@ -334,7 +371,8 @@ pub const RECLAIM_PROBES: u32 = 8;
 pub enum DropReason {
     /// Fail-closed: the pod's policy has no live egress node.
     NoEgressNode = 0,
-    /// VXLAN packet from an address that is not a cluster node.
+    /// VXLAN packet from an address that is not a cluster node, or not
+    /// addressed to this node's own address.
     UnknownTunnelPeer = 1,
     /// VXLAN packet whose VNI names no policy held here.
     UnknownVni = 2,
@@ -554,6 +592,8 @@ mod user {
     unsafe impl aya::Pod for NextHopV4 {}
     unsafe impl aya::Pod for PolicyV4 {}
     unsafe impl aya::Pod for PodPolicyV4 {}
+    unsafe impl aya::Pod for RemotePodV4 {}
+    unsafe impl aya::Pod for PodCidrKeyV4 {}
     unsafe impl aya::Pod for ExclusionKeyV4 {}
     unsafe impl aya::Pod for NodeV4 {}
     unsafe impl aya::Pod for DatapathConfig {}
@@ -576,6 +616,8 @@ mod tests {
         assert_eq!(size_of::<RevNatEntryV4>(), 40);
         assert_eq!(size_of::<PolicyV4>(), 16);
         assert_eq!(size_of::<PodPolicyV4>(), 8);
+        assert_eq!(size_of::<RemotePodV4>(), 8);
+        assert_eq!(size_of::<PodCidrKeyV4>(), 4);
         assert_eq!(size_of::<ExclusionKeyV4>(), 8);
         assert_eq!(size_of::<NodeV4>(), 8);
         assert_eq!(size_of::<DatapathConfig>(), 40);

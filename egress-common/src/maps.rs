@@ -5,8 +5,20 @@
 pub const CONFIG: &str = "config";
 /// `Array<PolicyV4>` indexed by policy id.
 pub const POLICIES_V4: &str = "policies_v4";
-/// `HashMap<[u8; 4], PodPolicyV4>`: local pod IP -> policy.
+/// `HashMap<[u8; 4], PodPolicyV4>`: local selected pod IP -> policy and host-side interface.
 pub const POD_POLICY_V4: &str = "pod_policy_v4";
+/// `HashMap<[u8; 4], RemotePodV4>`: selected pod IP of another node -> policy and node.
+pub const REMOTE_PODS_V4: &str = "remote_pods_v4";
+/// `LpmTrie<PodCidrKeyV4, [u8; 4]>`: a node's pod CIDR -> the node's address.
+pub const POD_CIDRS_V4: &str = "pod_cidrs_v4";
+/// `HashMap<u32, u32>`: ifindex of an upstream device (e.g. OVS `tun0`), whose
+/// packets carry many pods' sources and are exempt from the interface check.
+pub const UPSTREAM_IFACES: &str = "upstream_ifaces";
+/// `LruHashMap<FlowKeyV4, u64>`: connections that a client outside the
+/// cluster opened to a selected pod, keyed by the pod's side of the tuple
+/// (`pod -> client`), with when they were last seen. Their packets are not
+/// translated.
+pub const INBOUND_V4: &str = "inbound_v4";
 /// `HashMap<u32, u32>`: `skb->mark` -> policy id.
 pub const MARK_POLICY: &str = "mark_policy";
 /// `HashMap<u32, u32>`: tunnel VNI -> policy id.
@@ -39,10 +51,14 @@ pub const HELD_IFACES: &str = "held_ifaces";
 pub const LOCAL_PODS_V4: &str = "local_pods_v4";
 
 /// Every map, for pinning and inspection.
-pub const ALL: [&str; 17] = [
+pub const ALL: [&str; 21] = [
     CONFIG,
     POLICIES_V4,
     POD_POLICY_V4,
+    REMOTE_PODS_V4,
+    POD_CIDRS_V4,
+    UPSTREAM_IFACES,
+    INBOUND_V4,
     MARK_POLICY,
     VNI_POLICY,
     EXCLUDED_V4,
@@ -67,6 +83,7 @@ pub const DEFAULT_MAX_FLOWS: u32 = 262_144;
 pub const MAX_EXCLUSIONS: u32 = 16384;
 pub const MAX_NODES: u32 = 16384;
 pub const MAX_MARKS: u32 = 65536;
+pub const MAX_UPSTREAM_INTERFACES: u32 = 256;
 /// New pod interfaces held at once.
 pub const MAX_HELD_IFACES: u32 = 4096;
 
@@ -74,6 +91,8 @@ pub const MAX_HELD_IFACES: u32 = 4096;
 pub mod programs {
     /// TC ingress of host-side pod interfaces (and upstream devices such as `tun0`).
     pub const POD_INGRESS: &str = "pod_ingress";
+    /// TC egress of the same interfaces: records connections opened from outside.
+    pub const POD_EGRESS: &str = "pod_egress";
     /// TC ingress of our external-mode VXLAN device.
     pub const TUNNEL_INGRESS: &str = "tunnel_ingress";
     /// TC ingress of the node's uplink: reverse NAT of replies.

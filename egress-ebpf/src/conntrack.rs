@@ -60,7 +60,8 @@ pub fn next(state: u8, flags: u8, protocol: u8, dir: Direction, tcp: u8) -> (u8,
     if dir == Direction::Original && tcp & SYN != 0 && tcp & ACK == 0 {
         // The pod reuses the tuple for a new connection.
         if matches!(state, CtState::Closed | CtState::Reset | CtState::Closing) {
-            return (CtState::SynSent as u8, flags & ct_flags::REMOTE_ORIGIN);
+            let kind = ct_flags::REMOTE_ORIGIN | ct_flags::STEERED;
+            return (CtState::SynSent as u8, flags & kind);
         }
     }
     if tcp & FIN != 0 {

@@ -75,6 +75,23 @@ fn quoted(ctx: &TcContext, ip: &Ipv4) -> Result<Quoted, DropReason> {
     }
 }
 
+/// The forward key (`pod -> server`, as `nat::forward_key` makes it) of
+/// the packet an error arriving for a pod quotes: the pod's own packet,
+/// untranslated. `None` when the quote is not a packet the pod sent to the
+/// error's destination, or not one a flow is kept for.
+#[inline(always)]
+pub fn quoted_forward_key(ctx: &TcContext, ip: &Ipv4) -> Result<Option<FlowKeyV4>, DropReason> {
+    let q = quoted(ctx, ip)?;
+    if q.src != ip.dst {
+        return Ok(None);
+    }
+    Ok(match q.echo {
+        Some(true) => Some(FlowKeyV4::new(q.src, q.dst, q.sport, 0, q.proto)),
+        Some(false) => None,
+        None => Some(FlowKeyV4::new(q.src, q.dst, q.sport, q.dport, q.proto)),
+    })
+}
+
 /// Rewrites one address of the quoted header and its header checksum.
 #[inline(always)]
 fn set_quoted_addr(

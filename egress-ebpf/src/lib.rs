@@ -24,11 +24,14 @@ pub mod fib;
 pub mod flows;
 pub mod hold;
 pub mod icmp;
+pub mod inbound;
 pub mod maps;
 pub mod mss;
 pub mod nat;
 pub mod parse;
 pub mod stats;
+pub mod steer;
+pub mod trust;
 pub mod tunnel;
 
 /// TC verdicts (linux/pkt_cls.h).

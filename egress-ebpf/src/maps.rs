@@ -7,11 +7,12 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use egress_common::{
-    DatapathConfig, ExclusionKeyV4, FlowKeyV4, NatEntryV4, NodeV4, PodFlowsV4, PodPolicyV4,
-    PolicyStats, PolicyV4, RevNatEntryV4, UNREPLIED_RING_SLOTS, flow_count,
+    DatapathConfig, ExclusionKeyV4, FlowKeyV4, NatEntryV4, NodeV4, PodCidrKeyV4, PodFlowsV4,
+    PodPolicyV4, PolicyStats, PolicyV4, RemotePodV4, RevNatEntryV4, UNREPLIED_RING_SLOTS,
+    flow_count,
     maps::{
-        DEFAULT_MAX_FLOWS, DEFAULT_MAX_PODS, DEFAULT_MAX_POLICIES, MAX_EXCLUSIONS, MAX_HELD_IFACES,
-        MAX_MARKS, MAX_NODES,
+        DEFAULT_MAX_FLOWS, DEFAULT_MAX_PODS, DEFAULT_MAX_POLICIES, MAX_EXCLUSIONS,
+        MAX_HELD_IFACES, MAX_MARKS, MAX_NODES, MAX_UPSTREAM_INTERFACES,
     },
 };
 
@@ -24,6 +25,21 @@ pub static POLICIES_V4: Array<PolicyV4, { DEFAULT_MAX_POLICIES as usize }> = Arr
 #[btf_map(name = "pod_policy_v4")]
 pub static POD_POLICY_V4: HashMap<[u8; 4], PodPolicyV4, { DEFAULT_MAX_PODS as usize }> =
     HashMap::new();
+
+#[btf_map(name = "remote_pods_v4")]
+pub static REMOTE_PODS_V4: HashMap<[u8; 4], RemotePodV4, { DEFAULT_MAX_PODS as usize }> =
+    HashMap::new();
+
+#[btf_map(name = "pod_cidrs_v4")]
+pub static POD_CIDRS_V4: LpmTrie<PodCidrKeyV4, [u8; 4], { MAX_NODES as usize }> = LpmTrie::new();
+
+#[btf_map(name = "upstream_ifaces")]
+pub static UPSTREAM_IFACES: HashMap<u32, u32, { MAX_UPSTREAM_INTERFACES as usize }> =
+    HashMap::new();
+
+#[btf_map(name = "inbound_v4")]
+pub static INBOUND_V4: LruHashMap<FlowKeyV4, u64, { DEFAULT_MAX_FLOWS as usize }> =
+    LruHashMap::new();
 
 #[btf_map(name = "mark_policy")]
 pub static MARK_POLICY: HashMap<u32, u32, { MAX_MARKS as usize }> = HashMap::new();

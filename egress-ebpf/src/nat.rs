@@ -16,10 +16,10 @@ use crate::{
     conntrack::{self, Direction},
     csum::{self, HeaderEdit},
     fib::{self, HopCache, NoHop},
-    flows, icmp,
+    flows, icmp, inbound,
     maps::{NAT_FWD_V4, NAT_REV_V4},
     parse::{ICMP_ID, IP_DST, IP_SRC, Ipv4, L4},
-    stats, tunnel,
+    stats, steer, tunnel,
 };
 
 /// The key of a pod's packet, if its transport can be translated.
@@ -57,41 +57,63 @@ pub fn tcp_flags(l4: &L4) -> u8 {
 /// Finds the flow's translation, creating it on the first packet (within
 /// the flow caps, see `flows::admit`).
 ///
-/// With `honour_exclusions`, a new flow to an excluded destination gets
-/// `Ok(None)`; established flows skip that lookup, they passed it when
-/// created. An entry made for another egress IP (the policy's IP changed) is
-/// replaced in place, so the flow count is unchanged.
+/// A flow keeps the egress IP it started with while that IP is held here:
+/// an entry made for another policy of the same EgressIP that is still in
+/// force on this node is used as it is (the pod's choice among the
+/// resource's IPs moved, its established flows do not). An entry whose
+/// policy no longer holds its IP here is replaced in place, so the flow
+/// count is unchanged.
+///
+/// `local` (the pod is on this node): a new flow to an excluded
+/// destination, or one that a client outside opened (`inbound`), gets
+/// `Flow::Pass`; established flows skip those lookups, they passed them
+/// when created; a flow this node steers keeps steering to its policy
+/// while that still steers within the pod's EgressIP (`Flow::Steer`).
+/// Steered arrivals were judged by their own node.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub fn translation(
     key: &FlowKeyV4,
+    ip: &Ipv4,
+    l4: &L4,
     sel: &Selected,
     origin_node: [u8; 4],
-    tcp: u8,
     cfg: &DatapathConfig,
-    honour_exclusions: bool,
+    local: bool,
     now: u64,
-) -> Result<Option<Translation>, DropReason> {
+) -> Result<Flow, DropReason> {
+    let tcp = tcp_flags(l4);
     let mut stale: Option<NatEntryV4> = None;
     if let Some(entry) = NAT_FWD_V4.get_ptr_mut(key) {
         // SAFETY: pointer from a successful lookup; the entry stays valid for
         // this program run (see conntrack::update for concurrent writers).
         let entry = unsafe { &mut *entry };
         let current = *entry;
-        if current.nat_addr == sel.policy.egress_addr && current.policy_id == sel.id {
-            conntrack::update(entry, key.proto, Direction::Original, tcp, now);
-            return Ok(Some(Translation {
-                entry: current,
-                hop: Some(HopCache {
-                    slot: &raw mut entry.hop,
-                    now_ns: now,
-                }),
-            }));
+        if current.flags & ct_flags::STEERED != 0 {
+            if local && let Some(via) = steer::still_steered(&current, sel) {
+                conntrack::update(entry, key.proto, Direction::Original, tcp, now);
+                return Ok(Flow::Steer(via));
+            }
+        } else {
+            let same = current.nat_addr == sel.policy.egress_addr && current.policy_id == sel.id;
+            if same || still_held(&current, sel, cfg, now) {
+                conntrack::update(entry, key.proto, Direction::Original, tcp, now);
+                return Ok(Flow::Translate(Translation {
+                    entry: current,
+                    hop: Some(HopCache {
+                        slot: &raw mut entry.hop,
+                        now_ns: now,
+                    }),
+                }));
+            }
         }
         stale = Some(current);
     }
-    if honour_exclusions && classify::is_excluded(sel.id, key.dst_addr) {
-        return Ok(None);
+    if local
+        && (classify::is_excluded(sel.id, key.dst_addr)
+            || (stale.is_none() && inbound::started_outside(ip, l4)))
+    {
+        return Ok(Flow::Pass);
     }
     let admitted = match stale {
         None => Some(flows::admit(key.src_addr, cfg)?),
@@ -123,7 +145,10 @@ pub fn translation(
     };
     let reply = reply_of(key, sel.policy.egress_addr, nat_port);
     if let Some(old) = stale {
-        let _ = NAT_REV_V4.remove(reply_of(key, old.nat_addr, old.nat_port));
+        // A steered flow has no reverse entry here.
+        if old.flags & ct_flags::STEERED == 0 {
+            let _ = NAT_REV_V4.remove(reply_of(key, old.nat_addr, old.nat_port));
+        }
         NAT_FWD_V4
             .insert(key, entry, BPF_ANY as u64)
             .map_err(|_| DropReason::RewriteFailed)?;
@@ -132,7 +157,7 @@ pub fn translation(
         let _ = NAT_REV_V4.remove(reply);
         let theirs = NAT_FWD_V4.get_ptr(key).ok_or(DropReason::RewriteFailed)?;
         // SAFETY: pointer from a successful lookup.
-        return Ok(Some(Translation {
+        return Ok(Flow::Translate(Translation {
             entry: unsafe { *theirs },
             hop: None,
         }));
@@ -141,7 +166,33 @@ pub fn translation(
         flows::created(key, &admitted);
     }
     stats::count_new_flow(sel.id);
-    Ok(Some(Translation { entry, hop: None }))
+    Ok(Flow::Translate(Translation { entry, hop: None }))
+}
+
+/// What `translation` found for a packet.
+#[derive(Clone, Copy)]
+pub enum Flow {
+    Translate(Translation),
+    /// Leave it alone (excluded destination, connection opened from outside).
+    Pass,
+    /// A flow this node steers, still going to this policy's egress node.
+    Steer(Selected),
+}
+
+/// Whether a flow made for another policy stays on it: that policy is still
+/// in force here (active, local, same egress IP, the node's claim valid)
+/// and belongs to the same EgressIP as the pod's current one.
+#[inline(always)]
+pub fn still_held(entry: &NatEntryV4, sel: &Selected, cfg: &DatapathConfig, now: u64) -> bool {
+    if entry.policy_id == sel.id || now >= cfg.claims_valid_until_ns {
+        return false;
+    }
+    match classify::local(entry.policy_id) {
+        Some(then) => {
+            then.policy.egress_addr == entry.nat_addr && then.policy.group == sel.policy.group
+        }
+        None => false,
+    }
 }
 
 /// A flow's translation, and its entry's next-hop cache when the entry was
@@ -154,7 +205,7 @@ pub struct Translation {
 
 /// The reply tuple of `key` once its source is `nat_addr:nat_port`.
 #[inline(always)]
-fn reply_of(key: &FlowKeyV4, nat_addr: [u8; 4], nat_port: u16) -> FlowKeyV4 {
+pub fn reply_of(key: &FlowKeyV4, nat_addr: [u8; 4], nat_port: u16) -> FlowKeyV4 {
     FlowKeyV4::new(key.dst_addr, nat_addr, key.dst_port, nat_port, key.proto)
 }
 
@@ -267,8 +318,9 @@ pub fn reverse(key: &FlowKeyV4, tcp: u8, now: u64) -> Option<(RevNatEntryV4, Hop
 /// Translates a selected packet's source to its policy's egress IP and
 /// forwards it out of this (egress) node. Shared by `pod_ingress` (local
 /// pods, `origin_node` zero) and `tunnel_ingress` (pods steered here from
-/// `origin_node`). With `honour_exclusions`, a new flow to an excluded
-/// destination gets `Ok(None)`: the caller lets it pass untouched.
+/// `origin_node`). With `honour_exclusions` (local pods), a new flow to an
+/// excluded destination or one opened from outside gets `Ok(None)`: the
+/// caller lets it pass untouched.
 ///
 /// A packet too big for the egress device is not forwarded: with DF set the
 /// pod gets "fragmentation needed" back (see `bounce`); without, it is
@@ -289,7 +341,9 @@ pub fn snat_and_forward(
     now: u64,
 ) -> Result<Option<i32>, DropReason> {
     let Some(key) = forward_key(ip, l4) else {
-        if honour_exclusions && classify::is_excluded(sel.id, ip.dst) {
+        if honour_exclusions
+            && (classify::is_excluded(sel.id, ip.dst) || inbound::started_outside(ip, l4))
+        {
             return Ok(None);
         }
         let translated = match l4 {
@@ -313,18 +367,12 @@ pub fn snat_and_forward(
             .map(Some)
             .map_err(DropReason::from);
     };
-    let Some(Translation { entry, hop }) = translation(
-        &key,
-        sel,
-        origin_node,
-        tcp_flags(l4),
-        cfg,
-        honour_exclusions,
-        now,
-    )?
-    else {
-        return Ok(None);
-    };
+    let Translation { entry, hop } =
+        match translation(&key, ip, l4, sel, origin_node, cfg, honour_exclusions, now)? {
+            Flow::Translate(t) => t,
+            Flow::Pass => return Ok(None),
+            Flow::Steer(via) => return steer::send(ctx, ip, l4, &via, cfg).map(Some),
+        };
     let edit = source_edit(ip, l4, &entry);
     match forward(ctx, ip, edit, entry.nat_addr, sel.id, hop) {
         Ok(verdict) => Ok(Some(verdict)),

@@ -42,6 +42,8 @@ pub struct Ipv4 {
     pub l4_off: usize,
     /// Any fragment: first (MF set) or later (offset non-zero).
     pub fragment: bool,
+    /// A fragment other than the first: it carries no transport header.
+    pub later_fragment: bool,
     /// Don't Fragment: an oversized packet gets "fragmentation needed" back.
     pub dont_fragment: bool,
     /// The header's total length (0 in BIG TCP super-packets).
@@ -107,6 +109,7 @@ pub fn ipv4(ctx: &TcContext) -> Result<Option<Ipv4>, DropReason> {
         ttl: ip.ttl,
         l4_off: IP_OFF + ihl,
         fragment: frag & 0x3fff != 0,
+        later_fragment: frag & 0x1fff != 0,
         dont_fragment: frag & 0x4000 != 0,
         tot_len: u16::from_be_bytes(ip.tot_len),
     }))

@@ -37,19 +37,39 @@ pub fn redirect(
     Ok(unsafe { bpf_redirect(tunnel_ifindex, 0) } as i32)
 }
 
-/// The outer source address and VNI of a packet received on the tunnel device.
+/// The outer header of a packet received on the tunnel device.
+#[derive(Clone, Copy)]
+pub struct Arrival {
+    /// Outer source: the sending node.
+    pub remote: [u8; 4],
+    /// Outer destination: which of this node's addresses it was sent to.
+    pub local: [u8; 4],
+    pub vni: u32,
+}
+
+/// The outer addresses and VNI of a packet received on the tunnel device.
 #[inline(always)]
-pub fn source(ctx: &TcContext) -> Option<([u8; 4], u32)> {
+pub fn arrival(ctx: &TcContext) -> Option<Arrival> {
     // SAFETY: as above.
     let mut key: bpf_tunnel_key = unsafe { mem::zeroed() };
-    // SAFETY: key is a valid bpf_tunnel_key of the size we pass.
+    // SAFETY: key is a valid bpf_tunnel_key of the size we pass; the
+    // kernel fills local_ipv4 for a key of this size (Linux ≥ 5.19).
     let rc = unsafe {
         bpf_skb_get_tunnel_key(ctx.skb.skb, &mut key, size_of::<bpf_tunnel_key>() as u32, 0)
     };
     if rc != 0 {
         return None;
     }
-    // SAFETY: IPv4 tunnel: the v4 member is the one the kernel filled.
-    let remote = unsafe { key.__bindgen_anon_1.remote_ipv4 };
-    Some((remote.to_be_bytes(), key.tunnel_id))
+    // SAFETY: IPv4 tunnel: the v4 members are the ones the kernel filled.
+    let (remote, local) = unsafe {
+        (
+            key.__bindgen_anon_1.remote_ipv4,
+            key.__bindgen_anon_3.local_ipv4,
+        )
+    };
+    Some(Arrival {
+        remote: remote.to_be_bytes(),
+        local: local.to_be_bytes(),
+        vni: key.tunnel_id,
+    })
 }

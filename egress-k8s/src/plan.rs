@@ -315,21 +315,35 @@ pub struct Selection {
 
 /// Applies the selectors. Resources with a resource-level problem select
 /// nothing; among the others the first in precedence order wins.
+///
+/// The namespace selectors are evaluated once per namespace, not once per
+/// pod: node agents select over every pod of the cluster.
 pub fn select_pods(
     checked: &[Checked],
     namespaces: &BTreeMap<String, BTreeMap<String, String>>,
     pods: &[PodInfo],
 ) -> Selection {
     let mut sel = Selection::default();
+    // Namespace -> the resources whose namespace selector matches it.
+    let mut candidates: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
     for pod in pods {
         let Some(ns_labels) = namespaces.get(&pod.namespace) else {
             continue;
         };
-        let mut matching = checked.iter().enumerate().filter(|(_, c)| {
-            c.invalid.is_none()
-                && c.namespace_selector.matches(Some(ns_labels))
-                && c.pod_selector.matches(Some(&pod.labels))
+        let of_namespace = candidates.entry(&pod.namespace).or_insert_with(|| {
+            checked
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| {
+                    c.invalid.is_none() && c.namespace_selector.matches(Some(ns_labels))
+                })
+                .map(|(i, _)| i)
+                .collect()
         });
+        let mut matching = of_namespace
+            .iter()
+            .map(|i| (*i, &checked[*i]))
+            .filter(|(_, c)| c.pod_selector.matches(Some(&pod.labels)));
         let Some((wi, w)) = matching.next() else {
             continue;
         };

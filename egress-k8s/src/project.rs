@@ -6,7 +6,9 @@ use std::{
     net::Ipv4Addr,
 };
 
-use egress_model::{AddressClaim, FailurePolicy, NO_USABLE_IP, NodeState, PolicyId, PolicyState};
+use egress_model::{
+    AddressClaim, FailurePolicy, NO_USABLE_IP, NodeState, PolicyId, PolicyState, RemotePod,
+};
 use ipnet::Ipv4Net;
 
 use crate::{
@@ -133,14 +135,26 @@ pub fn project(input: &ProjectInput<'_>) -> Projection {
         }
     }
 
-    let local_pods: Vec<PodInfo> = input
+    // The IPs of one resource are one group: a flow keeps the IP it started
+    // on while the pod's choice moves among them.
+    for ids in resource_policies.values() {
+        if let Some(first) = ids.iter().min() {
+            for id in ids.iter().filter(|id| *id != first) {
+                state.groups.insert(*id, *first);
+            }
+        }
+    }
+
+    // Every node's selected pods: this node's are steered or translated
+    // here, the others' are accepted through the tunnel from their node only.
+    let node_of: BTreeMap<Ipv4Addr, &str> = input
         .pods
         .iter()
-        .filter(|p| p.node.as_deref() == Some(input.node_name))
-        .cloned()
+        .filter_map(|p| Some((p.ip, p.node.as_deref()?)))
         .collect();
-    let selection = plan::select_pods(&checked, input.namespaces, &local_pods);
+    let selection = plan::select_pods(&checked, input.namespaces, input.pods);
     for (pod_ip, ci) in selection.winner {
+        let here = node_of.get(&pod_ip) == Some(&input.node_name);
         let Some(ids) = resource_policies.get(&ci) else {
             // The winning resource has no usable IP yet (no status, no
             // eligible node, invalid or conflicting IPs): its pods never
@@ -149,7 +163,7 @@ pub fn project(input: &ProjectInput<'_>) -> Projection {
             // FailClosed maps them to the reserved slot, which drops their
             // external traffic; FailOpen leaves them unmapped: they leave
             // with the node's address.
-            if checked[ci].failure_policy == FailurePolicy::FailClosed {
+            if here && checked[ci].failure_policy == FailurePolicy::FailClosed {
                 state
                     .policies
                     .entry(NO_USABLE_IP)
@@ -158,15 +172,33 @@ pub fn project(input: &ProjectInput<'_>) -> Projection {
             }
             continue;
         };
-        if let Some(id) = pick_policy(pod_ip, ids, &state.policies) {
-            state.pods.insert(pod_ip, id);
+        let Some(id) = pick_policy(pod_ip, ids, &state.policies) else {
+            continue;
+        };
+        match node_of.get(&pod_ip) {
+            _ if here => {
+                state.pods.insert(pod_ip, id);
+            }
+            Some(n) => {
+                // A node without an address cannot send tunnel traffic.
+                if let Some(node) = by_name.get(n).and_then(|info| info.address) {
+                    state
+                        .remote_pods
+                        .insert(pod_ip, RemotePod { policy: id, node });
+                }
+            }
+            None => {}
         }
     }
     claims.sort();
     Projection {
         state,
         claims,
-        local_pods: local_pods.iter().map(|p| p.ip).collect(),
+        local_pods: node_of
+            .iter()
+            .filter(|(_, node)| **node == input.node_name)
+            .map(|(ip, _)| *ip)
+            .collect(),
     }
 }
 
@@ -391,6 +423,53 @@ mod tests {
         let p3 = w.project("node3");
         assert!(p3.claims.is_empty());
         assert!(p3.state.pods.is_empty());
+    }
+
+    #[test]
+    fn every_node_knows_the_other_nodes_selected_pods_and_where_they_run() {
+        let w = World::new();
+        let remote = |node: &str| w.project(node).state.remote_pods;
+        let on = |policy, node: &str| RemotePod {
+            policy,
+            node: ip(node),
+        };
+        assert_eq!(
+            remote("node1"),
+            BTreeMap::from([(ip("10.244.2.4"), on(1, "172.18.0.12"))])
+        );
+        assert_eq!(
+            remote("node2"),
+            BTreeMap::from([
+                (ip("10.244.1.4"), on(1, "172.18.0.11")),
+                (ip("10.244.1.5"), on(2, "172.18.0.11")),
+            ])
+        );
+        // The unselected db-0 is nobody's; node3 knows all three.
+        assert_eq!(remote("node3").len(), 3);
+        assert!(!remote("node3").contains_key(&ip("10.244.1.6")));
+    }
+
+    #[test]
+    fn the_ips_of_one_egress_ip_form_one_group() {
+        let mut w = World::new();
+        let s = w.project("node1").state;
+        assert_eq!(s.groups, BTreeMap::from([(2, 1)]));
+        assert_eq!((s.group_of(1), s.group_of(2)), (1, 1));
+        // A second resource is a group of its own.
+        let mut other = eip(
+            "team-b",
+            "2026-01-02T00:00:00Z",
+            json!({"egressIPs": ["172.18.0.110"], "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "none"}}}),
+        );
+        other.status = Some(serde_json::from_value(json!({"items": [], "ips": [{"egressIP": "172.18.0.110", "policyId": 7, "node": "node1", "conditions": []}]})).unwrap());
+        w.eips.push(other);
+        w.claims
+            .entry(ip("172.18.0.110"))
+            .or_default()
+            .insert("node1".into());
+        let s = w.project("node1").state;
+        assert_eq!(s.group_of(7), 7);
+        assert_eq!(s.group_of(2), 1);
     }
 
     #[test]

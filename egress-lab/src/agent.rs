@@ -79,8 +79,14 @@ struct NodeSection {
 
 #[derive(Serialize)]
 struct ClusterSection {
-    nodes: Vec<Ipv4Addr>,
+    nodes: Vec<ClusterNode>,
     excluded_cidrs: Vec<Ipv4Net>,
+}
+
+#[derive(Serialize)]
+struct ClusterNode {
+    address: Ipv4Addr,
+    pod_cidr: Ipv4Net,
 }
 
 #[derive(Serialize)]
@@ -95,6 +101,8 @@ struct PolicySection {
     marks: Vec<u32>,
     vnis: Vec<u32>,
     excluded_cidrs: Vec<Ipv4Net>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    group: Option<String>,
 }
 
 // Kubernetes mode: no cluster nodes and no policies (the agent rejects
@@ -222,7 +230,12 @@ fn render_static(prefix: &str, spec: &LabSpec, node: u8) -> Result<String> {
             tunnel_port: TUNNEL_PORT,
         },
         cluster: ClusterSection {
-            nodes: (1..=spec.nodes).map(spec::node_addr).collect(),
+            nodes: (1..=spec.nodes)
+                .map(|n| ClusterNode {
+                    address: spec::node_addr(n),
+                    pod_cidr: spec::pod_cidr(n),
+                })
+                .collect(),
             excluded_cidrs: spec.excluded_cidrs.clone(),
         },
         datapath: spec.datapath,
@@ -235,10 +248,16 @@ fn render_static(prefix: &str, spec: &LabSpec, node: u8) -> Result<String> {
                 egress_ip: p.egress_ip,
                 node: p.node.map(spec::node_addr),
                 failure_policy: p.failure_policy,
-                pods: p.pods.iter().map(|pod| pod.ip()).collect(),
+                pods: p
+                    .pods
+                    .iter()
+                    .map(|pod| pod.ip())
+                    .chain(p.addresses.iter().copied())
+                    .collect(),
                 marks: p.marks.clone(),
                 vnis: p.vnis.clone(),
                 excluded_cidrs: p.excluded_cidrs.clone(),
+                group: p.group.clone(),
             })
             .collect(),
     };

@@ -81,6 +81,11 @@ pub struct PolicySpec {
     pub marks: Vec<u32>,
     pub vnis: Vec<u32>,
     pub excluded_cidrs: Vec<Ipv4Net>,
+    /// Static mode: policies with the same group are one EgressIP's IPs.
+    pub group: Option<String>,
+    /// Static mode: addresses selected besides the pods' own (a second
+    /// address a test gives a pod).
+    pub addresses: Vec<Ipv4Addr>,
 }
 
 impl PolicySpec {
@@ -95,6 +100,8 @@ impl PolicySpec {
             marks: Vec::new(),
             vnis: Vec::new(),
             excluded_cidrs: Vec::new(),
+            group: None,
+            addresses: Vec::new(),
         }
     }
 }
@@ -362,9 +369,13 @@ impl LabSpec {
                     p.name
                 ));
             }
-            if !p.marks.is_empty() || !p.vnis.is_empty() {
+            if !p.marks.is_empty()
+                || !p.vnis.is_empty()
+                || p.group.is_some()
+                || !p.addresses.is_empty()
+            {
                 return bad(format!(
-                    "policy `{}`: marks and VNIs cannot be expressed as an EgressIP",
+                    "policy `{}`: marks, VNIs, groups and extra addresses cannot be expressed as an EgressIP",
                     p.name
                 ));
             }

@@ -1148,31 +1148,67 @@ pub struct InnerUdp {
 
 /// The UDP payload of a VXLAN packet (RFC 7348 header + inner frame).
 pub fn vxlan_payload(vni: u32, inner: &InnerUdp) -> Vec<u8> {
+    vxlan_frame(
+        vni,
+        inner.src_mac,
+        inner.dst_mac,
+        &ipv4_udp(inner.src, inner.dst, &inner.payload),
+    )
+}
+
+/// The UDP payload of a VXLAN packet carrying the IPv4 packet `ip`.
+pub fn vxlan_frame(vni: u32, src_mac: [u8; 6], dst_mac: [u8; 6], ip: &[u8]) -> Vec<u8> {
     let mut out = vec![0x08, 0, 0, 0];
     out.extend_from_slice(&(vni << 8).to_be_bytes());
-    out.extend_from_slice(&inner.dst_mac);
-    out.extend_from_slice(&inner.src_mac);
+    out.extend_from_slice(&dst_mac);
+    out.extend_from_slice(&src_mac);
     out.extend_from_slice(&0x0800u16.to_be_bytes());
+    out.extend_from_slice(ip);
+    out
+}
 
-    let udp_len = 8 + inner.payload.len();
+/// An ICMP "port unreachable" from `src` to `dst` quoting the first 28
+/// bytes (IPv4 header and 8 transport bytes) of `quoted`, with valid
+/// checksums.
+pub fn ipv4_port_unreachable(src: Ipv4Addr, dst: Ipv4Addr, quoted: &[u8]) -> Vec<u8> {
+    let quote = &quoted[..quoted.len().min(28)];
+    let mut icmp = vec![3, 3, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(quote);
+    let sum = internet_checksum(&icmp);
+    icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+    let total_len = 20 + icmp.len();
+    let mut ip = vec![0x45, 0];
+    ip.extend_from_slice(&(total_len as u16).to_be_bytes());
+    ip.extend_from_slice(&[0x43, 0x21, 0, 0, 64, 1, 0, 0]);
+    ip.extend_from_slice(&src.octets());
+    ip.extend_from_slice(&dst.octets());
+    let sum = internet_checksum(&ip);
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+    ip.extend_from_slice(&icmp);
+    ip
+}
+
+/// An IPv4 packet carrying a UDP datagram, with valid checksums.
+pub fn ipv4_udp(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
+    let udp_len = 8 + payload.len();
     let total_len = 20 + udp_len;
     let mut ip = vec![0x45, 0];
     ip.extend_from_slice(&(total_len as u16).to_be_bytes());
     ip.extend_from_slice(&[0x12, 0x34, 0x40, 0x00, 64, 17, 0, 0]);
-    ip.extend_from_slice(&inner.src.ip().octets());
-    ip.extend_from_slice(&inner.dst.ip().octets());
+    ip.extend_from_slice(&src.ip().octets());
+    ip.extend_from_slice(&dst.ip().octets());
     let sum = internet_checksum(&ip);
     ip[10..12].copy_from_slice(&sum.to_be_bytes());
 
     let mut udp = Vec::with_capacity(udp_len);
-    udp.extend_from_slice(&inner.src.port().to_be_bytes());
-    udp.extend_from_slice(&inner.dst.port().to_be_bytes());
+    udp.extend_from_slice(&src.port().to_be_bytes());
+    udp.extend_from_slice(&dst.port().to_be_bytes());
     udp.extend_from_slice(&(udp_len as u16).to_be_bytes());
     udp.extend_from_slice(&[0, 0]);
-    udp.extend_from_slice(&inner.payload);
+    udp.extend_from_slice(payload);
     let mut pseudo = Vec::with_capacity(12 + udp_len);
-    pseudo.extend_from_slice(&inner.src.ip().octets());
-    pseudo.extend_from_slice(&inner.dst.ip().octets());
+    pseudo.extend_from_slice(&src.ip().octets());
+    pseudo.extend_from_slice(&dst.ip().octets());
     pseudo.extend_from_slice(&[0, 17]);
     pseudo.extend_from_slice(&(udp_len as u16).to_be_bytes());
     pseudo.extend_from_slice(&udp);
@@ -1181,10 +1217,34 @@ pub fn vxlan_payload(vni: u32, inner: &InnerUdp) -> Vec<u8> {
         c => c,
     };
     udp[6..8].copy_from_slice(&csum.to_be_bytes());
+    ip.extend_from_slice(&udp);
+    ip
+}
 
-    out.extend_from_slice(&ip);
-    out.extend_from_slice(&udp);
-    out
+/// Sends `packet`, a whole IPv4 packet whatever its source says, from `ns`
+/// through a raw socket (`IPPROTO_RAW`, header included), as a process
+/// with CAP_NET_RAW can: the kernel routes it by its destination.
+pub fn raw_ipv4_send(ns: &str, packet: Vec<u8>) -> Result<()> {
+    let ns_name = ns.to_owned();
+    in_netns(ns, move || {
+        let ctx = |what: &str, e: &dyn std::fmt::Display| {
+            traffic_err(format!("raw IPv4 send from `{ns_name}`: {what}: {e}"))
+        };
+        let dst = packet
+            .get(16..20)
+            .map(|d| Ipv4Addr::new(d[0], d[1], d[2], d[3]))
+            .ok_or_else(|| ctx("packet", &"shorter than an IPv4 header"))?;
+        let socket = Socket::new(
+            Domain::IPV4,
+            Type::RAW,
+            Some(Protocol::from(libc::IPPROTO_RAW)),
+        )
+        .map_err(|e| ctx("socket", &e))?;
+        socket
+            .send_to(&packet, &SockAddr::from(SocketAddrV4::new(dst, 0)))
+            .map_err(|e| ctx("send", &e))?;
+        Ok(())
+    })
 }
 
 /// Outcome of [`tcp_many`].

@@ -78,6 +78,15 @@ pub struct AddressClaim {
     pub interface: Option<String>,
 }
 
+/// A selected pod of another node, as the egress node must know it to
+/// accept the pod's steered traffic only from the node that hosts it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct RemotePod {
+    pub policy: PolicyId,
+    /// Address of the node the pod runs on.
+    pub node: Ipv4Addr,
+}
+
 /// Everything one node's datapath should hold.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeState {
@@ -86,8 +95,22 @@ pub struct NodeState {
     /// Every node allowed to send us tunnel traffic (including this one).
     pub nodes: BTreeSet<Ipv4Addr>,
     pub policies: BTreeMap<PolicyId, PolicyState>,
+    /// Policies that are several egress IPs of one EgressIP: policy -> the
+    /// lowest id of its resource. A policy absent here is a group of its
+    /// own. Flows stay on the IP they started with within a group.
+    #[serde(default)]
+    pub groups: BTreeMap<PolicyId, PolicyId>,
     /// Local pod IP -> policy.
     pub pods: BTreeMap<Ipv4Addr, PolicyId>,
+    /// Selected pods of the other nodes, whose steered traffic this node
+    /// accepts when it holds their egress IP.
+    #[serde(default)]
+    pub remote_pods: BTreeMap<Ipv4Addr, RemotePod>,
+    /// Pod CIDR -> the address of the node it belongs to: what a policy
+    /// that selects by mark or extra VNI (chosen on the pod's own node)
+    /// accepts from each node.
+    #[serde(default)]
+    pub pod_cidrs: BTreeMap<Ipv4Net, Ipv4Addr>,
     /// `skb->mark` -> policy.
     pub marks: BTreeMap<u32, PolicyId>,
     /// Extra tunnel VNIs -> policy (each policy's own id always steers to it).
@@ -114,13 +137,30 @@ impl NodeState {
         self.node_addr.is_some() && policy.egress_node == self.node_addr
     }
 
+    /// The group (EgressIP) policy `id` belongs to: its lowest policy id.
+    pub fn group_of(&self, id: PolicyId) -> PolicyId {
+        self.groups.get(&id).copied().unwrap_or(id)
+    }
+
+    /// Whether policy `id` selects pods on their own node (by mark or by an
+    /// extra VNI), so that the egress node cannot list them.
+    pub fn selected_by_node(&self, id: PolicyId) -> bool {
+        self.marks
+            .values()
+            .chain(self.vnis.values())
+            .any(|p| *p == id)
+    }
+
     /// The changes that turn `self` (what is programmed) into `desired`.
     pub fn diff(&self, desired: &Self) -> StateDiff {
         StateDiff {
             node_addr_changed: self.node_addr != desired.node_addr,
             nodes: diff_sets(&self.nodes, &desired.nodes),
             policies: diff_maps(&self.policies, &desired.policies),
+            groups: diff_maps(&self.groups, &desired.groups),
             pods: diff_maps(&self.pods, &desired.pods),
+            remote_pods: diff_maps(&self.remote_pods, &desired.remote_pods),
+            pod_cidrs: diff_maps(&self.pod_cidrs, &desired.pod_cidrs),
             marks: diff_maps(&self.marks, &desired.marks),
             vnis: diff_maps(&self.vnis, &desired.vnis),
             global_excluded: diff_sets(&self.global_excluded, &desired.global_excluded),
@@ -161,7 +201,10 @@ pub struct StateDiff {
     pub node_addr_changed: bool,
     pub nodes: SetDiff<Ipv4Addr>,
     pub policies: MapDiff<PolicyId, PolicyState>,
+    pub groups: MapDiff<PolicyId, PolicyId>,
     pub pods: MapDiff<Ipv4Addr, PolicyId>,
+    pub remote_pods: MapDiff<Ipv4Addr, RemotePod>,
+    pub pod_cidrs: MapDiff<Ipv4Net, Ipv4Addr>,
     pub marks: MapDiff<u32, PolicyId>,
     pub vnis: MapDiff<u32, PolicyId>,
     pub global_excluded: SetDiff<Ipv4Net>,
@@ -172,7 +215,10 @@ impl StateDiff {
         !self.node_addr_changed
             && self.nodes.is_empty()
             && self.policies.is_empty()
+            && self.groups.is_empty()
             && self.pods.is_empty()
+            && self.remote_pods.is_empty()
+            && self.pod_cidrs.is_empty()
             && self.marks.is_empty()
             && self.vnis.is_empty()
             && self.global_excluded.is_empty()
@@ -253,6 +299,19 @@ mod tests {
         assert_eq!(d.nodes.remove, vec![Ipv4Addr::new(172, 18, 0, 12)]);
         assert!(d.nodes.add.is_empty());
         assert!(!d.node_addr_changed);
+    }
+
+    #[test]
+    fn groups_default_to_the_policy_itself_and_marks_select_on_the_node() {
+        let mut s = state();
+        assert_eq!(s.group_of(2), 2);
+        s.groups.insert(2, 1);
+        assert_eq!(s.group_of(2), 1);
+        assert!(!s.selected_by_node(1));
+        s.marks.insert(0x2ec40e, 1);
+        assert!(s.selected_by_node(1));
+        s.vnis.insert(5000, 2);
+        assert!(s.selected_by_node(2));
     }
 
     #[test]

@@ -9,6 +9,7 @@ use nix::sys::socket::{setsockopt, sockopt};
 use rtnetlink::MulticastGroup;
 use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload};
 use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
+use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute};
 use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::sys::AsyncSocket;
 use rtnetlink::sys::SocketAddr;
@@ -197,6 +198,76 @@ impl Stream for AddressEvents {
     }
 }
 
+/// A change to the IPv4 routing tables: which destination, so that a
+/// consumer following particular hosts (pods behind /32 routes) knows
+/// whether it concerns them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteEvent {
+    Changed {
+        dst: Ipv4Net,
+    },
+    /// Notifications were lost: look again at whatever depends on routes.
+    Overrun,
+}
+
+/// Stream of [`RouteEvent`]s from the RTNLGRP_IPV4_ROUTE multicast group of
+/// the namespace it was created in. Dropping it closes the socket.
+pub struct RouteEvents {
+    rx: UnboundedReceiver<(NetlinkMessage<RouteNetlinkMessage>, SocketAddr)>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for RouteEvents {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn route_event(msg: NetlinkMessage<RouteNetlinkMessage>) -> Option<RouteEvent> {
+    let m = match msg.payload {
+        NetlinkPayload::InnerMessage(
+            RouteNetlinkMessage::NewRoute(m) | RouteNetlinkMessage::DelRoute(m),
+        ) => m,
+        NetlinkPayload::Overrun(_) => {
+            warn!("route notifications lost (socket buffer overrun); consumer must resync");
+            return Some(RouteEvent::Overrun);
+        }
+        _ => return None,
+    };
+    if m.header.address_family != AddressFamily::Inet {
+        return None;
+    }
+    let dst = m
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Destination(RouteAddress::Inet(ip)) => Some(*ip),
+            _ => None,
+        })
+        .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED);
+    let dst = Ipv4Net::new(dst, m.header.destination_prefix_length).ok()?;
+    Some(RouteEvent::Changed { dst })
+}
+
+impl Stream for RouteEvents {
+    type Item = RouteEvent;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<RouteEvent>> {
+        let this = self.get_mut();
+        loop {
+            match Pin::new(&mut this.rx).poll_next(cx) {
+                Poll::Ready(Some((msg, _))) => {
+                    if let Some(ev) = route_event(msg) {
+                        return Poll::Ready(Some(ev));
+                    }
+                }
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
 type Notifications = (
     UnboundedReceiver<(NetlinkMessage<RouteNetlinkMessage>, SocketAddr)>,
     JoinHandle<()>,
@@ -239,5 +310,12 @@ impl Netlink {
     pub fn address_events(&self) -> Result<AddressEvents> {
         let (rx, task) = subscribe(MulticastGroup::Ipv4Ifaddr)?;
         Ok(AddressEvents { rx, task })
+    }
+
+    /// Subscribes to IPv4 route notifications (every table), like
+    /// [`Netlink::link_events`].
+    pub fn route_events(&self) -> Result<RouteEvents> {
+        let (rx, task) = subscribe(MulticastGroup::Ipv4Route)?;
+        Ok(RouteEvents { rx, task })
     }
 }

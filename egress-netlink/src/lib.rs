@@ -1,6 +1,7 @@
 //! rtnetlink for the egress agent: interfaces, our external-mode VXLAN
 //! device, egress-IP claims (with a ledger of what the agent itself added),
-//! and link notifications.
+//! link notifications, and where a pod's address leads (route, neighbour,
+//! bridge forwarding database).
 //!
 //! Every socket opened here belongs to the network namespace of the thread
 //! that opened it, for its whole life: open it from the namespace you mean.
@@ -36,13 +37,15 @@ mod error;
 mod events;
 mod ledger;
 mod link;
+mod neigh;
 mod route;
 
 pub use addr::{Claim, InterfaceAddress, Lifetime};
 pub use error::{Error, Result};
-pub use events::{AddressEvent, AddressEvents, LinkEvent, LinkEvents};
+pub use events::{AddressEvent, AddressEvents, LinkEvent, LinkEvents, RouteEvent, RouteEvents};
 pub use ledger::{ClaimLedger, LedgerEntry};
 pub use link::Link;
+pub use neigh::{FdbEntry, Neighbour, bridge_port};
 
 /// A NETLINK_ROUTE connection. Cheap to clone: clones share the socket and
 /// its connection task, which ends when the last clone is dropped.
@@ -94,7 +97,11 @@ mod tests {
         send(nl.claim_tracked(ledger, ip, None));
         send(nl.release_tracked(ledger, ip));
         send(nl.link_events());
+        send(nl.route_oif(ip));
+        send(nl.ipv4_neighbours());
+        send(nl.bridge_fdb());
         send(nl.address_events());
+        send(nl.route_events());
         send(nl.refresh_lifetimes(ledger, Lifetime::Forever));
         send(nl.clone());
     }

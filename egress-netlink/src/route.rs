@@ -60,3 +60,38 @@ impl Netlink {
             .map(|r| r.ifindex))
     }
 }
+
+impl Netlink {
+    /// The interface the kernel routes `dst` out of, as `ip route get DST`
+    /// answers it (policy rules included); `Ok(None)` when `dst` is
+    /// unreachable.
+    pub async fn route_oif(&self, dst: Ipv4Addr) -> Result<Option<u32>> {
+        let request = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dst, 32)
+            .build();
+        let answer = self
+            .handle()
+            .route()
+            .get(request)
+            .execute()
+            .try_next()
+            .await;
+        match answer {
+            Ok(msg) => Ok(msg.and_then(|m| {
+                m.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::Oif(i) => Some(*i),
+                    _ => None,
+                })
+            })),
+            Err(e)
+                if matches!(
+                    crate::error::errno_of(&e),
+                    Some(libc::ENETUNREACH | libc::EHOSTUNREACH)
+                ) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(Error::request(format!("route get {dst}"), e)),
+        }
+    }
+}

@@ -7,13 +7,17 @@
 //!   the frame is `bad_length` ([`pod_bad_length`]); a lone TCP ACK opens an
 //!   unreplied flow ([`first_ack_state`]); an egress IP's packet without a
 //!   flow is `no_flow` ([`uplink_no_flow`]).
-//! - dp-identity: steered flows enter the flow table without a reverse twin,
-//!   flagged STEERED ([`needs_reverse_twin`], [`steered_flow_entries`]); a pod's packet with another
-//!   pod's address is dropped ([`spoofed_source_invariant`]); tunnel
-//!   arrivals are checked against the sender's pods and live flows
-//!   ([`tunnel_unsolicited_to_pod`], [`tunnel_foreign_inner_source`]).
+//! - dp-identity (landed): steered flows enter the flow table without a
+//!   reverse twin, flagged STEERED ([`needs_reverse_twin`],
+//!   [`steered_flow_entries`]); a pod's packet with another pod's address is
+//!   dropped ([`spoofed_source_invariant`]); tunnel arrivals are checked
+//!   against the sender's pods and live flows ([`tunnel_unsolicited_to_pod`],
+//!   [`tunnel_foreign_inner_source`]); a selected pod's TCP SYN-ACK without a
+//!   flow passes untranslated only when pod_egress recorded its SYN, which
+//!   the harness never runs ([`pod_syn_ack_passes`]). No known hole is left
+//!   ([`known_hole`]).
 
-use egress_common::{CtState, DropReason, NatEntryV4};
+use egress_common::{CtState, DropReason, NatEntryV4, ct_flags};
 
 /// linux/pkt_cls.h
 pub const TC_ACT_UNSPEC: i32 = -1;
@@ -58,10 +62,18 @@ impl Verdict {
 }
 
 /// Whether a forward entry must have its reply-direction twin in
-/// `nat_rev_v4`. dp-identity's steered entries will not
-/// (`entry.flags & ct_flags::STEERED == 0` then).
-pub fn needs_reverse_twin(_entry: &NatEntryV4) -> bool {
-    true
+/// `nat_rev_v4`: every entry but a steered one (the egress node translates
+/// it, this node only remembers it to accept its replies).
+pub fn needs_reverse_twin(entry: &NatEntryV4) -> bool {
+    entry.flags & ct_flags::STEERED == 0
+}
+
+/// Whether a selected pod's TCP SYN-ACK that matches no flow passes
+/// untranslated by itself. It does not: only when pod_egress recorded the
+/// client's SYN (`inbound_v4`), else any pod could get packets out
+/// untranslated by setting both flags.
+pub fn pod_syn_ack_passes() -> bool {
+    false
 }
 
 /// A selected pod's packet with TTL ≤ 1 to a server: passed to the stack,
@@ -83,36 +95,31 @@ pub fn first_ack_state() -> CtState {
 }
 
 /// A pod sending with a selected neighbour's address on its own interface
-/// gets the neighbour's egress IP today (issue 7, "same-node source
-/// spoofing"); dp-identity drops it with `invalid_source`. Until then the
-/// fuzz target files it under this known-hole name instead of failing; once
-/// dp-identity lands, return `"credential"`.
+/// (issue 7, "same-node source spoofing") is dropped as `invalid_source`:
+/// a packet that leaves with the neighbour's egress IP breaks the credential.
 pub fn spoofed_source_invariant() -> &'static str {
-    "spoofed_source"
+    "credential"
 }
 
 /// Invariants whose violations are known holes that pending work closes:
-/// reported, but they do not fail a run.
-pub fn known_hole(invariant: &str) -> bool {
-    matches!(
-        invariant,
-        "spoofed_source" | "tunnel_spoof" | "tunnel_unsolicited"
-    )
+/// reported, but they do not fail a run. dp-identity closed the last ones
+/// (`spoofed_source`, `tunnel_spoof`, `tunnel_unsolicited`).
+pub fn known_hole(_invariant: &str) -> bool {
+    false
 }
 
 /// A cluster node's tunnel arrival that is not its selected pod under its
-/// policy's VNI leaves with the egress IP today (issue 7, "tunnel
-/// spoofing"); dp-identity drops it (`pod_not_selected`). Return
-/// `"credential"` once it lands.
+/// policy's VNI (issue 7, "tunnel spoofing") is dropped (`pod_not_selected`):
+/// leaving with the egress IP breaks the credential.
 pub fn tunnel_spoof_invariant() -> &'static str {
-    "tunnel_spoof"
+    "credential"
 }
 
-/// A cluster node's tunnel packet to a local selected pod without a flow of
-/// the pod's is delivered today; dp-identity drops it (`no_flow`). Return
-/// `"credential"` once it lands.
+/// A cluster node's tunnel packet to a local selected pod without a live
+/// steered flow of the pod's from that node is dropped (`no_flow`,
+/// `wrong_tunnel_peer`): delivering it breaks the credential.
 pub fn tunnel_unsolicited_invariant() -> &'static str {
-    "tunnel_unsolicited"
+    "credential"
 }
 
 /// A packet from outside to an egress IP held here that matches no flow:
@@ -122,22 +129,20 @@ pub fn uplink_no_flow() -> (Verdict, Option<DropReason>) {
 }
 
 /// A tunnel packet from a cluster node to a local selected pod that matches
-/// no flow of that pod: delivered today (issue 7); dp-identity drops it
-/// (`no_flow`).
+/// no flow of that pod (issue 7): dropped.
 pub fn tunnel_unsolicited_to_pod() -> (Verdict, Option<DropReason>) {
-    (Verdict::Redirect, None)
+    (Verdict::Drop, Some(DropReason::NoFlow))
 }
 
-/// A tunnel arrival whose inner source is not a pod of the sending node:
-/// translated today (issue 7); dp-identity drops it (`pod_not_selected`).
-/// (The world's `NodeState` will then also have to say which pods node2
-/// hosts, however dp-identity carries that.)
+/// A tunnel arrival whose inner source is not a selected pod of the sending
+/// node (issue 7; the world's `NodeState` says which pods node2 hosts in
+/// `remote_pods` and `pod_cidrs`): dropped.
 pub fn tunnel_foreign_inner_source() -> (Verdict, Option<DropReason>) {
-    (Verdict::Redirect, None)
+    (Verdict::Drop, Some(DropReason::PodNotSelected))
 }
 
-/// Flow entries a steered packet leaves on the pod's node: none today;
-/// dp-identity's STEERED entry (one, without a reverse twin).
+/// Flow entries a steered packet leaves on the pod's node: its STEERED
+/// entry (one, without a reverse twin).
 pub fn steered_flow_entries() -> usize {
-    0
+    1
 }

@@ -321,7 +321,15 @@ impl Generator {
                 }
                 f
             }
-            4..=6 => Frame::udp(src, self.port(), dst, self.port()),
+            4..=6 => {
+                // Now and then at a tunnel port: a pod posing as a node's datapath.
+                let dport = if self.chance(10) {
+                    world::TUNNEL_PORT
+                } else {
+                    self.port()
+                };
+                Frame::udp(src, self.port(), dst, dport)
+            }
             7 | 8 => Frame::echo_request(src, dst, self.port()),
             _ => {
                 // An error about what a server sent the pod.

@@ -16,6 +16,7 @@ use aya::maps::IterableMap;
 use egress_agent::{
     batch,
     config::DatapathSettings,
+    host::HostFacts,
     image::{DatapathImage, Environment},
     loader::{self, Datapath},
     maps::{Maps, PinLayout},
@@ -161,10 +162,28 @@ impl Harness {
     }
 
     fn image(&self, state: &NodeState) -> DatapathImage {
-        let mut image = DatapathImage::from_state(state, &self.env);
+        let mut image = DatapathImage::from_state(state, &self.env, &self.host_facts(state));
         // Claims never lapse here unless a test is about that.
         image.config.claims_valid_until_ns = u64::MAX;
         image
+    }
+
+    /// What the agent would find in this namespace's stack: each selected
+    /// local pod behind its veth (the /32 route netns.rs gives it), and the
+    /// addresses netns.rs puts on the uplink (the node's and the egress IP
+    /// it holds).
+    pub fn host_facts(&self, state: &NodeState) -> HostFacts {
+        HostFacts {
+            pod_interfaces: state
+                .pods
+                .keys()
+                .filter_map(|ip| {
+                    world::pod_by_ip(*ip).map(|pod| (*ip, self.ifindex(pod.interface)))
+                })
+                .collect(),
+            upstream: Default::default(),
+            local_addrs: world::LOCAL_ADDRS.into(),
+        }
     }
 
     /// Changes the `config` entry (flags, limits, claim validity).
@@ -256,15 +275,32 @@ impl Harness {
     }
 
     /// A packet decapsulated by the tunnel device from outer source
-    /// `remote` with `vni`: the metadata is set by a program that then
-    /// tail-calls tunnel_ingress ([`TunnelInjector`]).
+    /// `remote` with `vni`, sent to this node's address: the metadata is set
+    /// by a program that then tail-calls tunnel_ingress ([`TunnelInjector`]).
     pub fn tunnel_ingress_from(
         &self,
         remote: Ipv4Addr,
         vni: u32,
         packet: &[u8],
     ) -> Result<Outcome> {
-        let ctx = TunnelInjector::context(self.ifindex(world::TUNNEL), vni, remote.octets());
+        self.tunnel_ingress_to(remote, world::NODE, vni, packet)
+    }
+
+    /// [`Self::tunnel_ingress_from`] with the outer destination `local`
+    /// (another address of the node, when a pod targets it).
+    pub fn tunnel_ingress_to(
+        &self,
+        remote: Ipv4Addr,
+        local: Ipv4Addr,
+        vni: u32,
+        packet: &[u8],
+    ) -> Result<Outcome> {
+        let ctx = TunnelInjector::context(
+            self.ifindex(world::TUNNEL),
+            vni,
+            remote.octets(),
+            local.octets(),
+        );
         let out = self.test_run(
             &self.injector.prog,
             "tunnel metadata + tunnel_ingress",

@@ -9,17 +9,23 @@
 //!    leaves pod_ingress with an egress IP as source unless a pod of that
 //!    policy sent it on its own interface. A tunnel arrival leaves with an
 //!    egress IP only as the sending node's selected pod under its policy's
-//!    VNI, and reaches a local pod only as a reply of that pod's flow.
+//!    VNI, and reaches a local pod only as a reply (or an ICMP error quoting
+//!    the pod's packet) of a live steered flow of that pod whose egress node
+//!    sent it.
 //! 2. **Checksums verify** on every frame that leaves: the IPv4 header
 //!    checksum always, the transport one when the packet is complete, the
 //!    quoted header of ICMP errors, each whenever the input's verified.
-//! 3. **Every forward entry has its reverse twin** and vice versa (see
-//!    [`expect::needs_reverse_twin`] for steered entries).
+//! 3. **Every forward entry has its reverse twin** and vice versa, but a
+//!    steered entry, which has none ([`expect::needs_reverse_twin`]) and
+//!    names the egress node of an active policy that steers from here. A
+//!    packet steered through the tunnel leaves its flow's steered entry,
+//!    naming the node it was sent to (when its protocol keeps flows).
 //! 4. **The flow count equals the live entries** (no collector runs here).
 
 use std::net::Ipv4Addr;
 
 use egress_agent::maps::{forward_key, reverse_key};
+use egress_common::{FlowKeyV4, ct_flags, proto};
 use ipnet::Ipv4Net;
 
 use crate::{
@@ -31,9 +37,8 @@ use crate::{
 /// A broken invariant, with what it was about.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Violation {
-    /// Which invariant: `credential`, `checksum`, `twins`, `flow_count`, or
-    /// `spoofed_source` (a known hole until dp-identity lands, see
-    /// [`expect::spoofed_source_invariant`]).
+    /// Which invariant: `credential`, `checksum`, `twins`, `steered` or
+    /// `flow_count`.
     pub invariant: &'static str,
     pub message: String,
 }
@@ -78,6 +83,7 @@ pub fn excluded(policy: u32, dst: Ipv4Addr) -> bool {
     let state = world::shared_node_state();
     let hit = |net: &Ipv4Net| net.contains(&dst);
     state.nodes.contains(&dst)
+        || world::LOCAL_ADDRS.contains(&dst)
         || state.global_excluded.iter().any(hit)
         || state
             .policies
@@ -123,7 +129,11 @@ pub fn check_packet(
         return found;
     }
     match ingress {
-        Ingress::Pod(pod) => found.extend(credential(pod, input, out)),
+        Ingress::Pod(pod) => {
+            found.extend(not_to_tunnel(pod, input));
+            found.extend(credential(pod, input, out, flows));
+            found.extend(steered_entry(pod, input, out, flows));
+        }
         Ingress::Tunnel { remote, vni } => {
             found.extend(tunnel_trust(remote, vni, input, out, flows))
         }
@@ -172,10 +182,28 @@ fn tunnel_trust(
         }
     }
     if let Some(pod) = world::pod_by_ip(after.dst) {
-        let own_flow = flows
-            .fwd
-            .keys()
-            .any(|k| k.src_addr == pod.ip.octets() && k.dst_addr == after.src.octets());
+        // The pod's tuple of what was delivered: a reply's reversed, or the
+        // quoted packet of an ICMP error.
+        let own = |k: &FlowKeyV4| match check::quoted_tuple(&out.packet) {
+            Some((src, dst, sport, dport)) => {
+                (k.src_addr, k.dst_addr, k.src_port, k.dst_port)
+                    == (src.octets(), dst.octets(), sport, dport)
+            }
+            None => {
+                let ports = if after.proto == proto::ICMP {
+                    (after.sport, 0)
+                } else {
+                    (after.dport, after.sport)
+                };
+                k.src_addr == pod.ip.octets()
+                    && k.dst_addr == after.src.octets()
+                    && k.proto == after.proto
+                    && (k.src_port, k.dst_port) == ports
+            }
+        };
+        let own_flow = flows.fwd.iter().any(|(k, e)| {
+            own(k) && e.flags & ct_flags::STEERED != 0 && e.origin_node == remote.octets()
+        });
         if !own_flow {
             return Some(violation(
                 if node {
@@ -184,7 +212,7 @@ fn tunnel_trust(
                     "credential"
                 },
                 format!(
-                    "{}→{} from {remote} (VNI {vni}) was delivered to pod {} without a flow of its",
+                    "{}→{} from {remote} (VNI {vni}) was delivered to pod {} without a steered flow of its to {remote}",
                     before.src, before.dst, pod.ip
                 ),
             ));
@@ -193,7 +221,7 @@ fn tunnel_trust(
     None
 }
 
-fn credential(pod: Pod, input: &[u8], out: &Outcome) -> Option<Violation> {
+fn credential(pod: Pod, input: &[u8], out: &Outcome, flows: &Flows) -> Option<Violation> {
     let (Ok(before), Ok(after)) = (check::view(input), check::view(&out.packet)) else {
         return None;
     };
@@ -242,6 +270,23 @@ fn credential(pod: Pod, input: &[u8], out: &Outcome) -> Option<Violation> {
     if steered {
         return None;
     }
+    // The answer to a connection a client opened (NodePort, hostPort):
+    // untranslated, and only while the pod has no flow of that tuple.
+    let answers_inbound = expect::pod_syn_ack_passes()
+        && before.proto == proto::TCP
+        && before.tcp_flags & 0x12 == 0x12
+        && out.verdict == expect::Verdict::Pass
+        && after == before
+        && !flows.fwd.contains_key(&FlowKeyV4::new(
+            before.src.octets(),
+            before.dst.octets(),
+            before.sport,
+            before.dport,
+            proto::TCP,
+        ));
+    if answers_inbound {
+        return None;
+    }
     Some(violation(
         "credential",
         format!(
@@ -253,6 +298,78 @@ fn credential(pod: Pod, input: &[u8], out: &Outcome) -> Option<Violation> {
             policy.egress_ip
         ),
     ))
+}
+
+/// No pod's packet (selected or not) reaches a cluster node's tunnel port.
+/// A later fragment carries no port: it is judged by its first fragment,
+/// without which it never reassembles.
+fn not_to_tunnel(pod: Pod, input: &[u8]) -> Option<Violation> {
+    let before = check::view(input).ok()?;
+    let offset = u16::from_be_bytes([input[raw::IP + 6], input[raw::IP + 7]]) & 0x1fff;
+    let to_tunnel = offset == 0
+        && before.proto == proto::UDP
+        && before.dport == world::TUNNEL_PORT
+        && world::shared_node_state().nodes.contains(&before.dst);
+    to_tunnel.then(|| {
+        violation(
+            "credential",
+            format!(
+                "{} sent UDP {}→{}:{} on {} and it left for the node's tunnel port",
+                pod.ip, before.src, before.dst, before.dport, pod.interface
+            ),
+        )
+    })
+}
+
+/// A selected pod's packet redirected unchanged into the tunnel must have
+/// left (or refreshed) the flow's steered entry naming the node it goes to.
+fn steered_entry(pod: Pod, input: &[u8], out: &Outcome, flows: &Flows) -> Option<Violation> {
+    if out.verdict != expect::Verdict::Redirect {
+        return None;
+    }
+    let (Ok(before), Ok(after)) = (check::view(input), check::view(&out.packet)) else {
+        return None;
+    };
+    let state = world::shared_node_state();
+    let id = pod.policy?;
+    let policy = &state.policies[&id];
+    if before.src != pod.ip || after.src != before.src || state.is_local(policy) {
+        return None;
+    }
+    let key = match before.proto {
+        proto::TCP | proto::UDP => FlowKeyV4::new(
+            before.src.octets(),
+            before.dst.octets(),
+            before.sport,
+            before.dport,
+            before.proto,
+        ),
+        proto::ICMP if input.get(raw::IP + raw::ihl_bytes(input)) == Some(&8) => FlowKeyV4::new(
+            before.src.octets(),
+            before.dst.octets(),
+            before.sport,
+            0,
+            proto::ICMP,
+        ),
+        // Echo replies and ICMP errors keep no flow.
+        _ => return None,
+    };
+    let entry = flows.fwd.get(&key);
+    let ok = entry.is_some_and(|e| {
+        e.flags & ct_flags::STEERED != 0
+            && policy
+                .egress_node
+                .is_some_and(|n| n.octets() == e.origin_node)
+    });
+    (!ok).then(|| {
+        violation(
+            "steered",
+            format!(
+                "{}→{} ({}) was steered through the tunnel but its flow entry is {entry:?}",
+                before.src, before.dst, before.proto
+            ),
+        )
+    })
 }
 
 fn checksums(input: &[u8], output: &[u8]) -> Vec<Violation> {
@@ -284,8 +401,27 @@ fn checksums(input: &[u8], output: &[u8]) -> Vec<Violation> {
 /// Invariants 3 and 4 over the maps.
 pub fn check_tables(flows: &Flows, live_flows: u64) -> Vec<Violation> {
     let mut found = Vec::new();
+    let state = world::shared_node_state();
     for (key, entry) in &flows.fwd {
         if !expect::needs_reverse_twin(entry) {
+            // A steered entry: a local pod's, towards the egress node of a
+            // policy that steers, and nothing in nat_rev_v4 leads to it.
+            let pod = world::pod_by_ip(Ipv4Addr::from(key.src_addr));
+            let to_node = state.policies.values().any(|p| {
+                !state.is_local(p) && p.egress_node.map(|n| n.octets()) == Some(entry.origin_node)
+            });
+            if pod.is_none() || !to_node {
+                found.push(violation(
+                    "steered",
+                    format!("steered entry {key:?} → {entry:?} is not a local pod's towards an egress node"),
+                ));
+            }
+            if flows.rev.contains_key(&reverse_key(key, entry)) {
+                found.push(violation(
+                    "steered",
+                    format!("steered entry {key:?} → {entry:?} has a reverse entry"),
+                ));
+            }
             continue;
         }
         let rk = reverse_key(key, entry);

@@ -7,7 +7,7 @@
 
 use std::net::Ipv4Addr;
 
-use egress_model::{FailurePolicy, NodeState, PolicyState};
+use egress_model::{FailurePolicy, NodeState, PolicyState, RemotePod};
 
 pub const NODE: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 11);
 pub const NODE2: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 12);
@@ -76,6 +76,14 @@ pub const PODS: [Pod; 5] = [
 
 /// A pod of node2 selected by policy 1: it reaches us through the tunnel.
 pub const REMOTE_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 11);
+/// A pod of node2 that no policy selects.
+pub const REMOTE_UNSELECTED: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 12);
+/// This node's pod CIDR and node2's.
+pub const POD_CIDR: &str = "10.244.1.0/24";
+pub const NODE2_POD_CIDR: &str = "10.244.2.0/24";
+/// Every address of this node (netns.rs puts them on the uplink): the
+/// agent keeps them in the global exclusions.
+pub const LOCAL_ADDRS: [Ipv4Addr; 2] = [NODE, LOCAL_EGRESS];
 
 pub const UPLINK: &str = "up0";
 pub const UPLINK_MAC: [u8; 6] = [0x02, 0xee, 0, 0, 0, 0x11];
@@ -142,6 +150,16 @@ pub fn node_state() -> NodeState {
             s.pods.insert(pod.ip, id);
         }
     }
+    s.remote_pods.insert(
+        REMOTE_POD,
+        RemotePod {
+            policy: LOCAL_POLICY,
+            node: NODE2,
+        },
+    );
+    s.pod_cidrs.insert(POD_CIDR.parse().expect("a CIDR"), NODE);
+    s.pod_cidrs
+        .insert(NODE2_POD_CIDR.parse().expect("a CIDR"), NODE2);
     s.global_excluded
         .insert(CLUSTER_CIDR.parse().expect("a CIDR"));
     s.global_excluded

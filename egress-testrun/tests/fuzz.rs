@@ -105,3 +105,68 @@ fn credential_invariant_catches_a_node_address_leak() {
         .is_empty()
     );
 }
+
+#[test]
+fn steered_invariant_catches_a_packet_steered_without_its_entry() {
+    // A steered pod's packet redirected unchanged, with no STEERED entry
+    // left behind: its replies could never be told from forged ones.
+    let pkt = Frame::udp(POD_STEERED.ip, 5000, SERVER, 53).build();
+    let redirected = egress_testrun::Outcome {
+        retval: 7,
+        verdict: egress_testrun::expect::Verdict::Redirect,
+        packet: pkt.clone(),
+    };
+    let flows = egress_testrun::Flows::default();
+    let found = invariants::check_packet(
+        invariants::Ingress::Pod(POD_STEERED),
+        &pkt,
+        &redirected,
+        &flows,
+    );
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].invariant, "steered");
+}
+
+#[test]
+fn tunnel_invariant_catches_a_reply_delivered_from_the_wrong_node() {
+    // A steered flow of the pod's towards node2, and a reply for it that
+    // tunnel_ingress would have delivered from node1's own address.
+    let key = FlowKeyV4::new(
+        POD_STEERED.ip.octets(),
+        SERVER.octets(),
+        5000,
+        53,
+        proto::UDP,
+    );
+    let mut flows = egress_testrun::Flows::default();
+    flows.fwd.insert(
+        key,
+        egress_common::NatEntryV4 {
+            origin_node: NODE2.octets(),
+            flags: egress_common::ct_flags::STEERED,
+            policy_id: STEERED_POLICY,
+            ..Default::default()
+        },
+    );
+    let reply = Frame::udp(SERVER, 53, POD_STEERED.ip, 5000).build();
+    let delivered = egress_testrun::Outcome {
+        retval: 7,
+        verdict: egress_testrun::expect::Verdict::Redirect,
+        packet: reply.clone(),
+    };
+    let from = |remote| {
+        invariants::check_packet(
+            invariants::Ingress::Tunnel {
+                remote,
+                vni: STEERED_POLICY,
+            },
+            &reply,
+            &delivered,
+            &flows,
+        )
+    };
+    assert!(from(NODE2).is_empty(), "{:?}", from(NODE2));
+    let found = from(NODE);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].invariant, "credential");
+}

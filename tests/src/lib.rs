@@ -200,6 +200,58 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// Node `node`'s drop counter `reason` of policy `policy` (0: drops no
+    /// policy can be blamed for).
+    pub fn drops(&self, node: u8, policy: u32, reason: &str) -> u64 {
+        let stats = self.expect(
+            &format!("stats of node{node}"),
+            self.lab.agent(node).stats(),
+        );
+        stats
+            .drops(policy, reason)
+            .unwrap_or_else(|e| self.fail(format!("stats of node{node}: {e}\n{}", stats.raw)))
+    }
+
+    /// Waits until node `node`'s counter `reason` of `policy` reaches `at_least`.
+    pub fn wait_drops(&self, node: u8, policy: u32, reason: &str, at_least: u64) {
+        let reached = egress_lab::traffic::wait_for(
+            &format!("node{node} counts {reason} (policy {policy}) up to {at_least}"),
+            Duration::from_secs(10),
+            || {
+                let now = self.drops(node, policy, reason);
+                if now >= at_least {
+                    Ok(now)
+                } else {
+                    Err(format!("at {now}"))
+                }
+            },
+        );
+        self.expect("drop counter", reached);
+    }
+
+    /// Fails if the UDP observer saw a datagram from `ip` or from source
+    /// port `port` (a forged packet that should have been dropped), after
+    /// giving stragglers half a second.
+    pub fn assert_udp_unseen(&self, what: &str, ip: Option<Ipv4Addr>, port: u16) {
+        std::thread::sleep(Duration::from_millis(500));
+        let seen = self.udp.seen();
+        if let Some(s) = seen
+            .iter()
+            .find(|s| s.peer.port() == port || Some(*s.peer.ip()) == ip)
+        {
+            self.fail(format!("{what}: the server saw {} (all: {seen:?})", s.peer));
+        }
+    }
+
+    /// Runs a shell command line (split on whitespace) in `ns`.
+    pub fn sh(&self, ns: &str, cmd: &str) -> String {
+        let args: Vec<&str> = cmd.split_whitespace().collect();
+        self.expect(cmd, egress_lab::exec_in(ns, args[0], &args[1..]))
+            .stdout
+    }
+}
+
 /// A TCP observer in a child process (see `src/bin/egress-tcp-observer.rs`),
 /// so that client and server each get the whole descriptor limit.
 pub struct ObserverProcess {

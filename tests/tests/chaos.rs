@@ -23,18 +23,6 @@ fn lab() -> Lab {
     lab
 }
 
-/// Every forged kind but VXLAN from a spoofed node that does not hold the
-/// pod's egress IP: tunnel_ingress delivers those to the pod today (no
-/// check that the outer source is the pod's egress node: dp-identity's
-/// `wrong_tunnel_peer`, in flight). `cargo xtask chaos` sends them and
-/// reports each delivery; return `ALL_FORGED` here once that check is merged.
-fn forged() -> Vec<chaos::Forged> {
-    chaos::ALL_FORGED
-        .into_iter()
-        .filter(|k| *k != chaos::Forged::TunnelFromWrongNode)
-        .collect()
-}
-
 /// One round of every fault kind in a fixed seeded order, short holds:
 /// no invariant violation, and the cluster recovers from each fault.
 #[test]
@@ -42,7 +30,7 @@ fn a_fixed_seed_round_of_every_fault_keeps_the_invariants() {
     let mut lab = lab();
     let spec = ChaosSpec {
         max_faults: Some(ALL_FAULTS.len()),
-        forged: forged(),
+        forged: chaos::ALL_FORGED.to_vec(),
         hold: (Duration::from_millis(500), Duration::from_millis(1500)),
         settle: (Duration::from_millis(300), Duration::from_millis(600)),
         ..ChaosSpec::new(Duration::from_secs(600), 1)
@@ -73,7 +61,7 @@ fn a_fixed_seed_round_of_every_fault_keeps_the_invariants() {
 fn a_rolling_restart_of_every_agent_leaks_nothing_and_resets_no_connection() {
     let mut lab = lab();
     let spec = ChaosSpec {
-        forged: forged(),
+        forged: chaos::ALL_FORGED.to_vec(),
         ..ChaosSpec::new(Duration::from_secs(60), 0)
     };
     chaos::setup(&lab).unwrap_or_else(|e| panic!("set-up: {e}"));

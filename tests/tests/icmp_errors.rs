@@ -108,7 +108,18 @@ fn exhausted_ttl_and_bad_lengths_are_answered_or_dropped_not_forwarded() {
     };
 
     // A tunnel arrival with TTL 1: the pod gets "time exceeded" back
-    // through the tunnel, from node1, and the server nothing.
+    // through the tunnel, from node1, and the server nothing. node2 delivers
+    // an error through the tunnel only about a flow it steers to node1: the
+    // pod's own datagram from that port makes one.
+    c.expect(
+        "UDP from the pod's port 41100",
+        udp_send(
+            &c.ns(pod),
+            SocketAddrV4::new(pod.ip(), 41100),
+            UDP,
+            b"flow".to_vec(),
+        ),
+    );
     c.udp.clear();
     let before = drops(&c, "ttl_exceeded");
     let seen = egress_tests::capture(&c.ns(pod), "icmp[icmptype] == 11", || {

@@ -8,9 +8,9 @@ mod program {
     use aya_ebpf::{macros::classifier, programs::TcContext};
     use egress_common::{DropReason, policy_flags};
     use egress_ebpf::{
-        Blame, Dropped, action, classify, conntrack, hold, maps, mss, nat,
-        parse::{self, tcp_flags},
-        stats, tunnel, verdict,
+        Blame, Dropped, action, classify, conntrack, hold, maps, nat, parse,
+        steer::{self, Way},
+        trust, verdict,
     };
 
     #[classifier]
@@ -24,11 +24,13 @@ mod program {
         let Ok(Some(ip)) = parse::ipv4(ctx) else {
             return Ok(action::PASS);
         };
-        let Some(sel) = classify::by_source(ctx, ip.src) else {
-            hold::unknown_source(ctx, &ip).blame(0)?;
+        let Some(cfg) = maps::config() else {
             return Ok(action::PASS);
         };
-        let Some(cfg) = maps::config() else {
+        // Before classification: these hold for every pod, selected or not.
+        trust::not_to_tunnel(ctx, &ip, cfg).blame(0)?;
+        let Some(sel) = classify::by_source(ctx, ip.src).blame(0)? else {
+            hold::unknown_source(ctx, &ip).blame(0)?;
             return Ok(action::PASS);
         };
         let id = sel.id;
@@ -55,31 +57,32 @@ mod program {
             }
         };
 
+        let now = conntrack::now();
+        let mut sel = sel;
         if sel.policy.flags & policy_flags::LOCAL == 0 {
             if classify::is_excluded(id, ip.dst) {
                 return Ok(action::PASS);
             }
-            if sel.policy.egress_node == [0; 4] {
-                if sel.policy.flags & policy_flags::FAIL_OPEN != 0 {
-                    return Ok(action::PASS);
+            match steer::flow(&ip, &l4, &sel, cfg, now).blame(id)? {
+                Way::Steer(via) => return steer::send(ctx, &ip, &l4, &via, cfg).blame(via.id),
+                // The kernel reverses the client's DNAT; the pod answers
+                // from the address the client used.
+                Way::Pass => return Ok(action::PASS),
+                Way::Unheld => {
+                    if sel.policy.flags & policy_flags::FAIL_OPEN != 0 {
+                        return Ok(action::PASS);
+                    }
+                    return Err(Dropped {
+                        policy_id: id,
+                        reason: DropReason::NoEgressNode,
+                    });
                 }
-                return Err(Dropped {
-                    policy_id: id,
-                    reason: DropReason::NoEgressNode,
-                });
+                // The flow started on a policy held here: it stays on it.
+                Way::Translate(then) => sel = then,
             }
-            let flags = nat::tcp_flags(&l4);
-            if sel.policy.flags & policy_flags::CLAMP_MSS != 0
-                && cfg.tunnel_mss != 0
-                && flags & tcp_flags::SYN != 0
-            {
-                mss::clamp(ctx, ip.l4_off, cfg.tunnel_mss).blame(id)?;
-            }
-            stats::count_steered(id, ctx.len());
-            return tunnel::redirect(ctx, sel.policy.egress_node, id, cfg.tunnel_ifindex).blame(id);
         }
+        let id = sel.id;
 
-        let now = conntrack::now();
         if now >= cfg.claims_valid_until_ns {
             // This node's claim on the egress IP lapsed: it may no longer
             // send with it. Cluster destinations never needed it.

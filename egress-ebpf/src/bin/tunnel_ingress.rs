@@ -1,5 +1,7 @@
 //! TC ingress of our external-mode VXLAN device: only cluster nodes may use
-//! it. Replies for local pods are delivered; steered traffic is translated.
+//! it, sending to this node's address. Replies for local pods are delivered;
+//! steered traffic is translated when its inner source is a pod of the
+//! sending node that the VNI's policy selects.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
 
 #[cfg(target_arch = "bpf")]
@@ -7,9 +9,9 @@ mod program {
     use aya_ebpf::{macros::classifier, programs::TcContext};
     use egress_common::{DropReason, policy_flags};
     use egress_ebpf::{
-        Blame, Dropped, classify, conntrack, fib, icmp,
+        Blame, Dropped, classify, conntrack, fib, icmp, inbound,
         maps::{self, NODES_V4, POD_POLICY_V4},
-        nat, parse, stats, tunnel, verdict,
+        nat, parse, stats, steer, trust, tunnel, verdict,
     };
 
     #[classifier]
@@ -19,13 +21,20 @@ mod program {
 
     #[inline(always)]
     fn try_tunnel_ingress(ctx: &TcContext) -> Result<i32, Dropped> {
-        let (remote, vni) = tunnel::source(ctx).ok_or(DropReason::Malformed).blame(0)?;
-        if NODES_V4.get_ptr(remote).is_none() {
+        let arrival = tunnel::arrival(ctx).ok_or(DropReason::Malformed).blame(0)?;
+        let cfg = maps::config()
+            .ok_or(DropReason::UnknownTunnelPeer)
+            .blame(0)?;
+        // Only another node's datapath, sending to this node's own address:
+        // a packet sent to any other address of ours (an egress IP, a pod
+        // gateway) reached the VXLAN socket some other way.
+        if arrival.local != cfg.node_addr || NODES_V4.get_ptr(arrival.remote).is_none() {
             return Err(Dropped {
                 policy_id: 0,
                 reason: DropReason::UnknownTunnelPeer,
             });
         }
+        let remote = arrival.remote;
         let ip = parse::ipv4(ctx)
             .blame(0)?
             .ok_or(DropReason::UnsupportedProtocol)
@@ -34,15 +43,18 @@ mod program {
         let ifindex = unsafe { (*ctx.skb.skb).ifindex };
 
         if let Some(pod) = POD_POLICY_V4.get_ptr(ip.dst) {
-            // A reply the egress node translated back for one of our pods.
+            // A reply the egress node translated back for one of our pods:
+            // only for a flow of the pod that this node steers to `remote`.
             // SAFETY: pointer from a successful lookup.
             let id = unsafe { (*pod).policy_id };
             ip.check_length(ctx).blame(id)?;
+            steer::reply(ctx, &ip, remote, conntrack::now()).blame(id)?;
             stats::count_reply(id, ctx.len());
+            inbound::mark_delivered(ctx);
             return fib::redirect(ctx, ip.src, ip.dst, ifindex).blame(id);
         }
 
-        let sel = classify::by_vni(vni)
+        let sel = classify::by_vni(arrival.vni)
             .ok_or(DropReason::UnknownVni)
             .blame(0)?;
         let id = sel.id;
@@ -53,12 +65,7 @@ mod program {
                 reason: DropReason::NoEgressNode,
             });
         }
-        let Some(cfg) = maps::config() else {
-            return Err(Dropped {
-                policy_id: id,
-                reason: DropReason::NoEgressNode,
-            });
-        };
+        trust::steered_from(&sel, ip.src, remote).blame(id)?;
         let now = conntrack::now();
         if now >= cfg.claims_valid_until_ns {
             return Err(Dropped {

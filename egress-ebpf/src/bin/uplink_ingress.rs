@@ -12,7 +12,7 @@ mod program {
     use egress_ebpf::{
         Blame, Dropped, action, arp, conntrack,
         csum::{self, HeaderEdit},
-        fib, icmp,
+        fib, icmp, inbound,
         maps::{self, EGRESS_ADDRS_V4},
         mss, nat,
         parse::{self, IP_DST, L4, tcp_flags},
@@ -142,6 +142,7 @@ mod program {
             edit.macs = hop.macs;
             csum::apply(ctx, &ip, &edit).blame(id)?;
             stats::count_reply(id, ctx.len());
+            inbound::mark_delivered(ctx);
             return Ok(fib::send(&hop));
         }
         csum::apply(ctx, &ip, &edit).blame(id)?;

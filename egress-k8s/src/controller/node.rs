@@ -581,10 +581,13 @@ async fn project_task(
     candidate: watch::Sender<Option<bool>>,
 ) {
     let notify = Arc::new(Notify::new());
+    // Every node's pods, not only ours (kept slim in the PodStore): as an
+    // egress node we accept a pod's steered traffic only from the node that
+    // hosts it and only while a policy it steers to selects it (project.rs).
     let watches = ClusterWatches::start(
         &client,
         &options.namespace,
-        watcher::Config::default().fields(&format!("spec.nodeName={node_name}")),
+        watcher::Config::default(),
         &notify,
     );
     let locks = reflect(
