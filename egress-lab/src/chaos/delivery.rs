@@ -9,7 +9,7 @@ use std::{
     net::{Ipv4Addr, SocketAddrV4},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -156,6 +156,10 @@ pub struct AttackView {
     pub selected: BTreeMap<PodRef, Ipv4Addr>,
     /// Egress IP -> the node number holding it, kept current by the run.
     pub holders: Arc<Mutex<BTreeMap<Ipv4Addr, u8>>>,
+    /// False from a fault's injection until the cluster has recovered and
+    /// `holders` is current again: meanwhile the flows' egress node may be
+    /// the old holder or the new one, both legitimate reply senders.
+    pub settled: Arc<AtomicBool>,
     pub nodes: u8,
     pub ports: ServerPorts,
 }
@@ -281,6 +285,13 @@ fn forge(kind: Forged, v: &AttackView, rng: &mut fastrand::Rng) -> Option<(Vec<u
             Some((p, *node_dst.ip()))
         }
         Forged::TunnelFromWrongNode => {
+            // Only while the holders are known: during a failover a "wrong"
+            // node by a stale view is the flow's new egress node, whose
+            // outer source the datapath trusts as it trusts every node's
+            // (docs/architecture.md, trust model).
+            if !v.settled.load(Ordering::SeqCst) {
+                return None;
+            }
             let holder = v.holders.lock().expect("holders").get(&egress_ip).copied();
             let others: Vec<u8> = (1..=v.nodes)
                 .filter(|n| *n != pod.node && Some(*n) != holder)

@@ -29,7 +29,10 @@ use std::{
     collections::BTreeMap,
     net::{Ipv4Addr, SocketAddrV4},
     path::Path,
-    sync::{Arc, Mutex, atomic::Ordering},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     thread,
     time::{Duration, Instant},
 };
@@ -219,6 +222,9 @@ pub struct Probes {
     pub flows: BTreeMap<PodRef, SharedFlows>,
     pub expected: Expected,
     pub holders: Arc<Mutex<BTreeMap<Ipv4Addr, u8>>>,
+    /// Whether `holders` is current (no fault under way); see
+    /// [`delivery::AttackView::settled`].
+    pub settled: Arc<AtomicBool>,
     /// Node uplink MAC -> node name.
     pub macs: BTreeMap<[u8; 6], String>,
 }
@@ -288,6 +294,7 @@ pub fn start_probes(lab: &Lab, spec: &ChaosSpec) -> Result<Probes> {
         spec.arp_interval,
     )?;
     let holders = Arc::new(Mutex::new(converged(lab).unwrap_or_default()));
+    let settled = Arc::new(AtomicBool::new(true));
     let attacker = delivery::Attacker::start(
         &lab.router_ns(),
         spec.forged.clone(),
@@ -300,6 +307,7 @@ pub fn start_probes(lab: &Lab, spec: &ChaosSpec) -> Result<Probes> {
                 .map(|(p, (_, ip))| (*p, *ip))
                 .collect(),
             holders: holders.clone(),
+            settled: settled.clone(),
             nodes: lab.spec().nodes,
             ports: PORTS,
         },
@@ -317,6 +325,7 @@ pub fn start_probes(lab: &Lab, spec: &ChaosSpec) -> Result<Probes> {
         flows,
         expected,
         holders,
+        settled,
         macs,
     };
     wait_for(
@@ -785,6 +794,7 @@ pub fn run(lab: &mut Lab, spec: &ChaosSpec) -> Result<ChaosReport> {
             break;
         }
         let before = probes.holders.lock().expect("holders").clone();
+        probes.settled.store(false, Ordering::SeqCst);
         let injected = Instant::now();
         tracing::info!(fault = kind.name(), "chaos: injecting");
         let (target, note) = match inject(lab, &probes, kind, &mut rng, spec) {
@@ -818,6 +828,7 @@ pub fn run(lab: &mut Lab, spec: &ChaosSpec) -> Result<ChaosReport> {
             }
         };
         *probes.holders.lock().expect("holders") = after.clone();
+        probes.settled.store(true, Ordering::SeqCst);
         let end = recovered.unwrap_or_else(Instant::now);
         let arrivals = probes.server.arrivals();
         let outage_ms = EGRESS_IPS_IN_PLAY
