@@ -235,10 +235,6 @@ pub struct Session {
     observed: Option<Observation>,
     /// `None` until the agent first reports.
     held: Option<BTreeSet<Ipv4Addr>>,
-    /// Leaving IPs the agent was given and has not reported on since they
-    /// were withdrawn: a report it sent before may predate their address
-    /// (see [`Self::to_publish`]).
-    unreported: BTreeSet<Ipv4Addr>,
     /// The agent's latest datapath report, to publish.
     report: Option<DatapathReport>,
     ips: BTreeMap<Ipv4Addr, Phase>,
@@ -264,7 +260,6 @@ impl Session {
             cfg,
             observed: None,
             held: None,
-            unreported: BTreeSet::new(),
             report: None,
             ips: BTreeMap::new(),
             published: None,
@@ -284,14 +279,9 @@ impl Session {
             return Vec::new();
         }
         let mut out = Vec::new();
-        let leaving_before = self.leaving();
-        let given_before = self.programmed.as_ref().map(|p| p.0.clone());
         match input {
             Input::Observed(o) => self.observe(o),
-            Input::Held(h) => {
-                self.held = Some(h);
-                self.unreported.clear();
-            }
+            Input::Held(h) => self.held = Some(h),
             Input::Applied(r) => self.report = Some(r),
             Input::Shutdown { leaving } => self.begin_stop(leaving, now),
             Input::Written { write, sent, ok } => {
@@ -308,25 +298,8 @@ impl Session {
             Input::Locked { ip, outcome } => self.locked(ip, outcome, now, &mut out),
             Input::Tick => {}
         }
-        // Withdrawn from the agent in this step: its reports so far may be
-        // of an apply that had not added them yet.
-        let leaving = self.leaving();
-        self.unreported.retain(|ip| leaving.contains(ip));
-        self.unreported.extend(
-            leaving
-                .difference(&leaving_before)
-                .filter(|ip| given_before.as_ref().is_some_and(|g| g.contains(ip))),
-        );
         self.advance(now, &mut out);
         out
-    }
-
-    fn leaving(&self) -> BTreeSet<Ipv4Addr> {
-        self.ips
-            .iter()
-            .filter(|(_, p)| **p == Phase::Leaving)
-            .map(|(ip, _)| *ip)
-            .collect()
     }
 
     /// When [`Input::Tick`] is due if nothing else happens first.
@@ -534,21 +507,13 @@ impl Session {
     }
 
     /// What the claims Lease must list now: the IPs whose lock we hold, and
-    /// those leaving while their address may still be on an interface: the
-    /// agent's latest report lists it, or it has not reported since the IP
-    /// was withdrawn (the report before may come from an apply that read an
-    /// older desired state, while the agent is adding the address now:
-    /// unpublished and released at once, the IP was free for another node
-    /// while this one still answered for it).
+    /// those leaving while their address may still be on an interface.
     fn to_publish(&self) -> BTreeSet<Ipv4Addr> {
         self.ips
             .iter()
             .filter(|(ip, p)| match p {
                 Phase::Locked { .. } => true,
-                Phase::Leaving => {
-                    self.unreported.contains(ip)
-                        || self.held.as_ref().is_none_or(|h| h.contains(ip))
-                }
+                Phase::Leaving => self.held.as_ref().is_none_or(|h| h.contains(ip)),
                 _ => false,
             })
             .map(|(ip, _)| *ip)

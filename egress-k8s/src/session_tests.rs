@@ -343,31 +343,6 @@ fn a_moved_ip_is_withdrawn_published_until_its_address_is_gone_then_released() {
     assert_eq!(h.step(Input::Tick, 5000), []);
 }
 
-/// The agent's report of the apply before it was given X says "not held"
-/// while it is adding X: a withdrawal then must not take that report for
-/// "gone" (chaos: the IP was unpublished and its lock released while the
-/// node still answered ARP for it, and another node could take it).
-#[test]
-fn a_report_from_before_the_ip_was_given_does_not_let_it_go() {
-    let mut h = harness();
-    h.step(observed(&[x()]), 0);
-    h.step(written(&[], 0, true), 5);
-    h.step(Input::Held(set(&[])), 6);
-    h.step(checked(&[x()], &[x()], &[]), 10);
-    assert_eq!(h.step(locked(x(), None), 20), [write(&[x()])]);
-    let out = h.step(written(&[x()], 20, true), 25);
-    assert_eq!(out, [h.program(&[x()], Some(1220))]);
-    // Moved away before the agent has reported on the state with X.
-    assert_eq!(h.step(observed(&[]), 30), [h.program(&[], None)]);
-    // Still published, renewed, its lock kept.
-    assert_eq!(h.step(Input::Tick, 320), [write(&[x()])]);
-    h.step(written(&[x()], 320, true), 330);
-    // The agent's reports: X added, then X removed.
-    assert_eq!(h.step(Input::Held(set(&[x()])), 340), []);
-    assert_eq!(h.step(Input::Held(set(&[])), 400), [write(&[])]);
-    assert_eq!(h.step(written(&[], 400, true), 410), [Action::Release(x())]);
-}
-
 #[test]
 fn a_lock_granted_after_the_ip_stopped_being_wanted_is_given_back() {
     let mut h = harness();
