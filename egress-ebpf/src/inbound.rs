@@ -41,13 +41,8 @@ pub fn mark_delivered(ctx: &TcContext) {
 /// that it never meets the key of an echo request the pod sends itself.
 #[inline(always)]
 pub fn key(ip: &parse::Ipv4, l4: &L4) -> Option<FlowKeyV4> {
-    match *l4 {
-        L4::Ports { sport, dport, .. } => {
-            Some(FlowKeyV4::new(ip.src, ip.dst, sport, dport, ip.proto))
-        }
-        L4::Echo { request: false, id } => Some(FlowKeyV4::new(ip.src, ip.dst, 0, id, ip.proto)),
-        _ => None,
-    }
+    // The same shape as the key of a reply to an egress IP.
+    crate::nat::reply_key(ip, l4)
 }
 
 /// Whether a selected pod's packet that would start a new flow belongs to
