@@ -1,3 +1,5 @@
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io::{self, Write};
 use std::net::Ipv4Addr;
@@ -16,11 +18,18 @@ pub struct LedgerEntry {
     pub prefix_len: u8,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct LedgerFile {
     version: u32,
     claims: Vec<LedgerEntry>,
+}
+
+/// [`LedgerFile`] borrowed, for writing without a copy of the entries.
+#[derive(Serialize)]
+struct LedgerFileRef<'a> {
+    version: u32,
+    claims: &'a [LedgerEntry],
 }
 
 const VERSION: u32 = 1;
@@ -104,42 +113,81 @@ impl ClaimLedger {
             interface: interface.to_owned(),
             prefix_len,
         };
-        let new = match self.position(ip, interface) {
-            Ok(i) if self.entries[i].prefix_len == prefix_len => return Ok(false),
-            Ok(i) => {
-                self.entries[i] = entry;
-                false
+        Ok(self.record_all(std::slice::from_ref(&entry))?[0])
+    }
+
+    /// [`ClaimLedger::record`] for many entries with one write of the file:
+    /// a write per entry (fsync, rename, fsync) made claiming ten thousand
+    /// addresses quadratic in time and in bytes written. Returns, for each
+    /// entry, whether it is new. If the write fails nothing is recorded.
+    pub fn record_all(&mut self, entries: &[LedgerEntry]) -> Result<Vec<bool>> {
+        let before = self.entries.clone();
+        let mut changed = false;
+        let mut new = Vec::with_capacity(entries.len());
+        // Appended and sorted once at the end: an insert each would move the
+        // tail every time.
+        let mut added: Vec<LedgerEntry> = Vec::new();
+        let mut added_at: HashMap<(Ipv4Addr, &str), usize> = HashMap::new();
+        for entry in entries {
+            match self.position(entry.ip, &entry.interface) {
+                Ok(i) => {
+                    if self.entries[i].prefix_len != entry.prefix_len {
+                        self.entries[i].prefix_len = entry.prefix_len;
+                        changed = true;
+                    }
+                    new.push(false);
+                }
+                Err(_) => match added_at.entry((entry.ip, entry.interface.as_str())) {
+                    Entry::Occupied(at) => {
+                        added[*at.get()].prefix_len = entry.prefix_len;
+                        new.push(false);
+                    }
+                    Entry::Vacant(at) => {
+                        at.insert(added.len());
+                        added.push(entry.clone());
+                        new.push(true);
+                    }
+                },
             }
-            Err(i) => {
-                self.entries.insert(i, entry);
-                true
-            }
-        };
-        self.persist_or_undo(|entries| {
-            if new {
-                entries.retain(|e| !(e.ip == ip && e.interface == interface));
-            }
-        })?;
+        }
+        if !added.is_empty() {
+            self.entries.extend(added);
+            self.entries.sort();
+            changed = true;
+        }
+        if changed {
+            self.persist_or_restore(before)?;
+        }
         Ok(new)
     }
 
     /// Drops the entry and persists; `false` if there was none.
     pub fn forget(&mut self, ip: Ipv4Addr, interface: &str) -> Result<bool> {
-        let Ok(i) = self.position(ip, interface) else {
-            return Ok(false);
-        };
-        let removed = self.entries.remove(i);
-        self.persist_or_undo(move |entries| entries.insert(i, removed))?;
-        Ok(true)
+        Ok(self.forget_all(&[(ip, interface)])? == 1)
     }
 
-    /// Keeps memory and file in step: if the write fails, the change is
-    /// undone in memory too, so `entries` never claims more than the file
-    /// (which is what the next agent will believe).
-    fn persist_or_undo(&mut self, undo: impl FnOnce(&mut Vec<LedgerEntry>)) -> Result<()> {
+    /// [`ClaimLedger::forget`] for many pairs with one write of the file.
+    /// Returns how many entries there were. If the write fails nothing is
+    /// forgotten.
+    pub fn forget_all(&mut self, pairs: &[(Ipv4Addr, &str)]) -> Result<usize> {
+        let gone: HashSet<(Ipv4Addr, &str)> = pairs.iter().copied().collect();
+        let before = self.entries.clone();
+        self.entries
+            .retain(|e| !gone.contains(&(e.ip, e.interface.as_str())));
+        let removed = before.len() - self.entries.len();
+        if removed > 0 {
+            self.persist_or_restore(before)?;
+        }
+        Ok(removed)
+    }
+
+    /// Keeps memory and file in step: if the write fails, memory goes back
+    /// to `before` too, so `entries` never claims more than the file (which
+    /// is what the next agent will believe).
+    fn persist_or_restore(&mut self, before: Vec<LedgerEntry>) -> Result<()> {
         let result = self.persist();
         if result.is_err() {
-            undo(&mut self.entries);
+            self.entries = before;
         }
         result
     }
@@ -149,9 +197,9 @@ impl ClaimLedger {
             let path = self.path.clone();
             move |source| Error::LedgerIo { path, op, source }
         };
-        let json = serde_json::to_vec_pretty(&LedgerFile {
+        let json = serde_json::to_vec_pretty(&LedgerFileRef {
             version: VERSION,
-            claims: self.entries.clone(),
+            claims: &self.entries,
         })
         .map_err(|source| Error::LedgerCorrupt {
             path: self.path.clone(),
@@ -298,5 +346,76 @@ mod tests {
         let err = l.record(ip("10.0.0.1"), "eth0", 24).unwrap_err();
         assert!(matches!(err, Error::LedgerIo { .. }), "{err}");
         assert!(l.entries().is_empty());
+    }
+
+    fn entry(ip_: &str, interface: &str, prefix_len: u8) -> LedgerEntry {
+        LedgerEntry {
+            ip: ip(ip_),
+            interface: interface.into(),
+            prefix_len,
+        }
+    }
+
+    #[test]
+    fn batches_record_and_forget_with_one_write_each() {
+        let dir = TempDir::new();
+        let path = dir.0.join("claims.json");
+        let mut l = ClaimLedger::open(&path).unwrap();
+        l.record(ip("10.0.0.5"), "eth0", 24).unwrap();
+        let new = l
+            .record_all(&[
+                entry("10.0.0.9", "eth0", 24),
+                // Already there, with a new prefix: updated, not new.
+                entry("10.0.0.5", "eth0", 16),
+                entry("10.0.0.1", "eth1", 24),
+                // Twice in one batch: new once, the last prefix wins.
+                entry("10.0.0.9", "eth0", 25),
+            ])
+            .unwrap();
+        assert_eq!(new, vec![true, false, true, false]);
+        let expected = vec![
+            entry("10.0.0.1", "eth1", 24),
+            entry("10.0.0.5", "eth0", 16),
+            entry("10.0.0.9", "eth0", 25),
+        ];
+        assert_eq!(l.entries(), expected.as_slice(), "sorted, one per pair");
+        assert_eq!(
+            ClaimLedger::open(&path).unwrap().entries(),
+            expected.as_slice()
+        );
+
+        let forgotten = l
+            .forget_all(&[
+                (ip("10.0.0.9"), "eth0"),
+                (ip("10.0.0.9"), "eth0"),
+                (ip("10.0.0.1"), "eth0"),
+                (ip("10.0.0.1"), "eth1"),
+            ])
+            .unwrap();
+        assert_eq!(forgotten, 2);
+        let left = vec![entry("10.0.0.5", "eth0", 16)];
+        assert_eq!(l.entries(), left.as_slice());
+        assert_eq!(ClaimLedger::open(&path).unwrap().entries(), left.as_slice());
+        assert_eq!(l.forget_all(&[(ip("10.9.9.9"), "eth0")]).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_failed_batch_write_changes_nothing() {
+        let dir = TempDir::new();
+        let mut l = ClaimLedger::open(dir.0.join("other.json")).unwrap();
+        l.record(ip("10.0.0.5"), "eth0", 24).unwrap();
+        // A directory where the file should be: rename over it fails.
+        let path = dir.0.join("claims.json");
+        fs::create_dir_all(path.join("x")).unwrap();
+        l.path = path;
+        let before = l.entries().to_vec();
+        let err = l
+            .record_all(&[entry("10.0.0.9", "eth0", 24), entry("10.0.0.5", "eth0", 16)])
+            .unwrap_err();
+        assert!(matches!(err, Error::LedgerIo { .. }), "{err}");
+        assert_eq!(l.entries(), before.as_slice());
+        let err = l.forget_all(&[(ip("10.0.0.5"), "eth0")]).unwrap_err();
+        assert!(matches!(err, Error::LedgerIo { .. }), "{err}");
+        assert_eq!(l.entries(), before.as_slice());
     }
 }

@@ -401,6 +401,53 @@ fn tracked_claims_survive_a_restart_and_spare_admin_addresses() {
 }
 
 #[test]
+fn batch_release_removes_only_ours_and_forgets_them_in_one_go() {
+    let dir = TempDir::new();
+    let path = dir.0.join("claims.json");
+    Netns::new().run(move || async move {
+        two_subnets();
+        ip("addr add 10.1.0.9/24 dev a0");
+        let nl = Netlink::connect().unwrap();
+        let mut ledger = ClaimLedger::open(&path).unwrap();
+        let wanted: Vec<(Ipv4Addr, Option<String>)> = ["10.1.0.20", "10.1.0.21", "10.2.0.20"]
+            .iter()
+            .map(|a| (v4(a), None))
+            .collect();
+        nl.claim_all_tracked(&mut ledger, &wanted).await.unwrap();
+        // Gone behind the agent's back: still released from the ledger.
+        ip("addr del 10.1.0.21/24 dev a0");
+        let released = nl
+            .release_all_tracked(
+                &mut ledger,
+                &[
+                    v4("10.1.0.9"),
+                    v4("10.1.0.20"),
+                    v4("10.1.0.21"),
+                    v4("10.2.0.20"),
+                ],
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            released,
+            vec![
+                (v4("10.1.0.20"), vec!["a0".to_string()]),
+                (v4("10.1.0.21"), vec![]),
+                (v4("10.2.0.20"), vec!["b0".to_string()]),
+            ],
+            "the admin's 10.1.0.9 is not the ledger's, so not listed"
+        );
+        assert!(ledger.entries().is_empty());
+        assert!(ClaimLedger::open(&path).unwrap().entries().is_empty());
+        assert_eq!(
+            addrs_of("a0"),
+            vec![("10.1.0.1/24".into(), false), ("10.1.0.9/24".into(), true)]
+        );
+        assert_eq!(addrs_of("b0"), vec![("10.2.0.1/24".into(), false)]);
+    });
+}
+
+#[test]
 fn link_events_report_new_and_removed_veths() {
     Netns::new().run(|| async {
         let nl = Netlink::connect().unwrap();
