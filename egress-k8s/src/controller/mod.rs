@@ -44,6 +44,8 @@ use crate::{
 pub enum Error {
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
+    #[error("connecting to the Kubernetes API (in-cluster service account or KUBECONFIG): {0}")]
+    Connect(kube::Error),
     #[error("invalid options: {0}")]
     Options(String),
     #[error("{0}")]
