@@ -5,13 +5,14 @@
 //! On SIGTERM everything is left in place for the next agent (only
 //! `egress-agent reset` removes it), fenced by the source's last word.
 
-use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
+use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use egress_netlink::{AddressEvent, AddressEvents, Netlink};
 use futures_util::StreamExt as _;
 use tokio::signal::unix::{SignalKind, signal};
 
+pub use crate::source::kubernetes::KubeOptions;
 use crate::{
     agent::{Agent, HostEvents},
     source::{
@@ -27,14 +28,6 @@ pub struct Options {
     pub state_dir: PathBuf,
     /// Take policies and nodes from the Kubernetes API instead of the file.
     pub kubernetes: Option<KubeOptions>,
-}
-
-/// Node identity in Kubernetes mode, where one file serves every node.
-pub struct KubeOptions {
-    /// The Node object's name (the downward API's `spec.nodeName`).
-    pub node_name: Option<String>,
-    /// This node's address (the downward API's `status.hostIP`).
-    pub node_address: Option<Ipv4Addr>,
 }
 
 /// How often ended holds on new pod interfaces are removed from the map:

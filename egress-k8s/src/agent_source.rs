@@ -30,8 +30,8 @@ use ipnet::Ipv4Net;
 use tokio::{sync::watch, task::JoinHandle};
 
 use crate::{
-    AgentLink, Desired, Error, KubernetesConfig, config::interface_matches, facts::EgressSubnet,
-    report::DatapathReport,
+    AgentLink, Desired, Error, KubernetesConfig, config::interface_matches,
+    controller::sleep_until, facts::EgressSubnet, report::DatapathReport,
 };
 
 /// What the source takes from the agent's configuration and its set-up.
@@ -83,7 +83,7 @@ pub struct KubernetesSource {
     applied_whole: bool,
     retry: tokio::time::Interval,
     /// Set once the agent asked the controller to stop.
-    stop_deadline: Option<tokio::time::Instant>,
+    stop_deadline: Option<Instant>,
 }
 
 /// How often an incomplete apply is retried.
@@ -229,7 +229,7 @@ impl KubernetesSource {
         let _ = self.link.shutdown.send(true);
         let timeout = Duration::from_millis(self.config.drain_timeout_ms) + STOP_MARGIN;
         self.stop_deadline
-            .get_or_insert_with(|| tokio::time::Instant::now() + timeout);
+            .get_or_insert_with(|| Instant::now() + timeout);
     }
 }
 
@@ -292,14 +292,6 @@ pub async fn node_object_address(node_name: &str) -> Result<Ipv4Addr, String> {
     tokio::time::timeout(LOOKUP_TIMEOUT, lookup)
         .await
         .unwrap_or_else(|_| Err(format!("no answer within {LOOKUP_TIMEOUT:?}")))
-}
-
-/// Sleeps until `deadline`; forever without one.
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
-    }
 }
 
 /// Waits for the controller's next fence or desired state; never once the

@@ -27,8 +27,15 @@ use crate::{
     agent::Agent,
     config::{AgentConfig, Mode},
     node_address,
-    run::KubeOptions,
 };
+
+/// Node identity in Kubernetes mode, where one file serves every node.
+pub struct KubeOptions {
+    /// The Node object's name (the downward API's `spec.nodeName`).
+    pub node_name: Option<String>,
+    /// This node's address (the downward API's `status.hostIP`).
+    pub node_address: Option<Ipv4Addr>,
+}
 
 /// The Kubernetes-mode file, with this node's name and address from the
 /// command line or the environment (one file serves every node).

@@ -15,8 +15,8 @@ use egress_netlink::{AddressEvent, Netlink};
 use crate::{
     agent::{Agent, PinnedFence},
     config::{AgentConfig, Mode},
-    run::KubeOptions,
 };
+use kubernetes::KubeOptions;
 
 /// A desired-state source, as the agent's loop drives it.
 // Generic only (the loop is monomorphised per source, never `dyn`), and

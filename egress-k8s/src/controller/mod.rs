@@ -17,6 +17,8 @@ mod leases;
 mod node;
 mod watches;
 
+pub(crate) use node::sleep_until;
+
 use std::{
     collections::BTreeSet,
     net::Ipv4Addr,
