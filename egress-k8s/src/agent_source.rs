@@ -35,7 +35,7 @@ use crate::{
 };
 
 /// What the source takes from the agent's configuration and its set-up.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct NodeSettings {
     /// The Node object's name.
     pub node_name: String,
