@@ -2,56 +2,12 @@
 //! this node may hold its claimed egress IPs) to the datapath's stamp and
 //! the claimed addresses' kernel lifetime, so that a stopped or cut-off
 //! agent stops translating and answering for its IPs without its own help.
+//! Which fence is the controller's word is the Kubernetes source's business
+//! (`egress_k8s::agent_source::ControllerFence`).
 
-use std::{
-    num::NonZeroU32,
-    time::{Duration, Instant},
-};
+use std::{num::NonZeroU32, time::Duration};
 
 use egress_netlink::Lifetime;
-use tokio::sync::watch;
-
-/// The controller's fences as the agent may apply them: none before the
-/// controller has sent its first (see `egress_k8s::AgentLink::fence`).
-///
-/// The channel starts out `None`, which is not the controller's word: until
-/// the session has synced and settled adoption it sends nothing, and the
-/// stamp and lifetimes the previous agent left are the claims' true terms.
-/// Applied, that initial `None` would mean "holds nothing" and cut them (a
-/// successor stopped before adopting, or whose controller failed at start,
-/// would stop its node's translation while the restart grace still runs).
-///
-/// Both ways of reading the channel go through here, since either marks a
-/// send seen: waiting for the next fence ([`Self::changed`]) and taking the
-/// latest ([`Self::latest`]).
-#[derive(Debug, Default)]
-pub struct ControllerFence {
-    /// The controller has sent a fence (possibly `None`) at least once.
-    heard: bool,
-}
-
-impl ControllerFence {
-    /// Waits for the controller's next fence (then [`Self::latest`] has it);
-    /// an error once the controller has dropped its end.
-    pub async fn changed(
-        &mut self,
-        rx: &mut watch::Receiver<Option<Instant>>,
-    ) -> Result<(), watch::error::RecvError> {
-        rx.changed().await?;
-        self.heard = true;
-        Ok(())
-    }
-
-    /// The controller's latest fence once it has sent one (`Some(None)`:
-    /// the node holds nothing); `None` while it has sent none, then the
-    /// previous terms stand. Marks the value seen. Works after the
-    /// controller has gone too: its last fence is still there to apply.
-    pub fn latest(&mut self, rx: &mut watch::Receiver<Option<Instant>>) -> Option<Option<Instant>> {
-        let value = rx.borrow_and_update();
-        self.heard |= value.has_changed();
-        self.heard.then_some(*value)
-    }
-}
 
 /// What the node applies for one fence.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -105,64 +61,6 @@ impl Terms {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn nothing_is_applied_before_the_controller_sends_a_fence() {
-        let (tx, mut rx) = watch::channel(None);
-        let mut fence = ControllerFence::default();
-        // The channel's initial `None` is not "holds nothing".
-        assert_eq!(fence.latest(&mut rx), None);
-        assert_eq!(fence.latest(&mut rx), None);
-        let at = Instant::now() + Duration::from_secs(30);
-        tx.send(Some(at)).unwrap();
-        assert_eq!(fence.latest(&mut rx), Some(Some(at)));
-        // Once heard, the latest word stands, unchanged or not.
-        assert_eq!(fence.latest(&mut rx), Some(Some(at)));
-        tx.send(None).unwrap();
-        assert_eq!(fence.latest(&mut rx), Some(None));
-    }
-
-    #[test]
-    fn a_fence_sent_before_the_controller_ended_is_still_applied() {
-        let (tx, mut rx) = watch::channel(None);
-        let mut fence = ControllerFence::default();
-        let at = Instant::now();
-        tx.send(Some(at)).unwrap();
-        drop(tx);
-        assert_eq!(fence.latest(&mut rx), Some(Some(at)));
-        // A controller that ended without a word leaves nothing to apply.
-        let (tx, mut rx) = watch::channel::<Option<Instant>>(None);
-        drop(tx);
-        assert_eq!(ControllerFence::default().latest(&mut rx), None);
-    }
-
-    #[tokio::test]
-    async fn a_fence_waited_for_is_heard() {
-        let (tx, mut rx) = watch::channel(None);
-        let mut fence = ControllerFence::default();
-        let at = Instant::now();
-        tx.send(Some(at)).unwrap();
-        // Waiting marks the send seen: it must count as heard all the same.
-        fence.changed(&mut rx).await.unwrap();
-        assert_eq!(fence.latest(&mut rx), Some(Some(at)));
-        drop(tx);
-        assert!(fence.changed(&mut rx).await.is_err());
-        assert_eq!(
-            fence.latest(&mut rx),
-            Some(Some(at)),
-            "the last word stands"
-        );
-    }
-
-    #[test]
-    fn a_none_the_controller_sends_is_heard() {
-        // `send` notifies even when the value is equal: the session's
-        // first word may well be "nothing held".
-        let (tx, mut rx) = watch::channel(None);
-        let mut fence = ControllerFence::default();
-        tx.send_replace(None);
-        assert_eq!(fence.latest(&mut rx), Some(None));
-    }
 
     fn secs(n: u32) -> Option<Lifetime> {
         Some(Lifetime::Seconds(NonZeroU32::new(n).unwrap()))

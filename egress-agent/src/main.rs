@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use egress_agent::{config, inspect, run};
+use egress_agent::{config, inspect, reset, run};
 
 #[derive(Parser)]
 #[command(
@@ -150,7 +150,7 @@ fn main() -> anyhow::Result<()> {
             instance,
             state_dir,
         } => {
-            let removed = runtime()?.block_on(run::reset(&instance, &state_dir))?;
+            let removed = runtime()?.block_on(reset::reset(&instance, &state_dir))?;
             println!("{removed}");
             Ok(())
         }

@@ -9,8 +9,12 @@
 //!   renewals, fence, hand-over, restart grace, adoption, the datapath
 //!   report carried in the claims writes).
 //! - [`controller`]: the I/O around them, one module per role (watches,
-//!   leader election, assigner, node session, leases); [`run`] is the entry
-//!   point of the agent's Kubernetes mode.
+//!   leader election, assigner, node session, leases); [`run`] is the
+//!   controller's entry point.
+//! - [`agent_source`]: the agent's Kubernetes desired-state source: starts
+//!   the controller, delivers its fences and desired states, publishes the
+//!   node's subnets, takes the agent's reports and stops on SIGTERM; also
+//!   the Node-object address lookup. The agent holds no client of its own.
 //! - [`decode`], [`pods`]: EgressIPs decoded one object at a time (a bad one
 //!   does not stop the watch), and pods kept as the few fields the
 //!   controller needs.
@@ -20,6 +24,7 @@
 //!   quarantined until every node released them; what each node's datapath
 //!   holds and failed to program.
 
+pub mod agent_source;
 pub mod claims;
 pub mod config;
 pub mod controller;

@@ -17,6 +17,8 @@ mod leases;
 mod node;
 mod watches;
 
+pub(crate) use node::sleep_until;
+
 use std::{
     collections::BTreeSet,
     net::Ipv4Addr,
@@ -44,6 +46,8 @@ use crate::{
 pub enum Error {
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
+    #[error("connecting to the Kubernetes API (in-cluster service account or KUBECONFIG): {0}")]
+    Connect(kube::Error),
     #[error("invalid options: {0}")]
     Options(String),
     #[error("{0}")]
