@@ -50,8 +50,12 @@ impl Agent {
             }
             wanted.contains(ip) && !burst.is_finished()
         });
-        for ip in stale {
-            let from = self.netlink.release_tracked(&mut self.ledger, ip).await?;
+        let stale: Vec<Ipv4Addr> = stale.into_iter().collect();
+        for (ip, from) in self
+            .netlink
+            .release_all_tracked(&mut self.ledger, &stale)
+            .await?
+        {
             tracing::info!(%ip, interfaces = ?from, "egress IP released");
         }
         Ok(())

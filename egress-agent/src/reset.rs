@@ -3,7 +3,6 @@
 //! device, its state directory) removed.
 
 use std::{
-    collections::BTreeSet,
     net::Ipv4Addr,
     path::{Path, PathBuf},
 };
@@ -39,14 +38,15 @@ pub async fn reset(instance: &str, state_dir: &Path) -> anyhow::Result<String> {
     let ledger_path = dir.join(LEDGER_FILE);
     let released = async {
         let mut ledger = ClaimLedger::open(&ledger_path)?;
-        let ips: BTreeSet<Ipv4Addr> = ledger.entries().iter().map(|e| e.ip).collect();
-        let mut released = Vec::new();
-        for ip in ips {
-            if !netlink.release_tracked(&mut ledger, ip).await?.is_empty() {
-                released.push(ip);
-            }
-        }
-        anyhow::Ok(released)
+        let ips: Vec<Ipv4Addr> = ledger.entries().iter().map(|e| e.ip).collect();
+        let released = netlink.release_all_tracked(&mut ledger, &ips).await?;
+        anyhow::Ok(
+            released
+                .into_iter()
+                .filter(|(_, from)| !from.is_empty())
+                .map(|(ip, _)| ip)
+                .collect::<Vec<_>>(),
+        )
     }
     .await;
     match released {
