@@ -6,6 +6,7 @@
 mod loadgen;
 mod probe;
 mod report;
+mod results;
 mod run;
 mod sys;
 mod systems;

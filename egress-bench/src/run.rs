@@ -8,10 +8,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use serde::{Deserialize, Serialize};
 
 use crate::loadgen::{CrrResult, RrResult, UdpSendResult, UdpSinkResult, WhoamiResult};
 use crate::probe::{self, ProgTestResult};
+use crate::results::{Machine, Record, Results};
 use crate::sys::{self, Bg, host, in_ns, run, timed};
 use crate::systems::{self, Active, Env, System};
 use crate::topo::{self, POD1_BASE, POD2_BASE, SERVER, Topo, egress_addr, pod_addr};
@@ -59,48 +59,6 @@ pub struct RunArgs {
     /// Skip the apt-get prerequisite step (tools must then already exist).
     #[arg(long)]
     pub no_install: bool,
-}
-
-/// One measured cell, as stored in results.json.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Record {
-    pub workload: String,
-    pub variant: String,
-    pub path: String,
-    pub system: String,
-    pub n: u32,
-    pub rep: u32,
-    pub ok: bool,
-    pub error: Option<String>,
-    pub metrics: BTreeMap<String, f64>,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Machine {
-    pub kernel: String,
-    pub cpus: usize,
-    pub cpu_model: String,
-    pub mem_total: String,
-    pub loadavg_start: String,
-    pub loadavg_end: String,
-    pub rustc_profile: String,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Results {
-    pub started: String,
-    pub command: String,
-    pub quick: bool,
-    pub systems: Vec<String>,
-    pub ns: Vec<u32>,
-    pub reps: u32,
-    pub secs: f64,
-    pub warmup_secs: f64,
-    pub concurrency: u32,
-    pub iptables: String,
-    pub settings: BTreeMap<String, String>,
-    pub machine: Machine,
-    pub records: Vec<Record>,
 }
 
 struct Plan {
@@ -451,10 +409,6 @@ pub fn run_bench(args: &RunArgs) -> Result<bool> {
     tcp_server.check_alive()?;
     iperf_server.check_alive()?;
 
-    let save = |r: &Results| -> Result<()> {
-        std::fs::write(dir.join("results.json"), serde_json::to_string_pretty(r)?)?;
-        Ok(())
-    };
     // Repetitions outermost: each one sweeps every N, so a drift in machine
     // load over the run spreads over all N instead of masquerading as an
     // N-dependence. Within a sweep the system order rotates (ABC, BCA, ...)
@@ -472,18 +426,9 @@ pub fn run_bench(args: &RunArgs) -> Result<bool> {
                     Ok(a) => a,
                     Err(e) => {
                         eprintln!("   setup failed: {e:#}");
-                        results.records.push(Record {
-                            workload: "setup".into(),
-                            variant: String::new(),
-                            path: String::new(),
-                            system: system.name().into(),
-                            n,
-                            rep,
-                            ok: false,
-                            error: Some(format!("{e:#}")),
-                            metrics: BTreeMap::new(),
-                        });
-                        save(&results)?;
+                        let rec = Record::setup(system.name(), n, rep, Err(e), BTreeMap::new());
+                        results.records.push(rec);
+                        results.save(&dir)?;
                         continue;
                     }
                 };
@@ -493,19 +438,11 @@ pub fn run_bench(args: &RunArgs) -> Result<bool> {
                 if let Err(e) = &verified {
                     eprintln!("   verification failed: {e:#}");
                 }
-                results.records.push(Record {
-                    workload: "setup".into(),
-                    variant: String::new(),
-                    path: String::new(),
-                    system: system.name().into(),
-                    n,
-                    rep,
-                    ok: verified.is_ok(),
-                    error: verified.err().map(|e| format!("{e:#}")),
-                    metrics: m,
-                });
-                if !results.records.last().is_some_and(|r| r.ok) {
-                    save(&results)?;
+                let rec = Record::setup(system.name(), n, rep, verified, m);
+                let verified = rec.ok;
+                results.records.push(rec);
+                if !verified {
+                    results.save(&dir)?;
                     continue;
                 }
                 let cells = cells_for(&ctx, &active, n, n == max_n);
@@ -526,7 +463,7 @@ pub fn run_bench(args: &RunArgs) -> Result<bool> {
                         ),
                     }
                     results.records.push(rec);
-                    save(&results)?;
+                    results.save(&dir)?;
                 }
                 drop(active);
             }
@@ -536,7 +473,7 @@ pub fn run_bench(args: &RunArgs) -> Result<bool> {
     iperf_server.stop(Duration::from_secs(1));
     drop(topo);
     results.machine.loadavg_end = sys::read_trim("/proc/loadavg");
-    save(&results)?;
+    results.save(&dir)?;
     let all_ok = crate::report::write(&dir, &results)?;
     eprintln!("results in {}", dir.display());
     Ok(all_ok)
@@ -636,17 +573,14 @@ fn cells_for(ctx: &Ctx, active: &Active, _n: u32, at_max_n: bool) -> Vec<Cell> {
 }
 
 fn measure(ctx: &Ctx, active: &Active, rep: u32, cell: &Cell) -> Record {
-    let mut rec = Record {
-        workload: cell.workload.clone(),
-        variant: cell.variant.clone(),
-        path: cell.path.clone(),
-        system: active.system.name().into(),
-        n: active.n,
+    let mut rec = Record::new(
+        &cell.workload,
+        &cell.variant,
+        &cell.path,
+        active.system.name(),
+        active.n,
         rep,
-        ok: true,
-        error: None,
-        metrics: BTreeMap::new(),
-    };
+    );
     systems::flush_conntrack(ctx.topo);
     // bpf_stats adds two clock reads to every program run, on the ebpf
     // systems only: on for the cells that report in-situ cost (connection
@@ -685,8 +619,7 @@ fn measure(ctx: &Ctx, active: &Active, rep: u32, cell: &Cell) -> Record {
         rec.metrics.insert("insitu_uplink_ingress_ns".into(), t / c);
     }
     if let Err(e) = out {
-        rec.ok = false;
-        rec.error = Some(format!("{e:#}"));
+        rec.fail(&e);
     }
     rec
 }
