@@ -691,20 +691,6 @@ mod tests {
         assert!(stat(vec![]).is_none());
     }
 
-    fn rec(workload: &str, variant: &str, path: &str, system: &str, n: u32, rep: u32) -> Record {
-        Record {
-            workload: workload.into(),
-            variant: variant.into(),
-            path: path.into(),
-            system: system.into(),
-            n,
-            rep,
-            ok: true,
-            error: None,
-            metrics: Default::default(),
-        }
-    }
-
     /// A small run: two systems, crr at two N on both paths, rr at the
     /// largest N; what `run` stores after a real run.
     fn fixture() -> Results {
@@ -713,7 +699,7 @@ mod tests {
             for n in [1, 100] {
                 for path in ["local", "remote"] {
                     for rep in 0..2 {
-                        let mut r = rec("crr", "spread", path, system, n, rep);
+                        let mut r = Record::new("crr", "spread", path, system, n, rep);
                         let cps = 1000.0 * (si as f64 + 1.0) + f64::from(n) + f64::from(rep);
                         r.metrics.insert("cps".into(), cps);
                         r.metrics
@@ -722,7 +708,7 @@ mod tests {
                     }
                 }
             }
-            let mut r = rec("rr", "c1", "local", system, 100, 0);
+            let mut r = Record::new("rr", "c1", "local", system, 100, 0);
             for (k, v) in [
                 ("tps", 9000.0),
                 ("p50_us", 40.0),
@@ -733,9 +719,8 @@ mod tests {
             }
             records.push(r);
         }
-        let mut failed = rec("udp", "flows=1024,64B", "local", "ebpf", 100, 0);
-        failed.ok = false;
-        failed.error = Some("no UDP packet reached the server".into());
+        let mut failed = Record::new("udp", "flows=1024,64B", "local", "ebpf", 100, 0);
+        failed.fail(&anyhow::anyhow!("no UDP packet reached the server"));
         records.push(failed);
         Results {
             started: "20261203T000000Z".into(),

@@ -74,25 +74,21 @@ pub fn run_unchecked(cmd: &mut Command, stdin: Option<&str>, timeout: Duration) 
         let _ = err_pipe.read_to_end(&mut buf);
         buf
     });
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) if Instant::now() >= deadline => {
-                let _ = child.kill();
-                let _ = child.wait();
-                let stderr = err_reader.join().unwrap_or_default();
-                return Err(LabError::CommandTimeout {
-                    cmd: desc,
-                    timeout,
-                    stderr: String::from_utf8_lossy(&stderr).trim().to_owned(),
-                });
-            }
-            Ok(None) => thread::sleep(Duration::from_millis(5)),
-            Err(source) => {
-                return Err(LabError::Spawn { cmd: desc, source });
-            }
+    let status = match wait_until(
+        &mut child,
+        Instant::now() + timeout,
+        Duration::from_millis(5),
+    ) {
+        Ok(Some(status)) => status,
+        Ok(None) => {
+            let stderr = err_reader.join().unwrap_or_default();
+            return Err(LabError::CommandTimeout {
+                cmd: desc,
+                timeout,
+                stderr: String::from_utf8_lossy(&stderr).trim().to_owned(),
+            });
         }
+        Err(source) => return Err(LabError::Spawn { cmd: desc, source }),
     };
     let stdout = out_reader.join().unwrap_or_default();
     let stderr = err_reader.join().unwrap_or_default();
@@ -101,6 +97,26 @@ pub fn run_unchecked(cmd: &mut Command, stdin: Option<&str>, timeout: Duration) 
         stdout: String::from_utf8_lossy(&stdout).into_owned(),
         stderr: String::from_utf8_lossy(&stderr).into_owned(),
     })
+}
+
+/// Polls `child` every `poll` until it exits (its status) or `deadline`
+/// passes (`None`, after killing and reaping it).
+fn wait_until(
+    child: &mut Child,
+    deadline: Instant,
+    poll: Duration,
+) -> std::io::Result<Option<ExitStatus>> {
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(Some(status));
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Ok(None);
+        }
+        thread::sleep(poll);
+    }
 }
 
 /// Like [`run_unchecked`], but a non-zero exit is an error carrying stderr.
@@ -197,6 +213,9 @@ pub fn ip_batch_timeout(ns: Option<&str>, lines: &[String], timeout: Duration) -
     run(&mut cmd, Some(&input), timeout).map(drop)
 }
 
+/// How often a [`Process`] is polled while waiting for it.
+const PROCESS_POLL: Duration = Duration::from_millis(20);
+
 /// A background process (a server, a load generator, an agent of the
 /// benchmark) whose output goes to a log file. Dropping the handle kills
 /// and reaps it, so a panic or an early return never leaves it running.
@@ -265,15 +284,11 @@ impl Process {
                 nix::sys::signal::Signal::SIGTERM,
             );
         }
-        let deadline = Instant::now() + grace;
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            thread::sleep(Duration::from_millis(20));
+        // Past the grace period wait_until kills it.
+        if wait_until(&mut child, Instant::now() + grace, PROCESS_POLL).is_err() {
+            let _ = child.kill();
+            let _ = child.wait();
         }
-        let _ = child.kill();
-        let _ = child.wait();
     }
 
     /// Waits up to `limit` for the process to end by itself and returns its
@@ -281,22 +296,11 @@ impl Process {
     /// still running at `limit` is killed.
     pub fn wait_output(mut self, limit: Duration) -> Result<String> {
         let mut child = self.child.take().expect("only stop() takes the child");
-        let deadline = Instant::now() + limit;
-        let status = loop {
-            match child.try_wait() {
-                Ok(Some(status)) => break status,
-                Ok(None) if Instant::now() >= deadline => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return Err(LabError::Traffic(format!(
-                        "{} did not finish within {limit:?}",
-                        self.name
-                    )));
-                }
-                Ok(None) => thread::sleep(Duration::from_millis(20)),
-                Err(e) => return Err(io_err(format!("waiting for {}", self.name))(e)),
-            }
-        };
+        let status = wait_until(&mut child, Instant::now() + limit, PROCESS_POLL)
+            .map_err(io_err(format!("waiting for {}", self.name)))?
+            .ok_or_else(|| {
+                LabError::Traffic(format!("{} did not finish within {limit:?}", self.name))
+            })?;
         let out = std::fs::read_to_string(&self.log)
             .map_err(io_err(format!("reading {}", self.log.display())))?;
         if status.success() {
