@@ -36,10 +36,7 @@ pub struct ServeArgs {
 }
 
 pub fn serve(args: &ServeArgs) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
+    block_on(async {
         let mut listeners = Vec::new();
         for p in args.port..args.port + args.ports {
             let sock = TcpSocket::new_v4()?;
@@ -189,25 +186,44 @@ async fn connect_from(src: Ipv4Addr, dst: SocketAddr) -> Result<TcpStream> {
     Ok(s)
 }
 
+/// Each load generator is one process driving one current-thread runtime.
+fn block_on<F: Future<Output = Result<T>>, T>(f: F) -> Result<T> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(f)
+}
+
+/// What a generator's tasks share: whether the measured window is open,
+/// when to stop, and a counter that spreads them over sources and ports.
+#[derive(Default)]
 struct Shared {
     measuring: AtomicBool,
     stop: AtomicBool,
     counter: AtomicU64,
 }
 
+impl Shared {
+    /// Lets the tasks warm up, opens the measured window for `secs`, then
+    /// stops them; returns the window's actual length in seconds.
+    async fn measure(&self, warmup_secs: f64, secs: f64) -> f64 {
+        tokio::time::sleep(Duration::from_secs_f64(warmup_secs)).await;
+        self.measuring.store(true, Ordering::Relaxed);
+        let start = Instant::now();
+        tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+        self.measuring.store(false, Ordering::Relaxed);
+        let secs = start.elapsed().as_secs_f64();
+        self.stop.store(true, Ordering::Relaxed);
+        secs
+    }
+}
+
 pub fn crr(args: &CrrArgs) -> Result<CrrResult> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(crr_async(args.clone()))
+    block_on(crr_async(args.clone()))
 }
 
 async fn crr_async(args: CrrArgs) -> Result<CrrResult> {
-    let shared = Arc::new(Shared {
-        measuring: AtomicBool::new(false),
-        stop: AtomicBool::new(false),
-        counter: AtomicU64::new(0),
-    });
+    let shared = Arc::new(Shared::default());
     let ep = Arc::new(args.ep.clone());
     let timeout = Duration::from_millis(args.timeout_ms);
     let mut tasks = Vec::new();
@@ -265,13 +281,7 @@ async fn crr_async(args: CrrArgs) -> Result<CrrResult> {
             (connect_h, txn_h, ok, errors, first_error)
         }));
     }
-    tokio::time::sleep(Duration::from_secs_f64(args.warmup_secs)).await;
-    shared.measuring.store(true, Ordering::Relaxed);
-    let start = Instant::now();
-    tokio::time::sleep(Duration::from_secs_f64(args.secs)).await;
-    shared.measuring.store(false, Ordering::Relaxed);
-    let secs = start.elapsed().as_secs_f64();
-    shared.stop.store(true, Ordering::Relaxed);
+    let secs = shared.measure(args.warmup_secs, args.secs).await;
 
     let mut connect_h = new_hist();
     let mut txn_h = new_hist();
@@ -312,10 +322,7 @@ pub struct WhoamiResult {
 /// One transaction from the first source address; reports the address the
 /// server saw.
 pub fn whoami(args: &WhoamiArgs) -> Result<WhoamiResult> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
+    block_on(async {
         let (src, dst) = (args.ep.source(0), args.ep.dest(0));
         let mut s = tokio::time::timeout(Duration::from_secs(5), connect_from(src, dst))
             .await
@@ -356,18 +363,11 @@ pub struct RrResult {
 }
 
 pub fn rr(args: &RrArgs) -> Result<RrResult> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(rr_async(args.clone()))
+    block_on(rr_async(args.clone()))
 }
 
 async fn rr_async(args: RrArgs) -> Result<RrResult> {
-    let shared = Arc::new(Shared {
-        measuring: AtomicBool::new(false),
-        stop: AtomicBool::new(false),
-        counter: AtomicU64::new(0),
-    });
+    let shared = Arc::new(Shared::default());
     let mut tasks = Vec::new();
     for i in 0..u64::from(args.connections) {
         // Connect up front so that a broken datapath fails here, loudly,
@@ -390,13 +390,7 @@ async fn rr_async(args: RrArgs) -> Result<RrResult> {
             anyhow::Ok(h)
         }));
     }
-    tokio::time::sleep(Duration::from_secs_f64(args.warmup_secs)).await;
-    shared.measuring.store(true, Ordering::Relaxed);
-    let start = Instant::now();
-    tokio::time::sleep(Duration::from_secs_f64(args.secs)).await;
-    shared.measuring.store(false, Ordering::Relaxed);
-    let secs = start.elapsed().as_secs_f64();
-    shared.stop.store(true, Ordering::Relaxed);
+    let secs = shared.measure(args.warmup_secs, args.secs).await;
     let mut h = Histogram::<u64>::new(3)?;
     for t in tasks {
         h.add(&t.await??)?;

@@ -5,11 +5,11 @@
 
 mod loadgen;
 mod probe;
+mod procfs;
 mod report;
+mod results;
 mod run;
-mod sys;
 mod systems;
-mod topo;
 
 use anyhow::Result;
 // The benchmark's modules name it `crate::bpf`.

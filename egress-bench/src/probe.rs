@@ -182,7 +182,7 @@ fn p99(v: &mut [f64]) -> f64 {
 /// Must run inside the egress node's namespace: the programs' FIB lookups
 /// use the caller's.
 pub fn prog_test(a: &ProgTestArgs) -> Result<ProgTestResult> {
-    use crate::topo::{POD1_BASE, SERVER, pod_addr};
+    use egress_lab::bench_topology::{POD1_BASE, SERVER, pod_addr};
     let fwd = open_prog(&a.instance, maps::programs::POD_INGRESS)?;
     let rev = open_prog(&a.instance, maps::programs::UPLINK_INGRESS)?;
     let nat_fwd = open_map(&a.instance, maps::NAT_FWD_V4)?;
@@ -293,7 +293,7 @@ pub fn map_add_remove(
     let pods = open_map(instance, maps::POD_POLICY_V4)?;
     let policy = PolicyV4 {
         egress_addr: egress.octets(),
-        egress_node: crate::topo::NODE1.octets(),
+        egress_node: egress_lab::bench_topology::NODE1.octets(),
         flags: policy_flags::ACTIVE | policy_flags::LOCAL,
         group: id,
     };
@@ -369,14 +369,11 @@ pub fn agent_counters(instance: &str, n: u32) -> Result<BTreeMap<String, f64>> {
 /// `kernel.bpf_stats_enabled=1`).
 pub fn prog_stats(instance: &str, prog: &str) -> Result<(u64, u64)> {
     let path = pin_dir(instance).join("progs").join(prog);
-    let out = crate::sys::run(crate::sys::host(&[
+    let out = egress_lab::exec::exec(
         "bpftool",
-        "-j",
-        "prog",
-        "show",
-        "pinned",
-        &path.to_string_lossy(),
-    ]))?;
+        &["-j", "prog", "show", "pinned", &path.to_string_lossy()],
+    )?
+    .stdout;
     let v: serde_json::Value = serde_json::from_str(&out)?;
     Ok((
         v["run_time_ns"].as_u64().unwrap_or(0),

@@ -5,9 +5,12 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use anyhow::{Context, Result};
+use plotters::coord::Shift;
+use plotters::coord::ranged1d::AsRangedCoord;
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
-use crate::run::{Record, Results};
+use crate::results::{Record, Results};
 
 /// Text in the plots is drawn with this font (Debian `fonts-dejavu-core`,
 /// installed by the prerequisite step), so no fontconfig is needed.
@@ -524,6 +527,76 @@ fn plot_all(dir: &Path, t: &Table, res: &Results) -> Result<Vec<String>> {
 
 type Series = (String, RGBColor, Vec<(f64, Stat)>);
 
+/// Plotters' errors carry the backend's error type; the report only needs
+/// their text.
+fn plot_err(e: impl std::fmt::Debug) -> anyhow::Error {
+    anyhow::anyhow!("{e:?}")
+}
+
+type Chart<'a, X> = ChartContext<'a, BitMapBackend<'a>, Cartesian2d<X, RangedCoordf64>>;
+
+/// The drawing area and chart frame every plot shares: white 900×560
+/// bitmap, caption, margins and label areas.
+fn chart<'a, X>(
+    root: &DrawingArea<BitMapBackend<'a>, Shift>,
+    title: &str,
+    x: X,
+    ymax: f64,
+) -> Result<Chart<'a, X::CoordDescType>>
+where
+    X: AsRangedCoord<Value = f64>,
+{
+    root.fill(&WHITE).map_err(plot_err)?;
+    ChartBuilder::on(root)
+        .caption(title, ("sans-serif", 22))
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(80)
+        .build_cartesian_2d(x, 0f64..ymax.max(1.0))
+        .map_err(plot_err)
+}
+
+/// One system's line with a dot at each point, named in the legend.
+fn line_with_dots<X>(
+    chart: &mut Chart<'_, X>,
+    name: &str,
+    c: RGBColor,
+    pts: &[(f64, f64)],
+) -> Result<()>
+where
+    X: Ranged<ValueType = f64>,
+{
+    chart
+        .draw_series(LineSeries::new(pts.iter().copied(), c.stroke_width(2)))
+        .map_err(plot_err)?
+        .label(name)
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+    chart
+        .draw_series(pts.iter().map(|p| Circle::new(*p, 4, c.filled())))
+        .map_err(plot_err)?;
+    Ok(())
+}
+
+/// Draws the legend at `position` and writes the file.
+fn finish<X>(
+    root: &DrawingArea<BitMapBackend<'_>, Shift>,
+    chart: &mut Chart<'_, X>,
+    position: SeriesLabelPosition,
+) -> Result<()>
+where
+    X: Ranged<ValueType = f64>,
+{
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .position(position)
+        .draw()
+        .map_err(plot_err)?;
+    root.present().map_err(plot_err)
+}
+
 fn plot_cps(file: &Path, title: &str, series: &[Series]) -> Result<()> {
     let ymax = series
         .iter()
@@ -536,14 +609,7 @@ fn plot_cps(file: &Path, title: &str, series: &[Series]) -> Result<()> {
         .fold(1.0f64, f64::max)
         * 2.0;
     let root = BitMapBackend::new(file, (900, 560)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 22))
-        .margin(15)
-        .x_label_area_size(45)
-        .y_label_area_size(80)
-        .build_cartesian_2d((0.5f64..xmax).log_scale(), 0f64..ymax.max(1.0))
-        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let mut chart = chart(&root, title, (0.5f64..xmax).log_scale(), ymax)?;
     chart
         .configure_mesh()
         .x_desc("N (egress IPs / rules)")
@@ -551,44 +617,22 @@ fn plot_cps(file: &Path, title: &str, series: &[Series]) -> Result<()> {
         .y_desc("connections/s (median, bars: min–max)")
         .label_style(("sans-serif", 14))
         .draw()
-        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        .map_err(plot_err)?;
     for (name, c, pts) in series {
         if pts.is_empty() {
             continue;
         }
-        let c = *c;
-        chart
-            .draw_series(LineSeries::new(
-                pts.iter().map(|p| (p.0, p.1.median)),
-                c.stroke_width(2),
-            ))
-            .map_err(|e| anyhow::anyhow!("{e:?}"))?
-            .label(name.as_str())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
-        chart
-            .draw_series(
-                pts.iter()
-                    .map(|p| Circle::new((p.0, p.1.median), 4, c.filled())),
-            )
-            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let medians: Vec<(f64, f64)> = pts.iter().map(|p| (p.0, p.1.median)).collect();
+        line_with_dots(&mut chart, name, *c, &medians)?;
         chart
             .draw_series(
                 pts.iter().map(|p| {
                     PathElement::new(vec![(p.0, p.1.min), (p.0, p.1.max)], c.stroke_width(1))
                 }),
             )
-            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            .map_err(plot_err)?;
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 14))
-        .position(SeriesLabelPosition::LowerLeft)
-        .draw()
-        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    root.present().map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    Ok(())
+    finish(&root, &mut chart, SeriesLabelPosition::LowerLeft)
 }
 
 fn plot_latency(
@@ -603,14 +647,7 @@ fn plot_latency(
         .fold(0.0f64, f64::max)
         * 1.15;
     let root = BitMapBackend::new(file, (900, 560)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 22))
-        .margin(15)
-        .x_label_area_size(45)
-        .y_label_area_size(80)
-        .build_cartesian_2d(-0.5f64..2.5f64, 0f64..ymax.max(1.0))
-        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let mut chart = chart(&root, title, -0.5f64..2.5f64, ymax)?;
     chart
         .configure_mesh()
         .x_labels(3)
@@ -625,7 +662,7 @@ fn plot_latency(
         .y_desc("latency µs (median of repetitions)")
         .label_style(("sans-serif", 14))
         .draw()
-        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        .map_err(plot_err)?;
     for (name, c, v) in series {
         let pts: Vec<(f64, f64)> = v
             .iter()
@@ -635,31 +672,15 @@ fn plot_latency(
         if pts.is_empty() {
             continue;
         }
-        let c = *c;
-        chart
-            .draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))
-            .map_err(|e| anyhow::anyhow!("{e:?}"))?
-            .label(name.as_str())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
-        chart
-            .draw_series(pts.iter().map(|p| Circle::new(*p, 4, c.filled())))
-            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        line_with_dots(&mut chart, name, *c, &pts)?;
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 14))
-        .position(SeriesLabelPosition::UpperLeft)
-        .draw()
-        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    root.present().map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    Ok(())
+    finish(&root, &mut chart, SeriesLabelPosition::UpperLeft)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::results::Machine;
 
     #[test]
     fn stat_takes_median_and_range() {
@@ -668,5 +689,85 @@ mod tests {
         let s = stat(vec![4.0, 2.0]).unwrap();
         assert_eq!(s.median, 3.0);
         assert!(stat(vec![]).is_none());
+    }
+
+    /// A small run: two systems, crr at two N on both paths, rr at the
+    /// largest N; what `run` stores after a real run.
+    fn fixture() -> Results {
+        let mut records = Vec::new();
+        for (si, system) in ["iptables", "ebpf"].into_iter().enumerate() {
+            for n in [1, 100] {
+                for path in ["local", "remote"] {
+                    for rep in 0..2 {
+                        let mut r = Record::new("crr", "spread", path, system, n, rep);
+                        let cps = 1000.0 * (si as f64 + 1.0) + f64::from(n) + f64::from(rep);
+                        r.metrics.insert("cps".into(), cps);
+                        r.metrics
+                            .insert("cpu_us_per_conn".into(), 10.0 + f64::from(rep));
+                        records.push(r);
+                    }
+                }
+            }
+            let mut r = Record::new("rr", "c1", "local", system, 100, 0);
+            for (k, v) in [
+                ("tps", 9000.0),
+                ("p50_us", 40.0),
+                ("p99_us", 90.0),
+                ("p999_us", 150.0),
+            ] {
+                r.metrics.insert(k.into(), v * (si as f64 + 1.0));
+            }
+            records.push(r);
+        }
+        let mut failed = Record::new("udp", "flows=1024,64B", "local", "ebpf", 100, 0);
+        failed.fail(&anyhow::anyhow!("no UDP packet reached the server"));
+        records.push(failed);
+        Results {
+            started: "20261203T000000Z".into(),
+            command: "egress-bench run --quick".into(),
+            quick: true,
+            systems: vec!["iptables".into(), "ebpf".into()],
+            ns: vec![1, 100],
+            reps: 2,
+            secs: 2.0,
+            warmup_secs: 0.5,
+            concurrency: 32,
+            iptables: "iptables-legacy".into(),
+            settings: [("agent: max_flows".to_string(), "1048576".to_string())].into(),
+            machine: Machine {
+                kernel: "Linux 6.18".into(),
+                cpus: 2,
+                cpu_model: "test".into(),
+                mem_total: "MemTotal: 1 kB".into(),
+                loadavg_start: "0.00".into(),
+                loadavg_end: "0.00".into(),
+                rustc_profile: "debug".into(),
+            },
+            records,
+        }
+    }
+
+    #[test]
+    fn writes_summary_and_plots_and_reports_failed_cells() {
+        let dir = std::env::temp_dir().join(format!("egress-bench-report-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let all_ok = write(&dir, &fixture()).unwrap();
+        assert!(!all_ok, "the fixture has a failed cell");
+        let summary = std::fs::read_to_string(dir.join("summary.md")).unwrap();
+        assert!(summary.contains("## FAILED cells (1)"), "{summary}");
+        for png in [
+            "cps_vs_n_local_spread.png",
+            "cps_vs_n_remote_spread.png",
+            "rr_latency_local.png",
+        ] {
+            let bytes = std::fs::read(dir.join(png)).unwrap_or_default();
+            assert!(bytes.starts_with(b"\x89PNG"), "{png} is not a PNG");
+            assert!(summary.contains(png), "summary does not show {png}");
+        }
+        if std::env::var_os("EGRESS_BENCH_KEEP_REPORT").is_none() {
+            std::fs::remove_dir_all(&dir).unwrap();
+        } else {
+            eprintln!("report kept in {}", dir.display());
+        }
     }
 }

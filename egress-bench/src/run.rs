@@ -4,17 +4,22 @@
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use serde::{Deserialize, Serialize};
 
 use crate::loadgen::{CrrResult, RrResult, UdpSendResult, UdpSinkResult, WhoamiResult};
 use crate::probe::{self, ProgTestResult};
-use crate::sys::{self, Bg, host, in_ns, run, timed};
+use crate::procfs;
+use crate::results::{Machine, Record, Results};
 use crate::systems::{self, Active, Env, System};
-use crate::topo::{self, POD1_BASE, POD2_BASE, SERVER, Topo, egress_addr, pod_addr};
+use egress_lab::bench_topology::{
+    self as topo, BenchTopology, POD1_BASE, POD2_BASE, SERVER, egress_addr, pod_addr,
+};
+use egress_lab::exec::{self, Process};
+use egress_lab::{exec_in, netns};
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct RunArgs {
@@ -61,48 +66,6 @@ pub struct RunArgs {
     pub no_install: bool,
 }
 
-/// One measured cell, as stored in results.json.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Record {
-    pub workload: String,
-    pub variant: String,
-    pub path: String,
-    pub system: String,
-    pub n: u32,
-    pub rep: u32,
-    pub ok: bool,
-    pub error: Option<String>,
-    pub metrics: BTreeMap<String, f64>,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Machine {
-    pub kernel: String,
-    pub cpus: usize,
-    pub cpu_model: String,
-    pub mem_total: String,
-    pub loadavg_start: String,
-    pub loadavg_end: String,
-    pub rustc_profile: String,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Results {
-    pub started: String,
-    pub command: String,
-    pub quick: bool,
-    pub systems: Vec<String>,
-    pub ns: Vec<u32>,
-    pub reps: u32,
-    pub secs: f64,
-    pub warmup_secs: f64,
-    pub concurrency: u32,
-    pub iptables: String,
-    pub settings: BTreeMap<String, String>,
-    pub machine: Machine,
-    pub records: Vec<Record>,
-}
-
 struct Plan {
     systems: Vec<System>,
     ns: Vec<u32>,
@@ -145,11 +108,13 @@ fn plan(a: &RunArgs) -> Result<Plan> {
     })
 }
 
+/// Deadline of one apt-get step: a guard against a hung mirror.
+const APT_TIMEOUT: Duration = Duration::from_secs(1800);
+
 /// Installs what is missing from Debian, once; idempotent.
 pub fn prerequisites(install: bool) -> Result<()> {
     let needed = [
         ("ip", "iproute2"),
-        ("nsenter", "util-linux"),
         ("taskset", "util-linux"),
         ("iptables-legacy", "iptables"),
         ("nft", "nftables"),
@@ -162,7 +127,7 @@ pub fn prerequisites(install: bool) -> Result<()> {
     let missing = |_: ()| -> Vec<&str> {
         let mut pk: Vec<&str> = needed
             .iter()
-            .filter(|(bin, _)| run(host(&["sh", "-c", &format!("command -v {bin}")])).is_err())
+            .filter(|(bin, _)| exec::exec("sh", &["-c", &format!("command -v {bin}")]).is_err())
             .map(|(_, p)| *p)
             .collect();
         if !Path::new(crate::report::FONT).exists() {
@@ -179,12 +144,16 @@ pub fn prerequisites(install: bool) -> Result<()> {
         bail!("missing prerequisites (Debian packages): {}", m.join(" "));
     }
     eprintln!("installing {}", m.join(" "));
-    run(host(&["apt-get", "update", "-qq"]))?;
-    let mut argv = vec!["apt-get", "install", "-y", "-qq", "--no-install-recommends"];
+    let apt = |args: &[&str]| -> Result<()> {
+        let mut c = host_command("apt-get", args);
+        c.env("DEBIAN_FRONTEND", "noninteractive");
+        exec::run(&mut c, None, APT_TIMEOUT)?;
+        Ok(())
+    };
+    apt(&["update", "-qq"])?;
+    let mut argv = vec!["install", "-y", "-qq", "--no-install-recommends"];
     argv.extend(m.iter());
-    let mut c = host(&argv);
-    c.env("DEBIAN_FRONTEND", "noninteractive");
-    run(c)?;
+    apt(&argv)?;
     let still = missing(());
     if !still.is_empty() {
         bail!("still missing after apt-get: {}", still.join(" "));
@@ -237,14 +206,13 @@ fn machine(profile: &str) -> Machine {
         .unwrap_or("")
         .to_string();
     Machine {
-        kernel: run(host(&["uname", "-srvm"]))
-            .unwrap_or_default()
-            .trim()
-            .into(),
+        kernel: exec::exec("uname", &["-srvm"])
+            .map(|o| o.stdout.trim().to_owned())
+            .unwrap_or_default(),
         cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
         cpu_model,
         mem_total,
-        loadavg_start: sys::read_trim("/proc/loadavg"),
+        loadavg_start: procfs::read_trim("/proc/loadavg"),
         loadavg_end: String::new(),
         rustc_profile: profile.into(),
     }
@@ -269,8 +237,9 @@ impl HostSysctls {
         ];
         let mut old = Vec::new();
         for (k, v) in want {
-            let prev = run(host(&["sysctl", "-n", k]))
+            let prev = exec::exec("sysctl", &["-n", k])
                 .with_context(|| format!("read {k}"))?
+                .stdout
                 .trim()
                 .to_string();
             systems::host_sysctl(&format!("{k}={v}"))?;
@@ -291,7 +260,7 @@ impl Drop for HostSysctls {
 
 struct Ctx<'a> {
     exe: String,
-    topo: &'a Topo,
+    topo: &'a BenchTopology,
     plan: &'a Plan,
     args: &'a RunArgs,
     dir: PathBuf,
@@ -299,18 +268,25 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    fn client(&self, ns: &str, argv: &[&str]) -> std::process::Command {
-        let cpu = self.args.client_cpu.to_string();
-        let mut full = vec!["taskset", "-c", &cpu];
-        full.extend_from_slice(argv);
-        in_ns(ns, &full)
+    /// `argv` in `ns`, pinned to the client CPU.
+    fn client(&self, ns: &str, argv: &[&str]) -> Result<Command> {
+        pinned(ns, self.args.client_cpu, argv)
     }
 
-    fn server(&self, argv: &[&str]) -> std::process::Command {
-        let cpu = self.args.server_cpu.to_string();
-        let mut full = vec!["taskset", "-c", &cpu];
-        full.extend_from_slice(argv);
-        in_ns(&self.topo.srv, &full)
+    /// `argv` in the server namespace, pinned to the server CPU.
+    fn server(&self, argv: &[&str]) -> Result<Command> {
+        pinned(&self.topo.srv, self.args.server_cpu, argv)
+    }
+
+    /// Deadline of a load generator or probe that runs for one cell: a
+    /// guard against a hung process, far beyond the cell's length.
+    fn cell_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.plan.warmup + self.plan.secs) + Duration::from_secs(300)
+    }
+
+    /// Runs `c` to completion within [`Self::cell_timeout`]; its stdout.
+    fn output(&self, mut c: Command) -> Result<String> {
+        Ok(exec::run(&mut c, None, self.cell_timeout())?.stdout)
     }
 
     fn pod(&self, path: &str) -> (&str, Ipv4Addr) {
@@ -321,11 +297,42 @@ impl Ctx<'_> {
         }
     }
 
-    fn json<T: serde::de::DeserializeOwned>(&self, c: std::process::Command) -> Result<T> {
-        let out = run(c)?;
+    /// Runs `c` (a load generator or probe) and parses the JSON line it
+    /// prints last.
+    fn json<T: serde::de::DeserializeOwned>(&self, c: Command) -> Result<T> {
+        let out = self.output(c)?;
         let line = out.lines().last().context("no output")?;
         serde_json::from_str(line).with_context(|| format!("parse {line:?}"))
     }
+}
+
+/// `argv` run in `ns` under `taskset -c cpu`.
+fn pinned(ns: &str, cpu: u32, argv: &[&str]) -> Result<Command> {
+    let mut c = netns::command_in(ns, "taskset")?;
+    c.arg("-c").arg(cpu.to_string()).args(argv);
+    Ok(c)
+}
+
+/// `program args..` in `ns`, for the figures below.
+fn command(ns: &str, program: &str, args: &[&str]) -> Result<Command> {
+    let mut c = netns::command_in(ns, program)?;
+    c.args(args);
+    Ok(c)
+}
+
+/// `program args..` in the benchmark's own namespace.
+fn host_command(program: &str, args: &[&str]) -> Command {
+    let mut c = Command::new(program);
+    c.args(args);
+    c
+}
+
+/// Wall-clock time of one command, for control-plane figures where process
+/// start-up is part of what an operator (or openshift-sdn) pays.
+fn timed(mut c: Command) -> Result<Duration> {
+    let t = Instant::now();
+    exec::run(&mut c, None, exec::DEFAULT_TIMEOUT)?;
+    Ok(t.elapsed())
 }
 
 const TCP_PORT: u16 = 8000;
@@ -417,7 +424,7 @@ pub fn run_bench(args: &RunArgs) -> Result<bool> {
         results.settings.insert(k.into(), v.into());
     }
     let max_n = *plan.ns.iter().max().context("no N")?;
-    let topo = Topo::create(&tag, max_n)?;
+    let topo = BenchTopology::create(&tag, max_n)?;
     let ctx = Ctx {
         exe: exe.to_string_lossy().into_owned(),
         topo: &topo,
@@ -426,7 +433,7 @@ pub fn run_bench(args: &RunArgs) -> Result<bool> {
         dir: dir.clone(),
         env,
     };
-    let mut tcp_server = Bg::spawn(
+    let mut tcp_server = Process::spawn(
         "tcp server",
         ctx.server(&[
             &ctx.exe,
@@ -439,22 +446,18 @@ pub fn run_bench(args: &RunArgs) -> Result<bool> {
             &TCP_PORTS.to_string(),
             "--max-secs",
             "86400",
-        ]),
+        ])?,
         &dir.join("logs/tcp-server.log"),
     )?;
-    let mut iperf_server = Bg::spawn(
+    let mut iperf_server = Process::spawn(
         "iperf3 server",
-        ctx.server(&["iperf3", "-s", "-p", IPERF_PORT, "-B", &SERVER.to_string()]),
+        ctx.server(&["iperf3", "-s", "-p", IPERF_PORT, "-B", &SERVER.to_string()])?,
         &dir.join("logs/iperf3-server.log"),
     )?;
     std::thread::sleep(Duration::from_millis(300));
     tcp_server.check_alive()?;
     iperf_server.check_alive()?;
 
-    let save = |r: &Results| -> Result<()> {
-        std::fs::write(dir.join("results.json"), serde_json::to_string_pretty(r)?)?;
-        Ok(())
-    };
     // Repetitions outermost: each one sweeps every N, so a drift in machine
     // load over the run spreads over all N instead of masquerading as an
     // N-dependence. Within a sweep the system order rotates (ABC, BCA, ...)
@@ -472,18 +475,9 @@ pub fn run_bench(args: &RunArgs) -> Result<bool> {
                     Ok(a) => a,
                     Err(e) => {
                         eprintln!("   setup failed: {e:#}");
-                        results.records.push(Record {
-                            workload: "setup".into(),
-                            variant: String::new(),
-                            path: String::new(),
-                            system: system.name().into(),
-                            n,
-                            rep,
-                            ok: false,
-                            error: Some(format!("{e:#}")),
-                            metrics: BTreeMap::new(),
-                        });
-                        save(&results)?;
+                        let rec = Record::setup(system.name(), n, rep, Err(e), BTreeMap::new());
+                        results.records.push(rec);
+                        results.save(&dir)?;
                         continue;
                     }
                 };
@@ -493,19 +487,11 @@ pub fn run_bench(args: &RunArgs) -> Result<bool> {
                 if let Err(e) = &verified {
                     eprintln!("   verification failed: {e:#}");
                 }
-                results.records.push(Record {
-                    workload: "setup".into(),
-                    variant: String::new(),
-                    path: String::new(),
-                    system: system.name().into(),
-                    n,
-                    rep,
-                    ok: verified.is_ok(),
-                    error: verified.err().map(|e| format!("{e:#}")),
-                    metrics: m,
-                });
-                if !results.records.last().is_some_and(|r| r.ok) {
-                    save(&results)?;
+                let rec = Record::setup(system.name(), n, rep, verified, m);
+                let verified = rec.ok;
+                results.records.push(rec);
+                if !verified {
+                    results.save(&dir)?;
                     continue;
                 }
                 let cells = cells_for(&ctx, &active, n, n == max_n);
@@ -526,7 +512,7 @@ pub fn run_bench(args: &RunArgs) -> Result<bool> {
                         ),
                     }
                     results.records.push(rec);
-                    save(&results)?;
+                    results.save(&dir)?;
                 }
                 drop(active);
             }
@@ -535,8 +521,8 @@ pub fn run_bench(args: &RunArgs) -> Result<bool> {
     tcp_server.stop(Duration::from_secs(1));
     iperf_server.stop(Duration::from_secs(1));
     drop(topo);
-    results.machine.loadavg_end = sys::read_trim("/proc/loadavg");
-    save(&results)?;
+    results.machine.loadavg_end = procfs::read_trim("/proc/loadavg");
+    results.save(&dir)?;
     let all_ok = crate::report::write(&dir, &results)?;
     eprintln!("results in {}", dir.display());
     Ok(all_ok)
@@ -553,7 +539,7 @@ fn verify(ctx: &Ctx, active: &Active) -> Result<()> {
             argv.extend(endpoint_args(base, i, 1, TCP_PORT, 1));
             let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
             let r: WhoamiResult = ctx
-                .json(in_ns(ns, &argv))
+                .json(command(ns, argv[0], &argv[1..])?)
                 .with_context(|| format!("{path} path, policy {i}"))?;
             let want = if active.system == System::None {
                 pod_addr(base, i)
@@ -636,17 +622,14 @@ fn cells_for(ctx: &Ctx, active: &Active, _n: u32, at_max_n: bool) -> Vec<Cell> {
 }
 
 fn measure(ctx: &Ctx, active: &Active, rep: u32, cell: &Cell) -> Record {
-    let mut rec = Record {
-        workload: cell.workload.clone(),
-        variant: cell.variant.clone(),
-        path: cell.path.clone(),
-        system: active.system.name().into(),
-        n: active.n,
+    let mut rec = Record::new(
+        &cell.workload,
+        &cell.variant,
+        &cell.path,
+        active.system.name(),
+        active.n,
         rep,
-        ok: true,
-        error: None,
-        metrics: BTreeMap::new(),
-    };
+    );
     systems::flush_conntrack(ctx.topo);
     // bpf_stats adds two clock reads to every program run, on the ebpf
     // systems only: on for the cells that report in-situ cost (connection
@@ -685,8 +668,7 @@ fn measure(ctx: &Ctx, active: &Active, rep: u32, cell: &Cell) -> Record {
         rec.metrics.insert("insitu_uplink_ingress_ns".into(), t / c);
     }
     if let Err(e) = out {
-        rec.ok = false;
-        rec.error = Some(format!("{e:#}"));
+        rec.fail(&e);
     }
     rec
 }
@@ -695,7 +677,7 @@ fn measure(ctx: &Ctx, active: &Active, rep: u32, cell: &Cell) -> Record {
 /// agent's, plus the programs' in-situ run time.
 fn counters(ctx: &Ctx, active: &Active) -> BTreeMap<String, f64> {
     let mut m = BTreeMap::new();
-    if let Ok(ct) = sys::conntrack_stats(&ctx.topo.node1) {
+    if let Ok(ct) = procfs::conntrack_stats(&ctx.topo.node1) {
         for (k, v) in ct {
             if [
                 "insert_failed",
@@ -711,11 +693,15 @@ fn counters(ctx: &Ctx, active: &Active) -> BTreeMap<String, f64> {
             }
         }
     }
-    if let Ok(c) = run(in_ns(
+    if let Ok(c) = exec_in(
         &ctx.topo.node1,
-        &["sysctl", "-n", "net.netfilter.nf_conntrack_count"],
-    )) {
-        m.insert("ct_entries_count".into(), c.trim().parse().unwrap_or(0.0));
+        "sysctl",
+        &["-n", "net.netfilter.nf_conntrack_count"],
+    ) {
+        m.insert(
+            "ct_entries_count".into(),
+            c.stdout.trim().parse().unwrap_or(0.0),
+        );
     }
     if active.system.is_ebpf() {
         let inst = active.agent_instance("node1");
@@ -778,9 +764,9 @@ fn crr(ctx: &Ctx, active: &Active, cell: &Cell, m: &mut BTreeMap<String, f64>) -
         ctx.plan.warmup.to_string(),
     ]);
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-    let cpu0 = sys::cpu_times()?;
-    let r: CrrResult = ctx.json(ctx.client(ns, &argv))?;
-    let cpu1 = sys::cpu_times()?;
+    let cpu0 = procfs::cpu_times()?;
+    let r: CrrResult = ctx.json(ctx.client(ns, &argv)?)?;
+    let cpu1 = procfs::cpu_times()?;
     m.insert("cps".into(), r.cps);
     m.insert("connections".into(), r.connections as f64);
     m.insert("errors".into(), r.errors as f64);
@@ -788,7 +774,7 @@ fn crr(ctx: &Ctx, active: &Active, cell: &Cell, m: &mut BTreeMap<String, f64>) -
     m.insert("connect_p99_us".into(), r.connect_p99_us);
     m.insert("txn_p50_us".into(), r.txn_p50_us);
     m.insert("txn_p99_us".into(), r.txn_p99_us);
-    let cpu_secs = (cpu1.busy - cpu0.busy) as f64 / sys::clock_ticks();
+    let cpu_secs = (cpu1.busy - cpu0.busy) as f64 / procfs::clock_ticks();
     // Whole-machine CPU (warm-up included) per connection: both ends and the
     // NAT node share these cores.
     let all = r.connections as f64 * (ctx.plan.secs + ctx.plan.warmup) / ctx.plan.secs;
@@ -797,7 +783,7 @@ fn crr(ctx: &Ctx, active: &Active, cell: &Cell, m: &mut BTreeMap<String, f64>) -
     }
     m.insert(
         "steal_secs".into(),
-        (cpu1.steal - cpu0.steal) as f64 / sys::clock_ticks(),
+        (cpu1.steal - cpu0.steal) as f64 / procfs::clock_ticks(),
     );
     if r.connections == 0 || r.errors * 100 > r.connections {
         bail!(
@@ -823,7 +809,7 @@ fn rr(ctx: &Ctx, active: &Active, cell: &Cell, m: &mut BTreeMap<String, f64>) ->
         ctx.plan.warmup.to_string(),
     ]);
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-    let r: RrResult = ctx.json(ctx.client(ns, &argv))?;
+    let r: RrResult = ctx.json(ctx.client(ns, &argv)?)?;
     m.insert("tps".into(), r.tps);
     m.insert("p50_us".into(), r.p50_us);
     m.insert("p99_us".into(), r.p99_us);
@@ -843,9 +829,9 @@ fn bulk(ctx: &Ctx, active: &Active, cell: &Cell, m: &mut BTreeMap<String, f64>) 
     let src = pod_addr(base, active.n - 1).to_string();
     let t = (ctx.plan.secs.ceil() as u64).max(1).to_string();
     let omit = (ctx.plan.warmup.ceil() as u64).to_string();
-    let cpu0 = sys::cpu_times()?;
+    let cpu0 = procfs::cpu_times()?;
     let t0 = Instant::now();
-    let out = run(ctx.client(
+    let out = ctx.output(ctx.client(
         ns,
         &[
             "iperf3",
@@ -863,9 +849,9 @@ fn bulk(ctx: &Ctx, active: &Active, cell: &Cell, m: &mut BTreeMap<String, f64>) 
             streams,
             "-J",
         ],
-    ));
+    )?);
     let wall = t0.elapsed().as_secs_f64();
-    let cpu1 = sys::cpu_times()?;
+    let cpu1 = procfs::cpu_times()?;
     if !offloads {
         ctx.topo.set_offloads(true)?;
     }
@@ -883,7 +869,7 @@ fn bulk(ctx: &Ctx, active: &Active, cell: &Cell, m: &mut BTreeMap<String, f64>) 
         "retransmits".into(),
         v["end"]["sum_sent"]["retransmits"].as_f64().unwrap_or(0.0),
     );
-    let cores = (cpu1.busy - cpu0.busy) as f64 / sys::clock_ticks() / wall;
+    let cores = (cpu1.busy - cpu0.busy) as f64 / procfs::clock_ticks() / wall;
     m.insert("cpu_cores".into(), cores);
     if gbps > 0.0 {
         m.insert("cpu_cores_per_gbps".into(), cores / gbps);
@@ -899,7 +885,7 @@ fn udp(ctx: &Ctx, active: &Active, cell: &Cell, m: &mut BTreeMap<String, f64>) -
         .dir
         .join(format!("logs/udp-sink-{}.log", active.system.name()));
     let secs = ctx.plan.secs;
-    let sink = Bg::spawn(
+    let sink = Process::spawn(
         "udp sink",
         ctx.server(&[
             &ctx.exe,
@@ -914,7 +900,7 @@ fn udp(ctx: &Ctx, active: &Active, cell: &Cell, m: &mut BTreeMap<String, f64>) -
             &secs.to_string(),
             "--idle-secs",
             &(secs + 15.0).to_string(),
-        ]),
+        ])?,
         &log,
     )?;
     std::thread::sleep(Duration::from_millis(200));
@@ -931,15 +917,15 @@ fn udp(ctx: &Ctx, active: &Active, cell: &Cell, m: &mut BTreeMap<String, f64>) -
         (secs + 1.0).to_string(),
     ]);
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-    let cpu0 = sys::cpu_times()?;
-    let sent: UdpSendResult = ctx.json(ctx.client(ns, &argv))?;
-    let out = sink.wait_output(&log, Duration::from_secs_f64(secs + 30.0))?;
-    let cpu1 = sys::cpu_times()?;
+    let cpu0 = procfs::cpu_times()?;
+    let sent: UdpSendResult = ctx.json(ctx.client(ns, &argv)?)?;
+    let out = sink.wait_output(Duration::from_secs_f64(secs + 30.0))?;
+    let cpu1 = procfs::cpu_times()?;
     let got: UdpSinkResult = serde_json::from_str(out.lines().last().unwrap_or("{}"))?;
     m.insert("pps".into(), got.pps);
     m.insert("sent_pps".into(), sent.sent as f64 / sent.secs);
     m.insert("send_errors".into(), sent.send_errors as f64);
-    let cpu = (cpu1.busy - cpu0.busy) as f64 / sys::clock_ticks();
+    let cpu = (cpu1.busy - cpu0.busy) as f64 / procfs::clock_ticks();
     if got.received > 0 {
         m.insert(
             "cpu_ns_per_pkt".into(),
@@ -979,22 +965,24 @@ fn control_plane(ctx: &Ctx, active: &Active, m: &mut BTreeMap<String, f64>) -> R
                 ];
                 let mut a = vec![ipt.as_str(), "-w", "-t", "nat", "-I", "POSTROUTING", "1"];
                 a.extend(spec);
-                add.push(timed(in_ns(n1, &a))?);
+                add.push(timed(command(n1, a[0], &a[1..])?)?);
                 let mut d = vec![ipt.as_str(), "-w", "-t", "nat", "-D", "POSTROUTING"];
                 d.extend(spec);
-                del.push(timed(in_ns(n1, &d))?);
+                del.push(timed(command(n1, d[0], &d[1..])?)?);
             }
             System::Nftables => {
                 let elem = format!("{{ {id} : {egress} }}");
-                add.push(timed(in_ns(
+                add.push(timed(command(
                     n1,
-                    &["nft", "add", "element", "ip", "bench_nat", "m", &elem],
-                ))?);
+                    "nft",
+                    &["add", "element", "ip", "bench_nat", "m", &elem],
+                )?)?);
                 let key = format!("{{ {id} }}");
-                del.push(timed(in_ns(
+                del.push(timed(command(
                     n1,
-                    &["nft", "delete", "element", "ip", "bench_nat", "m", &key],
-                ))?);
+                    "nft",
+                    &["delete", "element", "ip", "bench_nat", "m", &key],
+                )?)?);
             }
             System::Ebpf | System::EbpfCt => {
                 let inst = active.agent_instance("node1");
@@ -1010,14 +998,14 @@ fn control_plane(ctx: &Ctx, active: &Active, m: &mut BTreeMap<String, f64>) -> R
                 let map = map.to_string_lossy();
                 let key: Vec<String> = e.octets().iter().map(u8::to_string).collect();
                 let val: Vec<String> = id.to_ne_bytes().iter().map(u8::to_string).collect();
-                let mut a = vec!["bpftool", "map", "update", "pinned", &map, "key"];
+                let mut a = vec!["map", "update", "pinned", &map, "key"];
                 a.extend(key.iter().map(String::as_str));
                 a.push("value");
                 a.extend(val.iter().map(String::as_str));
-                add_cli.push(timed(host(&a))?);
-                let mut d = vec!["bpftool", "map", "delete", "pinned", &map, "key"];
+                add_cli.push(timed(host_command("bpftool", &a))?);
+                let mut d = vec!["map", "delete", "pinned", &map, "key"];
                 d.extend(key.iter().map(String::as_str));
-                del_cli.push(timed(host(&d))?);
+                del_cli.push(timed(host_command("bpftool", &d))?);
             }
             System::None => unreachable!("no control plane cell for none"),
         }
@@ -1042,10 +1030,10 @@ fn prog(ctx: &Ctx, active: &Active, m: &mut BTreeMap<String, f64>) -> Result<()>
     let samples = if ctx.args.quick { "200" } else { "1000000" };
     let new_flow_samples = if ctx.args.quick { "200" } else { "2000" };
     let repeat = if ctx.args.quick { "100000" } else { "1000000" };
-    let r: ProgTestResult = ctx.json(in_ns(
+    let r: ProgTestResult = ctx.json(command(
         &ctx.topo.node1,
+        &ctx.exe,
         &[
-            &ctx.exe,
             "prog-test",
             "--instance",
             &inst,
@@ -1058,7 +1046,7 @@ fn prog(ctx: &Ctx, active: &Active, m: &mut BTreeMap<String, f64>) -> Result<()>
             "--repeat",
             repeat,
         ],
-    ))?;
+    )?)?;
     m.insert("samples".into(), f64::from(r.samples));
     m.insert("empty_ns".into(), r.empty_ns);
     m.insert("established_fwd_ns".into(), r.established_fwd_ns);

@@ -10,11 +10,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
-use crate::sys::{Bg, host, in_ns, run, run_stdin};
-use crate::topo::{
-    self, NODE1, NODE2, POD1_BASE, POD1_CIDR, POD2_BASE, POD2_CIDR, POD2_SELECTED, Topo,
-    egress_addr, pod_addr,
+use egress_lab::bench_topology::{
+    self as topo, BenchTopology, NODE1, NODE2, POD1_BASE, POD1_CIDR, POD2_BASE, POD2_CIDR,
+    POD2_SELECTED, egress_addr, pod_addr,
 };
+use egress_lab::exec::{self, Process};
+use egress_lab::{exec_in, netns};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -108,9 +109,9 @@ pub struct Active<'t> {
     pub system: System,
     pub n: u32,
     pub setup_secs: f64,
-    topo: &'t Topo,
+    topo: &'t BenchTopology,
     env: Env,
-    agents: Vec<Bg>,
+    agents: Vec<Process>,
     pins: Vec<PathBuf>,
 }
 
@@ -128,7 +129,7 @@ const PLAIN_TUNNEL: &str = "vxb";
 /// that a leftover of one can never capture the other's packets.
 const PLAIN_TUNNEL_PORT: &str = "4790";
 
-pub fn setup<'t>(system: System, topo: &'t Topo, n: u32, env: &Env) -> Result<Active<'t>> {
+pub fn setup<'t>(system: System, topo: &'t BenchTopology, n: u32, env: &Env) -> Result<Active<'t>> {
     if n == 0 || n > topo::MAX_POLICIES {
         bail!("N must be in 1..={}", topo::MAX_POLICIES);
     }
@@ -177,62 +178,28 @@ impl Active<'_> {
             (&self.topo.node1, NODE1, NODE2, "10.250.0.1/30"),
             (&self.topo.node2, NODE2, NODE1, "10.250.0.2/30"),
         ] {
-            run(in_ns(
-                ns,
+            exec::ip_batch(
+                Some(ns),
                 &[
-                    "ip",
-                    "link",
-                    "add",
-                    PLAIN_TUNNEL,
-                    "type",
-                    "vxlan",
-                    "id",
-                    "4242",
-                    "local",
-                    &local.to_string(),
-                    "remote",
-                    &remote.to_string(),
-                    "dstport",
-                    PLAIN_TUNNEL_PORT,
-                    "dev",
-                    "eth0",
+                    format!(
+                        "link add {PLAIN_TUNNEL} type vxlan id 4242 local {local} remote {remote} dstport {PLAIN_TUNNEL_PORT} dev eth0"
+                    ),
+                    format!("addr add {addr} dev {PLAIN_TUNNEL}"),
+                    format!("link set {PLAIN_TUNNEL} up"),
                 ],
-            ))?;
-            run(in_ns(ns, &["ip", "addr", "add", addr, "dev", PLAIN_TUNNEL]))?;
-            run(in_ns(ns, &["ip", "link", "set", PLAIN_TUNNEL, "up"]))?;
+            )?;
         }
-        run(in_ns(
-            &self.topo.node1,
-            &["ip", "route", "add", POD2_SELECTED, "via", "10.250.0.2"],
-        ))?;
-        let n2 = &self.topo.node2;
-        run(in_ns(
-            n2,
+        exec::ip_batch(
+            Some(&self.topo.node1),
+            &[format!("route add {POD2_SELECTED} via 10.250.0.2")],
+        )?;
+        exec::ip_batch(
+            Some(&self.topo.node2),
             &[
-                "ip",
-                "rule",
-                "add",
-                "from",
-                POD2_SELECTED,
-                "lookup",
-                TUNNEL_TABLE,
-                "pref",
-                "100",
+                format!("rule add from {POD2_SELECTED} lookup {TUNNEL_TABLE} pref 100"),
+                format!("route add default via 10.250.0.1 table {TUNNEL_TABLE}"),
             ],
-        ))?;
-        run(in_ns(
-            n2,
-            &[
-                "ip",
-                "route",
-                "add",
-                "default",
-                "via",
-                "10.250.0.1",
-                "table",
-                TUNNEL_TABLE,
-            ],
-        ))?;
+        )?;
         Ok(())
     }
 
@@ -240,22 +207,28 @@ impl Active<'_> {
     /// uplink; doing the same keeps node1's local routing table as large as
     /// with the agent.
     fn claim_egress_addrs(&mut self) -> Result<()> {
-        let mut batch = String::new();
-        for i in 0..self.n {
-            writeln!(
-                batch,
-                "address add {}/{} dev eth0",
-                egress_addr(i),
-                topo::NODE_PREFIX
-            )?;
-        }
-        run_stdin(host(&["ip", "-n", &self.topo.node1, "-batch", "-"]), &batch)?;
+        let batch: Vec<String> = (0..self.n)
+            .map(|i| {
+                format!(
+                    "address add {}/{} dev eth0",
+                    egress_addr(i),
+                    topo::NODE_PREFIX
+                )
+            })
+            .collect();
+        exec::ip_batch_timeout(Some(&self.topo.node1), &batch, topo::setup_timeout(self.n))?;
         Ok(())
     }
 
     fn baseline_conntrack(&mut self) -> Result<()> {
         for ns in [&self.topo.node1, &self.topo.node2] {
-            run_stdin(in_ns(ns, &["nft", "-f", "-"]), CONNTRACK_BASELINE)?;
+            exec::exec_in_with_input(
+                ns,
+                "nft",
+                &["-f", "-"],
+                CONNTRACK_BASELINE,
+                exec::DEFAULT_TIMEOUT,
+            )?;
         }
         Ok(())
     }
@@ -278,8 +251,7 @@ impl Active<'_> {
             )?;
         }
         s.push_str(" } }\n chain pre { type filter hook prerouting priority mangle; policy accept; meta mark set ip saddr map @pod2mark; }\n}\n");
-        run_stdin(in_ns(&self.topo.node1, &["nft", "-f", "-"]), &s)?;
-        Ok(())
+        self.nft_in_node1(&s)
     }
 
     /// openshift-sdn's egress-IP rules: one `-m mark --mark M -j SNAT` per
@@ -296,12 +268,24 @@ impl Active<'_> {
             )?;
         }
         s.push_str("COMMIT\n");
-        run_stdin(
-            in_ns(
-                &self.topo.node1,
-                &[&self.env.iptables_restore(), "--noflush"],
-            ),
+        exec::exec_in_with_input(
+            &self.topo.node1,
+            &self.env.iptables_restore(),
+            &["--noflush"],
             &s,
+            topo::setup_timeout(self.n),
+        )?;
+        Ok(())
+    }
+
+    /// Loads an nft ruleset of N elements into node1.
+    fn nft_in_node1(&self, ruleset: &str) -> Result<()> {
+        exec::exec_in_with_input(
+            &self.topo.node1,
+            "nft",
+            &["-f", "-"],
+            ruleset,
+            topo::setup_timeout(self.n),
         )?;
         Ok(())
     }
@@ -314,8 +298,7 @@ impl Active<'_> {
             write!(s, "{sep}{} : {}", mark(i), egress_addr(i))?;
         }
         s.push_str(" } }\n chain post { type nat hook postrouting priority srcnat; policy accept; snat to meta mark map @m; }\n}\n");
-        run_stdin(in_ns(&self.topo.node1, &["nft", "-f", "-"]), &s)?;
-        Ok(())
+        self.nft_in_node1(&s)
     }
 
     fn agents(&mut self) -> Result<()> {
@@ -348,23 +331,20 @@ impl Active<'_> {
             // Each agent keeps its own ledger of claimed addresses: two
             // agents sharing the default would release each other's.
             let state = self.env.work.join(format!("agent-{name}.state"));
-            let cmd = in_ns(
-                &ns,
-                &[
-                    &agent.to_string_lossy(),
-                    "run",
-                    "--config",
-                    &cfg_path.to_string_lossy(),
-                    "--ready-file",
-                    &ready.to_string_lossy(),
-                    "--state-dir",
-                    &state.to_string_lossy(),
-                ],
-            );
+            let mut cmd = netns::command_in(&ns, &agent.to_string_lossy())?;
+            cmd.args([
+                "run".as_ref(),
+                "--config".as_ref(),
+                cfg_path.as_os_str(),
+                "--ready-file".as_ref(),
+                ready.as_os_str(),
+                "--state-dir".as_ref(),
+                state.as_os_str(),
+            ]);
             self.pins
                 .push(PathBuf::from(format!("/sys/fs/bpf/{instance}")));
             self.agents
-                .push(Bg::spawn(&format!("egress-agent {name}"), cmd, &log)?);
+                .push(Process::spawn(&format!("egress-agent {name}"), cmd, &log)?);
             ready_files.push((ready, log));
         }
         // The agent claims egress IPs one netlink request at a time (~11 ms
@@ -404,42 +384,29 @@ impl Active<'_> {
             // Only the instance directories this run created.
             let _ = std::fs::remove_dir_all(p);
         }
+        // Each step may find nothing to undo (the system did not set it
+        // up, or it failed half-way): errors are expected and ignored.
         for ns in [&self.topo.node1, &self.topo.node2] {
-            let _ = run(in_ns(ns, &["nft", "flush", "ruleset"]));
-            let ipt = self.env.iptables.clone();
-            let _ = run(in_ns(ns, &[&ipt, "-t", "nat", "-F"]));
-            let _ = run(in_ns(ns, &["ip", "link", "del", PLAIN_TUNNEL]));
+            let _ = exec_in(ns, "nft", &["flush", "ruleset"]);
+            let _ = exec_in(ns, &self.env.iptables, &["-t", "nat", "-F"]);
+            let _ = exec_in(ns, "ip", &["link", "del", PLAIN_TUNNEL]);
             // Our agent's device, in case it leaves it behind on exit.
-            let _ = run(in_ns(ns, &["ip", "link", "del", "egress-vxlan"]));
-            let _ = run(in_ns(ns, &["conntrack", "-F"]));
+            let _ = exec_in(ns, "ip", &["link", "del", "egress-vxlan"]);
+            let _ = exec_in(ns, "conntrack", &["-F"]);
         }
-        let _ = run(in_ns(
-            &self.topo.node2,
-            &["ip", "rule", "del", "pref", "100"],
-        ));
-        let _ = run(in_ns(
-            &self.topo.node2,
-            &["ip", "route", "flush", "table", TUNNEL_TABLE],
-        ));
-        let _ = run(in_ns(
-            &self.topo.node1,
-            &["ip", "route", "del", POD2_SELECTED],
-        ));
+        let n2 = &self.topo.node2;
+        let _ = exec_in(n2, "ip", &["rule", "del", "pref", "100"]);
+        let _ = exec_in(n2, "ip", &["route", "flush", "table", TUNNEL_TABLE]);
+        let n1 = &self.topo.node1;
+        let _ = exec_in(n1, "ip", &["route", "del", POD2_SELECTED]);
         // Addresses the agent claimed for egress IPs, if it did not release them.
-        let _ = run(in_ns(
-            &self.topo.node1,
-            &[
-                "ip",
-                "addr",
-                "flush",
-                "dev",
-                "eth0",
-                "to",
-                topo::EGRESS_RANGE,
-            ],
-        ));
+        let _ = exec_in(
+            n1,
+            "ip",
+            &["addr", "flush", "dev", "eth0", "to", topo::EGRESS_RANGE],
+        );
         for ns in [&self.topo.pod1, &self.topo.pod2, &self.topo.srv] {
-            let _ = run(in_ns(ns, &["conntrack", "-F"]));
+            let _ = exec_in(ns, "conntrack", &["-F"]);
         }
     }
 }
@@ -528,12 +495,13 @@ pods = ["{p1}", "{p2}"]
 
 /// Flushes conntrack in every namespace between cells, so that no cell pays
 /// for (or benefits from) the previous cell's entries.
-pub fn flush_conntrack(topo: &Topo) {
+pub fn flush_conntrack(topo: &BenchTopology) {
     for ns in topo.all() {
-        let _ = run(in_ns(ns, &["conntrack", "-F"]));
+        let _ = exec_in(ns, "conntrack", &["-F"]);
     }
 }
 
 pub fn host_sysctl(kv: &str) -> Result<()> {
-    run(host(&["sysctl", "-q", "-w", kv])).map(|_| ())
+    exec::exec("sysctl", &["-q", "-w", kv])?;
+    Ok(())
 }

@@ -8,11 +8,13 @@
 //! it is dropped, so tests run concurrently and clean up after panics.
 
 pub mod agent;
+pub mod bench_topology;
 pub mod chaos;
 pub mod error;
 pub mod exec;
 pub mod failover;
 pub mod kubernetes;
+pub mod namespaces;
 pub mod netns;
 pub mod spec;
 pub mod topology;

@@ -27,7 +27,7 @@ use crate::{
     error::{LabError, Result, io_err},
     exec,
     kubernetes::{self, KubeApi},
-    netns,
+    namespaces, netns,
     spec::{self, LabSpec, PodRef, PolicySpec},
     traffic::wait_for,
 };
@@ -712,58 +712,17 @@ impl Drop for Lab {
     }
 }
 
-/// Deletes `namespaces` (after killing whatever still runs in them) and
-/// removes `pins`. Best effort: it runs from Drop, where nothing can be
-/// returned; failures are logged.
+/// Deletes `namespaces` (see [`namespaces::delete_all`]) and removes
+/// `pins`. Best effort: it runs from Drop, where nothing can be returned;
+/// failures are logged.
 fn teardown(namespaces: &[String], pins: &[PathBuf]) {
-    for ns in namespaces {
-        if !netns::netns_path(ns).exists() {
-            continue;
-        }
-        kill_processes_in(ns);
-        if let Err(e) = exec::exec("ip", &["netns", "del", ns]) {
-            tracing::warn!(%ns, error = %e, "cannot delete namespace");
-        }
-    }
+    namespaces::delete_all(namespaces);
     for pin in pins {
         if pin.exists()
             && let Err(e) = fs::remove_dir_all(pin)
         {
             tracing::warn!(path = %pin.display(), error = %e, "cannot remove pinned state");
         }
-    }
-}
-
-/// Ends the processes a lab started in `ns` (agents, iperf3): SIGTERM, then
-/// SIGKILL for what is left after a grace period.
-fn kill_processes_in(ns: &str) {
-    use nix::{
-        sys::signal::{Signal, kill},
-        unistd::Pid,
-    };
-    let pids = |ns: &str| -> Vec<i32> {
-        exec::exec("ip", &["netns", "pids", ns])
-            .map(|o| {
-                o.stdout
-                    .split_whitespace()
-                    .filter_map(|p| p.parse().ok())
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
-    let first = pids(ns);
-    if first.is_empty() {
-        return;
-    }
-    for pid in &first {
-        let _ = kill(Pid::from_raw(*pid), Signal::SIGTERM);
-    }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline && !pids(ns).is_empty() {
-        thread::sleep(Duration::from_millis(50));
-    }
-    for pid in pids(ns) {
-        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
     }
 }
 
