@@ -4,7 +4,6 @@
 //! `BPF_PROG_TEST_RUN` suite (egress-testrun) loads and programs the
 //! datapath through the same code.
 
-pub mod batch;
 pub mod config;
 pub mod fence;
 pub mod gc;
