@@ -1,7 +1,12 @@
 //! Conntrack garbage collection: removes translations idle for longer than
 //! their state's timeout, removes reverse entries left without their forward
-//! half, and reconciles the flow counts (global and per pod) with the
-//! entries that exist.
+//! half, reconciles the flow counts (global and per pod) with the entries
+//! that exist, and expires the records of connections opened from outside
+//! (`inbound_v4`). The maps are read and deleted from in batches
+//! (`egress_bpf::lookup_all`, `delete_all`); a forward entry and its
+//! reverse half are paired with the keys of egress-common
+//! (`FlowKeyV4::reply_after_nat`, `forward_before_nat`), as the datapath
+//! pairs them.
 //!
 //! Reconciliation, so that the counts can never drift: the datapath adds to
 //! `created` once a flow's entries are in the table and to `reclaimed` once

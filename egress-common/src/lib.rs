@@ -1,4 +1,8 @@
-//! Map keys and values shared by the egress eBPF programs and the agent.
+//! Map keys and values shared by the egress eBPF programs and the agent,
+//! and the contract both sides derive from them: how a forward key and its
+//! reverse entry's key map onto each other ([`FlowKeyV4::reply_after_nat`],
+//! [`FlowKeyV4::forward_before_nat`]), the flag bits, drop reasons and
+//! counter slots.
 //!
 //! Every type is `#[repr(C)]` with explicit padding so that the kernel, the
 //! eBPF side and userspace agree on the layout, and so that `bpftool map dump`
