@@ -1,7 +1,12 @@
 //! Conntrack garbage collection: removes translations idle for longer than
 //! their state's timeout, removes reverse entries left without their forward
-//! half, and reconciles the flow counts (global and per pod) with the
-//! entries that exist.
+//! half, reconciles the flow counts (global and per pod) with the entries
+//! that exist, and expires the records of connections opened from outside
+//! (`inbound_v4`). The maps are read and deleted from in batches
+//! (`egress_bpf::lookup_all`, `delete_all`); a forward entry and its
+//! reverse half are paired with the keys of egress-common
+//! (`FlowKeyV4::reply_after_nat`, `forward_before_nat`), as the datapath
+//! pairs them.
 //!
 //! Reconciliation, so that the counts can never drift: the datapath adds to
 //! `created` once a flow's entries are in the table and to `reclaimed` once
@@ -29,9 +34,8 @@ use egress_common::{
 };
 
 use crate::{
-    batch,
     config::Timeouts,
-    maps::{Maps, MapsError, PinLayout, forward_key, reverse_key},
+    maps::{Maps, MapsError, PinLayout},
 };
 
 /// The collector on a thread of its own with its own map handles: a sweep
@@ -215,23 +219,24 @@ impl Collector {
         now_ns: u64,
     ) -> Result<SweepReport, MapsError> {
         let batch_err = |name, op| move |source| MapsError::Batch { name, op, source };
+        let dup_err = |name| move |source| MapsError::Descriptor { name, source };
         // Own copies of the descriptors, so that `maps` stays free for the
         // flow-count update in between.
         let fwd = IterableMap::map(&maps.nat_fwd)
             .fd()
             .as_fd()
             .try_clone_to_owned()
-            .map_err(batch_err(names::NAT_FWD_V4, "dup"))?;
+            .map_err(dup_err(names::NAT_FWD_V4))?;
         let rev = IterableMap::map(&maps.nat_rev)
             .fd()
             .as_fd()
             .try_clone_to_owned()
-            .map_err(batch_err(names::NAT_REV_V4, "dup"))?;
+            .map_err(dup_err(names::NAT_REV_V4))?;
         let pod_fd = IterableMap::map(&maps.pod_flows)
             .fd()
             .as_fd()
             .try_clone_to_owned()
-            .map_err(batch_err(names::POD_FLOWS_V4, "dup"))?;
+            .map_err(dup_err(names::POD_FLOWS_V4))?;
         let (fwd_fd, rev_fd) = (fwd.as_fd(), rev.as_fd());
         let per_pod = maps
             .config
@@ -247,7 +252,7 @@ impl Collector {
         // Counters before the walk.
         let before = maps.flow_counts()?;
         let pods_before: HashMap<[u8; 4], PodFlowsV4> = if per_pod {
-            batch::lookup_all(pod_fd.as_fd())
+            egress_bpf::lookup_all(pod_fd.as_fd())
                 .map_err(batch_err(names::POD_FLOWS_V4, "lookup"))?
                 .into_iter()
                 .collect()
@@ -256,7 +261,7 @@ impl Collector {
         };
 
         let flows: Vec<(FlowKeyV4, NatEntryV4)> =
-            batch::lookup_all(fwd_fd).map_err(batch_err(names::NAT_FWD_V4, "lookup"))?;
+            egress_bpf::lookup_all(fwd_fd).map_err(batch_err(names::NAT_FWD_V4, "lookup"))?;
         report.scanned = flows.len();
         let (expired_flows, live): (Vec<_>, Vec<_>) = flows.iter().partition(|(key, entry)| {
             expired(
@@ -273,21 +278,21 @@ impl Collector {
         let reverse: Vec<FlowKeyV4> = expired_flows
             .iter()
             .filter(|(_, e)| e.flags & ct_flags::STEERED == 0)
-            .map(|(k, e)| reverse_key(k, e))
+            .map(|(k, e)| k.reply_after_nat(e.nat_addr, e.nat_port))
             .collect();
-        report.expired =
-            batch::delete_all(fwd_fd, &forward).map_err(batch_err(names::NAT_FWD_V4, "delete"))?;
-        batch::delete_all(rev_fd, &reverse).map_err(batch_err(names::NAT_REV_V4, "delete"))?;
+        report.expired = egress_bpf::delete_all(fwd_fd, &forward)
+            .map_err(batch_err(names::NAT_FWD_V4, "delete"))?;
+        egress_bpf::delete_all(rev_fd, &reverse).map_err(batch_err(names::NAT_REV_V4, "delete"))?;
 
         // Orphans: reverse entries whose forward half is not among the live
         // flows just read. A flow being born gets its reverse half first, so
         // only a second sighting, a sweep later, counts.
         let live_keys: HashSet<FlowKeyV4> = live.iter().map(|(k, _)| *k).collect();
         let replies: Vec<(FlowKeyV4, RevNatEntryV4)> =
-            batch::lookup_all(rev_fd).map_err(batch_err(names::NAT_REV_V4, "lookup"))?;
+            egress_bpf::lookup_all(rev_fd).map_err(batch_err(names::NAT_REV_V4, "lookup"))?;
         let (orphans, suspects) = find_orphans(&live_keys, &replies, &self.suspected_orphans);
-        report.orphans_removed =
-            batch::delete_all(rev_fd, &orphans).map_err(batch_err(names::NAT_REV_V4, "delete"))?;
+        report.orphans_removed = egress_bpf::delete_all(rev_fd, &orphans)
+            .map_err(batch_err(names::NAT_REV_V4, "delete"))?;
         self.suspected_orphans = suspects;
 
         // Counts: whatever expired is gone, by our delete or by the datapath's
@@ -304,7 +309,7 @@ impl Collector {
         report.live = found;
 
         if per_pod {
-            let after: HashMap<[u8; 4], PodFlowsV4> = batch::lookup_all(pod_fd.as_fd())
+            let after: HashMap<[u8; 4], PodFlowsV4> = egress_bpf::lookup_all(pod_fd.as_fd())
                 .map_err(batch_err(names::POD_FLOWS_V4, "lookup"))?
                 .into_iter()
                 .collect();
@@ -334,15 +339,15 @@ impl Collector {
             .fd()
             .as_fd()
             .try_clone_to_owned()
-            .map_err(batch_err(names::INBOUND_V4, "dup"))?;
-        let records: Vec<(FlowKeyV4, u64)> =
-            batch::lookup_all(inbound.as_fd()).map_err(batch_err(names::INBOUND_V4, "lookup"))?;
+            .map_err(dup_err(names::INBOUND_V4))?;
+        let records: Vec<(FlowKeyV4, u64)> = egress_bpf::lookup_all(inbound.as_fd())
+            .map_err(batch_err(names::INBOUND_V4, "lookup"))?;
         let idle: Vec<FlowKeyV4> = records
             .iter()
             .filter(|(key, seen)| inbound_expired(timeouts, key.proto, *seen, now_ns))
             .map(|(key, _)| *key)
             .collect();
-        report.inbound_expired = batch::delete_all(inbound.as_fd(), &idle)
+        report.inbound_expired = egress_bpf::delete_all(inbound.as_fd(), &idle)
             .map_err(batch_err(names::INBOUND_V4, "delete"))?;
         Ok(report)
     }
@@ -392,7 +397,7 @@ fn find_orphans(
     let mut orphans = Vec::new();
     let mut suspects = HashSet::new();
     for (reply, rev) in replies {
-        if live.contains(&forward_key(reply, rev)) {
+        if live.contains(&reply.forward_before_nat(rev)) {
             continue;
         }
         if suspected.contains(reply) {
@@ -497,13 +502,13 @@ mod tests {
                 nat_port: port,
                 ..Default::default()
             };
-            let reply = reverse_key(&key, &entry);
+            let reply = key.reply_after_nat(entry.nat_addr, entry.nat_port);
             let rev = RevNatEntryV4 {
                 orig_addr: key.src_addr,
                 orig_port: key.src_port,
                 ..Default::default()
             };
-            assert_eq!(forward_key(&reply, &rev), key);
+            assert_eq!(reply.forward_before_nat(&rev), key);
             (key, reply, rev)
         };
         let (live_key, live_reply, live_rev) = flow(40000);

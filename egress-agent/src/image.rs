@@ -1,6 +1,9 @@
 //! The exact contents the datapath's control maps should hold: a pure
-//! function of the desired [`NodeState`] and of this node's environment.
-//! The reconciler compares it with what the maps hold.
+//! function of the desired [`NodeState`], of this node's [`Environment`]
+//! (datapath settings, tunnel, claim fence) and of what its network stack
+//! says ([`HostFacts`]: pod interfaces, upstream devices, node addresses).
+//! The reconciler (`maps::reconcile`) compares it with the image read back
+//! from the maps (`Maps::read_image`) and writes only the difference.
 
 use std::collections::{BTreeMap, BTreeSet};
 

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use crate::{
     gc::monotonic_ns,
     loader::pinned_links,
-    maps::{Maps, PinLayout, exclusions_by_policy, reverse_key},
+    maps::{Maps, PinLayout, exclusions_by_policy},
 };
 
 fn open(instance: &str) -> anyhow::Result<(PinLayout, Maps)> {
@@ -120,7 +120,10 @@ pub fn nat_list(instance: &str, as_json: bool) -> anyhow::Result<()> {
     let mut flows = Vec::new();
     for item in maps.nat_fwd.iter() {
         let (key, e) = item?;
-        let reverse_present = maps.nat_rev.get(&reverse_key(&key, &e), 0).is_ok();
+        let reverse_present = maps
+            .nat_rev
+            .get(&key.reply_after_nat(e.nat_addr, e.nat_port), 0)
+            .is_ok();
         flows.push(json!({
             "proto": proto_name(key.proto),
             "pod": format!("{}:{}", ip(key.src_addr), key.src_port),

@@ -9,7 +9,6 @@
 //! datapath through the same code.
 
 pub mod agent;
-pub mod batch;
 pub mod claims;
 pub mod config;
 pub mod fence;

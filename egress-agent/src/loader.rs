@@ -1,6 +1,9 @@
-//! Loading the eBPF objects with pinned maps, and attaching them with pinned
-//! TCX links so that the datapath keeps forwarding while the agent restarts
-//! and a new agent replaces the programs atomically.
+//! Loading the four eBPF objects (embedded by build.rs) with pinned maps,
+//! refusing pinned maps of another layout or size, pinning each program,
+//! and attaching them with pinned TCX links so that the datapath keeps
+//! forwarding while the agent restarts and a new agent replaces the
+//! programs atomically. Also what `reset` uses: the pinned links, detach,
+//! and removal of everything an instance pinned.
 
 use std::{
     collections::BTreeSet,

@@ -32,6 +32,11 @@ pub enum MapsError {
     Batch {
         name: &'static str,
         op: &'static str,
+        source: egress_bpf::Error,
+    },
+    #[error("map {name}: duplicating its descriptor: {source}")]
+    Descriptor {
+        name: &'static str,
         source: std::io::Error,
     },
     #[error("starting the conntrack collector's thread: {source}")]
@@ -822,28 +827,6 @@ const DROP_SLOT: PolicyV4 = PolicyV4 {
     group: NO_USABLE_IP,
 };
 
-/// The reply tuple of a forward entry: where its reverse entry lives.
-pub fn reverse_key(key: &FlowKeyV4, entry: &NatEntryV4) -> FlowKeyV4 {
-    FlowKeyV4::new(
-        key.dst_addr,
-        entry.nat_addr,
-        key.dst_port,
-        entry.nat_port,
-        key.proto,
-    )
-}
-
-/// The forward tuple a reverse entry belongs to.
-pub fn forward_key(reply: &FlowKeyV4, rev: &RevNatEntryV4) -> FlowKeyV4 {
-    FlowKeyV4::new(
-        rev.orig_addr,
-        reply.src_addr,
-        rev.orig_port,
-        reply.src_port,
-        reply.proto,
-    )
-}
-
 /// Exclusions grouped for display.
 pub fn exclusions_by_policy(image: &DatapathImage) -> BTreeMap<u32, BTreeSet<String>> {
     let mut out: BTreeMap<u32, BTreeSet<String>> = BTreeMap::new();
@@ -859,30 +842,7 @@ pub fn exclusions_by_policy(image: &DatapathImage) -> BTreeMap<u32, BTreeSet<Str
 
 #[cfg(test)]
 mod tests {
-    use egress_common::proto;
-
     use super::*;
-
-    #[test]
-    fn reverse_and_forward_keys_are_inverse() {
-        let fwd = FlowKeyV4::new([10, 244, 1, 2], [198, 51, 100, 10], 40000, 80, proto::TCP);
-        let entry = NatEntryV4 {
-            nat_addr: [172, 18, 0, 100],
-            nat_port: 1234,
-            ..Default::default()
-        };
-        let reply = reverse_key(&fwd, &entry);
-        assert_eq!(
-            reply,
-            FlowKeyV4::new([198, 51, 100, 10], [172, 18, 0, 100], 80, 1234, proto::TCP)
-        );
-        let rev = RevNatEntryV4 {
-            orig_addr: [10, 244, 1, 2],
-            orig_port: 40000,
-            ..Default::default()
-        };
-        assert_eq!(forward_key(&reply, &rev), fwd);
-    }
 
     /// The control maps as plain maps: a policy array of `slots` entries
     /// (as the kernel's, a write beyond it fails), and writes that fail on
@@ -911,7 +871,10 @@ mod tests {
                 return Err(MapsError::Batch {
                     name: "injected",
                     op: "write",
-                    source: std::io::Error::from_raw_os_error(libc_enomem()),
+                    source: egress_bpf::Error::Command {
+                        cmd: egress_bpf::Cmd::MapUpdateElem,
+                        source: std::io::Error::from_raw_os_error(libc_enomem()),
+                    },
                 });
             }
             let i = &mut self.image;

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -22,11 +22,11 @@ pub fn pin_dir(instance: &str) -> PathBuf {
 }
 
 fn open_map(instance: &str, name: &str) -> Result<OwnedFd> {
-    bpf::obj_get(&pin_dir(instance).join("maps").join(name))
+    Ok(bpf::obj_get(&pin_dir(instance).join("maps").join(name))?)
 }
 
 fn open_prog(instance: &str, name: &str) -> Result<OwnedFd> {
-    bpf::obj_get(&pin_dir(instance).join("progs").join(name))
+    Ok(bpf::obj_get(&pin_dir(instance).join("progs").join(name))?)
 }
 
 // --- packets -------------------------------------------------------------
@@ -108,20 +108,7 @@ pub fn tcp_frame(
 /// harness's own overhead, subtracted from single-run figures.
 fn empty_tc_prog() -> Result<OwnedFd> {
     let insns: [u8; 16] = [0xb7, 0, 0, 0, 0, 0, 0, 0, 0x95, 0, 0, 0, 0, 0, 0, 0];
-    let license = c"GPL";
-    let mut attr = [0u8; 128];
-    attr[0..4].copy_from_slice(&3u32.to_ne_bytes()); // BPF_PROG_TYPE_SCHED_CLS
-    attr[4..8].copy_from_slice(&2u32.to_ne_bytes());
-    attr[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
-    attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
-    // SAFETY: attr is a zeroed bpf_attr for BPF_PROG_LOAD whose pointers
-    // reference locals that outlive the call.
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, 5 as libc::c_long, attr.as_mut_ptr(), 128u32) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error()).context("BPF_PROG_LOAD of the empty program");
-    }
-    // SAFETY: a fresh fd from the kernel, owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    bpf::load_sched_cls(&insns).context("BPF_PROG_LOAD of the empty program")
 }
 
 #[derive(Clone, Debug, clap::Args)]

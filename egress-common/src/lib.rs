@@ -1,4 +1,8 @@
-//! Map keys and values shared by the egress eBPF programs and the agent.
+//! Map keys and values shared by the egress eBPF programs and the agent,
+//! and the contract both sides derive from them: how a forward key and its
+//! reverse entry's key map onto each other ([`FlowKeyV4::reply_after_nat`],
+//! [`FlowKeyV4::forward_before_nat`]), the flag bits, drop reasons and
+//! counter slots.
 //!
 //! Every type is `#[repr(C)]` with explicit padding so that the kernel, the
 //! eBPF side and userspace agree on the layout, and so that `bpftool map dump`
@@ -60,6 +64,28 @@ impl FlowKeyV4 {
             self.dst_addr,
             self.src_addr,
             self.dst_port,
+            self.src_port,
+            self.proto,
+        )
+    }
+
+    /// The reply tuple (`server -> nat_addr:nat_port`) of this forward key
+    /// (`pod -> server`) once its source is translated to
+    /// `nat_addr:nat_port`: the key of the flow's `RevNatEntryV4`.
+    #[inline(always)]
+    pub const fn reply_after_nat(&self, nat_addr: [u8; 4], nat_port: u16) -> Self {
+        Self::new(self.dst_addr, nat_addr, self.dst_port, nat_port, self.proto)
+    }
+
+    /// The forward key (`pod -> server`) of the flow whose reverse entry
+    /// `rev` is keyed by this reply tuple: the inverse of
+    /// [`Self::reply_after_nat`].
+    #[inline(always)]
+    pub const fn forward_before_nat(&self, rev: &RevNatEntryV4) -> Self {
+        Self::new(
+            rev.orig_addr,
+            self.src_addr,
+            rev.orig_port,
             self.src_port,
             self.proto,
         )
@@ -634,6 +660,41 @@ mod tests {
         assert_eq!(r.src_addr, [192, 0, 2, 1]);
         assert_eq!(r.dst_port, 40000);
         assert_eq!(r.reversed(), k);
+    }
+
+    #[test]
+    fn reply_and_forward_keys_are_inverse() {
+        let fwd = FlowKeyV4::new([10, 244, 1, 2], [198, 51, 100, 10], 40000, 80, proto::TCP);
+        let reply = fwd.reply_after_nat([172, 18, 0, 100], 1234);
+        assert_eq!(
+            reply,
+            FlowKeyV4::new([198, 51, 100, 10], [172, 18, 0, 100], 80, 1234, proto::TCP)
+        );
+        // The reverse entry the datapath writes for that translation.
+        let rev = RevNatEntryV4 {
+            orig_addr: fwd.src_addr,
+            orig_port: fwd.src_port,
+            ..Default::default()
+        };
+        assert_eq!(reply.forward_before_nat(&rev), fwd);
+    }
+
+    #[test]
+    fn an_echo_reply_carries_the_nat_identifier_as_its_destination_port() {
+        // A request is keyed `src_port = id, dst_port = 0`; its reply
+        // arrives `src_port = 0, dst_port = id'` (id' the NAT identifier).
+        let request = FlowKeyV4::new([10, 244, 1, 2], [198, 51, 100, 10], 7, 0, proto::ICMP);
+        let reply = request.reply_after_nat([172, 18, 0, 100], 9);
+        assert_eq!(
+            reply,
+            FlowKeyV4::new([198, 51, 100, 10], [172, 18, 0, 100], 0, 9, proto::ICMP)
+        );
+        let rev = RevNatEntryV4 {
+            orig_addr: request.src_addr,
+            orig_port: 7,
+            ..Default::default()
+        };
+        assert_eq!(reply.forward_before_nat(&rev), request);
     }
 
     #[test]

@@ -80,11 +80,22 @@ pub fn by_vni(vni: u32) -> Option<Selected> {
 /// Whether `dst` is in the global exclusions or in the policy's own.
 #[inline(always)]
 pub fn is_excluded(policy_id: u32, dst: [u8; 4]) -> bool {
+    is_globally_excluded(dst) || excluded_under(policy_id, dst)
+}
+
+/// Whether `dst` is in the global exclusions (cluster, service and node
+/// networks), which hold for traffic of every policy and of none.
+#[inline(always)]
+pub fn is_globally_excluded(dst: [u8; 4]) -> bool {
+    excluded_under(0, dst)
+}
+
+/// Whether the exclusions stored under `policy_id` (0: the global ones)
+/// cover `dst`.
+#[inline(always)]
+fn excluded_under(policy_id: u32, dst: [u8; 4]) -> bool {
     let full = ExclusionKeyV4::POLICY_ID_BITS + 32;
-    let global = Key::new(full, ExclusionKeyV4::new(0, dst));
-    if EXCLUDED_V4.get(&global).is_some() {
-        return true;
-    }
-    let own = Key::new(full, ExclusionKeyV4::new(policy_id, dst));
-    EXCLUDED_V4.get(&own).is_some()
+    EXCLUDED_V4
+        .get(&Key::new(full, ExclusionKeyV4::new(policy_id, dst)))
+        .is_some()
 }

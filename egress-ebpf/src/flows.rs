@@ -170,13 +170,7 @@ fn reclaim_unreplied(seq: u64, cfg: &DatapathConfig) -> bool {
         if NAT_FWD_V4.remove(key).is_err() {
             continue;
         }
-        let reply = FlowKeyV4::new(
-            key.dst_addr,
-            entry.nat_addr,
-            key.dst_port,
-            entry.nat_port,
-            key.proto,
-        );
+        let reply = key.reply_after_nat(entry.nat_addr, entry.nat_port);
         // The reverse half, if it is this flow's (steered flows have none).
         if let Some(rev) = NAT_REV_V4.get_ptr(reply) {
             // SAFETY: as above.

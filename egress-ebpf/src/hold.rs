@@ -31,7 +31,7 @@ pub fn unknown_source(ctx: &TcContext, ip: &Ipv4) -> Result<(), DropReason> {
     if conntrack::now() >= unsafe { *until } {
         return Ok(());
     }
-    if LOCAL_PODS_V4.get_ptr(ip.src).is_some() || classify::is_excluded(0, ip.dst) {
+    if LOCAL_PODS_V4.get_ptr(ip.src).is_some() || classify::is_globally_excluded(ip.dst) {
         return Ok(());
     }
     Err(DropReason::PodPending)

@@ -1,9 +1,13 @@
-//! The egress datapath: TC programs that classify pod traffic, steer it to
-//! the egress node through VXLAN, SNAT it to the egress IP with our own
-//! conntrack, and reverse-translate the replies.
+//! The egress datapath: TC programs that classify pod traffic, check that
+//! it may use the egress IP (pod identity, tunnel trust, held interfaces),
+//! steer it to the egress node through VXLAN, SNAT it to the egress IP with
+//! our own conntrack, reverse-translate the replies, and leave alone the
+//! connections a client outside the cluster opened to a pod.
 //!
 //! One module per concern, in the spirit of cilium's `bpf/lib`; the binaries
-//! under `src/bin/` are thin entry points, one per attach point.
+//! under `src/bin/` are thin entry points, one per attach point:
+//! `pod_ingress` and `pod_egress` on the pods' host-side interfaces,
+//! `tunnel_ingress` on our VXLAN device, `uplink_ingress` on the uplink.
 #![no_std]
 // BPF atomic add: the bpf target lacks CAS, so core::sync::atomic has no RMW.
 // (The library also builds on the host, as the agent's build dependency.)
@@ -33,6 +37,37 @@ pub mod stats;
 pub mod steer;
 pub mod trust;
 pub mod tunnel;
+
+/// What every program binary under `src/bin/` needs besides its entry
+/// point, invoked once at the binary's root: on the bpf target the license
+/// section the kernel checks for GPL-only helpers and the panic handler
+/// (the verifier rejects any path that could reach it), and on the host a
+/// `main` that says how the binary is really built (the host build exists
+/// only because egress-agent's build.rs depends on this crate).
+#[macro_export]
+macro_rules! program_glue {
+    () => {
+        #[cfg(target_arch = "bpf")]
+        #[unsafe(link_section = "license")]
+        #[unsafe(no_mangle)]
+        static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+        #[cfg(target_arch = "bpf")]
+        #[panic_handler]
+        fn panic(_info: &core::panic::PanicInfo) -> ! {
+            loop {}
+        }
+
+        #[cfg(not(target_arch = "bpf"))]
+        fn main() {
+            eprintln!(
+                "{} is an eBPF program: build it with `cargo xtask build-ebpf`",
+                env!("CARGO_BIN_NAME")
+            );
+            std::process::exit(1);
+        }
+    };
+}
 
 /// TC verdicts (linux/pkt_cls.h).
 pub mod action {

@@ -143,11 +143,11 @@ pub fn translation(
         last_seen_ns: now,
         hop: NextHopV4::default(),
     };
-    let reply = reply_of(key, sel.policy.egress_addr, nat_port);
+    let reply = key.reply_after_nat(sel.policy.egress_addr, nat_port);
     if let Some(old) = stale {
         // A steered flow has no reverse entry here.
         if old.flags & ct_flags::STEERED == 0 {
-            let _ = NAT_REV_V4.remove(reply_of(key, old.nat_addr, old.nat_port));
+            let _ = NAT_REV_V4.remove(key.reply_after_nat(old.nat_addr, old.nat_port));
         }
         NAT_FWD_V4
             .insert(key, entry, BPF_ANY as u64)
@@ -203,12 +203,6 @@ pub struct Translation {
     pub hop: Option<HopCache>,
 }
 
-/// The reply tuple of `key` once its source is `nat_addr:nat_port`.
-#[inline(always)]
-pub fn reply_of(key: &FlowKeyV4, nat_addr: [u8; 4], nat_port: u16) -> FlowKeyV4 {
-    FlowKeyV4::new(key.dst_addr, nat_addr, key.dst_port, nat_port, key.proto)
-}
-
 /// Claims a NAT port with an atomic insert-if-absent of the reply tuple:
 /// the pod's own port when free, else up to `NAT_PORT_PROBES` ports from a
 /// random start in the configured range.
@@ -219,7 +213,7 @@ fn claim_port(
     rev: &RevNatEntryV4,
     cfg: &DatapathConfig,
 ) -> Result<u16, DropReason> {
-    let mut reply = reply_of(key, egress, key.src_port);
+    let mut reply = key.reply_after_nat(egress, key.src_port);
     if NAT_REV_V4.insert(reply, rev, BPF_NOEXIST as u64).is_ok() {
         return Ok(key.src_port);
     }
@@ -295,14 +289,7 @@ pub fn reverse(key: &FlowKeyV4, tcp: u8, now: u64) -> Option<(RevNatEntryV4, Hop
             },
         )
     };
-    let fwd = FlowKeyV4::new(
-        rev.orig_addr,
-        key.src_addr,
-        rev.orig_port,
-        key.src_port,
-        key.proto,
-    );
-    if let Some(entry) = NAT_FWD_V4.get_ptr_mut(fwd) {
+    if let Some(entry) = NAT_FWD_V4.get_ptr_mut(key.forward_before_nat(&rev)) {
         // SAFETY: as in `translation`.
         conntrack::update(
             unsafe { &mut *entry },

@@ -28,8 +28,7 @@ use crate::{
     conntrack::{self, Direction},
     flows, icmp, inbound,
     maps::{NAT_FWD_V4, NAT_REV_V4},
-    mss,
-    nat::{self, reply_of},
+    mss, nat,
     parse::{Ipv4, L4, tcp_flags},
     stats, tunnel,
 };
@@ -135,7 +134,7 @@ pub fn flow(
         // The flow's IP is no longer held where it was: it moves, in place
         // (the flow count is unchanged).
         if old.flags & ct_flags::STEERED == 0 {
-            let _ = NAT_REV_V4.remove(reply_of(&key, old.nat_addr, old.nat_port));
+            let _ = NAT_REV_V4.remove(key.reply_after_nat(old.nat_addr, old.nat_port));
         }
         NAT_FWD_V4
             .insert(key, entry, BPF_ANY as u64)

@@ -9,6 +9,8 @@ use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use serde::{Deserialize, Serialize};
 
+use crate::pods::SlimPod;
+
 /// Node annotation where each node's agent publishes the IPv4 addresses (with
 /// prefix length) of its egress-capable interfaces: an egress IP can only go
 /// to a node with a subnet that contains it.
@@ -124,37 +126,9 @@ pub struct PodInfo {
 }
 
 impl PodInfo {
-    /// `None` for pods whose traffic we never translate: host-network pods
-    /// (their source is the node's), finished pods and pods without an IPv4
-    /// address yet. Terminating pods are kept: they still send during their
-    /// grace period.
+    /// As [`PodInfo::from_slim`], from a full Pod.
     pub fn from_pod(pod: &Pod) -> Option<Self> {
-        if pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.host_network)
-            .unwrap_or(false)
-        {
-            return None;
-        }
-        let status = pod.status.as_ref()?;
-        if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
-            return None;
-        }
-        let ip = status
-            .pod_ips
-            .iter()
-            .flatten()
-            .map(|p| p.ip.as_str())
-            .chain(status.pod_ip.as_deref())
-            .find_map(|s| s.parse::<Ipv4Addr>().ok())?;
-        Some(Self {
-            namespace: pod.metadata.namespace.clone()?,
-            name: pod.metadata.name.clone()?,
-            node: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
-            ip,
-            labels: pod.metadata.labels.clone().unwrap_or_default(),
-        })
+        Self::from_slim(&SlimPod::from(pod))
     }
 }
 

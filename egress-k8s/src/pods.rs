@@ -71,6 +71,28 @@ pub struct SlimPodIp {
     pub ip: String,
 }
 
+impl From<&Pod> for SlimPod {
+    /// What the slim deserializer keeps of a full Pod (the metadata whole:
+    /// only [`PodInfo`]'s fields of it are read).
+    fn from(pod: &Pod) -> Self {
+        Self {
+            metadata: pod.metadata.clone(),
+            spec: pod.spec.as_ref().map(|s| SlimSpec {
+                node_name: s.node_name.clone(),
+                host_network: s.host_network,
+            }),
+            status: pod.status.as_ref().map(|s| SlimStatus {
+                phase: s.phase.clone(),
+                pod_ip: s.pod_ip.clone(),
+                pod_ips: s
+                    .pod_ips
+                    .as_ref()
+                    .map(|ips| ips.iter().map(|p| SlimPodIp { ip: p.ip.clone() }).collect()),
+            }),
+        }
+    }
+}
+
 /// Keeps name, namespace, uid, resourceVersion (the watch needs it),
 /// labels and deletionTimestamp; managed fields, annotations and owner
 /// references are skipped while parsing.
@@ -122,7 +144,10 @@ impl Resource for SlimPod {
 }
 
 impl PodInfo {
-    /// As [`PodInfo::from_pod`], from the slim form.
+    /// `None` for pods whose traffic we never translate: host-network pods
+    /// (their source is the node's), finished pods and pods without an IPv4
+    /// address yet. Terminating pods are kept: they still send during their
+    /// grace period.
     pub fn from_slim(pod: &SlimPod) -> Option<Self> {
         if pod.spec.as_ref().and_then(|s| s.host_network) == Some(true) {
             return None;

@@ -118,6 +118,24 @@ fn locked(ip: Ipv4Addr, replaced: Option<&str>) -> Input {
     }
 }
 
+/// An observation with `x()` wanted and its lock held by `holder` at
+/// `version`; `own`: `x()` is also among this node's claims.
+fn locked_by(holder: &str, version: &str, own: bool) -> Observation {
+    let mut o = Observation {
+        wanted: set(&[x()]),
+        own_claims: if own { set(&[x()]) } else { BTreeSet::new() },
+        ..Default::default()
+    };
+    o.locks.insert(
+        x(),
+        LockSeen {
+            holder: Some(holder.into()),
+            version: Some(version.into()),
+        },
+    );
+    o
+}
+
 fn actives(out: &[Action]) -> Vec<BTreeSet<Ipv4Addr>> {
     out.iter()
         .filter_map(|a| match a {
@@ -280,17 +298,7 @@ fn a_claim_elsewhere_behind_our_watch_delays_the_lock() {
 #[test]
 fn a_lock_lost_to_another_node_is_withdrawn_and_not_published_nor_released() {
     let mut h = holding();
-    let mut o = Observation {
-        wanted: set(&[x()]),
-        ..Default::default()
-    };
-    o.locks.insert(
-        x(),
-        LockSeen {
-            holder: Some("node2".into()),
-            version: Some("9".into()),
-        },
-    );
+    let o = locked_by("node2", "9", false);
     // Withdrawn and written away; still wanted, so asked for again.
     let out = h.step(Input::Observed(o.clone()), 100);
     assert_eq!(
@@ -311,18 +319,8 @@ fn the_version_we_replaced_is_not_a_loss() {
     h.step(checked(&[x()], &[x()], &[]), 10);
     h.step(locked(x(), Some("4")), 20);
     h.step(written(&[x()], 20, true), 25);
-    let mut o = Observation {
-        wanted: set(&[x()]),
-        ..Default::default()
-    };
     // The watch still shows node2's lock at the version we replaced.
-    o.locks.insert(
-        x(),
-        LockSeen {
-            holder: Some("node2".into()),
-            version: Some("4".into()),
-        },
-    );
+    let o = locked_by("node2", "4", false);
     assert_eq!(h.step(Input::Observed(o), 30), []);
     assert_eq!(h.s.programmed().unwrap().0, set(&[x()]));
 }
@@ -509,18 +507,7 @@ fn a_restart_holding_nothing_exits_at_once_and_a_stop_before_sync_too() {
 #[test]
 fn a_successor_adopts_its_nodes_live_claims_without_release_nor_new_lock() {
     let mut h = harness();
-    let mut o = Observation {
-        wanted: set(&[x()]),
-        own_claims: set(&[x()]),
-        ..Default::default()
-    };
-    o.locks.insert(
-        x(),
-        LockSeen {
-            holder: Some(ME.into()),
-            version: Some("7".into()),
-        },
-    );
+    let o = locked_by(ME, "7", true);
     // Nothing is written (that would drop the claim) nor programmed
     // (that would remove the address) before the claim is confirmed ours.
     assert_eq!(h.step(Input::Observed(o), 0), [Action::Check(set(&[x()]))]);
@@ -651,18 +638,7 @@ fn a_report_after_the_fence_never_publishes_the_lapsed_claim_again() {
 #[test]
 fn a_report_waits_for_adoption_and_is_not_written_for_a_restart_holding_nothing() {
     let mut h = harness();
-    let mut o = Observation {
-        wanted: set(&[x()]),
-        own_claims: set(&[x()]),
-        ..Default::default()
-    };
-    o.locks.insert(
-        x(),
-        LockSeen {
-            holder: Some(ME.into()),
-            version: Some("7".into()),
-        },
-    );
+    let o = locked_by(ME, "7", true);
     h.step(Input::Observed(o), 0);
     // Writing before adoption settles would drop the previous agent's claim.
     let r = report(&[3]);

@@ -304,44 +304,32 @@ fn an_agent_changes_only_the_subnets_annotation_of_its_own_node() {
         None,
         "only its own Node",
     );
+    let changes_more_than_the_subnets = |changed: Value| {
+        denied(
+            NODE_SCOPE,
+            &node_update("node1", before.clone(), changed),
+            None,
+            "only the egress.example.dev/egress-subnets annotation",
+        )
+    };
     // Its own, but a label (the assignable label would make it eligible).
     let mut relabelled = before.clone();
     relabelled["metadata"]["labels"]["k8s.ovn.org/egress-assignable"] = json!("");
-    denied(
-        NODE_SCOPE,
-        &node_update("node1", before.clone(), relabelled),
-        None,
-        "only the egress.example.dev/egress-subnets annotation",
-    );
+    changes_more_than_the_subnets(relabelled);
     // Another annotation, added or removed.
     let mut annotated = after.clone();
     annotated["metadata"]["annotations"]["example.com/x"] = json!("y");
-    denied(
-        NODE_SCOPE,
-        &node_update("node1", before.clone(), annotated),
-        None,
-        "only the egress.example.dev/egress-subnets annotation",
-    );
+    changes_more_than_the_subnets(annotated);
     let mut stripped = before.clone();
     stripped["metadata"]["annotations"]
         .as_object_mut()
         .unwrap()
         .remove("node.alpha.kubernetes.io/ttl");
-    denied(
-        NODE_SCOPE,
-        &node_update("node1", before.clone(), stripped),
-        None,
-        "only the egress.example.dev/egress-subnets annotation",
-    );
+    changes_more_than_the_subnets(stripped);
     // Its spec (uncordoning itself, taints).
     let mut uncordoned = before.clone();
     uncordoned["spec"]["unschedulable"] = json!(false);
-    denied(
-        NODE_SCOPE,
-        &node_update("node1", before.clone(), uncordoned),
-        None,
-        "only the egress.example.dev/egress-subnets annotation",
-    );
+    changes_more_than_the_subnets(uncordoned);
     // Creating or deleting Nodes.
     let mut create = node_update("node1", Value::Null, after.clone());
     create.operation = "CREATE";

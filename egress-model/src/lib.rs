@@ -1,10 +1,16 @@
 //! The desired datapath state of one node.
 //!
 //! Both sources of truth, the static configuration file and the Kubernetes
-//! API, are turned into a [`NodeState`] by pure functions. The agent's
-//! reconciler compares it with what is programmed and applies only the
-//! difference ([`NodeState::diff`]), so unrelated changes never disturb
-//! established connections.
+//! API, are turned into a [`NodeState`] by pure functions. The agent does
+//! not program a `NodeState` directly: it renders it, with this node's own
+//! facts, into the exact contents of the control maps (egress-agent's
+//! `image::DatapathImage`), and its reconciler (`maps::reconcile`) writes
+//! only the difference between that image and what the maps hold, so
+//! unrelated changes never disturb established connections.
+//!
+//! [`NodeState::diff`] compares two states entry by entry: what tests of
+//! the Kubernetes projection use to show that a change moves only what it
+//! should. The agent does not use it.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -193,9 +199,9 @@ impl<T> SetDiff<T> {
     }
 }
 
-/// What the reconciler must change. Order of application matters and is the
-/// reconciler's business: policies before the pods that point at them on the
-/// way in, pods before their policies on the way out.
+/// What changed between two [`NodeState`]s, field by field (see
+/// [`NodeState::diff`]). The agent's reconciler works on map images, not on
+/// this.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StateDiff {
     pub node_addr_changed: bool,

@@ -1,3 +1,8 @@
+//! IPv4 addresses: listing them, claiming an egress IP on the interface
+//! whose subnet holds it (or a named one), optionally with a kernel
+//! lifetime, refreshing lifetimes and releasing claims, and the
+//! ledger-tracked variants whose claims a restarted agent can undo exactly.
+
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
 

@@ -1,3 +1,5 @@
+//! The crate's error type, naming the interface, address or file involved.
+
 use std::fmt;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;

@@ -1,3 +1,7 @@
+//! Notifications as streams: interfaces appearing and disappearing
+//! (`RTNLGRP_LINK`), IPv4 addresses added and removed
+//! (`RTNLGRP_IPV4_IFADDR`), and IPv4 route changes (`RTNLGRP_IPV4_ROUTE`).
+
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::task::{Context, Poll};

@@ -1,3 +1,7 @@
+//! The claim ledger: the addresses this agent added, in a JSON file written
+//! through atomically, so that release never touches an address it did not
+//! add.
+
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::fs;

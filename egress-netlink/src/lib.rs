@@ -1,7 +1,7 @@
 //! rtnetlink for the egress agent: interfaces, our external-mode VXLAN
 //! device, egress-IP claims (with a ledger of what the agent itself added),
-//! link notifications, and where a pod's address leads (route, neighbour,
-//! bridge forwarding database).
+//! link, address and route notifications, and where a pod's address leads
+//! (route, neighbour, bridge forwarding database).
 //!
 //! Every socket opened here belongs to the network namespace of the thread
 //! that opened it, for its whole life: open it from the namespace you mean.

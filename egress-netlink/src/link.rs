@@ -1,3 +1,6 @@
+//! Interfaces: looking them up, listing them, interface-name validation,
+//! and our external-mode VXLAN device (created, checked, or deleted).
+
 use futures_util::TryStreamExt;
 use rtnetlink::packet_route::link::{
     InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,

@@ -1,3 +1,6 @@
+//! Routes: the default route's interface and the output interface towards
+//! an address.
+
 use std::net::Ipv4Addr;
 
 use futures_util::TryStreamExt;

@@ -14,7 +14,6 @@ use std::{
 use anyhow::{Context, Result, bail};
 use aya::maps::IterableMap;
 use egress_agent::{
-    batch,
     config::DatapathSettings,
     host::HostFacts,
     image::{DatapathImage, Environment},
@@ -334,11 +333,11 @@ impl Harness {
         let fwd = IterableMap::map(&self.maps.nat_fwd).fd().as_fd();
         let rev = IterableMap::map(&self.maps.nat_rev).fd().as_fd();
         Ok(Flows {
-            fwd: batch::lookup_all::<FlowKeyV4, NatEntryV4>(fwd)
+            fwd: egress_bpf::lookup_all::<FlowKeyV4, NatEntryV4>(fwd)
                 .context("reading nat_fwd_v4")?
                 .into_iter()
                 .collect(),
-            rev: batch::lookup_all::<FlowKeyV4, RevNatEntryV4>(rev)
+            rev: egress_bpf::lookup_all::<FlowKeyV4, RevNatEntryV4>(rev)
                 .context("reading nat_rev_v4")?
                 .into_iter()
                 .collect(),
@@ -362,7 +361,7 @@ impl Harness {
             policy_id: entry.policy_id,
             ..Default::default()
         };
-        let reply = egress_agent::maps::reverse_key(key, entry);
+        let reply = key.reply_after_nat(entry.nat_addr, entry.nat_port);
         self.maps.nat_rev.insert(reply, rev, 0)?;
         self.maps.nat_fwd.insert(key, entry, 0)?;
         let created = self

@@ -24,7 +24,6 @@
 
 use std::net::Ipv4Addr;
 
-use egress_agent::maps::{forward_key, reverse_key};
 use egress_common::{FlowKeyV4, ct_flags, proto};
 use ipnet::Ipv4Net;
 
@@ -416,7 +415,10 @@ pub fn check_tables(flows: &Flows, live_flows: u64) -> Vec<Violation> {
                     format!("steered entry {key:?} → {entry:?} is not a local pod's towards an egress node"),
                 ));
             }
-            if flows.rev.contains_key(&reverse_key(key, entry)) {
+            if flows
+                .rev
+                .contains_key(&key.reply_after_nat(entry.nat_addr, entry.nat_port))
+            {
                 found.push(violation(
                     "steered",
                     format!("steered entry {key:?} → {entry:?} has a reverse entry"),
@@ -424,14 +426,14 @@ pub fn check_tables(flows: &Flows, live_flows: u64) -> Vec<Violation> {
             }
             continue;
         }
-        let rk = reverse_key(key, entry);
+        let rk = key.reply_after_nat(entry.nat_addr, entry.nat_port);
         match flows.rev.get(&rk) {
-            Some(rev) if forward_key(&rk, rev) == *key => {}
+            Some(rev) if rk.forward_before_nat(rev) == *key => {}
             Some(rev) => found.push(violation(
                 "twins",
                 format!(
                     "forward {key:?} → {entry:?}: its reverse {rk:?} points at {:?}",
-                    forward_key(&rk, rev)
+                    rk.forward_before_nat(rev)
                 ),
             )),
             None => found.push(violation(
@@ -441,14 +443,14 @@ pub fn check_tables(flows: &Flows, live_flows: u64) -> Vec<Violation> {
         }
     }
     for (rk, rev) in &flows.rev {
-        let fk = forward_key(rk, rev);
+        let fk = rk.forward_before_nat(rev);
         match flows.fwd.get(&fk) {
-            Some(entry) if reverse_key(&fk, entry) == *rk => {}
+            Some(entry) if fk.reply_after_nat(entry.nat_addr, entry.nat_port) == *rk => {}
             Some(entry) => found.push(violation(
                 "twins",
                 format!(
                     "reverse {rk:?} → {rev:?}: its forward {fk:?} translates to {:?}",
-                    reverse_key(&fk, entry)
+                    fk.reply_after_nat(entry.nat_addr, entry.nat_port)
                 ),
             )),
             None => found.push(violation(

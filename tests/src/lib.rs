@@ -15,6 +15,19 @@ use egress_lab::{
 
 pub use egress_lab;
 
+/// In the default layout (policy 1: 172.18.0.100 on node1, policy 2:
+/// 172.18.0.101 on node2), the selected pods other than node1's own
+/// policy-1 pod: node2's and node3's pods of policy 1 and node1's and
+/// node3's of policy 2 are steered through the tunnel, node2's pod of
+/// policy 2 is translated on node2.
+pub const STEERED_IN_THE_DEFAULT_LAYOUT: [(PodRef, Ipv4Addr); 5] = [
+    (PodRef::new(2, 1), Ipv4Addr::new(172, 18, 0, 100)),
+    (PodRef::new(3, 1), Ipv4Addr::new(172, 18, 0, 100)),
+    (PodRef::new(1, 3), Ipv4Addr::new(172, 18, 0, 101)),
+    (PodRef::new(3, 3), Ipv4Addr::new(172, 18, 0, 101)),
+    (PodRef::new(2, 3), Ipv4Addr::new(172, 18, 0, 101)),
+];
+
 pub fn init_tracing() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
@@ -159,6 +172,47 @@ impl Cluster {
         self.check_tcp(pod, opts());
         self.check_udp(pod, opts());
         self.check_icmp(pod, icmp_ident);
+    }
+
+    /// The default layout's selected pods that do not sit on their egress
+    /// IP's node, and node2's own pod of policy 2: each leaves as
+    /// [`STEERED_IN_THE_DEFAULT_LAYOUT`] says, checked as
+    /// [`Cluster::check_leaves_as`] does with ICMP identifier
+    /// `ident_base + node * 16 + index`.
+    pub fn check_steered_pods_of_the_default_layout(&self, ident_base: u16) {
+        for (pod, want) in STEERED_IN_THE_DEFAULT_LAYOUT {
+            self.check_leaves_as(
+                pod,
+                want,
+                ident_base + u16::from(pod.node) * 16 + u16::from(pod.index),
+            );
+        }
+    }
+
+    /// Waits up to `within` until TCP from `pod` (probed with a 2 s
+    /// timeout) leaves with `want`; `when` completes "{pod} leaves with
+    /// {want} ..." in the messages.
+    pub fn wait_leaves_with(
+        &self,
+        pod: PodRef,
+        want: Ipv4Addr,
+        within: Duration,
+        when: &str,
+    ) -> Probe {
+        let ns = self.ns(pod);
+        let quick = ClientOpts {
+            timeout: Duration::from_secs(2),
+            ..opts()
+        };
+        let what = format!("{pod} leaves with {want} {when}");
+        let seen = egress_lab::traffic::wait_for(&what, within, || {
+            match egress_lab::tcp_probe(&ns, TCP, quick) {
+                Ok(p) if *p.observed.ip() == want => Ok(p),
+                Ok(p) => Err(format!("server saw {}", p.observed)),
+                Err(e) => Err(e.to_string()),
+            }
+        });
+        self.expect(&what, seen)
     }
 
     /// ICMP echo from `pod` with identifier `ident`: every request must be

@@ -7,10 +7,9 @@
 use std::{net::Ipv4Addr, time::Duration};
 
 use egress_lab::{
-    ClientOpts, LabSpec, PodRef, agent, failover, kubernetes, spec, tcp_probe, traffic::wait_for,
-    workspace_root,
+    LabSpec, PodRef, agent, failover, kubernetes, spec, traffic::wait_for, workspace_root,
 };
-use egress_tests::{Cluster, TCP, opts};
+use egress_tests::{Cluster, opts};
 
 const EGRESS_A: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 100);
 const EGRESS_B: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 101);
@@ -70,19 +69,7 @@ fn egress_ips_from_kubernetes_translate_locally_steer_and_leave_others_alone() {
     c.check_leaves_as(local, EGRESS_A, 0x4111);
 
     // Steered through the tunnel from the other nodes, and local on node 2.
-    for (pod, want) in [
-        (PodRef::new(2, 1), EGRESS_A),
-        (PodRef::new(3, 1), EGRESS_A),
-        (PodRef::new(1, 3), EGRESS_B),
-        (PodRef::new(3, 3), EGRESS_B),
-        (PodRef::new(2, 3), EGRESS_B),
-    ] {
-        c.check_leaves_as(
-            pod,
-            want,
-            0x4200 + u16::from(pod.node) * 16 + u16::from(pod.index),
-        );
-    }
+    c.check_steered_pods_of_the_default_layout(0x4200);
 
     // Pods no EgressIP selects leave as their node.
     for n in 1..=3 {
@@ -93,21 +80,7 @@ fn egress_ips_from_kubernetes_translate_locally_steer_and_leave_others_alone() {
 
 /// Waits until TCP from `pod` leaves with `want`.
 fn wait_for_source(c: &Cluster, pod: PodRef, want: Ipv4Addr, why: &str) {
-    let ns = c.ns(pod);
-    let quick = ClientOpts {
-        timeout: Duration::from_secs(2),
-        ..opts()
-    };
-    let seen = wait_for(
-        &format!("{pod} leaves with {want} after {why}"),
-        FOLLOW,
-        || match tcp_probe(&ns, TCP, quick) {
-            Ok(p) if *p.observed.ip() == want => Ok(p),
-            Ok(p) => Err(format!("server saw {}", p.observed)),
-            Err(e) => Err(e.to_string()),
-        },
-    );
-    c.expect(why, seen);
+    c.wait_leaves_with(pod, want, FOLLOW, &format!("after {why}"));
 }
 
 #[test]

@@ -9,8 +9,8 @@
 
 use std::{net::Ipv4Addr, time::Duration};
 
-use egress_lab::{ClientOpts, LabSpec, PodRef, exec_in, tcp_probe, traffic::wait_for};
-use egress_tests::{Cluster, TCP, opts};
+use egress_lab::{LabSpec, PodRef, exec_in};
+use egress_tests::{Cluster, opts};
 
 const MARK: u32 = 0x2ec40e;
 const EGRESS_A: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 100);
@@ -70,21 +70,12 @@ fn marked_packets_leave_with_the_policy_egress_ip() {
         ),
     );
 
-    let ns = c.ns(pod);
-    let quick = ClientOpts {
-        timeout: Duration::from_secs(2),
-        ..opts()
-    };
-    let seen = wait_for(
-        &format!("{pod} leaves with {EGRESS_A} once its packets carry mark {MARK:#x}"),
+    let probe = c.wait_leaves_with(
+        pod,
+        EGRESS_A,
         Duration::from_secs(15),
-        || match tcp_probe(&ns, TCP, quick) {
-            Ok(p) if *p.observed.ip() == EGRESS_A => Ok(p),
-            Ok(p) => Err(format!("server saw {}", p.observed)),
-            Err(e) => Err(e.to_string()),
-        },
+        &format!("once its packets carry mark {MARK:#x}"),
     );
-    let probe = c.expect("marked TCP", seen);
     if !c.tcp.saw(probe.observed) {
         c.fail(format!("the server's log lacks {}", probe.observed));
     }

@@ -9,6 +9,14 @@ use egress_tests::{Cluster, TCP, UDP, opts};
 
 const EGRESS_A: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 100);
 
+/// Client options for the bulk transfers: more time than a probe gets.
+fn bulk_opts() -> ClientOpts {
+    ClientOpts {
+        timeout: Duration::from_secs(15),
+        ..opts()
+    }
+}
+
 #[test]
 fn fragmentation_needed_reaches_selected_pods_translated() {
     let c = Cluster::new(LabSpec::default());
@@ -39,16 +47,7 @@ fn large_transfers_cross_the_small_mtu_link() {
     for pod in [PodRef::new(1, 1), PodRef::new(2, 1)] {
         let t = c.expect(
             &format!("32 MiB from {pod}"),
-            tcp_bulk(
-                &c.ns(pod),
-                TCP,
-                32 << 20,
-                None,
-                ClientOpts {
-                    timeout: Duration::from_secs(15),
-                    ..opts()
-                },
-            ),
+            tcp_bulk(&c.ns(pod), TCP, 32 << 20, None, bulk_opts()),
         );
         if *t.observed.ip() != EGRESS_A {
             c.fail(format!(
@@ -94,16 +93,7 @@ fn steered_tcp_is_clamped_to_fit_the_tunnel() {
     }
     let t = c.expect(
         "16 MiB steered through the tunnel",
-        tcp_bulk(
-            &c.ns(pod),
-            TCP,
-            16 << 20,
-            None,
-            ClientOpts {
-                timeout: Duration::from_secs(15),
-                ..opts()
-            },
-        ),
+        tcp_bulk(&c.ns(pod), TCP, 16 << 20, None, bulk_opts()),
     );
     if *t.observed.ip() != EGRESS_A {
         c.fail(format!("{pod}: server saw {}", t.observed));
@@ -128,14 +118,10 @@ fn narrow_path_from_node1(c: &Cluster) {
             &node1,
         ],
     );
-    run(
-        &router,
-        &["ip", "addr", "add", "192.0.2.2/30", "dev", "dpnarrow"],
-    );
-    run(
-        &router,
-        &["ip", "link", "set", "dpnarrow", "mtu", "1300", "up"],
-    );
+    for (ns, addr) in [(&router, "192.0.2.2/30"), (&node1, "192.0.2.1/30")] {
+        run(ns, &["ip", "addr", "add", addr, "dev", "dpnarrow"]);
+        run(ns, &["ip", "link", "set", "dpnarrow", "mtu", "1300", "up"]);
+    }
     // Replies go back through the node network: no reverse-path check here.
     run(
         &router,
@@ -145,14 +131,6 @@ fn narrow_path_from_node1(c: &Cluster) {
             "net.ipv4.conf.all.rp_filter=0",
             "net.ipv4.conf.dpnarrow.rp_filter=0",
         ],
-    );
-    run(
-        &node1,
-        &["ip", "addr", "add", "192.0.2.1/30", "dev", "dpnarrow"],
-    );
-    run(
-        &node1,
-        &["ip", "link", "set", "dpnarrow", "mtu", "1300", "up"],
     );
     run(
         &node1,
@@ -204,16 +182,7 @@ fn the_egress_node_sends_fragmentation_needed_for_what_it_cannot_forward() {
     for pod in [PodRef::new(1, 1), PodRef::new(2, 1)] {
         let t = c.expect(
             &format!("4 MiB from {pod}"),
-            tcp_bulk(
-                &c.ns(pod),
-                TCP,
-                4 << 20,
-                None,
-                ClientOpts {
-                    timeout: Duration::from_secs(15),
-                    ..opts()
-                },
-            ),
+            tcp_bulk(&c.ns(pod), TCP, 4 << 20, None, bulk_opts()),
         );
         if *t.observed.ip() != EGRESS_A {
             c.fail(format!("{pod}: server saw {}", t.observed));

@@ -151,27 +151,12 @@ fn sigterm_and_restart_leak_nothing() {
         "the datagram receiver",
         failover::Receiver::start(&c.lab.server_ns(), to),
     );
-    let mut sender = c.expect("the pod's sender", failover::Sender::start(&c.ns(pod), to));
+    let sender = c.expect("the pod's sender", failover::Sender::start(&c.ns(pod), to));
     thread::sleep(Duration::from_millis(500));
     let restarted = c.lab.restart_agent(2);
     c.expect("SIGTERM and restart of node2's agent", restarted);
     thread::sleep(Duration::from_millis(500));
-    let sent = c.expect("stopping the sender", sender.stop());
-    thread::sleep(Duration::from_millis(200));
-    let arrivals = server.arrivals();
-    let leaked: Vec<_> = arrivals
-        .iter()
-        .filter(|a| *a.from.ip() != EGRESS_A)
-        .collect();
-    if !leaked.is_empty() {
-        c.fail(format!(
-            "{} of {} datagrams ({} sent) reached the server with another source than {EGRESS_A}, e.g. {:?}",
-            leaked.len(),
-            arrivals.len(),
-            sent,
-            leaked[0]
-        ));
-    }
+    let (sent, arrivals) = stop_and_check_source(&c, sender, &server);
     // The stream went on through the restart: datagrams were not merely
     // dropped meanwhile (a handful may be lost to the restart itself).
     if (arrivals.len() as u64) + 20 < sent {
@@ -250,6 +235,32 @@ fn sigterm_keeps_everything_and_reset_removes_it() {
 // ------------------------------------------------------- Kubernetes mode
 
 /// The IP lock Lease of `ip`, as stored.
+/// Stops `sender`, lets its last datagrams arrive, and fails unless every
+/// datagram `server` received came from `EGRESS_A`. Returns how many were
+/// sent, and the arrivals.
+fn stop_and_check_source(
+    c: &Cluster,
+    mut sender: failover::Sender,
+    server: &failover::Receiver,
+) -> (u64, Vec<failover::Arrival>) {
+    let sent = c.expect("stopping the sender", sender.stop());
+    thread::sleep(Duration::from_millis(200));
+    let arrivals = server.arrivals();
+    let leaked: Vec<_> = arrivals
+        .iter()
+        .filter(|a| *a.from.ip() != EGRESS_A)
+        .collect();
+    if !leaked.is_empty() {
+        c.fail(format!(
+            "{} of {} datagrams ({sent} sent) reached the server with another source than {EGRESS_A}, e.g. {:?}",
+            leaked.len(),
+            arrivals.len(),
+            leaked[0]
+        ));
+    }
+    (sent, arrivals)
+}
+
 fn ip_lock(c: &Cluster, ip: Ipv4Addr) -> Value {
     let name = format!("egress-ip-{}", ip.to_string().replace('.', "-"));
     c.lab
@@ -516,7 +527,7 @@ fn a_drained_node_hands_its_ip_over_on_sigterm() {
         "the datagram receiver",
         failover::Receiver::start(&c.lab.server_ns(), to),
     );
-    let mut sender = c.expect(
+    let sender = c.expect(
         "the pod's sender",
         failover::Sender::start(&c.ns(PodRef::new(2, 1)), to),
     );
@@ -598,21 +609,7 @@ fn a_drained_node_hands_its_ip_over_on_sigterm() {
     handed_over(&c, 3);
 
     thread::sleep(Duration::from_millis(300));
-    let sent = c.expect("stopping the sender", sender.stop());
-    thread::sleep(Duration::from_millis(200));
-    let arrivals = server.arrivals();
-    let leaked: Vec<_> = arrivals
-        .iter()
-        .filter(|a| *a.from.ip() != EGRESS_A)
-        .collect();
-    if !leaked.is_empty() {
-        c.fail(format!(
-            "{} of {} datagrams ({sent} sent) reached the server with another source than {EGRESS_A}, e.g. {:?}",
-            leaked.len(),
-            arrivals.len(),
-            leaked[0]
-        ));
-    }
+    let (sent, arrivals) = stop_and_check_source(&c, sender, &server);
     if arrivals.is_empty() {
         c.fail(format!("none of {sent} datagrams arrived"));
     }

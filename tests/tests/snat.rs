@@ -8,13 +8,11 @@ use std::{
 };
 
 use egress_lab::{
-    ClientOpts, LabSpec, PodRef, TcpConn, TcpServer, UdpServer, spec, tcp_probe, traffic::wait_for,
-    udp_probe,
+    ClientOpts, LabSpec, PodRef, TcpConn, TcpServer, UdpServer, spec, tcp_probe, udp_probe,
 };
 use egress_tests::{Cluster, TCP, opts};
 
 const EGRESS_A: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 100);
-const EGRESS_B: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 101);
 
 #[test]
 fn selected_pod_on_the_egress_node_leaves_with_the_egress_ip() {
@@ -26,21 +24,9 @@ fn selected_pod_on_the_egress_node_leaves_with_the_egress_ip() {
 #[test]
 fn selected_pods_on_other_nodes_are_steered_to_the_egress_node() {
     let c = Cluster::new(LabSpec::default());
-    for (pod, want) in [
-        (PodRef::new(2, 1), EGRESS_A),
-        (PodRef::new(3, 1), EGRESS_A),
-        // Policy 2's egress IP is held by node 2: node 1 and node 3 steer to it.
-        (PodRef::new(1, 3), EGRESS_B),
-        (PodRef::new(3, 3), EGRESS_B),
-        // ... and node 2 translates its own pod locally.
-        (PodRef::new(2, 3), EGRESS_B),
-    ] {
-        c.check_leaves_as(
-            pod,
-            want,
-            0x2000 + u16::from(pod.node) * 16 + u16::from(pod.index),
-        );
-    }
+    // Policy 2's egress IP is held by node 2: node 1 and node 3 steer to
+    // it, and node 2 translates its own pod locally.
+    c.check_steered_pods_of_the_default_layout(0x2000);
 }
 
 #[test]
@@ -156,21 +142,12 @@ fn policy_changes_apply_when_the_config_file_changes() {
     policies[0].pods.push(pod);
     let rewritten = c.lab.set_policies(policies);
     c.expect("rewriting the agents' configs", rewritten);
-    let ns = c.ns(pod);
-    let quick = ClientOpts {
-        timeout: Duration::from_secs(2),
-        ..opts()
-    };
-    let seen = wait_for(
-        &format!("{pod} leaves with {EGRESS_A} after being added to policy 1"),
+    c.wait_leaves_with(
+        pod,
+        EGRESS_A,
         Duration::from_secs(20),
-        || match tcp_probe(&ns, TCP, quick) {
-            Ok(p) if *p.observed.ip() == EGRESS_A => Ok(p),
-            Ok(p) => Err(format!("server saw {}", p.observed)),
-            Err(e) => Err(e.to_string()),
-        },
+        "after being added to policy 1",
     );
-    c.expect("reload", seen);
     c.check_udp(pod, opts());
     // Pods that did not change still behave.
     c.check_tcp(PodRef::new(1, 1), opts());

@@ -18,22 +18,48 @@ fn from_port(port: u16) -> ClientOpts {
     }
 }
 
-#[test]
-fn established_flows_keep_their_egress_ip_while_it_is_held() {
-    let mut spec = LabSpec::default();
-    let pod = PodRef::new(1, 1);
+/// Waits until a UDP probe of `ns` (with `opts`) leaves with `want`.
+fn leaves_with(c: &Cluster, what: &str, ns: &str, opts: ClientOpts, want: Ipv4Addr) {
+    let seen = wait_for(what, Duration::from_secs(10), || {
+        let p = udp_probe(ns, UDP, opts).map_err(|e| e.to_string())?;
+        if *p.observed.ip() == want {
+            Ok(p)
+        } else {
+            Err(format!("seen as {}", p.observed))
+        }
+    });
+    c.expect(what, seen);
+}
+
+/// `pod`, on policy 1 (`FIRST`, held by node1) of the group team-a, opens
+/// a TCP connection and a UDP flow from `port`; then its choice moves to
+/// the group's second IP (`SECOND`, policy 3, held by node `second_node`):
+/// new flows leave with `SECOND`, the established ones keep `FIRST`; once
+/// policy 1 is gone, the UDP flow moves to `SECOND`. `flow` names the flow
+/// in messages.
+fn flows_keep_their_ip_while_it_is_held(
+    pod: PodRef,
+    second_node: u8,
+    port: u16,
+    flow: &str,
+    spec: LabSpec,
+) {
+    let mut spec = spec;
     spec.policies[0].group = Some("team-a".into());
     spec.policies.push(PolicySpec {
         name: "team-a-2".into(),
         group: Some("team-a".into()),
-        ..PolicySpec::new(3, SECOND, Some(1), Vec::new())
+        ..PolicySpec::new(3, SECOND, Some(second_node), Vec::new())
     });
     let mut c = Cluster::new(spec);
     let ns = c.ns(pod);
 
     let conn = c.expect("TCP from the pod", TcpConn::open(&ns, TCP, opts()));
     assert_eq!(*conn.observed.ip(), FIRST, "{}", conn.observed);
-    let udp = c.expect("UDP from port 40123", udp_probe(&ns, UDP, from_port(40123)));
+    let udp = c.expect(
+        &format!("UDP from port {port}"),
+        udp_probe(&ns, UDP, from_port(port)),
+    );
     assert_eq!(*udp.observed.ip(), FIRST);
 
     // The pod's choice moves to the group's second IP (as rendezvous
@@ -43,28 +69,22 @@ fn established_flows_keep_their_egress_ip_while_it_is_held() {
         s.policies[2].pods.push(pod);
     });
     c.expect("moving the pod to policy 3", moved);
-    let fresh = wait_for(
-        "a new flow of the pod leaves with the second IP",
-        Duration::from_secs(10),
-        || {
-            let p = udp_probe(&ns, UDP, opts()).map_err(|e| e.to_string())?;
-            if *p.observed.ip() == SECOND {
-                Ok(p)
-            } else {
-                Err(format!("seen as {}", p.observed))
-            }
-        },
+    leaves_with(
+        &c,
+        &format!("a new flow of the pod leaves with the second IP, through node{second_node}"),
+        &ns,
+        opts(),
+        SECOND,
     );
-    c.expect("new flow", fresh);
 
     // Established flows stay where they started.
     let again = c.expect(
-        "UDP from port 40123 again",
-        udp_probe(&ns, UDP, from_port(40123)),
+        &format!("UDP from port {port} again"),
+        udp_probe(&ns, UDP, from_port(port)),
     );
     if *again.observed.ip() != FIRST {
         c.fail(format!(
-            "the established UDP flow moved to {} while {FIRST} is still held",
+            "the established {flow} moved to {} while {FIRST} is still held",
             again.observed
         ));
     }
@@ -79,19 +99,24 @@ fn established_flows_keep_their_egress_ip_while_it_is_held() {
         s.policies.remove(0);
     });
     c.expect("removing policy 1", removed);
-    let moved = wait_for(
-        "the UDP flow moves to the second IP once the first is gone",
-        Duration::from_secs(10),
-        || {
-            let p = udp_probe(&ns, UDP, from_port(40123)).map_err(|e| e.to_string())?;
-            if *p.observed.ip() == SECOND {
-                Ok(p)
-            } else {
-                Err(format!("seen as {}", p.observed))
-            }
-        },
+    leaves_with(
+        &c,
+        &format!("the {flow} moves to the second IP once the first is gone"),
+        &ns,
+        from_port(port),
+        SECOND,
     );
-    c.expect("flow moved", moved);
+}
+
+#[test]
+fn established_flows_keep_their_egress_ip_while_it_is_held() {
+    flows_keep_their_ip_while_it_is_held(
+        PodRef::new(1, 1),
+        1,
+        40123,
+        "UDP flow",
+        LabSpec::default(),
+    );
 }
 
 /// The same for a pod whose EgressIP's IPs are held by other nodes: its
@@ -100,73 +125,8 @@ fn established_flows_keep_their_egress_ip_while_it_is_held() {
 /// second IP's node (node3), and once the first IP is gone the flow moves.
 #[test]
 fn steered_flows_keep_their_egress_node_while_their_ip_is_held() {
-    let mut spec = LabSpec::default();
     let pod = PodRef::new(2, 1);
-    spec.policies[0].group = Some("team-a".into());
+    let mut spec = LabSpec::default();
     spec.policies[0].pods = vec![pod];
-    spec.policies.push(PolicySpec {
-        name: "team-a-2".into(),
-        group: Some("team-a".into()),
-        ..PolicySpec::new(3, SECOND, Some(3), Vec::new())
-    });
-    let mut c = Cluster::new(spec);
-    let ns = c.ns(pod);
-
-    let conn = c.expect("TCP from the pod", TcpConn::open(&ns, TCP, opts()));
-    assert_eq!(*conn.observed.ip(), FIRST, "{}", conn.observed);
-    let udp = c.expect("UDP from port 40124", udp_probe(&ns, UDP, from_port(40124)));
-    assert_eq!(*udp.observed.ip(), FIRST);
-
-    let moved = c.lab.update_spec(|s| {
-        s.policies[0].pods.clear();
-        s.policies[2].pods.push(pod);
-    });
-    c.expect("moving the pod to policy 3", moved);
-    let fresh = wait_for(
-        "a new flow of the pod leaves with the second IP, through node3",
-        Duration::from_secs(10),
-        || {
-            let p = udp_probe(&ns, UDP, opts()).map_err(|e| e.to_string())?;
-            if *p.observed.ip() == SECOND {
-                Ok(p)
-            } else {
-                Err(format!("seen as {}", p.observed))
-            }
-        },
-    );
-    c.expect("new flow", fresh);
-
-    let again = c.expect(
-        "UDP from port 40124 again",
-        udp_probe(&ns, UDP, from_port(40124)),
-    );
-    if *again.observed.ip() != FIRST {
-        c.fail(format!(
-            "the established steered UDP flow moved to {} while {FIRST} is still held",
-            again.observed
-        ));
-    }
-    let t = c.expect(
-        "the TCP connection opened before the move carries data both ways",
-        conn.transfer(512 * 1024, None),
-    );
-    assert_eq!(*t.observed.ip(), FIRST);
-
-    let removed = c.lab.update_spec(|s| {
-        s.policies.remove(0);
-    });
-    c.expect("removing policy 1", removed);
-    let moved = wait_for(
-        "the steered UDP flow moves to the second IP once the first is gone",
-        Duration::from_secs(10),
-        || {
-            let p = udp_probe(&ns, UDP, from_port(40124)).map_err(|e| e.to_string())?;
-            if *p.observed.ip() == SECOND {
-                Ok(p)
-            } else {
-                Err(format!("seen as {}", p.observed))
-            }
-        },
-    );
-    c.expect("flow moved", moved);
+    flows_keep_their_ip_while_it_is_held(pod, 3, 40124, "steered UDP flow", spec);
 }

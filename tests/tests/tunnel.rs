@@ -38,36 +38,54 @@ fn unknown_peer_drops(c: &Cluster) -> u64 {
         .unwrap_or_else(|e| c.fail(format!("stats of node1: {e}\n{}", stats.raw)))
 }
 
+/// A VXLAN datagram for node `to_node`'s tunnel device: `vni` around an
+/// inner UDP packet `src -> dst` whose Ethernet source is
+/// `02:00:00:00:00:<src_mac_tail>`.
+fn vxlan_udp(
+    c: &Cluster,
+    to_node: u8,
+    src_mac_tail: u8,
+    vni: u32,
+    (src, dst): (SocketAddrV4, SocketAddrV4),
+    payload: &[u8],
+) -> Vec<u8> {
+    vxlan_payload(
+        vni,
+        &InnerUdp {
+            src_mac: [0x02, 0, 0, 0, 0, src_mac_tail],
+            dst_mac: mac_of(c, &c.lab.node_ns(to_node), spec::TUNNEL_INTERFACE),
+            src,
+            dst,
+            payload: payload.to_vec(),
+        },
+    )
+}
+
+/// Sends `payload` in one UDP datagram from `from` inside `ns` to `to`.
+fn send(c: &Cluster, what: &str, ns: &str, from: SocketAddrV4, to: SocketAddrV4, payload: Vec<u8>) {
+    c.expect(what, udp_send(ns, from, to, payload));
+}
+
 #[test]
 fn vxlan_from_a_non_node_address_is_dropped() {
     let c = Cluster::new(LabSpec::default());
-    let node1 = c.lab.node_ns(1);
     let vni = c.lab.spec().policies[0].id;
     let tunnel_dst = SocketAddrV4::new(spec::node_addr(1), spec::TUNNEL_PORT);
     let packet = |src_port: u16, payload: &[u8]| {
-        vxlan_payload(
-            vni,
-            &InnerUdp {
-                src_mac: [0x02, 0, 0, 0, 0, 0x12],
-                dst_mac: mac_of(&c, &node1, spec::TUNNEL_INTERFACE),
-                src: SocketAddrV4::new(PodRef::new(2, 1).ip(), src_port),
-                dst: UDP,
-                payload: payload.to_vec(),
-            },
-        )
+        let src = SocketAddrV4::new(PodRef::new(2, 1).ip(), src_port);
+        vxlan_udp(&c, 1, 0x12, vni, (src, UDP), payload)
     };
 
     // Control: the same packet from a real node (node 2) is translated and
     // reaches the server, so a silent server below means a drop, not a
     // malformed packet.
-    c.expect(
+    send(
+        &c,
         "VXLAN from node2",
-        udp_send(
-            &c.lab.node_ns(2),
-            SocketAddrV4::new(spec::node_addr(2), 45001),
-            tunnel_dst,
-            packet(41001, b"from a node"),
-        ),
+        &c.lab.node_ns(2),
+        SocketAddrV4::new(spec::node_addr(2), 45001),
+        tunnel_dst,
+        packet(41001, b"from a node"),
     );
     let control = wait_for(
         "the server sees the crafted tunnel packet sent by node2",
@@ -92,14 +110,13 @@ fn vxlan_from_a_non_node_address_is_dropped() {
     c.udp.clear();
     // The router is on the node network but is not a node.
     for i in 0..5u16 {
-        c.expect(
+        send(
+            &c,
             "VXLAN from the router",
-            udp_send(
-                &c.lab.router_ns(),
-                SocketAddrV4::new(spec::ROUTER_NODE_ADDR, 45002 + i),
-                tunnel_dst,
-                packet(42000 + i, b"spoofed"),
-            ),
+            &c.lab.router_ns(),
+            SocketAddrV4::new(spec::ROUTER_NODE_ADDR, 45002 + i),
+            tunnel_dst,
+            packet(42000 + i, b"spoofed"),
         );
     }
     let counted = wait_for(
@@ -127,16 +144,7 @@ fn vxlan_from_a_non_node_address_is_dropped() {
 /// A forged VXLAN datagram to node1's tunnel port: policy 1's VNI around
 /// an inner UDP packet from `inner_src` to the server.
 fn forged(c: &Cluster, inner_src: SocketAddrV4, vni: u32) -> Vec<u8> {
-    vxlan_payload(
-        vni,
-        &InnerUdp {
-            src_mac: [0x02, 0, 0, 0, 0, 0x12],
-            dst_mac: mac_of(c, &c.lab.node_ns(1), spec::TUNNEL_INTERFACE),
-            src: inner_src,
-            dst: UDP,
-            payload: b"forged".to_vec(),
-        },
-    )
+    vxlan_udp(c, 1, 0x12, vni, (inner_src, UDP), b"forged")
 }
 
 /// The repro: an unselected pod on node2 sends node1's VXLAN port a
@@ -159,14 +167,13 @@ fn pods_cannot_send_to_a_node_tunnel_port() {
     for (i, (pod, inner_port)) in senders.iter().enumerate() {
         let node = pod.node;
         let before = c.drops(node, 0, "tunnel_from_pod");
-        c.expect(
+        send(
+            &c,
             &format!("forged VXLAN from {pod}"),
-            udp_send(
-                &c.ns(*pod),
-                SocketAddrV4::new(pod.ip(), 45100 + i as u16),
-                tunnel,
-                forged(&c, SocketAddrV4::new(selected.ip(), *inner_port), vni),
-            ),
+            &c.ns(*pod),
+            SocketAddrV4::new(pod.ip(), 45100 + i as u16),
+            tunnel,
+            forged(&c, SocketAddrV4::new(selected.ip(), *inner_port), vni),
         );
         c.assert_udp_unseen(
             &format!("VXLAN forged by {pod} with {selected}'s inner source"),
@@ -197,14 +204,13 @@ fn steered_arrivals_need_a_selected_pod_of_the_sending_node() {
     ];
     for (pod, port, what) in cases {
         let before = c.drops(1, vni, "pod_not_selected");
-        c.expect(
+        send(
+            &c,
             &format!("VXLAN from node2 for {what}"),
-            udp_send(
-                &node2,
-                from,
-                to,
-                forged(&c, SocketAddrV4::new(pod.ip(), port), vni),
-            ),
+            &node2,
+            from,
+            to,
+            forged(&c, SocketAddrV4::new(pod.ip(), port), vni),
         );
         c.assert_udp_unseen(&format!("steered packet of {what}"), None, port);
         c.wait_drops(1, vni, "pod_not_selected", before + 1);
@@ -216,22 +222,25 @@ fn steered_arrivals_need_a_selected_pod_of_the_sending_node() {
     // uplink_ingress: no flow.)
     let before = unknown_peer_drops(&c);
     let selected = SocketAddrV4::new(PodRef::new(2, 1).ip(), 44004);
-    c.expect(
+    send(
+        &c,
         "VXLAN from node2 to node1's pod gateway address",
-        udp_send(
-            &node2,
-            from,
-            SocketAddrV4::new(spec::pod_gateway(1), spec::TUNNEL_PORT),
-            forged(&c, selected, vni),
-        ),
+        &node2,
+        from,
+        SocketAddrV4::new(spec::pod_gateway(1), spec::TUNNEL_PORT),
+        forged(&c, selected, vni),
     );
     c.assert_udp_unseen("VXLAN sent to another address of node1", None, 44004);
     c.wait_drops(1, 0, "unknown_tunnel_peer", before + 1);
 
     // Control: node2's selected pod, to node1's address, gets through.
-    c.expect(
+    send(
+        &c,
         "VXLAN from node2 for its selected pod",
-        udp_send(&node2, from, to, forged(&c, selected, vni)),
+        &node2,
+        from,
+        to,
+        forged(&c, selected, vni),
     );
     let seen = wait_for(
         "the server sees the steered packet of node2's selected pod",
@@ -307,16 +316,7 @@ fn forged_reply(
     pod: SocketAddrV4,
     text: &str,
 ) -> Vec<u8> {
-    vxlan_payload(
-        vni,
-        &InnerUdp {
-            src_mac: [0x02, 0, 0, 0, 0, 0x11],
-            dst_mac: mac_of(c, &c.lab.node_ns(2), spec::TUNNEL_INTERFACE),
-            src,
-            dst: pod,
-            payload: text.as_bytes().to_vec(),
-        },
-    )
+    vxlan_udp(c, 2, 0x11, vni, (src, pod), text.as_bytes())
 }
 
 /// node2 steers n2p1's flows to node1 (policy 1). What arrives for the pod
@@ -341,52 +341,39 @@ fn tunnel_replies_reach_a_pod_only_for_its_steered_flow_from_its_egress_node() {
     let no_flow = c.drops(2, vni, "no_flow");
     let wrong_peer = c.drops(2, vni, "wrong_tunnel_peer");
     let stranger = SocketAddrV4::new(spec::SERVER_ADDR, 9999);
-    c.expect(
+    let send_from = |n: u8, what: &str, payload: Vec<u8>| {
+        send(&c, what, &c.lab.node_ns(n), from(n), to, payload);
+    };
+    send_from(
+        1,
         "forged reply without a flow",
-        udp_send(
-            &c.lab.node_ns(1),
-            from(1),
-            to,
-            forged_reply(&c, vni, stranger, pod_addr, "no-flow"),
-        ),
+        forged_reply(&c, vni, stranger, pod_addr, "no-flow"),
     );
     let quote = egress_lab::traffic::ipv4_udp(pod_addr, stranger, b"x");
     let error = egress_lab::traffic::ipv4_port_unreachable(spec::SERVER_ADDR, pod.ip(), &quote);
-    c.expect(
+    send_from(
+        1,
         "forged ICMP error without a flow",
-        udp_send(
-            &c.lab.node_ns(1),
-            from(1),
-            to,
-            egress_lab::traffic::vxlan_frame(
-                vni,
-                [0x02, 0, 0, 0, 0, 0x11],
-                mac_of(&c, &c.lab.node_ns(2), spec::TUNNEL_INTERFACE),
-                &error,
-            ),
+        egress_lab::traffic::vxlan_frame(
+            vni,
+            [0x02, 0, 0, 0, 0, 0x11],
+            mac_of(&c, &c.lab.node_ns(2), spec::TUNNEL_INTERFACE),
+            &error,
         ),
     );
 
     // The live flow's reply, from node3: not its egress node.
-    c.expect(
+    send_from(
+        3,
         "forged reply from node3",
-        udp_send(
-            &c.lab.node_ns(3),
-            from(3),
-            to,
-            forged_reply(&c, vni, UDP, pod_addr, "wrong-peer"),
-        ),
+        forged_reply(&c, vni, UDP, pod_addr, "wrong-peer"),
     );
 
     // Control: the same reply from node1 is delivered.
-    c.expect(
+    send_from(
+        1,
         "reply from node1",
-        udp_send(
-            &c.lab.node_ns(1),
-            from(1),
-            to,
-            forged_reply(&c, vni, UDP, pod_addr, "from-node1"),
-        ),
+        forged_reply(&c, vni, UDP, pod_addr, "from-node1"),
     );
     let got = c.expect("pod socket", egress_lab::netns::join(socket, &c.ns(pod)));
     let texts: Vec<&str> = got.iter().map(|(_, t)| t.as_str()).collect();

@@ -13,19 +13,6 @@ mod program {
         inbound::record(&ctx);
         action::PASS
     }
-
-    #[unsafe(link_section = "license")]
-    #[unsafe(no_mangle)]
-    static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
-
-    #[panic_handler]
-    fn panic(_info: &core::panic::PanicInfo) -> ! {
-        loop {}
-    }
 }
 
-#[cfg(not(target_arch = "bpf"))]
-fn main() {
-    eprintln!("pod_egress is an eBPF program: build it with `cargo xtask build-ebpf`");
-    std::process::exit(1);
-}
+egress_ebpf::program_glue!();

@@ -99,19 +99,6 @@ mod program {
             nat::snat_and_forward(ctx, &ip, &l4, &sel, [0; 4], cfg, true, now).blame(id)?;
         Ok(forwarded.unwrap_or(action::PASS))
     }
-
-    #[unsafe(link_section = "license")]
-    #[unsafe(no_mangle)]
-    static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
-
-    #[panic_handler]
-    fn panic(_info: &core::panic::PanicInfo) -> ! {
-        loop {}
-    }
 }
 
-#[cfg(not(target_arch = "bpf"))]
-fn main() {
-    eprintln!("pod_ingress is an eBPF program: build it with `cargo xtask build-ebpf`");
-    std::process::exit(1);
-}
+egress_ebpf::program_glue!();

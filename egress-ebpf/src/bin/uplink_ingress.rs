@@ -153,19 +153,6 @@ mod program {
         }
         tunnel::redirect(ctx, rev.origin_node, id, cfg.tunnel_ifindex).blame(id)
     }
-
-    #[unsafe(link_section = "license")]
-    #[unsafe(no_mangle)]
-    static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
-
-    #[panic_handler]
-    fn panic(_info: &core::panic::PanicInfo) -> ! {
-        loop {}
-    }
 }
 
-#[cfg(not(target_arch = "bpf"))]
-fn main() {
-    eprintln!("uplink_ingress is an eBPF program: build it with `cargo xtask build-ebpf`");
-    std::process::exit(1);
-}
+egress_ebpf::program_glue!();
