@@ -1,11 +1,10 @@
-//! The agent's library: configuration, the desired map image, the
+//! The agent's library: the desired map image, the
 //! reconciler, the loader, the conntrack collector and the inspection CLI.
 //! `main.rs` is the `egress-agent` binary on top of it; the
 //! `BPF_PROG_TEST_RUN` suite (egress-testrun) loads and programs the
 //! datapath through the same code.
 
 pub mod batch;
-pub mod config;
 pub mod fence;
 pub mod gc;
 pub mod hold;

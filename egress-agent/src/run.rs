@@ -13,7 +13,8 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use egress_common::{VXLAN_OVERHEAD, maps::programs};
-use egress_k8s::{AgentLink, config::interface_matches, facts::EgressSubnet};
+use egress_config::{AgentConfig, Mode, interface_matches};
+use egress_k8s::{AgentLink, facts::EgressSubnet};
 use egress_model::{AddressClaim, NodeState};
 use egress_netlink::{
     AddressEvent, AddressEvents, ClaimLedger, InterfaceAddress, Lifetime, Link, LinkEvent, Netlink,
@@ -24,7 +25,6 @@ use ipnet::Ipv4Net;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    config::{AgentConfig, Mode},
     fence::{ControllerFence, Terms},
     gc::{self, monotonic_ns},
     hold::Holds,
@@ -202,7 +202,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let collector = gc::Background::start(
         &layout,
         config.datapath.timeouts.clone(),
-        config.datapath.gc_interval(),
+        config.datapath.gc_interval,
     )?;
     // Subscribed before the first listing, so that no interface or address
     // falls in between.
@@ -312,8 +312,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let mut retry_unresolved = tokio::time::interval(Duration::from_secs(1));
     // Set once SIGTERM asked the controller to stop (in Kubernetes mode).
     let mut stopping: Option<tokio::time::Instant> = None;
-    let stop_timeout =
-        Duration::from_millis(agent.config.kubernetes.drain_timeout_ms) + Duration::from_secs(5);
+    let stop_timeout = agent.config.kubernetes.drain_timeout + Duration::from_secs(5);
     loop {
         let stop_deadline = stopping.map(|t| t + stop_timeout);
         tokio::select! {
@@ -845,7 +844,7 @@ impl Agent {
         AgentLink,
     )> {
         let subnets = self.egress_subnets().await?;
-        let mut options = self.config.kubernetes.options(subnets)?;
+        let mut options = egress_k8s::Options::new(self.config.kubernetes.clone(), subnets)?;
         options.node_addr = self.config.node.address;
         // Policy ids index this node's policy array: the assigner keeps
         // them below the (cluster-wide) max_policies.
@@ -898,7 +897,7 @@ impl Agent {
             })
             .map(|a| (a.ifname, a.addr))
             .collect();
-        Ok(k8s.egress_subnets(&addresses))
+        Ok(egress_k8s::facts::egress_subnets(k8s, &addresses))
     }
 
     /// Hands the controller this node's subnets when an address was added
@@ -1177,8 +1176,7 @@ impl Agent {
     /// `new_pod_hold_ms` is 0); holds a previous run left are adopted or
     /// removed.
     fn start_holding(&mut self) -> anyhow::Result<()> {
-        let ms = self.config.kubernetes.new_pod_hold_ms;
-        self.holds = Holds::new(Some(Duration::from_millis(ms)));
+        self.holds = Holds::new(Some(self.config.kubernetes.new_pod_hold));
         let present: BTreeMap<u32, String> = self
             .attached
             .iter()
@@ -1293,7 +1291,7 @@ impl Agent {
             Ok(()) => {
                 tracing::info!(policies = new.policies.len(), "configuration reloaded");
                 self.collector
-                    .update(new.datapath.timeouts.clone(), new.datapath.gc_interval());
+                    .update(new.datapath.timeouts.clone(), new.datapath.gc_interval);
                 self.config = new;
             }
             Err(e) => {

@@ -21,7 +21,6 @@
 //!   holds and failed to program.
 
 pub mod claims;
-pub mod config;
 pub mod controller;
 pub mod crd;
 pub mod decode;
@@ -36,7 +35,6 @@ pub mod report;
 pub mod selector;
 pub mod session;
 
-pub use config::KubernetesConfig;
 pub use controller::{AgentLink, Desired, Error, Options, link, run};
 
 /// The CRD manifest generated from the Rust types for the default

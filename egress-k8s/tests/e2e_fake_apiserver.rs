@@ -7,6 +7,7 @@ use std::{collections::BTreeSet, net::Ipv4Addr, time::Duration};
 mod common;
 
 use common::eventually;
+use egress_config::KubernetesConfig;
 use egress_fake_api::FakeApi;
 use egress_k8s::{
     AgentLink, Desired, Options,
@@ -52,14 +53,20 @@ fn options(addr: &str) -> Options {
             address: format!("{addr}/16").parse().unwrap(),
         }],
         global_excluded: BTreeSet::from(["10.244.0.0/16".parse().unwrap()]),
-        claim_ttl: Duration::from_secs(2),
-        claim_renew: Duration::from_millis(300),
-        leader_ttl: Duration::from_secs(2),
-        leader_renew: Duration::from_millis(200),
-        // The fixture's node addresses are not reachable from here; nodes
-        // go away by being cordoned or drained instead.
-        heartbeat: None,
-        ..Options::default()
+        ..Options::new(
+            KubernetesConfig {
+                claim_ttl: Duration::from_secs(2),
+                claim_renew: Duration::from_millis(300),
+                leader_ttl: Duration::from_secs(2),
+                leader_renew: Duration::from_millis(200),
+                // The fixture's node addresses are not reachable from here;
+                // nodes go away by being cordoned or drained instead.
+                heartbeat: None,
+                ..Default::default()
+            },
+            Vec::new(),
+        )
+        .unwrap()
     }
 }
 

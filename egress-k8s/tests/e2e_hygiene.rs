@@ -16,6 +16,7 @@ use std::{
     time::Duration,
 };
 
+use egress_config::KubernetesConfig;
 use egress_fake_api::FakeApi;
 use egress_k8s::{
     AgentLink, Desired, Options,
@@ -47,12 +48,18 @@ fn options(addr: &str, max_policies: u32) -> Options {
             interface: "eth0".into(),
             address: format!("{addr}/16").parse().unwrap(),
         }],
-        claim_ttl: Duration::from_secs(2),
-        claim_renew: Duration::from_millis(300),
-        leader_ttl: Duration::from_secs(2),
-        leader_renew: Duration::from_millis(200),
-        heartbeat: None,
-        ..Options::default()
+        ..Options::new(
+            KubernetesConfig {
+                claim_ttl: Duration::from_secs(2),
+                claim_renew: Duration::from_millis(300),
+                leader_ttl: Duration::from_secs(2),
+                leader_renew: Duration::from_millis(200),
+                heartbeat: None,
+                ..Default::default()
+            },
+            Vec::new(),
+        )
+        .unwrap()
     };
     o.plan.max_policies = max_policies;
     o

@@ -11,11 +11,11 @@ use std::{
     time::Duration,
 };
 
+use egress_config::{HeartbeatConfig, KubernetesConfig};
 use egress_fake_api::FakeApi;
 use egress_k8s::{
     AgentLink, Desired, Options,
     facts::{DEFAULT_ASSIGNABLE_LABEL, EgressSubnet},
-    heartbeat::HeartbeatConfig,
 };
 use serde_json::{Value, json};
 
@@ -62,16 +62,22 @@ pub fn options(n: u8, port: u16, assigner: bool) -> Options {
             interface: "eth0".into(),
             address: format!("172.18.0.1{n}/16").parse().unwrap(),
         }],
-        claim_ttl: CLAIM_TTL,
-        claim_renew: CLAIM_RENEW,
-        assigner,
-        heartbeat: Some(HeartbeatConfig {
-            bind: IpAddr::V4(node_addr(n)),
-            port,
-            interval: Duration::from_millis(200),
-            timeout: Duration::from_millis(1000),
-        }),
-        ..Options::default()
+        ..Options::new(
+            KubernetesConfig {
+                claim_ttl: CLAIM_TTL,
+                claim_renew: CLAIM_RENEW,
+                assigner,
+                heartbeat: Some(HeartbeatConfig {
+                    bind: IpAddr::V4(node_addr(n)),
+                    port,
+                    interval: Duration::from_millis(200),
+                    timeout: Duration::from_millis(1000),
+                }),
+                ..Default::default()
+            },
+            Vec::new(),
+        )
+        .unwrap()
     }
 }
 
