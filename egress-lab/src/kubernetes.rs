@@ -22,7 +22,7 @@ pub use egress_fake_api::{FakeApi, WatchEvent};
 use serde_json::{Value, json};
 
 use crate::{
-    agent::{self, Agent},
+    agent::Agent,
     error::{LabError, Result, io_err},
     exec, netns,
     spec::{self, LabSpec, PodRef, PolicySpec},
@@ -109,8 +109,8 @@ impl KubeApi {
     fn seed(&self, spec: &LabSpec) {
         self.api.create(
             NAMESPACES,
-            json!({"metadata": {"name": agent::AGENT_NAMESPACE,
-                "labels": {"kubernetes.io/metadata.name": agent::AGENT_NAMESPACE}}}),
+            json!({"metadata": {"name": spec::AGENT_NAMESPACE,
+                "labels": {"kubernetes.io/metadata.name": spec::AGENT_NAMESPACE}}}),
         );
         self.api.create(
             NAMESPACES,
@@ -249,7 +249,7 @@ impl KubeApi {
     /// The elected assigner's node name.
     pub fn leader(&self) -> Option<String> {
         self.api
-            .get(LEASES, Some(agent::AGENT_NAMESPACE), LEADER_LEASE)?["spec"]["holderIdentity"]
+            .get(LEASES, Some(spec::AGENT_NAMESPACE), LEADER_LEASE)?["spec"]["holderIdentity"]
             .as_str()
             .filter(|h| !h.is_empty())
             .map(str::to_owned)

@@ -21,7 +21,7 @@ use std::{
 };
 
 use egress_lab::{
-    ClientOpts, LabSpec, PodRef, TcpConn, agent, failover,
+    ClientOpts, LabSpec, PodRef, TcpConn, failover,
     kubernetes::{self, EGRESS_IPS, LEASES, NODES},
     spec,
     traffic::wait_for,
@@ -256,7 +256,7 @@ fn ip_lock(c: &Cluster, ip: Ipv4Addr) -> Value {
         .kube()
         .expect("Kubernetes mode")
         .api()
-        .get(LEASES, Some(agent::AGENT_NAMESPACE), &name)
+        .get(LEASES, Some(spec::AGENT_NAMESPACE), &name)
         .unwrap_or_else(|| c.fail(format!("{ip} has no lock Lease {name}")))
 }
 
@@ -267,7 +267,7 @@ fn claims_annotations(c: &Cluster, n: u8) -> Value {
         .kube()
         .expect("Kubernetes mode")
         .api()
-        .get(LEASES, Some(agent::AGENT_NAMESPACE), &name)
+        .get(LEASES, Some(spec::AGENT_NAMESPACE), &name)
         .map(|l| l["metadata"]["annotations"].clone())
         .unwrap_or_else(|| c.fail(format!("node{n} has no claims Lease {name}")))
 }
@@ -642,7 +642,7 @@ fn a_successor_that_never_hears_from_its_controller_keeps_the_previous_fence() {
     let stopped = c.lab.stop_agent(1);
     c.expect("SIGTERM of node1's agent (a restart)", stopped);
 
-    let port = agent::HEARTBEAT_PORT;
+    let port = spec::HEARTBEAT_PORT;
     let blocker = c.expect(
         "taking the heartbeat port",
         egress_lab::netns::in_netns(&c.lab.node_ns(1), move || {

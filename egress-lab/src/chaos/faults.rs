@@ -16,10 +16,10 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::{
-    agent::HEARTBEAT_PORT,
     error::{LabError, Result},
     exec,
     kubernetes::{self, EGRESS_IPS, POD_NAMESPACE, PODS},
+    spec::HEARTBEAT_PORT,
     spec::PodRef,
     topology::Lab,
 };

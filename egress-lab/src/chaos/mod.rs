@@ -381,7 +381,11 @@ impl Probes {
             .iter()
             .filter_map(|a| judge::judge_source(a, &self.expected, nodes))
             .collect();
-        let ttl = Duration::from_millis(lab.spec().kubernetes.map_or(0, |k| k.claim_ttl_ms));
+        let ttl = lab
+            .spec()
+            .kubernetes
+            .as_ref()
+            .map_or(Duration::ZERO, |k| k.agent.claim_ttl);
         out.extend(judge::judge_arp(
             &self.arp.seen(),
             &self.macs,
