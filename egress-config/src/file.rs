@@ -46,7 +46,9 @@ pub struct AgentConfig {
     pub cluster: ClusterConfig,
     #[serde(default)]
     pub datapath: DatapathSettings,
-    #[serde(default)]
+    /// Static mode only; an empty list is not written, so that a
+    /// Kubernetes-mode file has no `policies` key at all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub policies: Vec<PolicyConfig>,
     /// Settings of the Kubernetes mode (`run --kubernetes`).
     #[serde(default)]

@@ -28,7 +28,6 @@ use std::{
 };
 
 use serde::Serialize;
-use serde_json::json;
 
 use crate::{
     error::{LabError, Result, io_err},
@@ -357,15 +356,9 @@ pub fn measure_failover_of(
     // B becomes eligible too. Placement is sticky, so the IP stays on A;
     // the status catching up with the new generation shows the assigner saw it.
     let kube = lab.kube().expect("checked above");
-    let api = kube.api();
-    let patched = api.patch(
-        EGRESS_IPS,
-        None,
-        POLICY_NAME,
-        json!({"spec": {"nodeSelector": {"matchLabels": null, "matchExpressions": [{
-            "key": kubernetes::HOSTNAME_LABEL, "operator": "In",
-            "values": [kubernetes::node_name(a), kubernetes::node_name(b)]}]}}}),
-    );
+    let patched = kube.update_egress_ip(POLICY_NAME, |spec| {
+        spec.node_selector = Some(kubernetes::hostname_in(&[a, b]));
+    })?;
     let generation = patched["metadata"]["generation"].as_i64();
     wait_for(
         "the assigner sees the widened nodeSelector",

@@ -503,13 +503,11 @@ fn a_rolling_restart_in_kubernetes_mode_moves_no_ip_and_leaks_nothing() {
 fn a_drained_node_hands_its_ip_over_on_sigterm() {
     let mut c = Cluster::new(LabSpec::kubernetes());
     let kube = c.lab.kube().expect("Kubernetes mode");
-    kube.api().patch(
-        EGRESS_IPS,
-        None,
-        "team-a",
-        json!({"spec": {"nodeSelector": {"matchLabels": null, "matchExpressions": [{
-            "key": kubernetes::HOSTNAME_LABEL, "operator": "In",
-            "values": [kubernetes::node_name(1), kubernetes::node_name(3)]}]}}}),
+    c.expect(
+        "widening the nodeSelector",
+        kube.update_egress_ip("team-a", |spec| {
+            spec.node_selector = Some(kubernetes::hostname_in(&[1, 3]));
+        }),
     );
     let to = SocketAddrV4::new(spec::SERVER_ADDR, K8S_STREAM_PORT);
     let server = c.expect(
