@@ -16,6 +16,9 @@ use serde_with::{As, DurationMilliSeconds};
 /// (OVN-Kubernetes' own).
 pub const DEFAULT_ASSIGNABLE_LABEL: &str = "k8s.ovn.org/egress-assignable";
 
+/// The default [`KubernetesConfig::leader_lease`].
+pub const DEFAULT_LEADER_LEASE: &str = "egress-assigner";
+
 /// The default [`KubernetesConfig::new_pod_hold`]: far above the Pod's
 /// usual trip through the API server (100-300 ms in the lab), short enough
 /// that an interface no Pod ever claims is not cut off for long.
@@ -107,7 +110,7 @@ impl Default for KubernetesConfig {
             restart_grace: Duration::from_secs(30),
             assigner: true,
             assigner_candidates: 3,
-            leader_lease: "egress-assigner".into(),
+            leader_lease: DEFAULT_LEADER_LEASE.into(),
             leader_ttl: ms(1000),
             leader_renew: ms(250),
             drain_timeout: Duration::from_secs(20),

@@ -25,5 +25,6 @@ pub use file::{
 };
 pub use interface::interface_matches;
 pub use kubernetes::{
-    DEFAULT_ASSIGNABLE_LABEL, DEFAULT_NEW_POD_HOLD, HeartbeatConfig, KubernetesConfig,
+    DEFAULT_ASSIGNABLE_LABEL, DEFAULT_LEADER_LEASE, DEFAULT_NEW_POD_HOLD, HeartbeatConfig,
+    KubernetesConfig,
 };

@@ -43,11 +43,11 @@ pub const POD_NAMESPACE: &str = "egress-lab";
 pub const POLICY_LABEL: &str = "lab.egress.example.dev/policy";
 pub const HOSTNAME_LABEL: &str = "kubernetes.io/hostname";
 /// The agents' default assignable label (`[kubernetes] assignable_label`).
-pub const ASSIGNABLE_LABEL: &str = "k8s.ovn.org/egress-assignable";
+pub const ASSIGNABLE_LABEL: &str = egress_config::DEFAULT_ASSIGNABLE_LABEL;
 /// Where each agent publishes its egress subnets.
-pub const SUBNETS_ANNOTATION: &str = "egress.example.dev/egress-subnets";
+pub const SUBNETS_ANNOTATION: &str = egress_k8s::facts::SUBNETS_ANNOTATION;
 /// The agents' default leader Lease (`[kubernetes] leader_lease`).
-pub const LEADER_LEASE: &str = "egress-assigner";
+pub const LEADER_LEASE: &str = egress_config::DEFAULT_LEADER_LEASE;
 
 /// Name of node `n`'s Node object.
 pub fn node_name(n: u8) -> String {
