@@ -7,7 +7,6 @@ use std::{collections::BTreeSet, net::Ipv4Addr, time::Duration};
 mod common;
 
 use common::eventually;
-use egress_config::KubernetesConfig;
 use egress_fake_api::FakeApi;
 use egress_k8s::{
     AgentLink, Desired, Options,
@@ -48,25 +47,8 @@ fn pod(name: &str, node: &str, addr: &str) -> Value {
 
 fn options(addr: &str) -> Options {
     Options {
-        subnets: vec![EgressSubnet {
-            interface: "eth0".into(),
-            address: format!("{addr}/16").parse().unwrap(),
-        }],
         global_excluded: BTreeSet::from(["10.244.0.0/16".parse().unwrap()]),
-        ..Options::new(
-            KubernetesConfig {
-                claim_ttl: Duration::from_secs(2),
-                claim_renew: Duration::from_millis(300),
-                leader_ttl: Duration::from_secs(2),
-                leader_renew: Duration::from_millis(200),
-                // The fixture's node addresses are not reachable from here;
-                // nodes go away by being cordoned or drained instead.
-                heartbeat: None,
-                ..Default::default()
-            },
-            Vec::new(),
-        )
-        .unwrap()
+        ..common::unprobed_options(addr)
     }
 }
 

@@ -81,6 +81,30 @@ pub fn options(n: u8, port: u16, assigner: bool) -> Options {
     }
 }
 
+/// Options of a node whose subnet is `addr/16` on eth0, with short claim
+/// and leader timings and no heartbeat: the fixtures' node addresses are
+/// not reachable from here, so nodes go away by being cordoned or drained.
+pub fn unprobed_options(addr: &str) -> Options {
+    Options {
+        subnets: vec![EgressSubnet {
+            interface: "eth0".into(),
+            address: format!("{addr}/16").parse().unwrap(),
+        }],
+        ..Options::new(
+            KubernetesConfig {
+                claim_ttl: Duration::from_secs(2),
+                claim_renew: Duration::from_millis(300),
+                leader_ttl: Duration::from_secs(2),
+                leader_renew: Duration::from_millis(200),
+                heartbeat: None,
+                ..Default::default()
+            },
+            Vec::new(),
+        )
+        .unwrap()
+    }
+}
+
 /// A free UDP port, for every responder on its own address.
 pub fn free_port() -> u16 {
     std::net::UdpSocket::bind("127.0.0.11:0")
