@@ -15,7 +15,6 @@ use anyhow::{Context, Result, bail};
 use aya::maps::IterableMap;
 use egress_agent::{
     batch,
-    config::DatapathSettings,
     host::HostFacts,
     image::{DatapathImage, Environment},
     loader::{self, Datapath},
@@ -25,6 +24,7 @@ use egress_bpf::{SkbContext, TunnelInjector};
 use egress_common::{
     DatapathConfig, FlowKeyV4, NatEntryV4, PolicyStats, RevNatEntryV4, maps::programs,
 };
+use egress_config::DatapathSettings;
 use egress_model::NodeState;
 
 use crate::{
