@@ -15,12 +15,12 @@ use std::{
 
 use anyhow::Context as _;
 use egress_common::VXLAN_OVERHEAD;
+use egress_config::{AgentConfig, NodeConfig};
 use egress_model::NodeState;
 use egress_netlink::{AddressEvents, ClaimLedger, Lifetime, LinkEvents, Netlink, RouteEvents};
 use tokio::sync::watch;
 
 use crate::{
-    config::{AgentConfig, NodeConfig},
     gc,
     hold::Holds,
     host::{self, PodInterfaces},
@@ -155,7 +155,7 @@ impl Agent {
         let collector = gc::Background::start(
             &layout,
             config.datapath.timeouts.clone(),
-            config.datapath.gc_interval(),
+            config.datapath.gc_interval,
         )?;
         // Subscribed before the first listing, so that no interface or address
         // falls in between.

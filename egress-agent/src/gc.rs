@@ -32,11 +32,9 @@ use aya::maps::{IterableMap, MapError};
 use egress_common::{
     CtState, FlowKeyV4, NatEntryV4, PodFlowsV4, RevNatEntryV4, ct_flags, maps as names,
 };
+use egress_config::Timeouts;
 
-use crate::{
-    config::Timeouts,
-    maps::{Maps, MapsError, PinLayout},
-};
+use crate::maps::{Maps, MapsError, PinLayout};
 
 /// The collector on a thread of its own with its own map handles: a sweep
 /// of a full NAT map takes a while, and the agent's reconciling and the
@@ -418,9 +416,9 @@ mod tests {
     #[test]
     fn expiry_uses_the_state_timeout() {
         let t = Timeouts {
-            tcp_established: 10,
-            tcp_syn_sent: 2,
-            udp: 3,
+            tcp_established: Duration::from_secs(10),
+            tcp_syn_sent: Duration::from_secs(2),
+            udp: Duration::from_secs(3),
             ..Default::default()
         };
         let s = 1_000_000_000;
@@ -483,8 +481,8 @@ mod tests {
     #[test]
     fn inbound_records_live_as_long_as_an_established_flow() {
         let t = Timeouts {
-            tcp_established: 100,
-            udp: 3,
+            tcp_established: Duration::from_secs(100),
+            udp: Duration::from_secs(3),
             ..Default::default()
         };
         let s = 1_000_000_000;

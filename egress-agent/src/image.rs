@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use egress_common::{DatapathConfig, NodeV4, PodPolicyV4, PolicyV4, RemotePodV4, policy_flags};
 use egress_model::{FailurePolicy, NO_USABLE_IP, NodeState};
 
-use crate::config::DatapathSettings;
+use egress_config::DatapathSettings;
 
 use crate::host::HostFacts;
 

@@ -1,4 +1,4 @@
-//! The agent's library: configuration, the desired map image, the
+//! The agent's library: the desired map image, the
 //! reconciler, the loader, the conntrack collector and the inspection CLI.
 //! `run` is the agent's loop over a desired-state source (`source`: the
 //! static file or Kubernetes); what it does to the node is in `agent`
@@ -10,7 +10,6 @@
 
 pub mod agent;
 pub mod claims;
-pub mod config;
 pub mod fence;
 pub mod gc;
 pub mod hold;

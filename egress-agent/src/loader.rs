@@ -26,10 +26,9 @@ use egress_common::{
     flow_count, maps as names,
 };
 
-use crate::{
-    config::DatapathSettings,
-    maps::{MapsError, PinLayout, Shape, check_pinned},
-};
+use egress_config::DatapathSettings;
+
+use crate::maps::{MapsError, PinLayout, Shape, check_pinned};
 
 /// The embedded programs, built by build.rs.
 const OBJECTS: [(&str, &[u8]); 4] = [

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use egress_agent::{config, inspect, reset, run};
+use egress_agent::{inspect, reset, run};
 
 #[derive(Parser)]
 #[command(
@@ -134,11 +134,11 @@ fn main() -> anyhow::Result<()> {
         } => inspect::nat_list(&instance, json),
         Command::Check { config, kubernetes } => {
             let mode = if kubernetes {
-                config::Mode::Kubernetes
+                egress_config::Mode::Kubernetes
             } else {
-                config::Mode::Static
+                egress_config::Mode::Static
             };
-            let c = config::AgentConfig::load_for(&config, mode)?;
+            let c = egress_config::AgentConfig::load_for(&config, mode)?;
             println!(
                 "{}: valid ({} policies)",
                 config.display(),

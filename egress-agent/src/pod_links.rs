@@ -8,7 +8,7 @@ use std::{collections::BTreeMap, time::Duration};
 
 use anyhow::Context as _;
 use egress_common::maps::programs;
-use egress_k8s::config::interface_matches;
+use egress_config::interface_matches;
 use egress_netlink::{Link, LinkEvent};
 
 use crate::{agent::Agent, gc::monotonic_ns, hold::Holds, loader};

@@ -7,7 +7,7 @@
 
 use std::{collections::BTreeSet, net::Ipv4Addr};
 
-use egress_k8s::config::interface_matches;
+use egress_config::interface_matches;
 use egress_model::{AddressClaim, NodeState};
 use egress_netlink::{AddressEvent, RouteEvent};
 

@@ -25,13 +25,16 @@ use std::{
     time::{Duration, Instant},
 };
 
+use egress_config::{KubernetesConfig, interface_matches};
 use egress_model::AddressClaim;
 use ipnet::Ipv4Net;
 use tokio::{sync::watch, task::JoinHandle};
 
 use crate::{
-    AgentLink, Desired, Error, KubernetesConfig, config::interface_matches,
-    controller::sleep_until, facts::EgressSubnet, report::DatapathReport,
+    AgentLink, Desired, Error,
+    controller::{Options, sleep_until},
+    facts::EgressSubnet,
+    report::DatapathReport,
 };
 
 /// What the source takes from the agent's configuration and its set-up.
@@ -102,7 +105,7 @@ impl KubernetesSource {
         own: &BTreeSet<Ipv4Addr>,
     ) -> Result<Self, Error> {
         let subnets = offered_subnets(config, &settings.not_egress, addresses, own);
-        let mut options = config.options(subnets)?;
+        let mut options = Options::new(config.clone(), subnets)?;
         options.node_addr = settings.node_addr;
         // Policy ids index this node's policy array: the assigner keeps
         // them below the (cluster-wide) max_policies.
@@ -227,7 +230,7 @@ impl KubernetesSource {
     pub fn stop(&mut self) {
         tracing::info!("stopping: waiting for the Kubernetes controller");
         let _ = self.link.shutdown.send(true);
-        let timeout = Duration::from_millis(self.config.drain_timeout_ms) + STOP_MARGIN;
+        let timeout = self.config.drain_timeout + STOP_MARGIN;
         self.stop_deadline
             .get_or_insert_with(|| Instant::now() + timeout);
     }
@@ -259,7 +262,7 @@ pub fn offered_subnets(
         })
         .cloned()
         .collect();
-    config.egress_subnets(&candidates)
+    crate::facts::egress_subnets(config, &candidates)
 }
 
 /// How long the Node-object lookup may take.

@@ -5,6 +5,7 @@ use std::{
     net::Ipv4Addr,
 };
 
+use egress_config::{KubernetesConfig, interface_matches};
 use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use serde::{Deserialize, Serialize};
@@ -17,7 +18,7 @@ use crate::pods::SlimPod;
 pub const SUBNETS_ANNOTATION: &str = "egress.example.dev/egress-subnets";
 
 /// The OVN-Kubernetes label marking nodes that may hold egress IPs; our default.
-pub const DEFAULT_ASSIGNABLE_LABEL: &str = "k8s.ovn.org/egress-assignable";
+pub use egress_config::DEFAULT_ASSIGNABLE_LABEL;
 
 /// One entry of [`SUBNETS_ANNOTATION`]'s JSON list.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -36,6 +37,31 @@ impl EgressSubnet {
             && ip != self.address.addr()
             && (net.prefix_len() >= 31 || (ip != net.network() && ip != net.broadcast()))
     }
+}
+
+/// Chooses the subnets this node publishes from its interface addresses
+/// (name, address with prefix): not loopback, link-local or host routes,
+/// and only `egress_interfaces` when the section names some.
+pub fn egress_subnets(
+    config: &KubernetesConfig,
+    addresses: &[(String, Ipv4Net)],
+) -> Vec<EgressSubnet> {
+    let mut v: Vec<EgressSubnet> = addresses
+        .iter()
+        .filter(|(name, addr)| {
+            !addr.addr().is_loopback()
+                && !addr.addr().is_link_local()
+                && addr.prefix_len() < 32
+                && (config.egress_interfaces.is_empty()
+                    || interface_matches(&config.egress_interfaces, name))
+        })
+        .map(|(name, addr)| EgressSubnet {
+            interface: name.clone(),
+            address: *addr,
+        })
+        .collect();
+    v.sort();
+    v
 }
 
 /// Serializes the annotation value the agent publishes.
@@ -292,6 +318,32 @@ mod tests {
             PodInfo::from_pod(&p).unwrap().ip,
             Ipv4Addr::new(10, 244, 1, 5)
         );
+    }
+
+    #[test]
+    fn subnets_skip_loopback_and_host_routes_and_honour_patterns() {
+        let net = |s: &str| -> Ipv4Net { s.parse().unwrap() };
+        let addrs = vec![
+            ("lo".to_string(), net("127.0.0.1/8")),
+            ("eth0".to_string(), net("172.18.0.11/16")),
+            ("eth1".to_string(), net("192.168.50.11/24")),
+            ("egress-vxlan".to_string(), net("169.254.1.1/16")),
+            ("eth0".to_string(), net("172.18.0.100/32")),
+        ];
+        let all = egress_subnets(&KubernetesConfig::default(), &addrs);
+        assert_eq!(
+            all.iter().map(|s| s.interface.as_str()).collect::<Vec<_>>(),
+            ["eth0", "eth1"]
+        );
+        let only = egress_subnets(
+            &KubernetesConfig {
+                egress_interfaces: vec!["eth1*".into()],
+                ..Default::default()
+            },
+            &addrs,
+        );
+        assert_eq!(only.len(), 1);
+        assert_eq!(only[0].address, net("192.168.50.11/24"));
     }
 }
 

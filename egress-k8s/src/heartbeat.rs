@@ -18,7 +18,6 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     io,
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    time::Duration,
 };
 
 use tokio::{net::UdpSocket, sync::watch, time::Instant};
@@ -36,39 +35,8 @@ const LEN_1: usize = 16;
 
 pub type Nonce = [u8; 16];
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct HeartbeatConfig {
-    /// Address the responder listens on.
-    pub bind: IpAddr,
-    pub port: u16,
-    /// How often each node is probed.
-    pub interval: Duration,
-    /// A node that has not answered for this long is down.
-    pub timeout: Duration,
-}
-
-impl Default for HeartbeatConfig {
-    fn default() -> Self {
-        Self {
-            bind: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-            port: 9471,
-            interval: Duration::from_millis(200),
-            timeout: Duration::from_millis(1000),
-        }
-    }
-}
-
-impl HeartbeatConfig {
-    pub fn validate(&self) -> Result<(), String> {
-        if self.interval.is_zero() || self.interval * 2 > self.timeout {
-            return Err(format!(
-                "heartbeat interval {:?} must be non-zero and at most half the timeout {:?}",
-                self.interval, self.timeout
-            ));
-        }
-        Ok(())
-    }
-}
+/// The `[kubernetes.heartbeat]` section of the agent's file.
+pub use egress_config::HeartbeatConfig;
 
 fn message(kind: u8, nonce: &Nonce) -> [u8; LEN] {
     let mut m = [0u8; LEN];
@@ -209,6 +177,8 @@ pub async fn probe(
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     #[test]
@@ -233,16 +203,6 @@ mod tests {
         let reply = answer(&v1).unwrap();
         assert_eq!((reply[5], &reply[8..]), (REPLY, &42u64.to_be_bytes()[..]));
         assert_ne!(nonce().unwrap(), nonce().unwrap());
-    }
-
-    #[test]
-    fn config_is_checked() {
-        assert!(HeartbeatConfig::default().validate().is_ok());
-        let bad = HeartbeatConfig {
-            interval: Duration::from_millis(800),
-            ..Default::default()
-        };
-        assert!(bad.validate().unwrap_err().contains("at most half"));
     }
 
     #[tokio::test]

@@ -26,7 +26,6 @@
 
 pub mod agent_source;
 pub mod claims;
-pub mod config;
 pub mod controller;
 pub mod crd;
 pub mod decode;
@@ -41,7 +40,6 @@ pub mod report;
 pub mod selector;
 pub mod session;
 
-pub use config::KubernetesConfig;
 pub use controller::{AgentLink, Desired, Error, Options, link, run};
 
 /// The CRD manifest generated from the Rust types for the default

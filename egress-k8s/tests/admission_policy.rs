@@ -601,7 +601,7 @@ fn the_policies_name_what_the_agents_write() {
         "/../deploy/admission-policy.yaml"
     ))
     .unwrap();
-    let defaults = egress_k8s::KubernetesConfig::default();
+    let defaults = egress_config::KubernetesConfig::default();
     assert!(text.contains(&format!("'{}'", defaults.leader_lease)));
     assert!(text.contains(&format!("name: {}", defaults.leader_lease)));
     assert!(text.contains(&format!("namespace: {}", defaults.namespace)));

@@ -6,7 +6,8 @@
 
 use std::{collections::BTreeSet, path::PathBuf};
 
-use egress_k8s::{KubernetesConfig, crd::EgressIP};
+use egress_config::KubernetesConfig;
+use egress_k8s::{Options, crd::EgressIP};
 use k8s_openapi::{
     api::{
         admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding},
@@ -282,9 +283,9 @@ fn daemonset_has_what_the_agent_needs() {
     let toml_text = &config_map.data.unwrap()["config.toml"];
     let table: toml::Table = toml::from_str(toml_text).unwrap();
     let k8s: KubernetesConfig = table["kubernetes"].clone().try_into().unwrap();
-    let options = k8s.options(Vec::new()).unwrap();
+    let options = Options::new(k8s, Vec::new()).unwrap();
     assert!(
-        options.drain_timeout.as_secs() < grace as u64,
+        options.kubernetes.drain_timeout.as_secs() < grace as u64,
         "grace period must outlast the drain"
     );
 
@@ -352,7 +353,10 @@ fn daemonset_has_what_the_agent_needs() {
         .iter()
         .find(|p| p.name.as_deref() == Some("heartbeat"))
         .unwrap();
-    assert_eq!(port.container_port as u16, options.heartbeat.unwrap().port);
+    assert_eq!(
+        port.container_port as u16,
+        options.kubernetes.heartbeat.unwrap().port
+    );
     assert_eq!(port.protocol.as_deref(), Some("UDP"));
 }
 

@@ -91,7 +91,7 @@ async fn a_node_that_cannot_renew_its_claim_withdraws_and_reclaims_when_back() {
     let api = FakeApi::start().await;
     seed(&api, 1);
     let mut opts = options(1, 0, true);
-    opts.heartbeat = None;
+    opts.kubernetes.heartbeat = None;
     let agent = Agent::start(&api, "node1", opts);
     eventually("synced", || agent.synced().then_some(())).await;
     egress_ip_on(&api, &["node1"]);

@@ -47,19 +47,8 @@ fn pod(name: &str, node: &str, addr: &str) -> Value {
 
 fn options(addr: &str) -> Options {
     Options {
-        subnets: vec![EgressSubnet {
-            interface: "eth0".into(),
-            address: format!("{addr}/16").parse().unwrap(),
-        }],
         global_excluded: BTreeSet::from(["10.244.0.0/16".parse().unwrap()]),
-        claim_ttl: Duration::from_secs(2),
-        claim_renew: Duration::from_millis(300),
-        leader_ttl: Duration::from_secs(2),
-        leader_renew: Duration::from_millis(200),
-        // The fixture's node addresses are not reachable from here; nodes
-        // go away by being cordoned or drained instead.
-        heartbeat: None,
-        ..Options::default()
+        ..common::unprobed_options(addr)
     }
 }
 

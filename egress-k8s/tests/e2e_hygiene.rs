@@ -9,6 +9,8 @@
 //! - Policy ids stay within `max_policies`, and a released id is not reused
 //!   while a node still holds it; `NoPolicyId` says why an IP has none.
 
+mod common;
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
@@ -18,9 +20,7 @@ use std::{
 
 use egress_fake_api::FakeApi;
 use egress_k8s::{
-    AgentLink, Desired, Options,
-    facts::{DEFAULT_ASSIGNABLE_LABEL, EgressSubnet},
-    report::DatapathReport,
+    AgentLink, Desired, Options, facts::DEFAULT_ASSIGNABLE_LABEL, report::DatapathReport,
 };
 use serde_json::{Value, json};
 
@@ -42,18 +42,7 @@ fn node(name: &str, addr: &str) -> Value {
 }
 
 fn options(addr: &str, max_policies: u32) -> Options {
-    let mut o = Options {
-        subnets: vec![EgressSubnet {
-            interface: "eth0".into(),
-            address: format!("{addr}/16").parse().unwrap(),
-        }],
-        claim_ttl: Duration::from_secs(2),
-        claim_renew: Duration::from_millis(300),
-        leader_ttl: Duration::from_secs(2),
-        leader_renew: Duration::from_millis(200),
-        heartbeat: None,
-        ..Options::default()
-    };
+    let mut o = common::unprobed_options(addr);
     o.plan.max_policies = max_policies;
     o
 }

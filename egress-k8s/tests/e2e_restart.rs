@@ -16,7 +16,7 @@ use serde_json::json;
 const GRACE: Duration = Duration::from_secs(5);
 
 fn with_grace(mut o: Options, grace: Duration) -> Options {
-    o.restart_grace = grace;
+    o.kubernetes.restart_grace = grace;
     o
 }
 

@@ -3,19 +3,20 @@
 use std::{
     fs::{self, OpenOptions},
     io::Write,
-    net::Ipv4Addr,
     path::{Path, PathBuf},
     process::{Child, Stdio},
     thread,
     time::{Duration, Instant},
 };
 
-use ipnet::Ipv4Net;
+use egress_config::{
+    AgentConfig, ClusterConfig, ClusterNode, KubernetesConfig, NodeConfig, NodeWithPods,
+    PolicyConfig,
+};
 use nix::{
     sys::signal::{Signal, kill},
     unistd::Pid,
 };
-use serde::Serialize;
 use serde_json::Value;
 
 use crate::{
@@ -54,214 +55,72 @@ pub fn instance_name(prefix: &str, node: u8) -> String {
     format!("{prefix}-n{node}")
 }
 
-// The configuration file, field for field and in the order of
-// deploy/examples/static-node1.toml: the agent rejects unknown fields.
-#[derive(Serialize)]
-struct ConfigFile {
-    instance: String,
-    node: NodeSection,
-    cluster: ClusterSection,
-    datapath: spec::DatapathSpec,
-    policies: Vec<PolicySection>,
-}
-
-#[derive(Serialize)]
-struct NodeSection {
-    name: String,
-    address: Ipv4Addr,
-    uplink: String,
-    pod_cidr: Ipv4Net,
-    pod_interfaces: Vec<String>,
-    upstream_interfaces: Vec<String>,
-    tunnel_interface: String,
-    tunnel_port: u16,
-}
-
-#[derive(Serialize)]
-struct ClusterSection {
-    nodes: Vec<ClusterNode>,
-    excluded_cidrs: Vec<Ipv4Net>,
-}
-
-#[derive(Serialize)]
-struct ClusterNode {
-    address: Ipv4Addr,
-    pod_cidr: Ipv4Net,
-}
-
-#[derive(Serialize)]
-struct PolicySection {
-    id: u32,
-    name: String,
-    egress_ip: Ipv4Addr,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    node: Option<Ipv4Addr>,
-    failure_policy: egress_model::FailurePolicy,
-    pods: Vec<Ipv4Addr>,
-    marks: Vec<u32>,
-    vnis: Vec<u32>,
-    excluded_cidrs: Vec<Ipv4Net>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    group: Option<String>,
-}
-
-// Kubernetes mode: no cluster nodes and no policies (the agent rejects
-// them), the node's identity from NODE_NAME/NODE_IP, and the [kubernetes]
-// section with the field names of egress_k8s::KubernetesConfig.
-#[derive(Serialize)]
-struct KubernetesConfigFile {
-    instance: String,
-    node: KubernetesNodeSection,
-    cluster: ClusterSection,
-    datapath: spec::DatapathSpec,
-    kubernetes: KubernetesSection,
-}
-
-#[derive(Serialize)]
-struct KubernetesNodeSection {
-    uplink: String,
-    pod_cidr: Ipv4Net,
-    pod_interfaces: Vec<String>,
-    tunnel_interface: String,
-    tunnel_port: u16,
-}
-
-#[derive(Serialize)]
-struct KubernetesSection {
-    namespace: String,
-    cluster_cidrs: Vec<Ipv4Net>,
-    egress_interfaces: Vec<String>,
-    claim_ttl_ms: u64,
-    claim_renew_ms: u64,
-    restart_grace_ms: u64,
-    assigner: bool,
-    assigner_candidates: usize,
-    leader_ttl_ms: u64,
-    leader_renew_ms: u64,
-    drain_timeout_ms: u64,
-    heartbeat: HeartbeatSection,
-    new_pod_hold_ms: u64,
-}
-
-#[derive(Serialize)]
-struct HeartbeatSection {
-    port: u16,
-    interval_ms: u64,
-    timeout_ms: u64,
-}
-
-/// Namespace of the agents' claims and leader Leases in Kubernetes mode.
-pub const AGENT_NAMESPACE: &str = "egress-system";
-/// The agents' heartbeat port in Kubernetes mode (each node has its own
-/// network namespace, so all use the same one).
-pub const HEARTBEAT_PORT: u16 = 9471;
-/// The pod network, never translated.
-pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
-
-/// The configuration file of node `node`'s agent: static, or for
+/// The configuration of node `node`'s agent: static, or for
 /// `run --kubernetes` when the spec says so.
-pub fn render_config(prefix: &str, spec: &LabSpec, node: u8) -> Result<String> {
-    let mut text = match &spec.kubernetes {
-        None => render_static(prefix, spec, node)?,
-        Some(k) => render_kubernetes(prefix, spec, k, node)?,
-    };
-    if let Some(extra) = &spec.agent_config_extra {
-        text.push('\n');
-        text.push_str(extra);
-        text.push('\n');
-    }
-    Ok(text)
-}
-
-fn render_kubernetes(
-    prefix: &str,
-    spec: &LabSpec,
-    k: &spec::KubernetesSpec,
-    node: u8,
-) -> Result<String> {
-    let file = KubernetesConfigFile {
+pub fn agent_config(prefix: &str, spec: &LabSpec, node: u8) -> AgentConfig {
+    let mut config = AgentConfig {
         instance: instance_name(prefix, node),
-        node: KubernetesNodeSection {
-            uplink: "eth0".into(),
-            pod_cidr: spec::pod_cidr(node),
+        node: NodeConfig {
+            uplink: Some("eth0".into()),
+            pod_cidr: Some(spec::pod_cidr(node)),
             pod_interfaces: vec!["veth*".into()],
             tunnel_interface: TUNNEL_INTERFACE.into(),
             tunnel_port: TUNNEL_PORT,
+            ..NodeConfig::default()
         },
-        cluster: ClusterSection {
+        cluster: ClusterConfig {
             nodes: Vec::new(),
             excluded_cidrs: spec.excluded_cidrs.clone(),
         },
-        datapath: spec.datapath,
-        kubernetes: KubernetesSection {
-            namespace: AGENT_NAMESPACE.into(),
-            cluster_cidrs: vec![CLUSTER_CIDR.parse().expect("valid CIDR")],
-            egress_interfaces: vec!["eth0".into()],
-            claim_ttl_ms: k.claim_ttl_ms,
-            claim_renew_ms: k.claim_renew_ms,
-            restart_grace_ms: k.restart_grace_ms,
-            assigner: true,
-            assigner_candidates: k.assigner_candidates,
-            leader_ttl_ms: k.leader_ttl_ms,
-            leader_renew_ms: k.leader_renew_ms,
-            drain_timeout_ms: k.drain_timeout_ms,
-            heartbeat: HeartbeatSection {
-                port: HEARTBEAT_PORT,
-                interval_ms: k.heartbeat_interval_ms,
-                timeout_ms: k.heartbeat_timeout_ms,
-            },
-            new_pod_hold_ms: k.new_pod_hold_ms,
-        },
+        datapath: spec.datapath.clone(),
+        policies: Vec::new(),
+        kubernetes: KubernetesConfig::default(),
     };
-    toml::to_string(&file).map_err(|e| LabError::Spec(format!("cannot render agent config: {e}")))
+    match &spec.kubernetes {
+        // Policies and nodes come from the API server, the node's name and
+        // address from NODE_NAME/NODE_IP.
+        Some(k) => config.kubernetes = k.agent.clone(),
+        None => {
+            config.node.name = format!("node{node}");
+            config.node.address = Some(spec::node_addr(node));
+            config.cluster.nodes = (1..=spec.nodes)
+                .map(|n| {
+                    ClusterNode::WithPods(NodeWithPods {
+                        address: spec::node_addr(n),
+                        pod_cidr: Some(spec::pod_cidr(n)),
+                    })
+                })
+                .collect();
+            config.policies = spec.policies.iter().map(policy_config).collect();
+        }
+    }
+    config
 }
 
-fn render_static(prefix: &str, spec: &LabSpec, node: u8) -> Result<String> {
-    let file = ConfigFile {
-        instance: instance_name(prefix, node),
-        node: NodeSection {
-            name: format!("node{node}"),
-            address: spec::node_addr(node),
-            uplink: "eth0".into(),
-            pod_cidr: spec::pod_cidr(node),
-            pod_interfaces: vec!["veth*".into()],
-            upstream_interfaces: Vec::new(),
-            tunnel_interface: TUNNEL_INTERFACE.into(),
-            tunnel_port: TUNNEL_PORT,
-        },
-        cluster: ClusterSection {
-            nodes: (1..=spec.nodes)
-                .map(|n| ClusterNode {
-                    address: spec::node_addr(n),
-                    pod_cidr: spec::pod_cidr(n),
-                })
-                .collect(),
-            excluded_cidrs: spec.excluded_cidrs.clone(),
-        },
-        datapath: spec.datapath,
-        policies: spec
-            .policies
+fn policy_config(p: &spec::PolicySpec) -> PolicyConfig {
+    PolicyConfig {
+        id: p.id,
+        name: p.name.clone(),
+        egress_ip: p.egress_ip,
+        node: p.node.map(spec::node_addr),
+        failure_policy: p.failure_policy,
+        pods: p
+            .pods
             .iter()
-            .map(|p| PolicySection {
-                id: p.id,
-                name: p.name.clone(),
-                egress_ip: p.egress_ip,
-                node: p.node.map(spec::node_addr),
-                failure_policy: p.failure_policy,
-                pods: p
-                    .pods
-                    .iter()
-                    .map(|pod| pod.ip())
-                    .chain(p.addresses.iter().copied())
-                    .collect(),
-                marks: p.marks.clone(),
-                vnis: p.vnis.clone(),
-                excluded_cidrs: p.excluded_cidrs.clone(),
-                group: p.group.clone(),
-            })
+            .map(|pod| pod.ip())
+            .chain(p.addresses.iter().copied())
             .collect(),
-    };
-    toml::to_string(&file).map_err(|e| LabError::Spec(format!("cannot render agent config: {e}")))
+        marks: p.marks.clone(),
+        vnis: p.vnis.clone(),
+        excluded_cidrs: p.excluded_cidrs.clone(),
+        group: p.group.clone(),
+    }
+}
+
+/// [`agent_config`] as the TOML file the agent reads.
+pub fn render_config(prefix: &str, spec: &LabSpec, node: u8) -> Result<String> {
+    toml::to_string(&agent_config(prefix, spec, node))
+        .map_err(|e| LabError::Spec(format!("cannot render agent config: {e}")))
 }
 
 /// Writes `contents` to `path` through a rename so that a watching agent
@@ -611,6 +470,8 @@ pub fn nat_entries(text: &str) -> std::result::Result<Vec<Value>, String> {
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
     use crate::spec::{PodRef, PolicySpec};
 
@@ -643,46 +504,31 @@ mod tests {
         assert!(policies[2].get("node").is_none());
     }
 
+    /// What the lab writes is what the agent reads, in either mode.
     #[test]
-    fn config_keys_are_those_of_the_example() {
-        let example =
-            fs::read_to_string(workspace_root().join("deploy/examples/static-node1.toml")).unwrap();
-        let example: toml::Value = toml::from_str(&example).unwrap();
-        let ours: toml::Value =
-            toml::from_str(&render_config("lab", &LabSpec::default(), 1).unwrap()).unwrap();
-        fn keys(v: &toml::Value, path: String, out: &mut Vec<String>) {
-            match v {
-                toml::Value::Table(t) => {
-                    for (k, v) in t {
-                        let p = format!("{path}.{k}");
-                        out.push(p.clone());
-                        keys(v, p, out);
-                    }
-                }
-                toml::Value::Array(a) if a.first().is_some_and(toml::Value::is_table) => {
-                    keys(&a[0], format!("{path}[]"), out);
-                }
-                _ => {}
-            }
-        }
-        let (mut a, mut b) = (Vec::new(), Vec::new());
-        keys(&example, String::new(), &mut a);
-        keys(&ours, String::new(), &mut b);
-        a.sort();
-        b.sort();
-        assert_eq!(a, b);
-    }
-
-    #[test]
-    fn extra_config_is_appended_as_its_own_table() {
-        let spec = LabSpec {
-            agent_config_extra: Some("[kubernetes]\nnamespace = \"egress-system\"".into()),
-            ..LabSpec::default()
-        };
-        let v: toml::Value = toml::from_str(&render_config("lab", &spec, 2).unwrap()).unwrap();
-        assert_eq!(v["kubernetes"]["namespace"].as_str(), Some("egress-system"));
-        assert_eq!(v["policies"].as_array().unwrap().len(), 2);
-        assert!(v["policies"][1].get("namespace").is_none());
+    fn rendered_configs_are_valid_agent_files() {
+        use egress_config::Mode;
+        let path = Path::new("lab.toml");
+        let spec = LabSpec::default();
+        let text = render_config("lab", &spec, 2).unwrap();
+        let parsed = AgentConfig::parse_for(&text, path, Mode::Static).unwrap();
+        assert_eq!(parsed, agent_config("lab", &spec, 2));
+        assert_eq!(parsed.datapath.gc_interval, Duration::from_secs(1));
+        let spec = LabSpec::kubernetes();
+        let text = render_config("lab", &spec, 2).unwrap();
+        let parsed = AgentConfig::parse_for(&text, path, Mode::Kubernetes).unwrap();
+        assert_eq!(parsed, agent_config("lab", &spec, 2));
+        assert_eq!(parsed.kubernetes.drain_timeout, Duration::from_secs(2));
+        let v: toml::Value = toml::from_str(&text).unwrap();
+        assert_eq!(v["kubernetes"]["claim_ttl_ms"].as_integer(), Some(1500));
+        assert_eq!(
+            v["kubernetes"]["heartbeat"]["port"].as_integer(),
+            Some(9471)
+        );
+        assert!(
+            v.get("policies")
+                .is_none_or(|p| p.as_array().unwrap().is_empty())
+        );
     }
 
     #[test]

@@ -28,7 +28,6 @@ use std::{
 };
 
 use serde::Serialize;
-use serde_json::json;
 
 use crate::{
     error::{LabError, Result, io_err},
@@ -302,7 +301,7 @@ fn watch_for_address(
 /// off `after_renewal` after it last renewed its claim, and reports. The
 /// new holder waits until that claim expires, a claim lifetime after the
 /// renewal, so `Duration::ZERO` measures the longest failover and
-/// `claim_renew_ms` the shortest. `lab`'s holder node is left cut off with
+/// `claim_renew` the shortest. `lab`'s holder node is left cut off with
 /// its agent dead. The holder is not the elected assigner.
 pub fn measure_failover(lab: &mut Lab, after_renewal: Duration) -> Result<FailoverReport> {
     measure_failover_of(lab, after_renewal, Holder::NotLeader)
@@ -318,6 +317,8 @@ pub fn measure_failover_of(
     let k8s = lab
         .spec()
         .kubernetes
+        .as_ref()
+        .map(|k| k.agent.clone())
         .ok_or_else(|| LabError::Spec("failover needs a Kubernetes-mode lab".into()))?;
     if nodes < 3 {
         return Err(LabError::Spec(format!(
@@ -355,15 +356,9 @@ pub fn measure_failover_of(
     // B becomes eligible too. Placement is sticky, so the IP stays on A;
     // the status catching up with the new generation shows the assigner saw it.
     let kube = lab.kube().expect("checked above");
-    let api = kube.api();
-    let patched = api.patch(
-        EGRESS_IPS,
-        None,
-        POLICY_NAME,
-        json!({"spec": {"nodeSelector": {"matchLabels": null, "matchExpressions": [{
-            "key": kubernetes::HOSTNAME_LABEL, "operator": "In",
-            "values": [kubernetes::node_name(a), kubernetes::node_name(b)]}]}}}),
-    );
+    let patched = kube.update_egress_ip(POLICY_NAME, |spec| {
+        spec.node_selector = Some(kubernetes::hostname_in(&[a, b]));
+    })?;
     let generation = patched["metadata"]["generation"].as_i64();
     wait_for(
         "the assigner sees the widened nodeSelector",
@@ -414,7 +409,7 @@ pub fn measure_failover_of(
         if let Some(e) = renewed_after(watching) {
             break e.at;
         }
-        if watching.elapsed() > Duration::from_millis(k8s.claim_renew_ms) * 4 {
+        if watching.elapsed() > k8s.claim_renew * 4 {
             return Err(LabError::Traffic(format!(
                 "{old_claims_lease} was not renewed within four renewal periods"
             )));
@@ -499,6 +494,8 @@ pub fn measure_failover_of(
         )));
     }
 
+    let ms = |d: Duration| d.as_millis() as u64;
+    let heartbeat = k8s.heartbeat.as_ref();
     let cut_to_status_moved_ms = status_event(false).and_then(|e| after(e.at));
     let cut_to_announced_ms = status_event(true).and_then(|e| after(e.at));
     let new_leader = history.iter().find_map(|e| {
@@ -527,9 +524,9 @@ pub fn measure_failover_of(
         datagrams_sent: sent,
         datagrams_received: seen.len() as u64,
         leaked,
-        heartbeat_interval_ms: k8s.heartbeat_interval_ms,
-        heartbeat_timeout_ms: k8s.heartbeat_timeout_ms,
-        claim_ttl_ms: k8s.claim_ttl_ms,
-        claim_renew_ms: k8s.claim_renew_ms,
+        heartbeat_interval_ms: heartbeat.map_or(0, |h| ms(h.interval)),
+        heartbeat_timeout_ms: heartbeat.map_or(0, |h| ms(h.timeout)),
+        claim_ttl_ms: ms(k8s.claim_ttl),
+        claim_renew_ms: ms(k8s.claim_renew),
     })
 }

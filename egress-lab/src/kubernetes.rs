@@ -19,10 +19,12 @@ use std::{
 };
 
 pub use egress_fake_api::{FakeApi, WatchEvent};
+use egress_k8s::crd::{EgressIP, EgressIPSpec, FailurePolicySpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
 use serde_json::{Value, json};
 
 use crate::{
-    agent::{self, Agent},
+    agent::Agent,
     error::{LabError, Result, io_err},
     exec, netns,
     spec::{self, LabSpec, PodRef, PolicySpec},
@@ -41,11 +43,11 @@ pub const POD_NAMESPACE: &str = "egress-lab";
 pub const POLICY_LABEL: &str = "lab.egress.example.dev/policy";
 pub const HOSTNAME_LABEL: &str = "kubernetes.io/hostname";
 /// The agents' default assignable label (`[kubernetes] assignable_label`).
-pub const ASSIGNABLE_LABEL: &str = "k8s.ovn.org/egress-assignable";
+pub const ASSIGNABLE_LABEL: &str = egress_config::DEFAULT_ASSIGNABLE_LABEL;
 /// Where each agent publishes its egress subnets.
-pub const SUBNETS_ANNOTATION: &str = "egress.example.dev/egress-subnets";
+pub const SUBNETS_ANNOTATION: &str = egress_k8s::facts::SUBNETS_ANNOTATION;
 /// The agents' default leader Lease (`[kubernetes] leader_lease`).
-pub const LEADER_LEASE: &str = "egress-assigner";
+pub const LEADER_LEASE: &str = egress_config::DEFAULT_LEADER_LEASE;
 
 /// Name of node `n`'s Node object.
 pub fn node_name(n: u8) -> String {
@@ -109,8 +111,8 @@ impl KubeApi {
     fn seed(&self, spec: &LabSpec) {
         self.api.create(
             NAMESPACES,
-            json!({"metadata": {"name": agent::AGENT_NAMESPACE,
-                "labels": {"kubernetes.io/metadata.name": agent::AGENT_NAMESPACE}}}),
+            json!({"metadata": {"name": spec::AGENT_NAMESPACE,
+                "labels": {"kubernetes.io/metadata.name": spec::AGENT_NAMESPACE}}}),
         );
         self.api.create(
             NAMESPACES,
@@ -202,25 +204,23 @@ impl KubeApi {
                 }
             }
         }
-        let wanted: BTreeMap<&str, Value> = spec
+        let wanted: BTreeMap<&str, EgressIPSpec> = spec
             .policies
             .iter()
             .map(|p| (p.name.as_str(), egress_ip_spec(p)))
             .collect();
         for (name, spec) in &wanted {
+            let spec_json = to_json(spec);
             match self.api.get(EGRESS_IPS, None, name) {
                 None => {
-                    self.api.create(
-                        EGRESS_IPS,
-                        json!({"metadata": {"name": name}, "spec": spec}),
-                    );
+                    self.create_egress_ip(&EgressIP::new(name, spec.clone()));
                 }
-                Some(current) if current["spec"] != *spec => {
+                Some(current) if current["spec"] != spec_json => {
                     self.api.patch(
                         EGRESS_IPS,
                         None,
                         name,
-                        json!({"spec": merge_patch_between(&current["spec"], spec)}),
+                        json!({"spec": merge_patch_between(&current["spec"], &spec_json)}),
                     );
                 }
                 Some(_) => {}
@@ -233,6 +233,31 @@ impl KubeApi {
             }
         }
         Ok(())
+    }
+
+    /// Stores `eip`.
+    pub fn create_egress_ip(&self, eip: &EgressIP) -> Value {
+        self.api.create(EGRESS_IPS, to_json(eip))
+    }
+
+    /// Changes the spec of EgressIP `name` with `change`, by a merge patch
+    /// (RFC 7386) from the stored spec; the patched object.
+    pub fn update_egress_ip(
+        &self,
+        name: &str,
+        change: impl FnOnce(&mut EgressIPSpec),
+    ) -> Result<Value> {
+        let current = self
+            .api
+            .get(EGRESS_IPS, None, name)
+            .ok_or_else(|| LabError::Spec(format!("no EgressIP {name}")))?;
+        let mut spec: EgressIPSpec = serde_json::from_value(current["spec"].clone())
+            .map_err(|e| LabError::Spec(format!("EgressIP {name} does not decode: {e}")))?;
+        change(&mut spec);
+        let patch = merge_patch_between(&current["spec"], &to_json(&spec));
+        Ok(self
+            .api
+            .patch(EGRESS_IPS, None, name, json!({ "spec": patch })))
     }
 
     /// The EgressIP named `name`, as stored.
@@ -249,7 +274,7 @@ impl KubeApi {
     /// The elected assigner's node name.
     pub fn leader(&self) -> Option<String> {
         self.api
-            .get(LEASES, Some(agent::AGENT_NAMESPACE), LEADER_LEASE)?["spec"]["holderIdentity"]
+            .get(LEASES, Some(spec::AGENT_NAMESPACE), LEADER_LEASE)?["spec"]["holderIdentity"]
             .as_str()
             .filter(|h| !h.is_empty())
             .map(str::to_owned)
@@ -331,30 +356,66 @@ fn pod_object(pod: PodRef, policy: Option<&String>) -> Value {
     })
 }
 
+/// The selector of labels `labels`.
+pub fn match_labels(labels: &[(&str, &str)]) -> LabelSelector {
+    LabelSelector {
+        match_labels: Some(
+            labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        ),
+        ..LabelSelector::default()
+    }
+}
+
+/// The selector of the Node objects of lab nodes `nodes`.
+pub fn hostname_in(nodes: &[u8]) -> LabelSelector {
+    LabelSelector {
+        match_expressions: Some(vec![LabelSelectorRequirement {
+            key: HOSTNAME_LABEL.into(),
+            operator: "In".into(),
+            values: Some(nodes.iter().map(|n| node_name(*n)).collect()),
+        }]),
+        ..LabelSelector::default()
+    }
+}
+
+/// An EgressIP named `name` with `ips` for the lab's pods labelled
+/// [`POLICY_LABEL`]`=name`, fail-closed, that any node may hold.
+pub fn lab_egress_ip(name: &str, ips: &[Ipv4Addr]) -> EgressIP {
+    EgressIP::new(
+        name,
+        EgressIPSpec {
+            egress_ips: ips.iter().map(ToString::to_string).collect(),
+            namespace_selector: match_labels(&[("kubernetes.io/metadata.name", POD_NAMESPACE)]),
+            pod_selector: Some(match_labels(&[(POLICY_LABEL, name)])),
+            excluded_cidrs: Vec::new(),
+            node_selector: None,
+            interface: None,
+            failure_policy: FailurePolicySpec::FailClosed,
+        },
+    )
+}
+
 /// The EgressIP spec of a lab policy (which has a node: see
 /// `LabSpec::validate`).
-pub fn egress_ip_spec(p: &PolicySpec) -> Value {
-    let mut spec = json!({
-        "egressIPs": [p.egress_ip.to_string()],
-        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": POD_NAMESPACE}},
-        "podSelector": {"matchLabels": {POLICY_LABEL: p.name}},
-        "failurePolicy": match p.failure_policy {
-            egress_model::FailurePolicy::FailClosed => "FailClosed",
-            egress_model::FailurePolicy::FailOpen => "FailOpen",
-        },
-    });
-    if let Some(n) = p.node {
-        spec["nodeSelector"] = json!({"matchLabels": {HOSTNAME_LABEL: node_name(n)}});
-    }
-    if !p.excluded_cidrs.is_empty() {
-        spec["excludedCIDRs"] = json!(
-            p.excluded_cidrs
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-        );
-    }
+pub fn egress_ip_spec(p: &PolicySpec) -> EgressIPSpec {
+    let mut spec = lab_egress_ip(&p.name, &[p.egress_ip]).spec;
+    spec.failure_policy = match p.failure_policy {
+        egress_model::FailurePolicy::FailClosed => FailurePolicySpec::FailClosed,
+        egress_model::FailurePolicy::FailOpen => FailurePolicySpec::FailOpen,
+    };
+    spec.node_selector = p
+        .node
+        .map(|n| match_labels(&[(HOSTNAME_LABEL, &node_name(n))]));
+    spec.excluded_cidrs = p.excluded_cidrs.iter().map(ToString::to_string).collect();
     spec
+}
+
+/// `value` as the JSON the API server stores.
+pub fn to_json(value: &impl serde::Serialize) -> Value {
+    serde_json::to_value(value).expect("Kubernetes objects serialize to JSON")
 }
 
 /// The JSON merge patch (RFC 7386) that turns `from` into `to`: keys gone
@@ -447,7 +508,7 @@ mod tests {
     #[test]
     fn policies_become_egress_ips_pinned_to_their_node() {
         let spec = LabSpec::kubernetes();
-        let team_a = egress_ip_spec(&spec.policies[0]);
+        let team_a = to_json(&egress_ip_spec(&spec.policies[0]));
         assert_eq!(team_a["egressIPs"], json!(["172.18.0.100"]));
         assert_eq!(
             team_a["nodeSelector"]["matchLabels"][HOSTNAME_LABEL],
@@ -455,6 +516,20 @@ mod tests {
         );
         assert_eq!(team_a["podSelector"]["matchLabels"][POLICY_LABEL], "team-a");
         assert_eq!(team_a["failurePolicy"], "FailClosed");
+        assert_eq!(
+            team_a["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
+            POD_NAMESPACE
+        );
+        let eip = to_json(&lab_egress_ip("x", &[Ipv4Addr::new(172, 18, 0, 110)]));
+        assert_eq!(eip["metadata"]["name"], "x");
+        assert_eq!(eip["kind"], "EgressIP");
+        assert!(eip.get("status").is_none_or(Value::is_null), "{eip}");
+        assert!(eip["spec"].get("nodeSelector").is_none(), "{eip}");
+        let widened = to_json(&hostname_in(&[1, 3]));
+        assert_eq!(
+            widened["matchExpressions"][0]["values"],
+            json!(["node1", "node3"])
+        );
         let pod = pod_object(PodRef::new(2, 1), Some(&"team-a".to_string()));
         assert_eq!(pod["metadata"]["labels"][POLICY_LABEL], "team-a");
         assert_eq!(pod["spec"]["nodeName"], "node2");

@@ -24,7 +24,7 @@ pub mod window;
 pub use agent::{Agent, Stats, agent_binary, workspace_root};
 pub use error::{LabError, Result};
 pub use exec::{exec_in, exec_in_timeout};
-pub use spec::{DatapathSpec, KubernetesSpec, LabSpec, PodRef, PolicySpec, Timeouts};
+pub use spec::{KubernetesSpec, LabSpec, PodRef, PolicySpec};
 pub use topology::{Lab, Topology, cleanup_prefix};
 pub use traffic::{
     ClientOpts, IcmpObserver, Probe, TcpConn, TcpServer, UdpServer, icmp_echo, tcp_bulk, tcp_many,

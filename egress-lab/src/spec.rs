@@ -1,8 +1,9 @@
 //! What a lab looks like: sizes, MTUs, policies and datapath settings, and
 //! the addressing plan shared with `deploy/examples/static-node1.toml`.
 
-use std::net::Ipv4Addr;
+use std::{net::Ipv4Addr, time::Duration};
 
+use egress_config::{DatapathSettings, HeartbeatConfig, KubernetesConfig};
 use egress_model::FailurePolicy;
 use ipnet::Ipv4Net;
 use serde::Serialize;
@@ -106,103 +107,53 @@ impl PolicySpec {
     }
 }
 
-/// `[datapath.timeouts]`, in seconds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-pub struct Timeouts {
-    pub unreplied: u64,
-    pub tcp_syn_sent: u64,
-    pub tcp_established: u64,
-    pub tcp_closing: u64,
-    pub tcp_reset: u64,
-    pub udp: u64,
-    pub icmp: u64,
-}
-
-impl Default for Timeouts {
-    fn default() -> Self {
-        Self {
-            unreplied: 30,
-            tcp_syn_sent: 60,
-            tcp_established: 21600,
-            tcp_closing: 30,
-            tcp_reset: 10,
-            udp: 60,
-            icmp: 30,
-        }
-    }
-}
-
-/// `[datapath]`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-pub struct DatapathSpec {
-    pub max_flows: u64,
-    pub max_flows_per_pod: u32,
-    pub pass_unmatched_to_egress_ips: bool,
-    pub answer_ping_on_egress_ips: bool,
-    pub max_policies: u32,
-    pub max_pods: u32,
-    pub nat_port_min: u16,
-    pub nat_port_max: u16,
-    pub gc_interval_secs: u64,
-    pub timeouts: Timeouts,
-}
-
-impl Default for DatapathSpec {
-    fn default() -> Self {
-        Self {
-            max_flows: 262_144,
-            max_flows_per_pod: 65_536,
-            pass_unmatched_to_egress_ips: false,
-            answer_ping_on_egress_ips: false,
-            max_policies: 4096,
-            max_pods: 65536,
-            nat_port_min: 1024,
-            nat_port_max: 65535,
-            gc_interval_secs: 1,
-            timeouts: Timeouts::default(),
-        }
+/// The lab's `[datapath]`: the agent's defaults, except a garbage collector
+/// sweeping every second so that tests see flows expire quickly.
+pub fn lab_datapath() -> DatapathSettings {
+    DatapathSettings {
+        gc_interval: Duration::from_secs(1),
+        ..DatapathSettings::default()
     }
 }
 
 /// Kubernetes mode: the agents run `egress-agent run --kubernetes` against an
 /// in-memory API server on the router, and the lab's policies become
-/// `EgressIP` objects. Times in milliseconds, as in the agent's
-/// `[kubernetes]` section; the defaults are the agent's own except the
-/// drain, which is short so that tests stop quickly.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+/// `EgressIP` objects.
+#[derive(Clone, Debug, PartialEq)]
 pub struct KubernetesSpec {
-    pub claim_ttl_ms: u64,
-    pub claim_renew_ms: u64,
-    pub restart_grace_ms: u64,
-    pub leader_ttl_ms: u64,
-    pub leader_renew_ms: u64,
-    /// Every node of a small lab stands by as assigner.
-    pub assigner_candidates: usize,
-    pub drain_timeout_ms: u64,
-    pub heartbeat_interval_ms: u64,
-    pub heartbeat_timeout_ms: u64,
+    /// The agents' `[kubernetes]` section: the agent's defaults, except the
+    /// lab's networks (the pod network, egress IPs on `eth0`), every node's
+    /// heartbeat on [`HEARTBEAT_PORT`] and a short drain so that tests stop
+    /// quickly.
+    pub agent: KubernetesConfig,
     /// Give the agents `NODE_IP` as the DaemonSet does; without it they find
     /// their address themselves (the Node object's, first).
     pub node_ip_env: bool,
-    /// How long a new pod interface is held until its Pod is known.
-    pub new_pod_hold_ms: u64,
 }
+
+/// Namespace of the agents' claims and leader Leases in Kubernetes mode.
+pub const AGENT_NAMESPACE: &str = "egress-system";
+/// The agents' heartbeat port in Kubernetes mode (each node has its own
+/// network namespace, so all use the same one).
+pub const HEARTBEAT_PORT: u16 = 9471;
+/// The pod network, never translated.
+pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
 
 impl Default for KubernetesSpec {
     fn default() -> Self {
         Self {
-            claim_ttl_ms: 1500,
-            claim_renew_ms: 300,
-            restart_grace_ms: 30_000,
-            leader_ttl_ms: 1000,
-            leader_renew_ms: 250,
-            assigner_candidates: 3,
-            drain_timeout_ms: 2000,
-            heartbeat_interval_ms: 200,
-            heartbeat_timeout_ms: 1000,
+            agent: KubernetesConfig {
+                namespace: AGENT_NAMESPACE.into(),
+                cluster_cidrs: vec![CLUSTER_CIDR.parse().expect("valid CIDR")],
+                egress_interfaces: vec!["eth0".into()],
+                drain_timeout: Duration::from_secs(2),
+                heartbeat: Some(HeartbeatConfig {
+                    port: HEARTBEAT_PORT,
+                    ..HeartbeatConfig::default()
+                }),
+                ..KubernetesConfig::default()
+            },
             node_ip_env: true,
-            // The agent's default (egress_k8s::config::DEFAULT_NEW_POD_HOLD_MS).
-            new_pod_hold_ms: 10_000,
         }
     }
 }
@@ -227,14 +178,11 @@ pub struct LabSpec {
     pub policies: Vec<PolicySpec>,
     /// `[cluster] excluded_cidrs`.
     pub excluded_cidrs: Vec<Ipv4Net>,
-    pub datapath: DatapathSpec,
+    pub datapath: DatapathSettings,
     /// Extra arguments of `egress-agent run` (e.g. `--kubernetes`).
     pub agent_args: Vec<String>,
     /// Extra environment of the agents (e.g. `KUBECONFIG`).
     pub agent_env: Vec<(String, String)>,
-    /// TOML appended to every node's generated config (e.g. a
-    /// `[kubernetes]` section).
-    pub agent_config_extra: Option<String>,
     /// Run the agents in Kubernetes mode (see [`KubernetesSpec`]); `None`:
     /// static configuration files.
     pub kubernetes: Option<KubernetesSpec>,
@@ -257,10 +205,9 @@ impl Default for LabSpec {
                 "10.244.0.0/16".parse().expect("valid CIDR"),
                 "10.96.0.0/12".parse().expect("valid CIDR"),
             ],
-            datapath: DatapathSpec::default(),
+            datapath: lab_datapath(),
             agent_args: Vec::new(),
             agent_env: Vec::new(),
-            agent_config_extra: None,
             kubernetes: None,
         }
     }

@@ -280,7 +280,7 @@ impl Lab {
         let mut env = self.spec.agent_env.clone();
         if let Some(kube) = &self.kube {
             args.push("--kubernetes".into());
-            let with_node_ip = self.spec.kubernetes.is_some_and(|k| k.node_ip_env);
+            let with_node_ip = self.spec.kubernetes.as_ref().is_some_and(|k| k.node_ip_env);
             env.extend(
                 kube.agent_env(n)
                     .into_iter()

@@ -14,7 +14,6 @@ use std::{
 use anyhow::{Context, Result, bail};
 use aya::maps::IterableMap;
 use egress_agent::{
-    config::DatapathSettings,
     host::HostFacts,
     image::{DatapathImage, Environment},
     loader::{self, Datapath},
@@ -24,6 +23,7 @@ use egress_bpf::{SkbContext, TunnelInjector};
 use egress_common::{
     DatapathConfig, FlowKeyV4, NatEntryV4, PolicyStats, RevNatEntryV4, maps::programs,
 };
+use egress_config::DatapathSettings;
 use egress_model::NodeState;
 
 use crate::{

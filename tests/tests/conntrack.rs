@@ -31,12 +31,12 @@ fn entries_mentioning(c: &Cluster, needle: &str) -> Vec<serde_json::Value> {
 #[test]
 fn nat_entries_expire_after_their_timeout() {
     let mut s = LabSpec::default();
-    s.datapath.gc_interval_secs = 1;
-    s.datapath.timeouts.udp = 4;
-    s.datapath.timeouts.icmp = 4;
-    s.datapath.timeouts.tcp_closing = 4;
-    s.datapath.timeouts.tcp_reset = 4;
-    s.datapath.timeouts.tcp_syn_sent = 4;
+    s.datapath.gc_interval = Duration::from_secs(1);
+    s.datapath.timeouts.udp = Duration::from_secs(4);
+    s.datapath.timeouts.icmp = Duration::from_secs(4);
+    s.datapath.timeouts.tcp_closing = Duration::from_secs(4);
+    s.datapath.timeouts.tcp_reset = Duration::from_secs(4);
+    s.datapath.timeouts.tcp_syn_sent = Duration::from_secs(4);
     let c = Cluster::new(s);
     let pod = PodRef::new(1, 1);
     let needle = pod.ip().to_string();
@@ -82,7 +82,7 @@ fn nat_entries_expire_after_their_timeout() {
 fn full_flow_table_refuses_new_flows_but_keeps_old_ones() {
     const MAX_FLOWS: u64 = 3;
     let mut s = LabSpec::default();
-    s.datapath.max_flows = MAX_FLOWS;
+    s.datapath.max_flows = MAX_FLOWS as u32;
     let c = Cluster::new(s);
     let pod = PodRef::new(1, 1);
 
@@ -188,8 +188,8 @@ const BLACK_HOLE_PORT: u16 = 9099;
 fn lone_acks_stay_unreplied_and_expire_after_the_unreplied_timeout() {
     const ACKS: u16 = 300;
     let mut s = LabSpec::default();
-    s.datapath.gc_interval_secs = 1;
-    s.datapath.timeouts.unreplied = 4;
+    s.datapath.gc_interval = Duration::from_secs(1);
+    s.datapath.timeouts.unreplied = Duration::from_secs(4);
     let c = Cluster::new(s);
     black_hole(&c, BLACK_HOLE_PORT);
     let pod = PodRef::new(1, 1);
@@ -253,7 +253,7 @@ fn unreplied_flows_make_room_and_pods_are_capped() {
     const MAX_FLOWS: u64 = 20;
     const PER_POD: u32 = 12;
     let mut s = LabSpec::default();
-    s.datapath.max_flows = MAX_FLOWS;
+    s.datapath.max_flows = MAX_FLOWS as u32;
     s.datapath.max_flows_per_pod = PER_POD;
     let c = Cluster::new(s);
     black_hole(&c, BLACK_HOLE_PORT);
@@ -335,9 +335,9 @@ fn unreplied_flows_make_room_and_pods_are_capped() {
 fn flow_counts_are_reconciled_with_the_entries() {
     const MAX_FLOWS: u64 = 4;
     let mut s = LabSpec::default();
-    s.datapath.max_flows = MAX_FLOWS;
+    s.datapath.max_flows = MAX_FLOWS as u32;
     s.datapath.max_flows_per_pod = 3;
-    s.datapath.gc_interval_secs = 1;
+    s.datapath.gc_interval = Duration::from_secs(1);
     let c = Cluster::new(s);
     let pod = PodRef::new(1, 1);
     for _ in 0..3 {

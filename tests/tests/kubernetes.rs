@@ -6,6 +6,7 @@
 
 use std::{net::Ipv4Addr, time::Duration};
 
+use egress_k8s::crd::{EgressIP, EgressIPStatusItem};
 use egress_lab::{
     LabSpec, PodRef, agent, failover, kubernetes, spec, traffic::wait_for, workspace_root,
 };
@@ -56,9 +57,16 @@ fn egress_ips_from_kubernetes_translate_locally_steer_and_leave_others_alone() {
     // holder announced it.
     for (name, ip, node) in [("team-a", EGRESS_A, "node1"), ("team-b", EGRESS_B, "node2")] {
         let eip = kube.egress_ip(name).expect("EgressIP exists");
+        let status = serde_json::from_value::<EgressIP>(eip.clone())
+            .expect("the stored EgressIP decodes")
+            .status
+            .expect("status written");
         assert_eq!(
-            eip["status"]["items"],
-            serde_json::json!([{"node": node, "egressIP": ip.to_string()}]),
+            status.items,
+            [EgressIPStatusItem {
+                node: node.into(),
+                egress_ip: ip.to_string()
+            }],
             "{eip}"
         );
         assert_eq!(kube.holder(name, ip), Some((node.to_owned(), true)));

@@ -5,27 +5,27 @@
 
 use std::{net::Ipv4Addr, net::SocketAddrV4, thread, time::Duration, time::Instant};
 
+use egress_k8s::crd::EgressIP;
 use egress_lab::{
     LabSpec, PodRef, PolicySpec, failover,
-    kubernetes::{self, EGRESS_IPS, POD_NAMESPACE, PODS, POLICY_LABEL},
+    kubernetes::{self, POD_NAMESPACE, PODS, POLICY_LABEL},
     spec,
     traffic::wait_for,
 };
 use egress_tests::Cluster;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use serde_json::json;
 
 /// Where the streams of these tests go (apart from the observers' ports).
 const STREAM_PORT: u16 = 8094;
 const FOLLOW: Duration = Duration::from_secs(30);
 
-/// Labels `pod` for the EgressIP `name`, created with `spec`.
-fn select_with(c: &Cluster, pod: PodRef, name: &str, eip_spec: serde_json::Value) {
-    let api = c.lab.kube().expect("Kubernetes mode").api();
-    api.create(
-        EGRESS_IPS,
-        json!({"metadata": {"name": name}, "spec": eip_spec}),
-    );
-    api.patch(
+/// Labels `pod` for the EgressIP `eip`, created.
+fn select_with(c: &Cluster, pod: PodRef, eip: &EgressIP) {
+    let kube = c.lab.kube().expect("Kubernetes mode");
+    kube.create_egress_ip(eip);
+    let name = eip.metadata.name.as_deref().expect("named");
+    kube.api().patch(
         PODS,
         Some(POD_NAMESPACE),
         &pod.to_string(),
@@ -33,14 +33,10 @@ fn select_with(c: &Cluster, pod: PodRef, name: &str, eip_spec: serde_json::Value
     );
 }
 
-fn spec_for(name: &str, ips: &[&str], node_selector: serde_json::Value) -> serde_json::Value {
-    json!({
-        "egressIPs": ips,
-        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": POD_NAMESPACE}},
-        "podSelector": {"matchLabels": {POLICY_LABEL: name}},
-        "nodeSelector": node_selector,
-        "failurePolicy": "FailClosed",
-    })
+fn egress_ip(name: &str, ip: Ipv4Addr, node_selector: LabelSelector) -> EgressIP {
+    let mut eip = kubernetes::lab_egress_ip(name, &[ip]);
+    eip.spec.node_selector = Some(node_selector);
+    eip
 }
 
 /// Pods of an EgressIP that no node can hold (its nodeSelector matches no
@@ -55,23 +51,27 @@ fn pods_of_egress_ips_without_a_usable_ip_fail_closed() {
         (
             PodRef::new(2, 2),
             "no-node",
-            spec_for(
+            egress_ip(
                 "no-node",
-                &["172.18.0.110"],
-                json!({"matchLabels": {kubernetes::HOSTNAME_LABEL: "nowhere"}}),
+                Ipv4Addr::new(172, 18, 0, 110),
+                kubernetes::match_labels(&[(kubernetes::HOSTNAME_LABEL, "nowhere")]),
             ),
         ),
         (
             PodRef::new(3, 2),
             "bad-ip",
-            spec_for("bad-ip", &["10.244.9.9"], json!({})),
+            egress_ip(
+                "bad-ip",
+                Ipv4Addr::new(10, 244, 9, 9),
+                LabelSelector::default(),
+            ),
         ),
     ];
-    for (pod, name, eip_spec) in &cases {
+    for (pod, _, eip) in &cases {
         // Unselected so far: it leaves as its node.
         assert_eq!(c.lab.expected_source(*pod), Some(spec::node_addr(pod.node)));
         c.check_udp(*pod, egress_tests::opts());
-        select_with(&c, *pod, name, eip_spec.clone());
+        select_with(&c, *pod, eip);
     }
     let to = SocketAddrV4::new(spec::SERVER_ADDR, STREAM_PORT);
     let server = c.expect(
@@ -166,13 +166,11 @@ fn a_stopped_holder_lets_go_of_its_ip_when_its_claim_lapses() {
     c.expect("the policy", set);
     c.expect("convergence", c.lab.wait_converged(FOLLOW));
     let kube = c.lab.kube().expect("Kubernetes mode");
-    kube.api().patch(
-        EGRESS_IPS,
-        None,
-        "stopped",
-        json!({"spec": {"nodeSelector": {"matchLabels": null, "matchExpressions": [{
-            "key": kubernetes::HOSTNAME_LABEL, "operator": "In",
-            "values": [kubernetes::node_name(a), kubernetes::node_name(b)]}]}}}),
+    c.expect(
+        "widening the nodeSelector",
+        kube.update_egress_ip("stopped", |spec| {
+            spec.node_selector = Some(kubernetes::hostname_in(&[a, b]));
+        }),
     );
     let node_a = c.lab.node_ns(a);
     let node_b = c.lab.node_ns(b);

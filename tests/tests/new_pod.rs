@@ -105,7 +105,7 @@ fn held_interfaces_are_let_go_once_their_pod_is_known_or_the_hold_ends() {
     const HOLD: Duration = Duration::from_secs(8);
     let mut spec = LabSpec::kubernetes();
     if let Some(k) = spec.kubernetes.as_mut() {
-        k.new_pod_hold_ms = HOLD.as_millis() as u64;
+        k.agent.new_pod_hold = HOLD;
     }
     let mut c = Cluster::new(spec);
     c.expect("convergence", c.lab.wait_converged(CONVERGE_TIMEOUT));

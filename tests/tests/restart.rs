@@ -21,7 +21,7 @@ use std::{
 };
 
 use egress_lab::{
-    ClientOpts, LabSpec, PodRef, TcpConn, agent, failover,
+    ClientOpts, LabSpec, PodRef, TcpConn, failover,
     kubernetes::{self, EGRESS_IPS, LEASES, NODES},
     spec,
     traffic::wait_for,
@@ -267,7 +267,7 @@ fn ip_lock(c: &Cluster, ip: Ipv4Addr) -> Value {
         .kube()
         .expect("Kubernetes mode")
         .api()
-        .get(LEASES, Some(agent::AGENT_NAMESPACE), &name)
+        .get(LEASES, Some(spec::AGENT_NAMESPACE), &name)
         .unwrap_or_else(|| c.fail(format!("{ip} has no lock Lease {name}")))
 }
 
@@ -278,7 +278,7 @@ fn claims_annotations(c: &Cluster, n: u8) -> Value {
         .kube()
         .expect("Kubernetes mode")
         .api()
-        .get(LEASES, Some(agent::AGENT_NAMESPACE), &name)
+        .get(LEASES, Some(spec::AGENT_NAMESPACE), &name)
         .map(|l| l["metadata"]["annotations"].clone())
         .unwrap_or_else(|| c.fail(format!("node{n} has no claims Lease {name}")))
 }
@@ -514,13 +514,11 @@ fn a_rolling_restart_in_kubernetes_mode_moves_no_ip_and_leaks_nothing() {
 fn a_drained_node_hands_its_ip_over_on_sigterm() {
     let mut c = Cluster::new(LabSpec::kubernetes());
     let kube = c.lab.kube().expect("Kubernetes mode");
-    kube.api().patch(
-        EGRESS_IPS,
-        None,
-        "team-a",
-        json!({"spec": {"nodeSelector": {"matchLabels": null, "matchExpressions": [{
-            "key": kubernetes::HOSTNAME_LABEL, "operator": "In",
-            "values": [kubernetes::node_name(1), kubernetes::node_name(3)]}]}}}),
+    c.expect(
+        "widening the nodeSelector",
+        kube.update_egress_ip("team-a", |spec| {
+            spec.node_selector = Some(kubernetes::hostname_in(&[1, 3]));
+        }),
     );
     let to = SocketAddrV4::new(spec::SERVER_ADDR, K8S_STREAM_PORT);
     let server = c.expect(
@@ -639,7 +637,7 @@ fn a_successor_that_never_hears_from_its_controller_keeps_the_previous_fence() {
     let stopped = c.lab.stop_agent(1);
     c.expect("SIGTERM of node1's agent (a restart)", stopped);
 
-    let port = agent::HEARTBEAT_PORT;
+    let port = spec::HEARTBEAT_PORT;
     let blocker = c.expect(
         "taking the heartbeat port",
         egress_lab::netns::in_netns(&c.lab.node_ns(1), move || {

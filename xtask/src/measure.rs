@@ -63,10 +63,11 @@ pub fn new_pod_window(kubernetes: bool, runs: u32) -> Result<()> {
 /// renewals are read from the API server's history over `seconds`.
 pub fn renewal_jitter(flows: Option<u64>, seconds: u64) -> Result<()> {
     let spec = LabSpec::kubernetes();
-    let max_flows = spec.datapath.max_flows;
+    let max_flows = u64::from(spec.datapath.max_flows);
     let renew_ms = spec
         .kubernetes
-        .map(|k| k.claim_renew_ms)
+        .as_ref()
+        .map(|k| k.agent.claim_renew.as_millis() as u64)
         .context("Kubernetes mode")?;
     let mut lab = Lab::build(spec)?;
     lab.start_agents()?;

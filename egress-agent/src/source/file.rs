@@ -15,7 +15,9 @@ use egress_model::{AddressClaim, NodeState};
 use egress_netlink::AddressEvent;
 
 use super::{Flow, Source};
-use crate::{agent::Agent, config::AgentConfig};
+use egress_config::AgentConfig;
+
+use crate::agent::Agent;
 
 pub struct FileSource {
     path: PathBuf,
@@ -87,7 +89,7 @@ impl FileSource {
                 tracing::info!(policies = new.policies.len(), "configuration reloaded");
                 agent
                     .collector
-                    .update(new.datapath.timeouts.clone(), new.datapath.gc_interval());
+                    .update(new.datapath.timeouts.clone(), new.datapath.gc_interval);
                 self.config = new;
             }
             Err(e) => {

@@ -15,19 +15,16 @@
 //! - a controller that stops unexpectedly leaves everything fenced by its
 //!   last word, and the agent fails.
 
-use std::{net::Ipv4Addr, path::Path, time::Duration};
+use std::{net::Ipv4Addr, path::Path};
 
 use anyhow::bail;
+use egress_config::{AgentConfig, Mode};
 use egress_k8s::agent_source::{self, KubernetesSource, NodeSettings, Update};
 use egress_netlink::{AddressEvent, Netlink};
 use ipnet::Ipv4Net;
 
 use super::{Flow, Source};
-use crate::{
-    agent::Agent,
-    config::{AgentConfig, Mode},
-    node_address,
-};
+use crate::{agent::Agent, node_address};
 
 /// Node identity in Kubernetes mode, where one file serves every node.
 pub struct KubeOptions {
@@ -76,7 +73,7 @@ impl Kubernetes {
     /// settings, and starts the controller.
     pub async fn start(config: &AgentConfig, agent: &mut Agent) -> anyhow::Result<Self> {
         // Interfaces from now on are new pods'.
-        agent.start_holding(Duration::from_millis(config.kubernetes.new_pod_hold_ms))?;
+        agent.start_holding(config.kubernetes.new_pod_hold)?;
         // Until the watches have synced nothing is programmed or announced:
         // the pinned state of a previous run stays as it is. Only this
         // node's own settings (tunnel device, port range) are refreshed.

@@ -10,12 +10,10 @@ pub mod kubernetes;
 
 use std::path::Path;
 
+use egress_config::{AgentConfig, Mode};
 use egress_netlink::{AddressEvent, Netlink};
 
-use crate::{
-    agent::{Agent, PinnedFence},
-    config::{AgentConfig, Mode},
-};
+use crate::agent::{Agent, PinnedFence};
 use kubernetes::KubeOptions;
 
 /// A desired-state source, as the agent's loop drives it.

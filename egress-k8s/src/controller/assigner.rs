@@ -200,10 +200,10 @@ pub(super) async fn assign_loop(
     let eip_api: Api<EgressIP> = Api::all(client.clone());
     let raw_eip_api: Api<DynamicObject> = Api::all_with(client.clone(), &decode::api_resource());
     let mut decoder = decode::Decoder::default();
-    let lease_api = Api::<Lease>::namespaced(client.clone(), &options.namespace);
+    let lease_api = Api::<Lease>::namespaced(client.clone(), &options.kubernetes.namespace);
     let watches = ClusterWatches::start(
         &client,
-        &options.namespace,
+        &options.kubernetes.namespace,
         watcher::Config::default(),
         &notify,
     );
@@ -217,12 +217,12 @@ pub(super) async fn assign_loop(
         },
     );
     // A holder renews every period: two missed ones make it late.
-    let mut tracker =
-        ClaimTracker::new(options.claim_ttl).with_stale_after(options.claim_renew * 2);
+    let mut tracker = ClaimTracker::new(options.kubernetes.claim_ttl)
+        .with_stale_after(options.kubernetes.claim_renew * 2);
     let mut down = down;
     let (targets_tx, targets_rx) = watch::channel(BTreeMap::new());
     let (probe_down_tx, mut probe_down) = watch::channel(BTreeSet::new());
-    let prober = options.heartbeat.clone().map(|hb| {
+    let prober = options.kubernetes.heartbeat.clone().map(|hb| {
         tokio::spawn(async move {
             if let Err(e) = heartbeat::probe(hb, targets_rx, probe_down_tx).await {
                 warn!(error = %e, "heartbeat prober stopped");
@@ -248,7 +248,7 @@ pub(super) async fn assign_loop(
         let mut away = unavailable(&view, &silent);
         if !away.is_subset(&confirmed) {
             // Our watch may lag behind their renewals: ask the server.
-            match list_claims(&lease_api, options.claim_renew).await {
+            match list_claims(&lease_api, options.kubernetes.claim_renew).await {
                 Ok(fresh) => {
                     let refs: Vec<&Lease> = fresh.iter().collect();
                     view = tracker.view(&refs, Instant::now());
@@ -271,7 +271,7 @@ pub(super) async fn assign_loop(
             }
         }
         confirmed.clone_from(&away);
-        if let Some(hb) = &options.heartbeat {
+        if let Some(hb) = &options.kubernetes.heartbeat {
             let targets: BTreeMap<String, Target> = node_list
                 .iter()
                 .filter(|n| n.labels.contains_key(&options.plan.assignable_label))

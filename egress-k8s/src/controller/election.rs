@@ -79,7 +79,7 @@ pub(super) async fn elect(
     down: watch::Receiver<BTreeSet<String>>,
     mut candidate: watch::Receiver<Option<bool>>,
 ) {
-    let api: Api<Lease> = Api::namespaced(client.clone(), &options.namespace);
+    let api: Api<Lease> = Api::namespaced(client.clone(), &options.kubernetes.namespace);
     let mut observed: Option<(String, Instant)> = None;
     let mut last_renew: Option<Instant> = None;
     // Until when the assigner may write status (`None`: standing by).
@@ -89,7 +89,7 @@ pub(super) async fn elect(
     let mut candidate_open = true;
     loop {
         let standing = candidate.borrow_and_update().unwrap_or(false);
-        let leading = last_renew.is_some_and(|t| t.elapsed() < options.leader_ttl);
+        let leading = last_renew.is_some_and(|t| t.elapsed() < options.kubernetes.leader_ttl);
         if !standing && !leading {
             if assigner.take().is_some() {
                 info!(identity = %me, "no longer an assigner candidate");
@@ -112,7 +112,7 @@ pub(super) async fn elect(
         }
         let attempt = Instant::now();
         match tokio::time::timeout(
-            options.leader_renew,
+            options.kubernetes.leader_renew,
             try_lead(&api, &me, &options, &mut observed),
         )
         .await
@@ -120,13 +120,20 @@ pub(super) async fn elect(
             Ok(Ok(true)) => last_renew = Some(attempt),
             Ok(Ok(false)) => last_renew = None,
             Ok(Err(e)) => warn!(error = %e, "leader election"),
-            Err(_) => warn!(timeout = ?options.leader_renew, "leader election: no answer"),
+            Err(_) => {
+                warn!(timeout = ?options.kubernetes.leader_renew, "leader election: no answer")
+            }
         }
         // Others may take over `leader_ttl` after they saw our last renewal,
         // which is no earlier than when we sent it: stop writing a renewal
         // period before.
         let until = last_renew
-            .map(|t| t + options.leader_ttl.saturating_sub(options.leader_renew))
+            .map(|t| {
+                t + options
+                    .kubernetes
+                    .leader_ttl
+                    .saturating_sub(options.kubernetes.leader_renew)
+            })
             .filter(|u| *u > Instant::now());
         lead_tx.send_if_modified(|cur| {
             match (cur.is_some(), until.is_some()) {
@@ -139,7 +146,7 @@ pub(super) async fn elect(
             changed
         });
         tokio::select! {
-            _ = tokio::time::sleep(options.leader_renew) => {}
+            _ = tokio::time::sleep(options.kubernetes.leader_renew) => {}
             r = candidate.changed(), if candidate_open => candidate_open = r.is_ok(),
         }
     }
@@ -150,8 +157,8 @@ pub(super) async fn release_leadership(
     me: &str,
     options: &Options,
 ) -> Result<(), kube::Error> {
-    let api: Api<Lease> = Api::namespaced(client.clone(), &options.namespace);
-    if release_lease(&api, &options.leader_lease, me).await? {
+    let api: Api<Lease> = Api::namespaced(client.clone(), &options.kubernetes.namespace);
+    if release_lease(&api, &options.kubernetes.leader_lease, me).await? {
         info!(identity = %me, "released the assigner lease");
     }
     Ok(())
@@ -166,12 +173,12 @@ async fn try_lead(
     observed: &mut Option<(String, Instant)>,
 ) -> Result<bool, kube::Error> {
     let now = MicroTime(Timestamp::now());
-    let duration = options.leader_ttl.as_secs_f64().ceil().max(1.0) as i32;
-    let ttl_ms = options.leader_ttl.as_millis().to_string();
-    let Some(mut lease) = api.get_opt(&options.leader_lease).await? else {
+    let duration = options.kubernetes.leader_ttl.as_secs_f64().ceil().max(1.0) as i32;
+    let ttl_ms = options.kubernetes.leader_ttl.as_millis().to_string();
+    let Some(mut lease) = api.get_opt(&options.kubernetes.leader_lease).await? else {
         let lease = Lease {
             metadata: ObjectMeta {
-                name: Some(options.leader_lease.clone()),
+                name: Some(options.kubernetes.leader_lease.clone()),
                 annotations: Some([(LEADER_TTL_ANNOTATION.to_string(), ttl_ms)].into()),
                 ..Default::default()
             },
@@ -219,7 +226,11 @@ async fn try_lead(
     spec.renew_time = Some(now);
     spec.lease_duration_seconds = Some(duration);
     match api
-        .replace(&options.leader_lease, &PostParams::default(), &lease)
+        .replace(
+            &options.kubernetes.leader_lease,
+            &PostParams::default(),
+            &lease,
+        )
         .await
     {
         Ok(_) => Ok(true),

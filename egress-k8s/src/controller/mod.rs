@@ -19,12 +19,9 @@ mod watches;
 
 pub(crate) use node::sleep_until;
 
-use std::{
-    collections::BTreeSet,
-    net::Ipv4Addr,
-    time::{Duration, Instant},
-};
+use std::{collections::BTreeSet, net::Ipv4Addr, time::Instant};
 
+use egress_config::KubernetesConfig;
 use egress_model::{AddressClaim, NodeState};
 use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::Node;
@@ -37,7 +34,7 @@ use tracing::{info, warn};
 
 use crate::{
     facts::{EgressSubnet, SUBNETS_ANNOTATION, subnets_annotation_value},
-    heartbeat::{self, HeartbeatConfig},
+    heartbeat,
     plan::PlanConfig,
     report::DatapathReport,
 };
@@ -59,11 +56,13 @@ pub enum Error {
     },
 }
 
-/// Settings of the Kubernetes mode.
+/// Settings of the Kubernetes mode: the `[kubernetes]` section of the
+/// agent's file as it is, and what the agent adds from the rest of the file
+/// and from the node.
 #[derive(Clone, Debug)]
 pub struct Options {
-    /// The agent's namespace: claims and leader Leases live there.
-    pub namespace: String,
+    /// Namespace, timings, election, heartbeat.
+    pub kubernetes: KubernetesConfig,
     pub plan: PlanConfig,
     /// Cluster and service networks, never translated.
     pub global_excluded: BTreeSet<Ipv4Net>,
@@ -72,102 +71,38 @@ pub struct Options {
     /// This node's egress-capable interface addresses, published in the
     /// Node annotation.
     pub subnets: Vec<EgressSubnet>,
-    /// How long a claim stays valid without renewal. Bounds failover time
-    /// (a new holder waits for the old claim to expire unless it was
-    /// released). A node that cannot renew withdraws its IPs after
-    /// `claim_ttl - claim_renew` (at most half a renewal period later), so
-    /// before anyone else may claim them.
-    pub claim_ttl: Duration,
-    pub claim_renew: Duration,
-    /// How long the IPs of a node whose agent stops for a restart (not a
-    /// drain, see [`crate::leaving`]) stay with it, for its successor to
-    /// adopt; zero hands them over on every stop. Default 30 s: a DaemonSet
-    /// rolling update kills the pod (the agent exits within a second), the
-    /// controller starts the next one once the old is gone (about a
-    /// second), the image may have to be pulled (seconds), and the new
-    /// agent loads, connects and syncs its watches (one to a few seconds
-    /// at 20,000 pods). Longer only costs when the node dies during a
-    /// restart: its IPs then wait for the grace to end (dropping, never
-    /// leaking) before they fail over.
-    pub restart_grace: Duration,
-    /// Take part in the assigner election.
-    pub assigner: bool,
-    /// How many nodes stand by as assigner candidates (watches synced,
-    /// probing, claims judged with their own clock), so that the next
-    /// leader acts as soon as it is elected: the leader and
-    /// `assigner_candidates - 1` standbys. The others do not take part, so
-    /// the API load of the election and of the assigner's cluster-wide
-    /// watches does not grow with the node count.
-    pub assigner_candidates: usize,
-    pub leader_lease: String,
-    /// The leader Lease lifetime: a standby takes over once the Lease has
-    /// not changed for this long. Short (1 s), because the leader only
-    /// writes status and status is not what keeps two nodes from holding
-    /// one IP (claims and locks are): a short lease bounds how long the
-    /// cluster waits for a dead assigner.
-    pub leader_ttl: Duration,
-    pub leader_renew: Duration,
-    /// How long shutdown waits for the IPs to be handed over.
-    pub drain_timeout: Duration,
-    /// Direct liveness probes (the assigner probes, every agent answers);
-    /// `None` relies on Node readiness and [`AgentLink::down`] only.
-    pub heartbeat: Option<HeartbeatConfig>,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self {
-            namespace: "egress-system".into(),
-            plan: PlanConfig::default(),
-            global_excluded: BTreeSet::new(),
-            node_addr: None,
-            subnets: Vec::new(),
-            claim_ttl: Duration::from_millis(1500),
-            claim_renew: Duration::from_millis(300),
-            restart_grace: Duration::from_secs(30),
-            assigner: true,
-            assigner_candidates: 3,
-            leader_lease: "egress-assigner".into(),
-            leader_ttl: Duration::from_millis(1000),
-            leader_renew: Duration::from_millis(250),
-            drain_timeout: Duration::from_secs(20),
-            heartbeat: Some(HeartbeatConfig::default()),
-        }
+        Self::from_section(KubernetesConfig::default(), Vec::new())
     }
 }
 
 impl Options {
+    /// The options of `kubernetes`, checked; `subnets` from
+    /// [`crate::facts::egress_subnets`].
+    pub fn new(kubernetes: KubernetesConfig, subnets: Vec<EgressSubnet>) -> Result<Self, Error> {
+        let options = Self::from_section(kubernetes, subnets);
+        options.validate()?;
+        Ok(options)
+    }
+
+    fn from_section(kubernetes: KubernetesConfig, subnets: Vec<EgressSubnet>) -> Self {
+        Self {
+            plan: PlanConfig {
+                assignable_label: kubernetes.assignable_label.clone(),
+                ..PlanConfig::default()
+            },
+            global_excluded: kubernetes.cluster_networks().collect(),
+            node_addr: None,
+            subnets,
+            kubernetes,
+        }
+    }
+
     pub fn validate(&self) -> Result<(), Error> {
-        if self.claim_renew.is_zero() || self.claim_renew * 2 > self.claim_ttl {
-            return Err(Error::Options(format!(
-                "claim renew interval {:?} must be non-zero and at most half the claim lifetime {:?}",
-                self.claim_renew, self.claim_ttl
-            )));
-        }
-        if self.leader_renew.is_zero() || self.leader_renew * 2 > self.leader_ttl {
-            return Err(Error::Options(format!(
-                "leader renew interval {:?} must be non-zero and at most half the leader lease {:?}",
-                self.leader_renew, self.leader_ttl
-            )));
-        }
-        if !self.restart_grace.is_zero() && self.restart_grace < self.claim_ttl {
-            return Err(Error::Options(format!(
-                "restart grace {:?} must be zero (no grace) or at least the claim lifetime {:?}",
-                self.restart_grace, self.claim_ttl
-            )));
-        }
-        if self.assigner_candidates == 0 {
-            return Err(Error::Options(
-                "assigner candidates must be at least 1".into(),
-            ));
-        }
-        if let Some(hb) = &self.heartbeat {
-            hb.validate().map_err(Error::Options)?;
-        }
-        if self.namespace.is_empty() {
-            return Err(Error::Options("namespace must not be empty".into()));
-        }
-        Ok(())
+        self.kubernetes.validate().map_err(Error::Options)
     }
 }
 
@@ -303,7 +238,7 @@ pub async fn run(
     link: ControllerLink,
 ) -> Result<(), Error> {
     options.validate()?;
-    let responder = match &options.heartbeat {
+    let responder = match &options.kubernetes.heartbeat {
         Some(hb) => {
             let socket =
                 heartbeat::bind_responder(hb)
@@ -321,7 +256,7 @@ pub async fn run(
         None => None,
     };
     let (candidate_tx, candidate_rx) = watch::channel(None);
-    let elector = options.assigner.then(|| {
+    let elector = options.kubernetes.assigner.then(|| {
         let client = client.clone();
         let options = options.clone();
         let node_name = node_name.clone();
@@ -341,7 +276,7 @@ pub async fn run(
         candidate_tx,
     )
     .await;
-    if result.is_ok() && options.assigner {
+    if result.is_ok() && options.kubernetes.assigner {
         drop(elector);
         // Let a standby take over at once instead of after the lease.
         if let Err(e) = election::release_leadership(&client, &node_name, &options).await {
@@ -383,29 +318,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn options_are_checked() {
+    fn options_are_the_checked_section() {
         Options::default().validate().unwrap();
-        let error = |o: Options| o.validate().unwrap_err().to_string();
-        let bad = Options {
-            claim_renew: Duration::from_secs(2),
-            ..Options::default()
+        let section = KubernetesConfig {
+            assignable_label: "example.com/egress".into(),
+            cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
+            ..Default::default()
         };
-        assert!(error(bad).contains("claim renew"));
-        let bad = Options {
-            restart_grace: Duration::from_secs(1),
-            ..Options::default()
-        };
-        assert!(error(bad).contains("restart grace"));
-        Options {
-            restart_grace: Duration::ZERO,
-            ..Options::default()
-        }
-        .validate()
-        .unwrap();
-        let bad = Options {
+        let o = Options::new(section.clone(), Vec::new()).unwrap();
+        assert_eq!(o.plan.assignable_label, "example.com/egress");
+        assert_eq!(o.global_excluded.len(), 1);
+        assert_eq!(o.kubernetes, section);
+        let bad = KubernetesConfig {
             assigner_candidates: 0,
-            ..Options::default()
+            ..Default::default()
         };
-        assert!(error(bad).contains("candidates"));
+        let e = Options::new(bad, Vec::new()).unwrap_err().to_string();
+        assert!(e.starts_with("invalid options: "), "{e}");
+        assert!(e.contains("candidates"), "{e}");
     }
 }

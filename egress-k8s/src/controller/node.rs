@@ -137,7 +137,7 @@ pub(super) async fn run_session(
         mut shutdown,
     } = link;
     let clocks = Arc::new(Clocks {
-        claims: Mutex::new(ClaimTracker::new(options.claim_ttl)),
+        claims: Mutex::new(ClaimTracker::new(options.kubernetes.claim_ttl)),
         locks: Mutex::default(),
     });
     let out = Arc::new(DesiredOut {
@@ -162,16 +162,16 @@ pub(super) async fn run_session(
         subnets,
     ))));
 
-    let lease_api: Api<Lease> = Api::namespaced(client.clone(), &options.namespace);
+    let lease_api: Api<Lease> = Api::namespaced(client.clone(), &options.kubernetes.namespace);
     let mut exec = Executor {
         eip_api: Api::all(client.clone()),
         writer: ClaimWriter {
             api: lease_api.clone(),
-            namespace: options.namespace.clone(),
+            namespace: options.kubernetes.namespace.clone(),
             node: node_name.clone(),
-            ttl: options.claim_ttl,
-            timeout: options.claim_renew / 2,
-            assigner: options.assigner,
+            ttl: options.kubernetes.claim_ttl,
+            timeout: options.kubernetes.claim_renew / 2,
+            assigner: options.kubernetes.assigner,
         },
         lease_api,
         node: node_name.clone(),
@@ -182,10 +182,10 @@ pub(super) async fn run_session(
     };
     let mut session = Session::new(SessionConfig {
         node: node_name.clone(),
-        claim_ttl: options.claim_ttl,
-        claim_renew: options.claim_renew,
-        restart_grace: options.restart_grace,
-        drain_timeout: options.drain_timeout,
+        claim_ttl: options.kubernetes.claim_ttl,
+        claim_renew: options.kubernetes.claim_renew,
+        restart_grace: options.kubernetes.restart_grace,
+        drain_timeout: options.kubernetes.drain_timeout,
     });
     let (results_tx, mut results) = mpsc::unbounded_channel::<Input>();
     let mut current: Option<Arc<Projected>> = None;
@@ -306,7 +306,7 @@ fn log_program(
     let until = fence.map(|f| f.saturating_duration_since(now));
     if active.is_empty() {
         info!(node, "holding no egress IP");
-    } else if until.is_some_and(|u| u > options.claim_ttl) {
+    } else if until.is_some_and(|u| u > options.kubernetes.claim_ttl) {
         info!(node, ips = %claims::format_claims(active), valid_for = ?until, "egress IPs kept for a successor under the restart grace");
     } else {
         debug!(node, ips = %claims::format_claims(active), valid_for = ?until, "egress IPs held");
@@ -401,7 +401,7 @@ impl Executor {
         let eip_api = self.eip_api.clone();
         let lease_api = self.lease_api.clone();
         let node = self.node.clone();
-        let limit = self.options.claim_renew;
+        let limit = self.options.kubernetes.claim_renew;
         let clocks = self.clocks.clone();
         let results = results.clone();
         tokio::spawn(async move {
@@ -431,8 +431,11 @@ impl Executor {
 
     fn lock(&self, ip: Ipv4Addr, adopt: bool, results: &mpsc::UnboundedSender<Input>) {
         let api = self.lease_api.clone();
-        let (namespace, node) = (self.options.namespace.clone(), self.node.clone());
-        let (ttl, limit) = (self.options.claim_ttl, self.options.claim_renew);
+        let (namespace, node) = (self.options.kubernetes.namespace.clone(), self.node.clone());
+        let (ttl, limit) = (
+            self.options.kubernetes.claim_ttl,
+            self.options.kubernetes.claim_renew,
+        );
         let (clocks, slots, results) = (
             self.clocks.clone(),
             self.lock_slots.clone(),
@@ -470,7 +473,7 @@ impl Executor {
     fn read_leaving(&self, results: &mpsc::UnboundedSender<Input>) {
         let api: Api<Node> = Api::all(self.lease_api.clone().into_client());
         let node = self.node.clone();
-        let limit = self.options.claim_renew;
+        let limit = self.options.kubernetes.claim_renew;
         let results = results.clone();
         tokio::spawn(async move {
             let leaving = match leases::bounded(limit, api.get_opt(&node)).await {
@@ -497,7 +500,7 @@ impl Executor {
     fn release(&mut self, ip: Ipv4Addr) {
         let api = self.lease_api.clone();
         let node = self.node.clone();
-        let limit = self.options.claim_renew;
+        let limit = self.options.kubernetes.claim_renew;
         self.releases.retain(|t| !t.is_finished());
         self.releases.push(tokio::spawn(async move {
             match leases::bounded(limit, release_lock(&api, &node, ip)).await {
@@ -587,12 +590,12 @@ async fn project_task(
     // hosts it and only while a policy it steers to selects it (project.rs).
     let watches = ClusterWatches::start(
         &client,
-        &options.namespace,
+        &options.kubernetes.namespace,
         watcher::Config::default(),
         &notify,
     );
     let locks = reflect(
-        Api::<Lease>::namespaced(client.clone(), &options.namespace),
+        Api::<Lease>::namespaced(client.clone(), &options.kubernetes.namespace),
         role(claims::ROLE_IP_LOCK),
         notify.clone(),
     );
@@ -759,9 +762,12 @@ impl ProjectionInput {
             })
             .collect();
         let lease_refs: Vec<&Lease> = self.leases.iter().map(|l| &**l).collect();
-        let is_candidate =
-            election::standbys(&node_list, &lease_refs, self.options.assigner_candidates)
-                .contains(&self.node_name);
+        let is_candidate = election::standbys(
+            &node_list,
+            &lease_refs,
+            self.options.kubernetes.assigner_candidates,
+        )
+        .contains(&self.node_name);
         (
             projection,
             Projected {

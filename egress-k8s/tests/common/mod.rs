@@ -11,11 +11,11 @@ use std::{
     time::Duration,
 };
 
+use egress_config::{HeartbeatConfig, KubernetesConfig};
 use egress_fake_api::FakeApi;
 use egress_k8s::{
     AgentLink, Desired, Options,
     facts::{DEFAULT_ASSIGNABLE_LABEL, EgressSubnet},
-    heartbeat::HeartbeatConfig,
 };
 use serde_json::{Value, json};
 
@@ -62,16 +62,46 @@ pub fn options(n: u8, port: u16, assigner: bool) -> Options {
             interface: "eth0".into(),
             address: format!("172.18.0.1{n}/16").parse().unwrap(),
         }],
-        claim_ttl: CLAIM_TTL,
-        claim_renew: CLAIM_RENEW,
-        assigner,
-        heartbeat: Some(HeartbeatConfig {
-            bind: IpAddr::V4(node_addr(n)),
-            port,
-            interval: Duration::from_millis(200),
-            timeout: Duration::from_millis(1000),
-        }),
-        ..Options::default()
+        ..Options::new(
+            KubernetesConfig {
+                claim_ttl: CLAIM_TTL,
+                claim_renew: CLAIM_RENEW,
+                assigner,
+                heartbeat: Some(HeartbeatConfig {
+                    bind: IpAddr::V4(node_addr(n)),
+                    port,
+                    interval: Duration::from_millis(200),
+                    timeout: Duration::from_millis(1000),
+                }),
+                ..Default::default()
+            },
+            Vec::new(),
+        )
+        .unwrap()
+    }
+}
+
+/// Options of a node whose subnet is `addr/16` on eth0, with short claim
+/// and leader timings and no heartbeat: the fixtures' node addresses are
+/// not reachable from here, so nodes go away by being cordoned or drained.
+pub fn unprobed_options(addr: &str) -> Options {
+    Options {
+        subnets: vec![EgressSubnet {
+            interface: "eth0".into(),
+            address: format!("{addr}/16").parse().unwrap(),
+        }],
+        ..Options::new(
+            KubernetesConfig {
+                claim_ttl: Duration::from_secs(2),
+                claim_renew: Duration::from_millis(300),
+                leader_ttl: Duration::from_secs(2),
+                leader_renew: Duration::from_millis(200),
+                heartbeat: None,
+                ..Default::default()
+            },
+            Vec::new(),
+        )
+        .unwrap()
     }
 }
 

@@ -16,10 +16,10 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::{
-    agent::HEARTBEAT_PORT,
     error::{LabError, Result},
     exec,
     kubernetes::{self, EGRESS_IPS, POD_NAMESPACE, PODS},
+    spec::HEARTBEAT_PORT,
     spec::PodRef,
     topology::Lab,
 };
@@ -262,56 +262,74 @@ pub struct BadObjects<'a> {
 
 /// The bad EgressIPs: name -> object.
 pub fn bad_egress_ips(nodes: u8) -> Vec<(String, Value)> {
-    let ns_sel = json!({"matchLabels": {"kubernetes.io/metadata.name": POD_NAMESPACE}});
-    let nobody = json!({"matchLabels": {"chaos.egress.example.dev/nobody": "x"}});
+    // Well-formed objects that select no pod, with what only the cluster
+    // can judge wrong (addresses, sizes).
+    let selecting_nobody = |name: &str, ips: Vec<String>| {
+        let mut eip = kubernetes::lab_egress_ip(name, &[]);
+        eip.spec.egress_ips = ips;
+        eip.spec.pod_selector = Some(kubernetes::match_labels(&[(
+            "chaos.egress.example.dev/nobody",
+            "x",
+        )]));
+        eip
+    };
     let too_many: Vec<String> = (0..2000u32)
         .map(|i| Ipv4Addr::from(0xc612_0000u32 + i).to_string())
         .collect();
-    let mut objs = vec![
+    let mut too_many = selecting_nobody("chaos-too-many", too_many);
+    // Oversized in every way: a large annotation too.
+    too_many.metadata.annotations = Some(
+        [(
+            "chaos.egress.example.dev/filler".to_owned(),
+            "x".repeat(256 * 1024),
+        )]
+        .into(),
+    );
+    let mut bad_cidr = selecting_nobody("chaos-bad-cidr", vec!["172.18.0.151".into()]);
+    bad_cidr.spec.excluded_cidrs = vec!["10.0.0.0/33".into(), "garbage".into()];
+    let node_ips: Vec<String> = (1..=nodes)
+        .map(|n| crate::spec::node_addr(n).to_string())
+        .collect();
+    let well_formed = [
+        selecting_nobody(
+            "chaos-bad-ip",
+            vec!["172.18.0.300".into(), "not-an-ip".into(), String::new()],
+        ),
+        bad_cidr,
+        too_many,
+        selecting_nobody("chaos-router-ip", vec!["172.18.0.1".into()]),
+        selecting_nobody("chaos-node-ips", node_ips),
+    ];
+    // Objects that do not decode as an EgressIP at all (a string for a
+    // list, a number for a selector, an unknown enum value): the CRD types
+    // cannot express them, so they stay raw JSON.
+    let ns_sel = json!({"matchLabels": {"kubernetes.io/metadata.name": POD_NAMESPACE}});
+    let nobody = json!({"matchLabels": {"chaos.egress.example.dev/nobody": "x"}});
+    let malformed = [
         (
             "chaos-bad-type",
             json!({"egressIPs": "172.18.0.150", "podSelector": 7, "namespaceSelector": ns_sel}),
-        ),
-        (
-            "chaos-bad-ip",
-            json!({"egressIPs": ["172.18.0.300", "not-an-ip", ""], "podSelector": nobody, "namespaceSelector": ns_sel}),
-        ),
-        (
-            "chaos-bad-cidr",
-            json!({"egressIPs": ["172.18.0.151"], "excludedCIDRs": ["10.0.0.0/33", "garbage"],
-                   "podSelector": nobody, "namespaceSelector": ns_sel}),
-        ),
-        (
-            "chaos-too-many",
-            json!({"egressIPs": too_many, "podSelector": nobody, "namespaceSelector": ns_sel}),
         ),
         (
             "chaos-bad-policy",
             json!({"egressIPs": ["172.18.0.152"], "failurePolicy": "Sometimes",
                    "podSelector": nobody, "namespaceSelector": ns_sel}),
         ),
-        (
-            "chaos-router-ip",
-            json!({"egressIPs": ["172.18.0.1"], "podSelector": nobody, "namespaceSelector": ns_sel}),
-        ),
     ];
-    let node_ips: Vec<String> = (1..=nodes)
-        .map(|n| crate::spec::node_addr(n).to_string())
-        .collect();
-    objs.push((
-        "chaos-node-ips",
-        json!({"egressIPs": node_ips, "podSelector": nobody, "namespaceSelector": ns_sel}),
-    ));
-    objs.into_iter()
+    malformed
+        .into_iter()
         .map(|(name, spec)| {
-            let mut obj = json!({"metadata": {"name": name}, "spec": spec});
-            if name == "chaos-too-many" {
-                // Oversized in every way: a large annotation too.
-                obj["metadata"]["annotations"] =
-                    json!({"chaos.egress.example.dev/filler": "x".repeat(256 * 1024)});
-            }
-            (name.to_owned(), obj)
+            (
+                name.to_owned(),
+                json!({"metadata": {"name": name}, "spec": spec}),
+            )
         })
+        .chain(well_formed.iter().map(|eip| {
+            (
+                eip.metadata.name.clone().expect("named"),
+                kubernetes::to_json(eip),
+            )
+        }))
         .collect()
 }
 

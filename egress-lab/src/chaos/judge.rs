@@ -79,7 +79,7 @@ pub struct Expected {
 fn describe_addr(ip: Ipv4Addr, nodes: u8) -> String {
     if let Some(n) = (1..=nodes).find(|n| spec::node_addr(*n) == ip) {
         format!("node{n}'s address")
-    } else if crate::agent::CLUSTER_CIDR
+    } else if spec::CLUSTER_CIDR
         .parse::<ipnet::Ipv4Net>()
         .is_ok_and(|c| c.contains(&ip))
     {

@@ -47,7 +47,7 @@ use stream::{ChaosServer, PodSender, SharedFlows, TcpEvent, TcpHolder};
 
 use crate::{
     error::{LabError, Result, io_err},
-    kubernetes::{self, EGRESS_IPS, LEASES, POD_NAMESPACE, PODS, POLICY_LABEL},
+    kubernetes::{self, LEASES, POD_NAMESPACE, PODS, POLICY_LABEL},
     spec::{self, LabSpec, PodRef},
     topology::{CONVERGE_TIMEOUT, Lab},
     traffic::wait_for,
@@ -147,15 +147,7 @@ pub fn setup(lab: &Lab) -> Result<()> {
         .ok_or_else(|| LabError::Spec("chaos needs a Kubernetes-mode lab".into()))?;
     let api = kube.api();
     for (name, ip, index) in EGRESS_IPS_IN_PLAY {
-        api.create(
-            EGRESS_IPS,
-            json!({"metadata": {"name": name}, "spec": {
-                "egressIPs": [ip.to_string()],
-                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": POD_NAMESPACE}},
-                "podSelector": {"matchLabels": {POLICY_LABEL: name}},
-                "failurePolicy": "FailClosed",
-            }}),
-        );
+        kube.create_egress_ip(&kubernetes::lab_egress_ip(name, &[ip]));
         for n in 1..=lab.spec().nodes {
             api.patch(
                 PODS,
@@ -381,7 +373,11 @@ impl Probes {
             .iter()
             .filter_map(|a| judge::judge_source(a, &self.expected, nodes))
             .collect();
-        let ttl = Duration::from_millis(lab.spec().kubernetes.map_or(0, |k| k.claim_ttl_ms));
+        let ttl = lab
+            .spec()
+            .kubernetes
+            .as_ref()
+            .map_or(Duration::ZERO, |k| k.agent.claim_ttl);
         out.extend(judge::judge_arp(
             &self.arp.seen(),
             &self.macs,

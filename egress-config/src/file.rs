@@ -1,19 +1,19 @@
-//! The static configuration file: parsing, validation and its projection to
-//! the desired datapath state. A file is either valid as a whole or rejected
-//! with an error that names the offending field; nothing is applied from a
-//! rejected file.
+//! The whole file: parsing, validation and its projection to the desired
+//! datapath state of a static-mode node. A file is either valid as a whole
+//! or rejected with an error that names the offending field; nothing is
+//! applied from a rejected file.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
     path::{Path, PathBuf},
-    time::Duration,
 };
 
-use egress_common::CtState;
 use egress_model::{FailurePolicy, MAX_POLICY_ID, NodeState, PolicyId, PolicyState, RemotePod};
 use ipnet::Ipv4Net;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+
+use crate::{DatapathSettings, KubernetesConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -35,7 +35,7 @@ pub enum ConfigError {
     },
 }
 
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
     /// Pinned state lives under /sys/fs/bpf/<instance>/.
@@ -46,11 +46,13 @@ pub struct AgentConfig {
     pub cluster: ClusterConfig,
     #[serde(default)]
     pub datapath: DatapathSettings,
-    #[serde(default)]
+    /// Static mode only; an empty list is not written, so that a
+    /// Kubernetes-mode file has no `policies` key at all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub policies: Vec<PolicyConfig>,
     /// Settings of the Kubernetes mode (`run --kubernetes`).
     #[serde(default)]
-    pub kubernetes: egress_k8s::KubernetesConfig,
+    pub kubernetes: KubernetesConfig,
 }
 
 /// Where policies come from.
@@ -67,7 +69,7 @@ pub enum Mode {
 /// required. In Kubernetes mode one file serves every node: the name and
 /// address come from the environment (NODE_NAME, NODE_IP) and the uplink
 /// defaults to the interface holding the node address.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NodeConfig {
     pub name: String,
@@ -95,7 +97,7 @@ impl Default for NodeConfig {
     }
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterConfig {
     #[serde(default)]
@@ -108,14 +110,14 @@ pub struct ClusterConfig {
 /// `{ address = "172.18.0.12", pod_cidr = "10.244.2.0/24" }`. The pod CIDR
 /// says which node hosts which selected pod: an egress node accepts a
 /// pod's steered traffic only from the node whose pod CIDR holds it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum ClusterNode {
     Address(Ipv4Addr),
     WithPods(NodeWithPods),
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeWithPods {
     pub address: Ipv4Addr,
@@ -138,126 +140,7 @@ impl ClusterNode {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DatapathSettings {
-    pub max_flows: u32,
-    /// Live flows one pod may have (0: no cap), so that one pod cannot take
-    /// the whole table; its new flows beyond are dropped (`pod_flow_limit`).
-    pub max_flows_per_pod: u32,
-    /// Let packets to an egress IP that match no flow through to the host,
-    /// instead of dropping them (`no_flow`).
-    pub pass_unmatched_to_egress_ips: bool,
-    /// Let the host answer ICMP echo requests to egress IPs.
-    pub answer_ping_on_egress_ips: bool,
-    pub max_policies: u32,
-    pub max_pods: u32,
-    pub nat_port_min: u16,
-    pub nat_port_max: u16,
-    pub gc_interval_secs: u64,
-    pub timeouts: Timeouts,
-}
-
-impl Default for DatapathSettings {
-    fn default() -> Self {
-        Self {
-            max_flows: egress_common::maps::DEFAULT_MAX_FLOWS,
-            max_flows_per_pod: DEFAULT_MAX_FLOWS_PER_POD,
-            pass_unmatched_to_egress_ips: false,
-            answer_ping_on_egress_ips: false,
-            max_policies: egress_common::maps::DEFAULT_MAX_POLICIES,
-            max_pods: egress_common::maps::DEFAULT_MAX_PODS,
-            nat_port_min: 1024,
-            nat_port_max: 65535,
-            gc_interval_secs: 10,
-            timeouts: Timeouts::default(),
-        }
-    }
-}
-
-/// A quarter of the default table.
-pub const DEFAULT_MAX_FLOWS_PER_POD: u32 = 65_536;
-
-impl DatapathSettings {
-    /// `DatapathConfig::flags` for these settings.
-    pub fn config_flags(&self) -> u32 {
-        let mut flags = 0;
-        if self.pass_unmatched_to_egress_ips {
-            flags |= egress_common::config_flags::PASS_UNMATCHED_TO_EGRESS_IPS;
-        }
-        if self.answer_ping_on_egress_ips {
-            flags |= egress_common::config_flags::ANSWER_PING_ON_EGRESS_IPS;
-        }
-        flags
-    }
-
-    /// Entries of each NAT map: `max_flows` plus headroom, so that the LRU
-    /// never has to evict a live flow before the flow limit refuses new ones
-    /// (the kernel's LRU hands out free nodes in per-CPU batches).
-    pub fn nat_map_entries(&self) -> u32 {
-        self.max_flows
-            .saturating_add((self.max_flows / 8).max(4096))
-    }
-
-    pub fn gc_interval(&self) -> Duration {
-        Duration::from_secs(self.gc_interval_secs)
-    }
-}
-
-/// Seconds of inactivity after which a flow is removed, by state.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Timeouts {
-    /// Any flow that has seen no reply (a SYN or a segment picked up
-    /// mid-stream that nobody answers, a UDP or ICMP flow without an answer)
-    /// lives at most this long idle, whatever its state's own timeout: as
-    /// Linux conntrack's 30 s for unreplied UDP and loose TCP pick-up.
-    pub unreplied: u64,
-    pub tcp_syn_sent: u64,
-    pub tcp_established: u64,
-    pub tcp_closing: u64,
-    pub tcp_reset: u64,
-    pub udp: u64,
-    pub icmp: u64,
-}
-
-impl Default for Timeouts {
-    fn default() -> Self {
-        Self {
-            unreplied: 30,
-            tcp_syn_sent: 60,
-            tcp_established: 21_600,
-            tcp_closing: 30,
-            tcp_reset: 10,
-            udp: 60,
-            icmp: 30,
-        }
-    }
-}
-
-impl Timeouts {
-    /// How long a flow in `state` of protocol `proto`, with `ct_flags`
-    /// `flags`, may stay idle.
-    pub fn for_flow(&self, proto: u8, state: CtState, flags: u8) -> Duration {
-        let secs = match (proto, state) {
-            (egress_common::proto::TCP, CtState::Unreplied) => self.unreplied,
-            (egress_common::proto::TCP, CtState::SynSent) => self.tcp_syn_sent,
-            (egress_common::proto::TCP, CtState::Closing | CtState::Closed) => self.tcp_closing,
-            (egress_common::proto::TCP, CtState::Reset) => self.tcp_reset,
-            (egress_common::proto::TCP, _) => self.tcp_established,
-            (egress_common::proto::UDP, _) => self.udp,
-            _ => self.icmp,
-        };
-        let secs = if flags & egress_common::ct_flags::SEEN_REPLY == 0 {
-            secs.min(self.unreplied)
-        } else {
-            secs
-        };
-        Duration::from_secs(secs)
-    }
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyConfig {
     pub id: PolicyId,
@@ -370,8 +253,8 @@ impl AgentConfig {
                     "in Kubernetes mode nodes come from the API server; remove them".into(),
                 );
             }
-            if let Err(e) = self.kubernetes.options(Vec::new()) {
-                return bad("kubernetes", e.to_string());
+            if let Err(e) = self.kubernetes.validate() {
+                return bad("kubernetes", e);
             }
         } else {
             if self.node.name.is_empty() {
@@ -454,10 +337,10 @@ impl AgentConfig {
                 ),
             );
         }
-        if d.gc_interval_secs == 0 {
+        if d.gc_interval.is_zero() {
             return bad("datapath.gc_interval_secs", "must be at least 1".into());
         }
-        if d.timeouts.unreplied == 0 {
+        if d.timeouts.unreplied.is_zero() {
             return bad(
                 "datapath.timeouts.unreplied",
                 "must be at least 1 (second)".into(),
@@ -692,7 +575,10 @@ impl AgentConfig {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
+    use crate::HeartbeatConfig;
 
     const EXAMPLE: &str = include_str!("../../deploy/examples/static-node1.toml");
 
@@ -712,7 +598,7 @@ mod tests {
         let c = parse(EXAMPLE).unwrap();
         assert_eq!(c.node.address, Some(Ipv4Addr::new(172, 18, 0, 11)));
         assert_eq!(c.policies.len(), 1);
-        assert_eq!(c.datapath.timeouts.tcp_closing, 30);
+        assert_eq!(c.datapath.timeouts.tcp_closing, Duration::from_secs(30));
     }
 
     /// The example's `cluster.nodes` written the old way: bare addresses.
@@ -933,66 +819,44 @@ mod tests {
             AgentConfig::parse_for(&text, Path::new("configmap.yaml"), Mode::Kubernetes).unwrap();
         assert_eq!(c.instance, "egress");
         assert!(!c.node.pod_interfaces.is_empty());
-        c.kubernetes.options(Vec::new()).unwrap();
+        c.kubernetes.validate().unwrap();
     }
 
+    /// What a tool writes from these types reads back as the same file.
     #[test]
-    fn timeouts_follow_protocol_and_state() {
-        use egress_common::{ct_flags::SEEN_REPLY, proto};
-        let t = Timeouts::default();
-        let secs = |p, s, f| t.for_flow(p, s, f).as_secs();
-        assert_eq!(secs(proto::TCP, CtState::Established, SEEN_REPLY), 21_600);
-        assert_eq!(secs(proto::TCP, CtState::Closed, SEEN_REPLY), 30);
-        assert_eq!(secs(proto::UDP, CtState::Open, SEEN_REPLY), 60);
-        assert_eq!(secs(proto::ICMP, CtState::Open, SEEN_REPLY), 30);
-        assert_eq!(secs(proto::TCP, CtState::Reset, 0), 10);
-    }
-
-    #[test]
-    fn flows_without_a_reply_get_the_short_unreplied_timeout() {
-        use egress_common::proto;
-        let t = Timeouts {
-            unreplied: 7,
-            ..Default::default()
+    fn files_round_trip_through_toml() {
+        let c = parse(EXAMPLE).unwrap();
+        let text = toml::to_string(&c).unwrap();
+        assert_eq!(parse(&text).unwrap(), c, "{text}");
+        let mut k = AgentConfig {
+            instance: "k".into(),
+            node: NodeConfig {
+                pod_interfaces: vec!["veth*".into()],
+                ..Default::default()
+            },
+            cluster: ClusterConfig::default(),
+            datapath: DatapathSettings::default(),
+            policies: Vec::new(),
+            kubernetes: KubernetesConfig {
+                heartbeat: Some(HeartbeatConfig {
+                    port: 9999,
+                    ..Default::default()
+                }),
+                cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
+                ..Default::default()
+            },
         };
-        let secs = |p, s| t.for_flow(p, s, 0).as_secs();
-        // The repro: lone ACKs picked up mid-stream.
-        assert_eq!(secs(proto::TCP, CtState::Unreplied), 7);
-        // Entries an older datapath made Established without a reply, too.
-        assert_eq!(secs(proto::TCP, CtState::Established), 7);
-        assert_eq!(secs(proto::TCP, CtState::SynSent), 7);
-        assert_eq!(secs(proto::UDP, CtState::Open), 7);
-        assert_eq!(secs(proto::TCP, CtState::Reset), 7);
+        k.datapath.timeouts.udp = Duration::from_secs(5);
+        let text = toml::to_string(&k).unwrap();
+        let back = AgentConfig::parse_for(&text, Path::new("k.toml"), Mode::Kubernetes).unwrap();
+        assert_eq!(back, k, "{text}");
+    }
+
+    #[test]
+    fn a_zero_unreplied_timeout_is_rejected() {
         assert_eq!(
             invalid_field(&EXAMPLE.replace("unreplied = 30", "unreplied = 0")),
             "datapath.timeouts.unreplied"
         );
-    }
-
-    #[test]
-    fn egress_ip_switches_become_config_flags() {
-        use egress_common::config_flags::*;
-        let mut d = DatapathSettings::default();
-        assert_eq!(d.config_flags(), 0, "no_flow drop and no ping by default");
-        d.pass_unmatched_to_egress_ips = true;
-        d.answer_ping_on_egress_ips = true;
-        assert_eq!(
-            d.config_flags(),
-            PASS_UNMATCHED_TO_EGRESS_IPS | ANSWER_PING_ON_EGRESS_IPS
-        );
-    }
-
-    #[test]
-    fn nat_maps_have_headroom() {
-        let d = DatapathSettings {
-            max_flows: 100,
-            ..Default::default()
-        };
-        assert_eq!(d.nat_map_entries(), 4196);
-        let d = DatapathSettings {
-            max_flows: 1 << 20,
-            ..Default::default()
-        };
-        assert_eq!(d.nat_map_entries(), (1 << 20) + (1 << 17));
     }
 }
