@@ -6,7 +6,11 @@ use anyhow::{Context as _, anyhow};
 use aya_build::{Package, Toolchain};
 
 fn main() -> anyhow::Result<()> {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+    // Read when the script runs, not when it is compiled (`env!`): a build
+    // script binary reused from another checkout's target directory would
+    // otherwise build that checkout's programs.
+    let manifest_dir = std::env::var("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR")?;
+    let root = std::path::Path::new(&manifest_dir)
         .parent()
         .ok_or_else(|| anyhow!("egress-agent has no parent directory"))?
         .join("egress-ebpf");
