@@ -302,6 +302,28 @@ impl Netlink {
         })
     }
 
+    /// Deletes one address of `interface`; `Ok(false)` if it had gone
+    /// already.
+    async fn delete_address(
+        &self,
+        msg: AddressMessage,
+        ip: Ipv4Addr,
+        interface: &str,
+    ) -> Result<bool> {
+        let prefix_len = msg.header.prefix_len;
+        match self.handle.address().del(msg).execute().await {
+            Ok(()) => {
+                info!(%ip, prefix_len, interface, "released address");
+                Ok(true)
+            }
+            Err(e) if errno_of(&e) == Some(libc::EADDRNOTAVAIL) => Ok(false),
+            Err(e) => Err(Error::request(
+                format!("delete {ip}/{prefix_len} from {interface}"),
+                e,
+            )),
+        }
+    }
+
     /// Removes `ip` from `interface`; `Ok(false)` if it was not there (or
     /// the interface is gone, which took its addresses with it).
     pub async fn release(&self, ip: Ipv4Addr, interface: &str) -> Result<bool> {
@@ -311,22 +333,8 @@ impl Netlink {
         };
         let mut removed = false;
         for msg in self.ipv4_address_messages(Some(link.index)).await? {
-            if ipv4_of(&msg) != Some(ip) {
-                continue;
-            }
-            let prefix_len = msg.header.prefix_len;
-            match self.handle.address().del(msg).execute().await {
-                Ok(()) => {
-                    info!(%ip, prefix_len, interface, "released address");
-                    removed = true;
-                }
-                Err(e) if errno_of(&e) == Some(libc::EADDRNOTAVAIL) => {}
-                Err(e) => {
-                    return Err(Error::request(
-                        format!("delete {ip}/{prefix_len} from {interface}"),
-                        e,
-                    ));
-                }
+            if ipv4_of(&msg) == Some(ip) {
+                removed |= self.delete_address(msg, ip, interface).await?;
             }
         }
         Ok(removed)
@@ -632,18 +640,10 @@ impl Netlink {
                 .unwrap_or_default();
             let mut removed = false;
             for msg in msgs {
-                let prefix_len = msg.header.prefix_len;
-                match self.handle.address().del(msg).execute().await {
-                    Ok(()) => {
-                        info!(%ip, prefix_len, interface, "released address");
-                        removed = true;
-                    }
-                    Err(e) if errno_of(&e) == Some(libc::EADDRNOTAVAIL) => {}
+                match self.delete_address(msg, ip, interface).await {
+                    Ok(gone) => removed |= gone,
                     Err(e) => {
-                        failure = Some(Error::request(
-                            format!("delete {ip}/{prefix_len} from {interface}"),
-                            e,
-                        ));
+                        failure = Some(e);
                         break 'entries;
                     }
                 }
