@@ -17,9 +17,10 @@ use crate::agent::{Agent, PinnedFence};
 use kubernetes::KubeOptions;
 
 /// A desired-state source, as the agent's loop drives it.
-// Generic only (the loop is monomorphised per source, never `dyn`), and
-// driven on the runtime's `block_on`: no `Send` bound is needed.
-#[allow(async_fn_in_trait)]
+#[expect(
+    async_fn_in_trait,
+    reason = "generic only (the loop is monomorphised per source, never `dyn`) and driven on the runtime's `block_on`: no `Send` bound is needed"
+)]
 pub trait Source {
     /// What the source says next.
     type Update;
