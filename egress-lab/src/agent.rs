@@ -1,14 +1,17 @@
 //! The node agents: their static configuration files and their processes.
 
 use std::{
+    collections::BTreeSet,
     fs::{self, OpenOptions},
     io::Write,
+    net::Ipv4Addr,
     path::{Path, PathBuf},
     process::{Child, Stdio},
     thread,
     time::{Duration, Instant},
 };
 
+use egress_common::maps::LOCAL_PODS_V4;
 use egress_config::{
     AgentConfig, ClusterConfig, ClusterNode, KubernetesConfig, NodeConfig, NodeWithPods,
     PolicyConfig,
@@ -344,6 +347,43 @@ impl Agent {
         })
     }
 
+    /// The pods this agent's datapath knows as the node's own
+    /// (`local_pods_v4`, read with bpftool from the pinned map): the sources
+    /// a held pod interface lets out.
+    pub fn local_pods(&self) -> Result<BTreeSet<Ipv4Addr>> {
+        let pin = format!("/sys/fs/bpf/{}/maps/{LOCAL_PODS_V4}", self.instance);
+        let out = exec::exec("bpftool", &["-j", "map", "dump", "pinned", &pin])?;
+        let text = out.stdout;
+        local_pod_keys(&text).map_err(|reason| LabError::UnexpectedOutput {
+            cmd: format!("bpftool -j map dump pinned {pin}"),
+            reason,
+            output: text,
+        })
+    }
+
+    /// Waits until `ip` is no longer one of this agent's known pods.
+    pub fn wait_until_pod_unknown(&self, ip: Ipv4Addr, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let known = self.local_pods()?;
+            if !known.contains(&ip) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(LabError::Agent {
+                    node: self.node,
+                    instance: self.instance.clone(),
+                    what: format!(
+                        "still knows pod {ip} after {timeout:?} (local_pods_v4: {known:?})"
+                    ),
+                    log: self.log.clone(),
+                    tail: log_tail(&self.log, 30),
+                });
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// `egress-agent nat list --instance <i> --json`, parsed.
     pub fn nat_list(&self) -> Result<Vec<Value>> {
         let text = self.cli(&["nat", "list", "--json"])?;
@@ -453,6 +493,34 @@ impl Stats {
 
 /// Entries of `nat list --json`: an array, or an object holding one under
 /// `entries`, `flows` or `nat`.
+/// The keys of a `bpftool -j map dump` of `local_pods_v4`: with BTF each
+/// entry has `formatted.key` as four numbers, without it `key` as four
+/// hex strings.
+fn local_pod_keys(text: &str) -> std::result::Result<BTreeSet<Ipv4Addr>, String> {
+    let entries: Vec<Value> = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    let byte = |v: &Value| -> Option<u8> {
+        match v {
+            Value::Number(n) => n.as_u64().and_then(|n| u8::try_from(n).ok()),
+            Value::String(s) => u8::from_str_radix(s.trim_start_matches("0x"), 16).ok(),
+            _ => None,
+        }
+    };
+    entries
+        .iter()
+        .map(|entry| {
+            let key = entry
+                .pointer("/formatted/key")
+                .or_else(|| entry.get("key"))
+                .and_then(Value::as_array)
+                .ok_or_else(|| format!("an entry without a key: {entry}"))?;
+            let octets: Vec<u8> = key.iter().filter_map(byte).collect();
+            <[u8; 4]>::try_from(octets.as_slice())
+                .map(Ipv4Addr::from)
+                .map_err(|_| format!("a key that is not four bytes: {entry}"))
+        })
+        .collect()
+}
+
 pub fn nat_entries(text: &str) -> std::result::Result<Vec<Value>, String> {
     let raw: Value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
     let list = match &raw {
@@ -470,6 +538,24 @@ pub fn nat_entries(text: &str) -> std::result::Result<Vec<Value>, String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn local_pod_keys_read_both_bpftool_shapes() {
+        let btf = r#"[{"key":["0x0a","0xf4","0x02","0x02"],"value":["0x01","0x00","0x00","0x00"],
+            "formatted":{"key":[10,244,2,2],"value":1}}]"#;
+        let raw =
+            r#"[{"key":["0x0a","0xf4","0x01","0x03"],"value":["0x01","0x00","0x00","0x00"]}]"#;
+        assert_eq!(
+            local_pod_keys(btf).unwrap(),
+            BTreeSet::from([Ipv4Addr::new(10, 244, 2, 2)])
+        );
+        assert_eq!(
+            local_pod_keys(raw).unwrap(),
+            BTreeSet::from([Ipv4Addr::new(10, 244, 1, 3)])
+        );
+        assert!(local_pod_keys("[]").unwrap().is_empty());
+        assert!(local_pod_keys(r#"[{"key":["0x0a"]}]"#).is_err());
+    }
+
     use std::net::Ipv4Addr;
 
     use super::*;

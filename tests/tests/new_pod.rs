@@ -24,6 +24,9 @@ use egress_tests::Cluster;
 
 const PORT: u16 = 8097;
 
+/// How long the agent may take to drop a deleted Pod from its datapath.
+const FORGET_TIMEOUT: Duration = Duration::from_secs(30);
+
 fn pending_drops(c: &Cluster, node: u8) -> u64 {
     let stats = c.expect("agent stats", c.lab.agent(node).stats());
     stats.drops(0, "pod_pending").unwrap_or_else(|e| c.fail(e))
@@ -42,7 +45,15 @@ fn replug(
     c.expect("unplugging the pod", c.lab.unplug_pod(pod));
     let deleted = c.lab.delete_pod_object(pod);
     c.expect("deleting its Pod", deleted);
-    // The agent forgets the interface and the Pod meanwhile.
+    // The agent must have forgotten the Pod before the interface comes
+    // back, or a known source would pass the hold whatever the test is
+    // about: waited for, not assumed (under load it took over 2 s in CI).
+    let forgotten = c
+        .lab
+        .agent(pod.node)
+        .wait_until_pod_unknown(pod.ip(), FORGET_TIMEOUT);
+    c.expect("the agent forgetting the deleted Pod", forgotten);
+    // The agent forgets the interface meanwhile.
     thread::sleep(Duration::from_secs(2));
     let to = SocketAddrV4::new(spec::SERVER_ADDR, PORT);
     let server = c.expect("the receiver", Receiver::start(&c.lab.server_ns(), to));
