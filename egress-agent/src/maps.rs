@@ -268,6 +268,7 @@ impl Maps {
 
     /// Makes `local_pods_v4` hold exactly `desired`; returns (added, removed).
     pub fn set_local_pods(&mut self, desired: &BTreeSet<[u8; 4]>) -> Result<(usize, usize)> {
+        let removed = self.forget_local_pods_except(desired)?;
         let current: BTreeMap<[u8; 4], u32> = collect(&self.local_pods, names::LOCAL_PODS_V4)?;
         let mut added = 0;
         for pod in desired.iter().filter(|p| !current.contains_key(*p)) {
@@ -276,6 +277,16 @@ impl Maps {
                 .map_err(err(names::LOCAL_PODS_V4))?;
             added += 1;
         }
+        Ok((added, removed))
+    }
+
+    /// Removes from `local_pods_v4` the pods not in `desired`; returns how
+    /// many. Done before the policy entries change, as adding is done after:
+    /// a pod being deleted must stop being known before it stops being
+    /// selected, or a held interface reusing its address would let it out
+    /// with the node's address in between.
+    pub fn forget_local_pods_except(&mut self, desired: &BTreeSet<[u8; 4]>) -> Result<usize> {
+        let current: BTreeMap<[u8; 4], u32> = collect(&self.local_pods, names::LOCAL_PODS_V4)?;
         let mut removed = 0;
         for pod in current.keys().filter(|p| !desired.contains(*p)) {
             match self.local_pods.remove(pod) {
@@ -283,7 +294,7 @@ impl Maps {
                 Err(e) => return Err(err(names::LOCAL_PODS_V4)(e)),
             }
         }
-        Ok((added, removed))
+        Ok(removed)
     }
 
     /// Writes what differs between `current` (read from the maps) and

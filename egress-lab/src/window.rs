@@ -68,6 +68,9 @@ impl WindowReport {
     }
 }
 
+/// How long an agent may take to drop a deleted Pod from its datapath.
+const FORGET_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// One measurement on `pod`, which the lab's policies select.
 pub fn measure_new_pod_window(lab: &mut Lab, pod: PodRef) -> Result<WindowReport> {
     let egress_ip = lab
@@ -78,8 +81,12 @@ pub fn measure_new_pod_window(lab: &mut Lab, pod: PodRef) -> Result<WindowReport
     lab.unplug_pod(pod)?;
     if kubernetes {
         lab.delete_pod_object(pod)?;
+        // Waited for, not assumed: a pod still known when its interface
+        // comes back measures nothing about the window.
+        lab.agent(pod.node)
+            .wait_until_pod_unknown(pod.ip(), FORGET_TIMEOUT)?;
     }
-    // The agent forgets the interface (and the Pod) meanwhile.
+    // The agent forgets the interface meanwhile.
     thread::sleep(Duration::from_secs(2));
     let to = SocketAddrV4::new(spec::SERVER_ADDR, WINDOW_UDP_PORT);
     let server = Receiver::start(&lab.server_ns(), to)?;

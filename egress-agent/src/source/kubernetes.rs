@@ -15,7 +15,7 @@
 //! - a controller that stops unexpectedly leaves everything fenced by its
 //!   last word, and the agent fails.
 
-use std::{net::Ipv4Addr, path::Path};
+use std::{collections::BTreeSet, net::Ipv4Addr, path::Path};
 
 use anyhow::bail;
 use egress_config::{AgentConfig, Mode};
@@ -124,11 +124,18 @@ impl Kubernetes {
             self.source.report_applied(None);
             return;
         };
+        let local_pods: BTreeSet<[u8; 4]> =
+            desired.local_pods.iter().map(|ip| ip.octets()).collect();
+        // Before the pods' policy entries: a pod that goes is unknown here
+        // before it is unselected (a held interface reusing its address
+        // would otherwise get out as the node in between).
+        if let Err(e) = agent.maps.forget_local_pods_except(&local_pods) {
+            tracing::error!(error = %e, "forgetting this node's deleted pods for held interfaces");
+        }
         let report = match agent.apply(&desired.state, &desired.claims).await {
             Ok(outcome) => {
                 // After the pods' policy entries: a selected pod is never
                 // known here before its policy is.
-                let local_pods = desired.local_pods.iter().map(|ip| ip.octets()).collect();
                 if let Err(e) = agent.maps.set_local_pods(&local_pods) {
                     tracing::error!(error = %e, "recording this node's pods for held interfaces");
                 }
