@@ -269,6 +269,14 @@ impl Maps {
     /// Makes `local_pods_v4` hold exactly `desired`; returns (added, removed).
     pub fn set_local_pods(&mut self, desired: &BTreeSet<[u8; 4]>) -> Result<(usize, usize)> {
         let removed = self.forget_local_pods_except(desired)?;
+        let added = self.add_local_pods(desired)?;
+        Ok((added, removed))
+    }
+
+    /// Adds to `local_pods_v4` the pods of `desired` it lacks; returns how
+    /// many. Done after the policy entries change (see
+    /// [`Maps::forget_local_pods_except`] for the other way).
+    pub fn add_local_pods(&mut self, desired: &BTreeSet<[u8; 4]>) -> Result<usize> {
         let current: BTreeMap<[u8; 4], u32> = collect(&self.local_pods, names::LOCAL_PODS_V4)?;
         let mut added = 0;
         for pod in desired.iter().filter(|p| !current.contains_key(*p)) {
@@ -277,7 +285,7 @@ impl Maps {
                 .map_err(err(names::LOCAL_PODS_V4))?;
             added += 1;
         }
-        Ok((added, removed))
+        Ok(added)
     }
 
     /// Removes from `local_pods_v4` the pods not in `desired`; returns how

@@ -136,7 +136,7 @@ impl Kubernetes {
             Ok(outcome) => {
                 // After the pods' policy entries: a selected pod is never
                 // known here before its policy is.
-                if let Err(e) = agent.maps.set_local_pods(&local_pods) {
+                if let Err(e) = agent.maps.add_local_pods(&local_pods) {
                     tracing::error!(error = %e, "recording this node's pods for held interfaces");
                 }
                 Some(outcome.into())
